@@ -1,0 +1,68 @@
+"""The last step of every tool: exec the rest of the command line, cleanly.
+
+CONVENTIONS.md section 1: the program gets the signal dispositions the
+caller would have given it, and none of our buffered output is lost.
+"""
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal
+
+# Python sets these to SIG_IGN at start-up, and an ignored signal stays
+# ignored across execve(2) (signal(7)), so a daemon would never die of EPIPE.
+PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def find_program(name, environ):
+    """The path execve will run for name, searched in environ's PATH as execvp does.
+
+    Found nowhere: 127. Found but not executable (no x bit, a directory): 126.
+    """
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d or ".", name) for d in environ.get("PATH", os.defpath).split(os.pathsep)]
+    refusal = None
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+        if os.path.exists(path) and refusal is None:
+            reason = "Is a directory" if os.path.isdir(path) else os.strerror(errno.EACCES)
+            refusal = Fatal(f"unable to exec {name}: {reason}", NOT_EXECUTABLE)
+    raise refusal or Fatal(f"unable to exec {name}: {os.strerror(errno.ENOENT)}", NOT_FOUND)
+
+
+def restore_signals():
+    for number in PYTHON_IGNORED:
+        signal.signal(number, signal.SIG_DFL)
+
+
+def exec_program(path, argv, environ):
+    """Replace this process with the program; only returns by raising Fatal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    restore_signals()
+    try:
+        os.execve(path, argv, environ)
+    except OSError as error:
+        status = NOT_FOUND if error.errno in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
+        raise Fatal(f"unable to exec {argv[0]}: {error.strerror}", status) from None
+
+
+@contextlib.contextmanager
+def stopping_signals_raise(numbers=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
+    """While waiting before an exec, turn a stop signal into Fatal so cleanup runs."""
+
+    def stop(number, frame):
+        raise Fatal(f"stopped by {signal.Signals(number).name} before exec", 128 + number)
+
+    previous = {number: signal.signal(number, stop) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

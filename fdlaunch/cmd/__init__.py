@@ -1,0 +1,1 @@
+"""One module per tool: its docopt usage and a main that reads like a recipe."""

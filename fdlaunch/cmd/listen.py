@@ -1,0 +1,90 @@
+"""fdlaunch-listen: open listening sockets, pass them on, exec the program.
+
+Usage:
+  fdlaunch-listen [options] SPEC... [--] PROG [ARGS...]
+  fdlaunch-listen (-h | --help | --version)
+
+Each SPEC is -PROTO:OPTIONS:ADDRESS, such as -udp::53, -tcp:label=tls:853
+or -unix:mode=0600:/run/x.sock, where PROTO is tcp, tcp4, tcp6, udp, udp4,
+udp6, unix, unix-dgram or unix-seqpacket. See fdlaunch-listen(1).
+
+Options:
+  --map          Touch no open descriptor: put the sockets on free fds and
+                 write only LISTEN_FD_MAP.
+  --lazy         Exec only once a client connects or a datagram arrives.
+  --dry-run      Print the plan on stdout; bind nothing, run nothing.
+  -v, --verbose  Say on stderr which socket is on which fd.
+  -h, --help     Print this help.
+  --version      Print the version.
+"""
+
+import os
+import sys
+
+from fdlaunch import chain, cli, fdplan, fds, listenenv, sock, spec
+from fdlaunch.errors import Finished, UsageError, tool, warn
+
+PROG = "fdlaunch-listen"
+# docopt matches the options alone: it cannot match 'SPEC... PROG' (see cli.parse).
+OPTIONS_ONLY = __doc__.replace(" SPEC... [--] PROG [ARGS...]", "")
+
+
+@tool(PROG)
+def main(argv):
+    option_words, spec_words, program = spec.split_words(argv)
+    options = cli.parse(__doc__, option_words, match=OPTIONS_ONLY)
+    wanted = [spec.parse(word) for word in spec_words]
+    if not wanted or not (program or options["--dry-run"]):
+        missing = "socket spec" if not wanted else "program"
+        raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
+    systemd = not options["--map"]
+    environ, pid = dict(os.environ), os.getpid()
+    inherited = listenenv.inherited(environ, pid)
+    open_now = fds.open_fds()
+    fds.check_inherited(inherited, open_now)
+    layout = fdplan.plan(inherited, wanted, open_now, systemd, fds.limit())
+    ipv6 = any(not s.host and s.protocol.family == "any" for s in wanted) and sock.ipv6_available()
+    endpoints = [sock.resolve(s, ipv6) for s in wanted]
+    environ, caller = listenenv.environment(environ, layout.passed, pid, systemd, layout.variables), environ
+    if options["--dry-run"]:
+        print_plan(layout, endpoints, caller, environ, program)
+        raise Finished(0)
+    path = chain.find_program(program[0], environ)
+    with sock.Opened() as opened:
+        new = [opened.open(endpoint) for endpoint in endpoints]
+        moves = layout.inherited_moves + list(zip(new, layout.new_fds))
+        fds.place(moves)
+        opened.moved(moves)
+        if options["--verbose"]:
+            for line in describe(layout, wanted):
+                warn(PROG, "info", line)
+        if options["--lazy"]:
+            with chain.stopping_signals_raise():
+                sock.wait_for_activity([p.fd for p in layout.passed])
+        chain.exec_program(path, program, environ)
+
+
+def describe(layout, wanted):
+    """One line per passed socket: fd, protocol, address actually bound, label."""
+    by_fd = {fd: s for s, fd in zip(wanted, layout.new_fds)}
+    for passed in layout.passed:
+        s = by_fd.get(passed.fd)
+        if s is None:
+            yield f"fd {passed.fd}: inherited, label {passed.label}"
+        else:
+            yield f"fd {passed.fd}: {s.proto} {sock.describe(passed.fd, s)}, label {passed.label}"
+
+
+def print_plan(layout, endpoints, before, after, program):
+    by_fd = {fd: e for e, fd in zip(endpoints, layout.new_fds)}
+    for passed in layout.passed:
+        e = by_fd.get(passed.fd)
+        where = "inherited" if e is None else f"{e.spec.proto} {sock.endpoint_address(e)}"
+        print(f"fd {passed.fd}: {where}, label {passed.label}")
+    for name in sorted(after):
+        if before.get(name) != after[name]:
+            print(f"{name}={after[name]}")
+    for name in sorted(set(before) - set(after)):
+        print(f"unset {name}")
+    print("exec " + " ".join(program) if program else "(no program)")
+    sys.stdout.flush()

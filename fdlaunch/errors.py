@@ -1,0 +1,84 @@
+"""Exit statuses and the one message grammar every tool uses.
+
+Library code raises Fatal (or a subclass); only a tool's main turns it into
+a line on stderr and an exit status, so every function can be called and
+tested in-process.
+"""
+
+import functools
+import os
+import sys
+
+USAGE = 100
+SYSTEM = 111
+NOT_EXECUTABLE = 126
+NOT_FOUND = 127
+
+
+class Fatal(Exception):
+    """An error that ends a tool: its message and the status it exits with."""
+
+    status = SYSTEM
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class Finished(Exception):
+    """The tool's job ended without an exec (--help, --version, --dry-run)."""
+
+    def __init__(self, status=0):
+        super().__init__(status)
+        self.status = status
+
+
+class UsageError(Fatal):
+    """The caller asked for something wrong: bad option, spec, account, environment."""
+
+    status = USAGE
+
+
+def unable(verb_object, error):
+    """The s6 grammar for a failed system call: 'unable to bind X: strerror'."""
+    reason = error.strerror or str(error)
+    return Fatal(f"unable to {verb_object}: {reason}")
+
+
+def tool(name):
+    """Wrap a tool's body as main(argv=None) -> exit status, never a traceback."""
+
+    def wrap(body):
+        @functools.wraps(body)
+        def main(argv=None):
+            argv = sys.argv[1:] if argv is None else list(argv)
+            try:
+                return body(argv) or 0
+            except Finished as done:
+                return done.status
+            except Fatal as error:
+                return report(name, "fatal", error, error.status)
+            except KeyboardInterrupt:
+                return report(name, "fatal", "interrupted", 130)
+            except OSError as error:
+                return report(name, "fatal", f"unexpected system error: {error}", SYSTEM)
+
+        return main
+
+    return wrap
+
+
+def report(name, kind, message, status):
+    warn(name, kind, message)
+    return status
+
+
+def warn(name, kind, message):
+    """One line on stderr: 'NAME: KIND: MESSAGE' (kind: fatal, warning, info)."""
+    sys.stderr.write(f"{name}: {kind}: {message}\n")
+    sys.stderr.flush()
+
+
+def strerror(number):
+    return os.strerror(number)

@@ -1,0 +1,95 @@
+"""Where each passed descriptor ends up. Pure: open fds and limits are arguments.
+
+Everything that can be refused is refused here, before any socket is opened.
+"""
+
+from dataclasses import dataclass
+
+from fdlaunch.errors import UsageError
+from fdlaunch.listenenv import SYSTEMD_FIRST_FD, Passed
+
+
+@dataclass(frozen=True)
+class Plan:
+    passed: list  # Passed, in the order the environment lists them
+    inherited_moves: list  # (fd now, fd wanted) for inherited sockets
+    new_fds: list  # the fd wanted for each new spec, in spec order
+    variables: dict  # var= name -> fd
+
+
+def plan(inherited, specs, open_fds, systemd, fd_limit):
+    """Place inherited sockets and one new socket per spec.
+
+    systemd=True: everything at 3, 4, ... (inherited first, then the specs;
+    fd=N picks the slot), refusing any slot held by a descriptor that was not
+    passed in. systemd=False (--map): nothing open is touched; fd=N must be
+    free and the rest take the lowest free fds.
+    """
+    _refuse_repeats(specs, "fd")
+    _refuse_repeats(specs, "var")
+    if systemd:
+        moves, new_fds = _systemd_slots(inherited, specs, open_fds)
+    else:
+        moves, new_fds = [], _free_slots(inherited, specs, open_fds)
+    for spec, fd in zip(specs, new_fds):
+        if fd >= fd_limit:
+            raise UsageError(f"fd {fd} for {spec.address()} is beyond the open files limit ({fd_limit}); raise it with ulimit -n")
+    passed = [Passed(p.label, to) for p, (_, to) in zip(inherited, moves)] if systemd else list(inherited)
+    passed += [Passed(spec.name, fd) for spec, fd in zip(specs, new_fds)]
+    if systemd:
+        passed.sort(key=lambda p: p.fd)
+    variables = {spec.var: fd for spec, fd in zip(specs, new_fds) if spec.var}
+    return Plan(passed, moves, new_fds, variables)
+
+
+def _systemd_slots(inherited, specs, open_fds):
+    first_new = SYSTEMD_FIRST_FD + len(inherited)
+    last = SYSTEMD_FIRST_FD + len(inherited) + len(specs) - 1
+    for spec in specs:
+        if spec.fd is not None and not first_new <= spec.fd <= last:
+            raise UsageError(
+                f"fd={spec.fd} for {spec.address()} is outside {first_new}..{last}, where the systemd "
+                f"convention puts this run's sockets; use --map to place sockets anywhere"
+            )
+    fixed = {spec.fd for spec in specs if spec.fd is not None}
+    free = iter(fd for fd in range(first_new, last + 1) if fd not in fixed)
+    new_fds = [spec.fd if spec.fd is not None else next(free) for spec in specs]
+    moves = [(p.fd, SYSTEMD_FIRST_FD + index) for index, p in enumerate(inherited)]
+    ours = {p.fd for p in inherited}
+    for fd in range(SYSTEMD_FIRST_FD, last + 1):
+        if fd in open_fds and fd not in ours:
+            raise UsageError(
+                f"fd {fd} is already open and is not a socket passed in; the systemd convention "
+                f"needs fds {SYSTEMD_FIRST_FD}..{last}: use --map to leave open descriptors alone"
+            )
+    return moves, new_fds
+
+
+def _free_slots(inherited, specs, open_fds):
+    taken = set(open_fds) | {p.fd for p in inherited}
+    for spec in specs:
+        if spec.fd in taken:
+            raise UsageError(f"fd={spec.fd} for {spec.address()} is already open; --map never overwrites an open descriptor")
+    taken |= {spec.fd for spec in specs if spec.fd is not None}
+    new_fds = []
+    candidate = SYSTEMD_FIRST_FD
+    for spec in specs:
+        if spec.fd is not None:
+            new_fds.append(spec.fd)
+            continue
+        while candidate in taken:
+            candidate += 1
+        new_fds.append(candidate)
+        taken.add(candidate)
+    return new_fds
+
+
+def _refuse_repeats(specs, option):
+    owner = {}
+    for spec in specs:
+        value = getattr(spec, option)
+        if value is None:
+            continue
+        if value in owner:
+            raise UsageError(f"{option}={value} is given to both {owner[value].address()} and {spec.address()}")
+        owner[value] = spec

@@ -1,0 +1,77 @@
+"""Descriptor mechanics: what is open, and moving descriptors into place."""
+
+import fcntl
+import os
+import resource
+
+from fdlaunch.errors import UsageError, unable
+
+
+def open_fds():
+    """The descriptors open in this process now."""
+    listing = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    found = set()
+    for name in os.listdir(listing):
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # the descriptor listdir itself had open
+        found.add(fd)
+    return found
+
+
+def limit():
+    """One past the highest descriptor number this process may use."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def check_inherited(passed, open_now, variable="LISTEN_FDS/LISTEN_FD_MAP"):
+    for p in passed:
+        if p.fd not in open_now:
+            raise UsageError(f"{variable} names fd {p.fd} ({p.label}), which is not open")
+
+
+def place(moves):
+    """Move descriptors: each (fd now, fd wanted), the result inherited by exec.
+
+    A target held by another descriptor still waiting to move is done after
+    it; a cycle (inherited sockets swapping places) goes through a spare fd
+    above every target. dup2(fd, fd) is a no-op that would leave fd
+    close-on-exec, so an fd already in place is made inheritable instead
+    (the fd_move trap skalibs documents).
+    """
+    pending = dict(moves)
+    spare_floor = max([0, *pending.values(), *pending]) + 1
+    while pending:
+        progressed = False
+        for now, wanted in list(pending.items()):
+            if now == wanted:
+                os.set_inheritable(now, True)
+            elif wanted not in pending:
+                _dup2(now, wanted)
+                os.close(now)
+            else:
+                continue
+            del pending[now]
+            progressed = True
+        if not progressed:
+            now, wanted = next(iter(pending.items()))
+            spare = fcntl.fcntl(now, fcntl.F_DUPFD_CLOEXEC, spare_floor)
+            os.close(now)
+            pending[spare] = pending.pop(now)
+
+
+def _dup2(now, wanted):
+    try:
+        os.dup2(now, wanted, inheritable=True)
+    except OSError as error:
+        raise unable(f"move fd {now} to fd {wanted}", error) from None
+
+
+def close_all(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,108 @@
+"""The two descriptor conventions, read and written. Pure: environ and pid are arguments.
+
+systemd (sd_listen_fds(3)): LISTEN_FDS=<count> descriptors from fd 3, valid
+only when LISTEN_PID is the reader's pid; LISTEN_FDNAMES=<label>:<label>...
+map: LISTEN_FD_MAP=<label>=<fd>,<label>=<fd>,... with any fd numbers.
+"""
+
+from dataclasses import dataclass
+
+from fdlaunch.errors import UsageError
+from fdlaunch.spec import LABEL
+
+SYSTEMD_FIRST_FD = 3
+SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
+UNNAMED = "unknown"  # what sd_listen_fds_with_names(3) reports for a socket without a name
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A descriptor handed to a program under a label."""
+
+    label: str
+    fd: int
+
+
+def parse_map(text):
+    """'udp=3,tcp=4' -> [Passed('udp', 3), Passed('tcp', 4)]; raise UsageError naming the fault."""
+    passed = []
+    for item in text.split(",") if text else ():
+        label, equals, fd = item.partition("=")
+        if not equals or not LABEL.fullmatch(label) or not _is_fd(fd):
+            raise UsageError(f"LISTEN_FD_MAP={text!r}: item {item!r} is not LABEL=FD (e.g. tcp=4)")
+        passed.append(Passed(label, int(fd)))
+    _refuse_repeated_fds("LISTEN_FD_MAP", text, passed)
+    return passed
+
+
+def format_map(passed):
+    return ",".join(f"{p.label}={p.fd}" for p in passed)
+
+
+def parse_systemd(environ, pid):
+    """The sockets passed to pid by the systemd convention; [] when LISTEN_PID is not pid."""
+    listen_pid = environ.get("LISTEN_PID")
+    if listen_pid is None or "LISTEN_FDS" not in environ:
+        return []
+    if not listen_pid.isdigit() or not listen_pid.isascii():
+        raise UsageError(f"LISTEN_PID={listen_pid!r} is not a process id")
+    if int(listen_pid) != pid:
+        return []
+    count_text = environ["LISTEN_FDS"]
+    if not _is_fd(count_text):
+        raise UsageError(f"LISTEN_FDS={count_text!r} is not a count of descriptors")
+    count = int(count_text)
+    names = environ.get("LISTEN_FDNAMES")
+    labels = names.split(":") if names is not None else [UNNAMED] * count
+    if len(labels) != count:
+        raise UsageError(f"LISTEN_FDNAMES={names!r} has {len(labels)} names but LISTEN_FDS={count}")
+    for label in labels:
+        if not LABEL.fullmatch(label):
+            raise UsageError(f"LISTEN_FDNAMES={names!r}: {label!r} is not a label (1 to 255 of A-Z a-z 0-9 . _ -)")
+    return [Passed(label, SYSTEMD_FIRST_FD + index) for index, label in enumerate(labels)]
+
+
+def inherited(environ, pid):
+    """Every socket passed to pid, by either convention, each fd once.
+
+    A descriptor named by both keeps its LISTEN_FD_MAP label, the one that
+    can say more than 'unknown'.
+    """
+    systemd = parse_systemd(environ, pid)
+    mapped = parse_map(environ["LISTEN_FD_MAP"]) if "LISTEN_FD_MAP" in environ else []
+    label_of = {p.fd: p.label for p in mapped}
+    merged = [Passed(label_of.get(p.fd, p.label), p.fd) for p in systemd]
+    known = {p.fd for p in systemd}
+    return merged + [p for p in mapped if p.fd not in known]
+
+
+def environment(environ, passed, pid, systemd, variables):
+    """The program's environment: the caller's, plus the documented variables.
+
+    With systemd=True the descriptors must be at 3, 4, ... in order. A
+    LISTEN_PIDFDID is kept only when the LISTEN_PID it came with was already
+    this pid, the one case where it still names the program.
+    """
+    result = dict(environ)
+    result["LISTEN_FD_MAP"] = format_map(passed)
+    if systemd:
+        if result.get("LISTEN_PID") != str(pid):
+            result.pop("LISTEN_PIDFDID", None)
+        result["LISTEN_FDS"] = str(len(passed))
+        result["LISTEN_PID"] = str(pid)
+        result["LISTEN_FDNAMES"] = ":".join(p.label for p in passed)
+    for name, fd in variables.items():
+        result[name] = str(fd)
+    return result
+
+
+def _is_fd(text):
+    return text.isdigit() and text.isascii() and len(text) <= 10
+
+
+def _refuse_repeated_fds(variable, text, passed):
+    seen = set()
+    for p in passed:
+        if p.fd in seen:
+            raise UsageError(f"{variable}={text!r} names fd {p.fd} twice")
+        seen.add(p.fd)

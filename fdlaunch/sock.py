@@ -1,0 +1,295 @@
+"""Opening listening sockets: name lookups, socket options, bind, listen.
+
+Everything one run creates is recorded in an Opened, which undoes it all
+(closes the sockets, removes the socket files and directories it made) unless
+the run gets as far as exec.
+"""
+
+import errno
+import os
+import select
+import socket
+import stat
+from dataclasses import dataclass
+
+from fdlaunch import spec as specs
+from fdlaunch.errors import Fatal, UsageError, unable
+
+TYPES = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
+# Linux values (in.h, in6.h, socket.h); not every Python build names them.
+IP_FREEBIND = 15
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+IPV6_FREEBIND = 78
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+DEFAULT_SOCKET_MODE = 0o666  # as systemd's SocketMode=, before the umask
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A spec with its names looked up: everything bind needs."""
+
+    spec: specs.Spec
+    family: int
+    type: int
+    sockaddr: object
+    v6only: bool = False
+    owner: tuple = None  # (uid, gid) for a unix socket file
+
+
+def ipv6_available():
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve(spec, ipv6):
+    """Look up the spec's host, service, interface and owner; a missing name is a usage error."""
+    kind = TYPES[spec.protocol.type]
+    if spec.is_unix:
+        address = b"\0" + spec.path[1:].encode() if spec.is_abstract else spec.path
+        return Endpoint(spec, socket.AF_UNIX, kind, address, owner=_owner(spec.owner) if spec.owner else None)
+    if spec.device:
+        try:
+            socket.if_nametoindex(spec.device)
+        except OSError:
+            raise UsageError(f"{spec.address()}: no network interface named {spec.device!r}") from None
+    port = _port(spec)
+    family = spec.protocol.family
+    v6only = family == "6" or spec.v6only
+    if not spec.host:
+        if family == "4" or (family == "any" and not ipv6):
+            return Endpoint(spec, socket.AF_INET, kind, ("0.0.0.0", port))
+        return Endpoint(spec, socket.AF_INET6, kind, ("::", port, 0, 0), v6only)
+    wanted = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(family, socket.AF_UNSPEC)
+    try:
+        found = socket.getaddrinfo(spec.host, port, wanted, kind)
+    except socket.gaierror as error:
+        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None), getattr(socket, "EAI_ADDRFAMILY", None)):
+            raise UsageError(f"{spec.address()}: host {spec.host!r} not found") from None
+        raise Fatal(f"unable to look up host {spec.host!r}: {error.strerror}") from None
+    address_family, _, _, _, sockaddr = found[0]
+    return Endpoint(spec, address_family, kind, sockaddr, v6only and address_family == socket.AF_INET6)
+
+
+def _port(spec):
+    if spec.port.isdigit():
+        return int(spec.port)
+    try:
+        return socket.getservbyname(spec.port, spec.protocol.transport)
+    except OSError:
+        raise UsageError(f"{spec.address()}: unknown service {spec.port!r} for {spec.protocol.transport}") from None
+
+
+def _owner(text):
+    import grp
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    except KeyError:
+        if not user.isdigit():
+            raise UsageError(f"owner={text}: unknown user {user!r}") from None
+        uid, gid = int(user), None
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"owner={text}: unknown group {group!r}") from None
+    return uid, -1 if gid is None else gid
+
+
+class Opened:
+    """What this run has created so far, undone by discard() unless the run execs."""
+
+    def __init__(self):
+        self.fds = []
+        self.files = []  # (path, st_dev, st_ino) of socket files we bound
+        self.directories = []  # made by mkdir, outermost first
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            self.discard()
+
+    def moved(self, moves):
+        where = dict(moves)
+        self.fds = [where.get(fd, fd) for fd in self.fds]
+
+    def discard(self):
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for path, device, inode in self.files:
+            try:
+                now = os.lstat(path)
+                if (now.st_dev, now.st_ino) == (device, inode):
+                    os.unlink(path)
+            except OSError:
+                pass
+        for directory in reversed(self.directories):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+
+    def open(self, endpoint):
+        """Create, configure, bind and (for streams) listen; return the raw fd."""
+        spec = endpoint.spec
+        try:
+            sock = socket.socket(endpoint.family, endpoint.type)
+        except OSError as error:
+            raise unable(f"create a socket for {spec.address()}", error) from None
+        self.fds.append(sock.fileno())
+        try:
+            _set_options(sock, endpoint)
+            if spec.is_unix and not spec.is_abstract:
+                self._bind_unix_path(sock, endpoint)
+            else:
+                _bind(sock, endpoint)
+            if endpoint.type != socket.SOCK_DGRAM:
+                sock.listen(spec.backlog if spec.backlog is not None else socket.SOMAXCONN)
+        except OSError as error:
+            raise unable(f"listen on {spec.address()}", error) from None
+        finally:
+            fd = sock.detach()  # closed by discard(), or passed to the program
+        return fd
+
+    def _bind_unix_path(self, sock, endpoint):
+        spec = endpoint.spec
+        parent = os.path.dirname(spec.path)
+        if spec.mkdir and parent:
+            self._make_directories(parent)
+        _remove_stale(endpoint)
+        # Bound under umask 0777 the file starts with no permissions at all,
+        # so it is never reachable more widely than asked while chown and
+        # chmod are still to come.
+        previous = os.umask(0o777)
+        try:
+            _bind(sock, endpoint)
+        finally:
+            os.umask(previous)
+        info = os.lstat(spec.path)
+        self.files.append((spec.path, info.st_dev, info.st_ino))
+        if endpoint.owner:
+            _call(os.chown, f"change the owner of {spec.path}", spec.path, *endpoint.owner)
+        mode = spec.mode if spec.mode is not None else DEFAULT_SOCKET_MODE & ~previous
+        _call(os.chmod, f"change the mode of {spec.path}", spec.path, mode)
+
+    def _make_directories(self, directory):
+        missing = []
+        while directory and not os.path.isdir(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for path in reversed(missing):
+            _call(os.mkdir, f"create directory {path}", path, 0o755)
+            self.directories.append(path)
+            _call(os.chmod, f"change the mode of {path}", path, 0o755)
+
+
+def _call(function, what, *args):
+    try:
+        function(*args)
+    except OSError as error:
+        raise unable(what, error) from None
+
+
+def _bind(sock, endpoint):
+    try:
+        sock.bind(endpoint.sockaddr)
+    except OSError as error:
+        raise unable(f"bind {endpoint.spec.address()}", error) from None
+
+
+def _remove_stale(endpoint):
+    """Remove a socket file nobody listens on; refuse a live socket or any other file."""
+    path = endpoint.spec.path
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise unable(f"examine {path}", error) from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise Fatal(f"unable to bind {path}: it exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, endpoint.type)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: left by a listener that is gone
+        return
+    except OSError as error:
+        if error.errno == errno.EPROTOTYPE:
+            raise Fatal(f"unable to bind {path}: a socket of another type is listening there") from None
+        raise unable(f"bind {path}", error) from None
+    finally:
+        probe.close()
+    raise Fatal(f"unable to bind {path}: a socket is already listening there")
+
+
+def _set_options(sock, endpoint):
+    spec = endpoint.spec
+    ipv6 = endpoint.family == socket.AF_INET6
+    if ipv6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(endpoint.v6only))
+    if endpoint.family != socket.AF_UNIX and endpoint.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if spec.reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if spec.freebind:
+        sock.setsockopt(*((socket.IPPROTO_IPV6, IPV6_FREEBIND) if ipv6 else (socket.IPPROTO_IP, IP_FREEBIND)), 1)
+    if spec.transparent:
+        sock.setsockopt(*((socket.IPPROTO_IPV6, IPV6_TRANSPARENT) if ipv6 else (socket.IPPROTO_IP, IP_TRANSPARENT)), 1)
+    if spec.rcvbuf:
+        _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, spec.rcvbuf)
+    if spec.sndbuf:
+        _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, spec.sndbuf)
+    if spec.device:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, spec.device.encode())
+
+
+def _set_buffer(sock, forced, plain, size):
+    # The FORCE variant (root only) passes net.core.[rw]mem_max, as systemd does.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, forced, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def describe(fd, spec):
+    """The address actually bound, as CONVENTIONS.md prints it (the real port when 0 was asked)."""
+    if spec.is_unix:
+        return spec.path
+    sock = socket.socket(fileno=fd)
+    try:
+        host, port = sock.getsockname()[:2]
+    finally:
+        sock.detach()
+    return specs.format_inet(host, str(port), spec.protocol.transport)
+
+
+def wait_for_activity(fds):
+    """Block until a connection or a datagram is waiting on any fd; accept and read nothing."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    while not poller.poll():
+        pass
+
+
+def endpoint_address(endpoint):
+    """The address an endpoint will bind, printed as CONVENTIONS.md prints it."""
+    spec = endpoint.spec
+    if spec.is_unix:
+        return spec.path
+    host, port = endpoint.sockaddr[:2]
+    return specs.format_inet(host, str(port), spec.protocol.transport)

@@ -1,0 +1,391 @@
+"""Socket specs: '-PROTO:OPTIONS:ADDRESS' text in, Spec values out.
+
+Pure: no system calls, no environment. Names (hosts, services, users) are
+checked for shape here and looked up by fdlaunch.sock.
+"""
+
+import re
+import socket
+from dataclasses import dataclass, fields
+
+from fdlaunch.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    transport: str  # 'tcp', 'udp' or 'unix': the word printed after the address
+    type: str  # 'stream', 'dgram' or 'seqpacket'
+    family: str  # 'any', '4', '6' or 'unix'
+
+
+PROTOCOLS = {
+    p.name: p
+    for p in (
+        Protocol("tcp", "tcp", "stream", "any"),
+        Protocol("tcp4", "tcp", "stream", "4"),
+        Protocol("tcp6", "tcp", "stream", "6"),
+        Protocol("udp", "udp", "dgram", "any"),
+        Protocol("udp4", "udp", "dgram", "4"),
+        Protocol("udp6", "udp", "dgram", "6"),
+        Protocol("unix", "unix", "stream", "unix"),
+        Protocol("unix-dgram", "unix", "dgram", "unix"),
+        Protocol("unix-seqpacket", "unix", "seqpacket", "unix"),
+    )
+}
+
+LABEL = re.compile(r"[A-Za-z0-9._-]{1,255}")
+VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9_+.-]*")
+HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+ACCOUNT_NAME = r"[^,:/@\s]+"
+# The variables fdlaunch-listen writes itself; var= may not take them over.
+RESERVED_VARIABLES = {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID"}
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one kept for the terminating NUL (unix(7))
+IFNAMSIZ = 16  # netdevice(7): interface names are at most 15 bytes
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One socket to open, as the user asked for it."""
+
+    proto: str
+    host: str = ""  # inet: '' is the wildcard
+    port: str = ""  # inet: digits or a service name
+    path: str = ""  # unix: a path, or '@name' in the abstract namespace
+    label: str | None = None
+    fd: int | None = None
+    var: str | None = None
+    backlog: int | None = None
+    reuseport: bool = False
+    v6only: bool = False
+    freebind: bool = False
+    transparent: bool = False
+    rcvbuf: int | None = None
+    sndbuf: int | None = None
+    device: str | None = None
+    mode: int | None = None
+    owner: str | None = None
+    mkdir: bool = False
+
+    @property
+    def protocol(self):
+        return PROTOCOLS[self.proto]
+
+    @property
+    def name(self):
+        """The label the socket is passed under: label=, else the protocol word."""
+        return self.label or self.proto
+
+    @property
+    def is_unix(self):
+        return self.protocol.family == "unix"
+
+    @property
+    def is_abstract(self):
+        return self.is_unix and self.path.startswith("@")
+
+    def address(self):
+        """The address as CONVENTIONS.md prints it: '127.0.0.1:8080/tcp', '[::]:53/udp', '/run/x'."""
+        if self.is_unix:
+            return self.path
+        return format_inet(self.host, self.port, self.protocol.transport)
+
+
+def format_inet(host, port, transport):
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}/{transport}"
+
+
+# Option values: each parser takes the text after '=' and returns the value
+# or raises ValueError with what would be right.
+
+
+def _label(text):
+    if not LABEL.fullmatch(text):
+        raise ValueError("a label is 1 to 255 of A-Z a-z 0-9 . _ -")
+    return text
+
+
+def _fd(text):
+    number = _number(text, "fd")
+    if number < 3:
+        raise ValueError("fd must be 3 or more: 0, 1 and 2 are stdin, stdout and stderr")
+    return number
+
+
+def _variable(text):
+    if not VARIABLE.fullmatch(text):
+        raise ValueError("a variable name is a letter or _ followed by letters, digits or _")
+    if text in RESERVED_VARIABLES:
+        raise ValueError(f"{text} is set by fdlaunch-listen itself")
+    return text
+
+
+def _number(text, what):
+    if not text.isdigit() or not text.isascii() or int(text) > 2**31 - 1:
+        raise ValueError(f"{what} must be a whole number from 0 to {2**31 - 1}")
+    return int(text)
+
+
+def _size(text):
+    multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if multiplier > 1 else text
+    if not digits.isdigit() or not digits.isascii() or not 0 < int(digits) * multiplier <= 2**31 - 1:
+        raise ValueError("a buffer size is a number of bytes, optionally with K, M or G, up to 2G-1")
+    return int(digits) * multiplier
+
+
+def _device(text):
+    if not 0 < len(text.encode()) < IFNAMSIZ or "/" in text or text in (".", "..") or not text.isprintable() or " " in text:
+        raise ValueError(f"an interface name is 1 to {IFNAMSIZ - 1} bytes, without '/' or spaces")
+    return text
+
+
+def _mode(text):
+    if not re.fullmatch(r"[0-7]{1,4}", text) or int(text, 8) > 0o777:
+        raise ValueError("mode is octal permission bits from 0000 to 0777, e.g. mode=0660")
+    return int(text, 8)
+
+
+def _owner(text):
+    if not re.fullmatch(rf"{ACCOUNT_NAME}(:{ACCOUNT_NAME})?", text):
+        raise ValueError("owner is USER or USER:GROUP, names or numbers")
+    return text
+
+
+INET = "inet"
+STREAMS = "stream"
+DUAL = "dual"
+UNIX_PATH = "unixpath"
+ANY = "any"
+
+# name: (value parser, or None for a flag word; where the option applies)
+OPTIONS = {
+    "label": (_label, ANY),
+    "fd": (_fd, ANY),
+    "var": (_variable, ANY),
+    "backlog": (lambda text: _number(text, "backlog"), STREAMS),
+    "reuseport": (None, INET),
+    "v6only": (None, DUAL),
+    "freebind": (None, INET),
+    "transparent": (None, INET),
+    "rcvbuf": (_size, ANY),
+    "sndbuf": (_size, ANY),
+    "device": (_device, INET),
+    "mode": (_mode, UNIX_PATH),
+    "owner": (_owner, UNIX_PATH),
+    "mkdir": (None, UNIX_PATH),
+}
+
+WHERE = {
+    INET: "tcp and udp sockets",
+    STREAMS: "tcp, unix and unix-seqpacket sockets",
+    DUAL: "tcp, tcp6, udp and udp6 sockets on IPv6 addresses",
+    UNIX_PATH: "unix sockets with a path (not @abstract)",
+}
+
+# The options field, when present, is a list of flag words and key=value
+# items; owner= may hold one ':' (USER:GROUP), which the regex engine tells
+# apart from the field separator by backtracking.
+_ITEM = rf"(?:owner={ACCOUNT_NAME}(?::{ACCOUNT_NAME})?|[a-z][a-z0-9_-]*(?:=[^,:]*)?)"
+_OPTIONS_THEN_ADDRESS = re.compile(rf"(?P<options>(?:{_ITEM}(?:,{_ITEM})*)?):(?P<address>.*)", re.S)
+_SPEC = re.compile(r"-(?P<proto>[^:=]+):(?P<rest>.*)", re.S)
+
+
+def looks_like_spec(word):
+    """Whether a command-line word is a socket spec rather than an option or the program."""
+    return bool(re.match(r"-[^-:=][^:=]*:", word))
+
+
+def parse(text):
+    """Parse one spec; raise UsageError quoting it and saying what would be right."""
+    try:
+        return _parse(text)
+    except ValueError as error:
+        raise UsageError(f"bad socket spec {text!r}: {error}") from None
+
+
+def _parse(text):
+    match = _SPEC.fullmatch(text)
+    if not match:
+        raise ValueError("a spec is -PROTO:OPTIONS:ADDRESS, e.g. -tcp::8080 or -unix:mode=0600:/run/x.sock")
+    proto = match["proto"]
+    if proto not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {proto!r}; expected one of {', '.join(PROTOCOLS)}")
+    options_text, address = split_options(match["rest"])
+    values = {"proto": proto}
+    values.update(_address(PROTOCOLS[proto], address))
+    values.update(_options(options_text))
+    spec = Spec(**values)
+    _check_placement(spec)
+    return spec
+
+
+def split_options(rest):
+    """Split 'OPTIONS:ADDRESS'; without a field of known options, all of it is the address.
+
+    Option names are a closed set, so '-tcp:127.0.0.1:80' and '-tcp:8080' are
+    addresses, while '-tcp:label=web:80' and the typo '-tcp:lable=web:80'
+    (a key=value item) are options.
+    """
+    match = _OPTIONS_THEN_ADDRESS.fullmatch(rest)
+    if match and all(_is_option_item(item) for item in match["options"].split(",") if match["options"]):
+        return match["options"], match["address"]
+    return "", rest
+
+
+def _is_option_item(item):
+    return "=" in item or (item in OPTIONS and OPTIONS[item][0] is None)
+
+
+def _options(text):
+    values = {}
+    for item in text.split(",") if text else ():
+        name, has_value, value = item.partition("=")
+        if name not in OPTIONS:
+            raise ValueError(f"unknown option {name!r}; known options: {', '.join(OPTIONS)}")
+        if name in values:
+            raise ValueError(f"option {name!r} is given twice")
+        parser = OPTIONS[name][0]
+        if parser is None:
+            if has_value:
+                raise ValueError(f"option {name!r} is a flag and takes no value: write {name!r}")
+            values[name] = True
+            continue
+        if not has_value:
+            raise ValueError(f"option {name!r} needs a value: {name}=...")
+        try:
+            values[name] = parser(value)
+        except ValueError as error:
+            raise ValueError(f"{name}={value!r}: {error}") from None
+    return values
+
+
+def _check_placement(spec):
+    for field in fields(Spec):
+        if field.name not in OPTIONS or getattr(spec, field.name) in (None, False):
+            continue
+        where = OPTIONS[field.name][1]
+        if not _applies(where, spec):
+            raise ValueError(f"option {field.name!r} is only for {WHERE[where]}, not for {spec.proto} {spec.path or ''}".rstrip())
+
+
+def _applies(where, spec):
+    protocol = spec.protocol
+    return {
+        ANY: True,
+        INET: protocol.family != "unix",
+        STREAMS: protocol.type != "dgram",
+        DUAL: protocol.family in ("any", "6") and not _is_ip(socket.AF_INET, spec.host),
+        UNIX_PATH: spec.is_unix and not spec.is_abstract,
+    }[where]
+
+
+def _address(protocol, text):
+    if protocol.family == "unix":
+        return {"path": _unix_path(text)}
+    host, port = _split_host_port(text)
+    _check_host(host, protocol)
+    _check_port(port)
+    return {"host": host, "port": port}
+
+
+def _unix_path(text):
+    if not text or text == "@":
+        raise ValueError("a unix socket needs a path, or @name for the abstract namespace")
+    if "\0" in text:
+        raise ValueError("a unix socket path cannot contain a NUL byte")
+    if len(text.encode()) > UNIX_PATH_MAX:
+        raise ValueError(f"unix socket path is {len(text.encode())} bytes; the limit is {UNIX_PATH_MAX}")
+    return text
+
+
+def _split_host_port(text):
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]")
+        if not bracket or not port.startswith(":"):
+            raise ValueError(f"address {text!r} is not [IPV6]:PORT, e.g. [::1]:53")
+        return host, port[1:]
+    if text.count(":") > 1:
+        raise ValueError("an IPv6 address goes in brackets, e.g. [::1]:53")
+    host, _, port = text.rpartition(":")
+    return host, port
+
+
+def _check_host(host, protocol):
+    if host == "":
+        return
+    if ":" in host:
+        address = host.split("%", 1)[0]
+        if not _is_ip(socket.AF_INET6, address) or host.endswith("%"):
+            raise ValueError(f"host {host!r} is not an IPv6 address")
+        if protocol.family == "4":
+            raise ValueError(f"{protocol.name} is IPv4 only; {host!r} is an IPv6 address")
+        return
+    if _is_ip(socket.AF_INET, host):
+        if protocol.family == "6":
+            raise ValueError(f"{protocol.name} is IPv6 only; {host!r} is an IPv4 address")
+        return
+    if re.fullmatch(r"[0-9.]+", host) or not HOSTNAME.fullmatch(host):
+        raise ValueError(f"host {host!r} is not an IP address or a host name")
+
+
+def _is_ip(family, text):
+    try:
+        socket.inet_pton(family, text)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_port(port):
+    if port.isdigit() and port.isascii():
+        if int(port) > 65535:
+            raise ValueError(f"port {port} is out of range; a port is 0 to 65535")
+        return
+    if not SERVICE.fullmatch(port):
+        raise ValueError(f"port {port!r} is not a number from 0 to 65535 or a service name, e.g. 53 or domain")
+
+
+def format_spec(spec):
+    """The canonical text of a spec; parse(format_spec(s)) == s."""
+    items = []
+    for field in fields(Spec):
+        if field.name not in OPTIONS:
+            continue
+        value = getattr(spec, field.name)
+        if value is None or value is False:
+            continue
+        if value is True:
+            items.append(field.name)
+        elif field.name == "mode":
+            items.append(f"mode={value:04o}")
+        else:
+            items.append(f"{field.name}={value}")
+    if spec.is_unix:
+        address = spec.path
+    else:
+        host = f"[{spec.host}]" if ":" in spec.host else spec.host
+        address = f"{host}:{spec.port}" if host else spec.port
+    return f"-{spec.proto}:{','.join(items)}:{address}"
+
+
+def split_words(argv):
+    """Split fdlaunch-listen's argv into (option words, spec words, program argv).
+
+    docopt cannot tell '-udp::53' from a cluster of short options, so specs
+    are picked out by shape first; the program starts at '--' or at the
+    first word that is neither an option nor a spec.
+    """
+    options, found = [], []
+    for index, word in enumerate(argv):
+        if word == "--":
+            return options, found, argv[index + 1 :]
+        if looks_like_spec(word):
+            found.append(word)
+        elif word.startswith("-") and word != "-":
+            options.append(word)
+        else:
+            return options, found, argv[index:]
+    return options, found, []
