@@ -17,6 +17,26 @@ from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal
 PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
+def received_environment():
+    """The environment this process was started with, as execve(2) gave it.
+
+    Not os.environ: under the C locale Python adds LC_CTYPE=C.UTF-8 to it at
+    start-up (PEP 538), and the program must get exactly what we received.
+    /proc/self/environ still shows the original block.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as block:
+            entries = block.read().split(b"\0")
+    except OSError:
+        return dict(os.environ)
+    environ = {}
+    for entry in entries:
+        name, equals, value = entry.partition(b"=")
+        if equals:
+            environ.setdefault(os.fsdecode(name), os.fsdecode(value))
+    return environ
+
+
 def find_program(name, environ):
     """The path execve will run for name, searched in environ's PATH as execvp does.
 

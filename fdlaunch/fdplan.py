@@ -5,7 +5,7 @@ Everything that can be refused is refused here, before any socket is opened.
 
 from dataclasses import dataclass
 
-from fdlaunch.errors import UsageError
+from fdlaunch.errors import Fatal, UsageError
 from fdlaunch.listenenv import SYSTEMD_FIRST_FD, Passed
 
 
@@ -33,7 +33,7 @@ def plan(inherited, specs, open_fds, systemd, fd_limit):
         moves, new_fds = [], _free_slots(inherited, specs, open_fds)
     for spec, fd in zip(specs, new_fds):
         if fd >= fd_limit:
-            raise UsageError(f"fd {fd} for {spec.address()} is beyond the open files limit ({fd_limit}); raise it with ulimit -n")
+            raise Fatal(f"unable to place {spec.address()} at fd {fd}: beyond the open files limit ({fd_limit}); raise it with ulimit -n")
     passed = [Passed(p.label, to) for p, (_, to) in zip(inherited, moves)] if systemd else list(inherited)
     passed += [Passed(spec.name, fd) for spec, fd in zip(specs, new_fds)]
     if systemd:

@@ -232,17 +232,22 @@ def split_options(rest):
     match = _OPTIONS_THEN_ADDRESS.fullmatch(rest)
     if match and all(_is_option_item(item) for item in match["options"].split(",") if match["options"]):
         return match["options"], match["address"]
+    head, colon, tail = rest.partition(":")
+    if colon and re.match(r"[a-z][a-z0-9_-]*=", head):
+        return head, tail  # meant as options, if malformed: let _options say how
     return "", rest
 
 
 def _is_option_item(item):
-    return "=" in item or (item in OPTIONS and OPTIONS[item][0] is None)
+    return "=" in item or item in OPTIONS
 
 
 def _options(text):
     values = {}
     for item in text.split(",") if text else ():
         name, has_value, value = item.partition("=")
+        if not item:
+            raise ValueError(f"options {text!r} have an empty item; separate options with one comma")
         if name not in OPTIONS:
             raise ValueError(f"unknown option {name!r}; known options: {', '.join(OPTIONS)}")
         if name in values:
@@ -306,6 +311,8 @@ def _split_host_port(text):
         host, bracket, port = text[1:].partition("]")
         if not bracket or not port.startswith(":"):
             raise ValueError(f"address {text!r} is not [IPV6]:PORT, e.g. [::1]:53")
+        if ":" not in host:
+            raise ValueError(f"{host!r} is not an IPv6 address; brackets are for IPv6 only")
         return host, port[1:]
     if text.count(":") > 1:
         raise ValueError("an IPv6 address goes in brackets, e.g. [::1]:53")

@@ -53,6 +53,13 @@ def describe_socket(fd):
         sock.detach()
 
 
+def received_environment():
+    """The environment as execve gave it: os.environ may hold Python's own LC_CTYPE (PEP 538)."""
+    with open("/proc/self/environ", "rb") as block:
+        entries = block.read().split(b"\0")
+    return dict(os.fsdecode(e).split("=", 1) for e in entries if b"=" in e)
+
+
 def status_fields():
     fields = {}
     with open("/proc/self/status") as status:
@@ -70,7 +77,7 @@ def main():
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "argv": sys.argv,
-        "env": dict(os.environ),
+        "env": received_environment(),
         "fds": fds,
         "uid": os.getresuid(),
         "gid": os.getresgid(),

@@ -38,7 +38,7 @@ def main(argv):
         missing = "socket spec" if not wanted else "program"
         raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
     systemd = not options["--map"]
-    environ, pid = dict(os.environ), os.getpid()
+    environ, pid = chain.received_environment(), os.getpid()
     inherited = listenenv.inherited(environ, pid)
     open_now = fds.open_fds()
     fds.check_inherited(inherited, open_now)

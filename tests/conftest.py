@@ -1,0 +1,85 @@
+"""Helpers shared by the tests: run the installed tools, read the probe, find peers.
+
+The tests run the console scripts found on PATH (make test installs them in
+a virtualenv), exec real programs and bind real sockets.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+PROBE = str(HERE / "probe.py")
+TIMEOUT = 20
+# CI sets this so that a missing peer (s6, python-systemd, ...) fails instead of skipping.
+REQUIRE_PEERS = os.environ.get("FDLAUNCH_REQUIRE_PEERS") == "1"
+
+
+def pytest_configure(config):
+    for tool in ("fdlaunch-listen",):
+        if shutil.which(tool) is None:
+            raise pytest.UsageError(f"{tool} is not on PATH: install the package first (make test does)")
+
+
+def run(argv, timeout=TIMEOUT, **kwargs):
+    """Run a command to completion, bounded in time, output as text."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(argv, timeout=timeout, text=True, **kwargs)
+
+
+def probe_argv(path):
+    return [sys.executable, PROBE, str(path)]
+
+
+def read_probe(path):
+    report = json.loads(Path(path).read_text())
+    report["fds"] = {int(fd): entry for fd, entry in report["fds"].items()}
+    return report
+
+
+@pytest.fixture
+def probe(tmp_path):
+    """Run argv + the probe; return (completed process, probe report or None)."""
+
+    def go(argv, **kwargs):
+        out = tmp_path / "probe.json"
+        if out.exists():
+            out.unlink()
+        done = run([*argv, *probe_argv(out)], **kwargs)
+        return done, (read_probe(out) if out.exists() else None)
+
+    return go
+
+
+def require(program):
+    """The path of a peer program, skipping (or failing in CI) when it is not installed."""
+    path = shutil.which(program)
+    if path is None:
+        message = f"{program} is not installed (Debian: see .ci/run)"
+        if REQUIRE_PEERS:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def require_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: changes credentials or binds privileged ports")
+
+
+def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def sockets(report):
+    """The probe's socket descriptors above stdio, by fd."""
+    return {fd: e for fd, e in report["fds"].items() if e["kind"] == "socket" and fd > 2}

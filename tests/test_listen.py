@@ -1,0 +1,418 @@
+"""fdlaunch-listen end to end: the installed script, real sockets, real exec."""
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TIMEOUT, free_port, probe_argv, read_probe, require_root, run, sockets
+
+FAMILY = {4: "AF_INET", 6: "AF_INET6", "unix": "AF_UNIX"}
+
+
+@pytest.mark.parametrize(
+    "spec_text, family, kind, listening, address",
+    [
+        ("-tcp:127.0.0.1:0", "AF_INET", "SOCK_STREAM", True, "127.0.0.1"),
+        ("-tcp::127.0.0.1:0", "AF_INET", "SOCK_STREAM", True, "127.0.0.1"),
+        ("-tcp4::0", "AF_INET", "SOCK_STREAM", True, "0.0.0.0"),
+        ("-tcp6::0", "AF_INET6", "SOCK_STREAM", True, "::"),
+        ("-tcp:[::1]:0", "AF_INET6", "SOCK_STREAM", True, "::1"),
+        ("-tcp:localhost:0", None, "SOCK_STREAM", True, None),
+        ("-udp:127.0.0.1:0", "AF_INET", "SOCK_DGRAM", False, "127.0.0.1"),
+        ("-udp4::0", "AF_INET", "SOCK_DGRAM", False, "0.0.0.0"),
+        ("-udp6::0", "AF_INET6", "SOCK_DGRAM", False, "::"),
+        ("-unix-dgram:@fdlaunch-test-dgram", "AF_UNIX", "SOCK_DGRAM", False, "@fdlaunch-test-dgram"),
+        ("-unix:@fdlaunch-test-stream", "AF_UNIX", "SOCK_STREAM", True, "@fdlaunch-test-stream"),
+        ("-unix-seqpacket:@fdlaunch-test-seq", "AF_UNIX", "SOCK_SEQPACKET", True, "@fdlaunch-test-seq"),
+    ],
+)
+def test_every_protocol(probe, spec_text, family, kind, listening, address):
+    done, report = probe(["fdlaunch-listen", spec_text, "--"])
+    assert done.returncode == 0, done.stderr
+    passed = sockets(report)
+    assert list(passed) == [3]
+    socket3 = passed[3]
+    assert socket3["type"] == kind
+    assert socket3["listening"] is listening
+    assert not socket3["cloexec"]
+    if family:
+        assert socket3["family"] == family
+    if address:
+        assert (socket3["address"] if family == "AF_UNIX" else socket3["address"][0]) == address
+
+
+def test_unix_path_protocols(probe, tmp_path):
+    paths = [tmp_path / name for name in ("s", "d", "q")]
+    done, report = probe(["fdlaunch-listen", f"-unix:{paths[0]}", f"-unix-dgram::{paths[1]}", f"-unix-seqpacket:{paths[2]}"])
+    assert done.returncode == 0, done.stderr
+    found = sockets(report)
+    assert [(found[fd]["type"], found[fd]["address"]) for fd in (3, 4, 5)] == [
+        ("SOCK_STREAM", str(paths[0])),
+        ("SOCK_DGRAM", str(paths[1])),
+        ("SOCK_SEQPACKET", str(paths[2])),
+    ]
+    assert report["env"]["LISTEN_FDNAMES"] == "unix:unix-dgram:unix-seqpacket"
+
+
+def test_wildcard_is_dual_stack_and_v6only_is_explicit(probe):
+    done, report = probe(["fdlaunch-listen", "-tcp::0", "-udp:v6only:0", "-tcp6::0"])
+    assert done.returncode == 0, done.stderr
+    found = sockets(report)
+    assert [(found[fd]["family"], found[fd]["v6only"]) for fd in (3, 4, 5)] == [("AF_INET6", 0), ("AF_INET6", 1), ("AF_INET6", 1)]
+
+
+def test_both_conventions_by_default(probe):
+    done, report = probe(["fdlaunch-listen", "-udp:127.0.0.1:0", "-tcp:127.0.0.1:0", "-tcp:label=tls:127.0.0.1:0", "--"])
+    assert done.returncode == 0, done.stderr
+    env = report["env"]
+    assert env["LISTEN_FDS"] == "3"
+    assert env["LISTEN_PID"] == str(report["pid"])
+    assert env["LISTEN_FDNAMES"] == "udp:tcp:tls"
+    assert env["LISTEN_FD_MAP"] == "udp=3,tcp=4,tls=5"
+    assert sorted(sockets(report)) == [3, 4, 5]
+
+
+def test_the_program_keeps_the_pid(tmp_path):
+    out = tmp_path / "probe.json"
+    child = subprocess.Popen(["fdlaunch-listen", "-tcp:127.0.0.1:0", *probe_argv(out)])
+    assert child.wait(TIMEOUT) == 0
+    assert read_probe(out)["pid"] == child.pid
+
+
+def test_without_the_double_dash(probe):
+    done, report = probe(["fdlaunch-listen", "-udp:127.0.0.1:0"])
+    assert done.returncode == 0, done.stderr
+    assert report["argv"][1:] == [str(report["argv"][1])]
+
+
+def test_program_options_are_not_ours(tmp_path):
+    done = run(["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "sh", "-c", 'echo "$0 $1 $LISTEN_FDS"', "-v", "--map"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "-v --map 1\n"
+
+
+class PipeAtFd3:
+    """A pipe whose read end the child gets at fd 3, as s6 gives a notification fd.
+
+    The pipe is put at fd 3 in the child only (preexec_fn), since this
+    process's own fd 3 may belong to pytest.
+    """
+
+    def __enter__(self):
+        self.ends = os.pipe()
+        return {"preexec_fn": lambda: os.dup2(self.ends[0], 3), "pass_fds": (3,)}
+
+    def __exit__(self, *exc):
+        for fd in self.ends:
+            os.close(fd)
+
+
+def test_default_mode_refuses_an_open_fd_3(probe):
+    with PipeAtFd3() as fd3:
+        done, report = probe(["fdlaunch-listen", "-tcp:127.0.0.1:0"], **fd3)
+    assert done.returncode == 100
+    assert report is None
+    assert done.stderr.startswith("fdlaunch-listen: fatal: fd 3 is already open")
+    assert "--map" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_map_mode_leaves_open_fds_alone(probe):
+    with PipeAtFd3() as fd3:
+        done, report = probe(["fdlaunch-listen", "--map", "-tcp:127.0.0.1:0", "-udp:fd=9:127.0.0.1:0"], **fd3)
+    assert done.returncode == 0, done.stderr
+    assert report["fds"][3]["kind"] == "fifo"
+    assert report["env"]["LISTEN_FD_MAP"] == "tcp=4,udp=9"
+    assert "LISTEN_FDS" not in report["env"] and "LISTEN_PID" not in report["env"]
+    found = sockets(report)
+    assert (found[4]["type"], found[9]["type"]) == ("SOCK_STREAM", "SOCK_DGRAM")
+
+
+def test_fd_option_reorders_the_systemd_slots(probe):
+    done, report = probe(["fdlaunch-listen", "-udp:127.0.0.1:0", "-tcp:fd=3:127.0.0.1:0"])
+    assert done.returncode == 0, done.stderr
+    assert report["env"]["LISTEN_FD_MAP"] == "tcp=3,udp=4"
+    assert sockets(report)[3]["type"] == "SOCK_STREAM"
+
+
+def test_var_exports_the_fd_number(probe):
+    done, report = probe(["fdlaunch-listen", "--map", "-udp:var=DNS_UDP:127.0.0.1:0", "-tcp:var=DNS_TCP,fd=12:127.0.0.1:0"])
+    assert done.returncode == 0, done.stderr
+    assert (report["env"]["DNS_UDP"], report["env"]["DNS_TCP"]) == ("3", "12")
+
+
+def test_stacking_two_fdlaunch_listens(probe):
+    done, report = probe(["fdlaunch-listen", "-tcp:label=http:127.0.0.1:0", "--", "fdlaunch-listen", "-tcp:label=https:127.0.0.1:0", "--"])
+    assert done.returncode == 0, done.stderr
+    assert report["env"]["LISTEN_FDNAMES"] == "http:https"
+    assert report["env"]["LISTEN_FD_MAP"] == "http=3,https=4"
+    assert sorted(sockets(report)) == [3, 4]
+
+
+def test_stacking_on_a_map(probe):
+    done, report = probe(["fdlaunch-listen", "--map", "-tcp:label=a,fd=7:127.0.0.1:0", "--", "fdlaunch-listen", "-udp:127.0.0.1:0", "--"])
+    assert done.returncode == 0, done.stderr
+    # the default mode moves the mapped socket into the systemd slots
+    assert report["env"]["LISTEN_FD_MAP"] == "a=3,udp=4"
+    assert sorted(sockets(report)) == [3, 4]
+
+
+def test_environment_is_passed_untouched_but_for_ours(probe):
+    caller = {"PATH": os.environ["PATH"], "WEIRD": "a=b c\t\u00e9", "LISTEN_PID": "1", "LISTEN_PIDFDID": "77", "EMPTY": ""}
+    done, report = probe(["fdlaunch-listen", "-tcp:127.0.0.1:0"], env=caller)
+    assert done.returncode == 0, done.stderr
+    env = report["env"]
+    ours = {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP"}
+    assert {k: v for k, v in env.items() if k not in ours} == {"PATH": caller["PATH"], "WEIRD": caller["WEIRD"], "EMPTY": ""}
+
+
+def test_no_descriptor_leaks(probe):
+    done, report = probe(["fdlaunch-listen", "-tcp:127.0.0.1:0", "-udp:127.0.0.1:0", "-unix:@fdlaunch-leak"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(report["fds"]) == [0, 1, 2, 3, 4, 5]
+
+
+def status_of(done):
+    fields = dict(line.split(":\t", 1) for line in done.stdout.splitlines() if ":\t" in line)
+    return {key: int(fields[key].strip(), 16) for key in ("SigIgn", "SigBlk")}
+
+
+def bit(number):
+    return 1 << (number - 1)
+
+
+def test_signal_dispositions_and_mask():
+    """SIGPIPE and SIGXFSZ back to default; the caller's ignored set and mask kept."""
+
+    def caller_state():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+    # cat, not the Python probe: Python ignores SIGPIPE itself at start-up
+    done = run(["fdlaunch-listen", "-tcp:127.0.0.1:0", "cat", "/proc/self/status"], preexec_fn=caller_state)
+    assert done.returncode == 0, done.stderr
+    state = status_of(done)
+    assert not state["SigIgn"] & bit(signal.SIGPIPE)
+    assert not state["SigIgn"] & bit(signal.SIGXFSZ)
+    assert state["SigIgn"] & bit(signal.SIGHUP)
+    assert state["SigBlk"] == bit(signal.SIGUSR1)
+
+
+def test_verbose_names_the_real_port(probe):
+    done, report = probe(["fdlaunch-listen", "-v", "-tcp:label=web:127.0.0.1:0", "-unix:@fdlaunch-verbose"])
+    assert done.returncode == 0
+    port = sockets(report)[3]["address"][1]
+    assert done.stderr.splitlines() == [
+        f"fdlaunch-listen: info: fd 3: tcp 127.0.0.1:{port}/tcp, label web",
+        "fdlaunch-listen: info: fd 4: unix @fdlaunch-verbose, label unix",
+    ]
+
+
+def test_dry_run_binds_nothing(tmp_path):
+    path = tmp_path / "dry.sock"
+    port = free_port()
+    done = run(["fdlaunch-listen", "--dry-run", f"-tcp:127.0.0.1:{port}", f"-unix:var=CTL:{path}", "--", "daemon", "-x"])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [f"fd 3: tcp 127.0.0.1:{port}/tcp, label tcp", f"fd 4: unix {path}, label unix"]
+    assert "CTL=4" in lines and "LISTEN_FD_MAP=tcp=3,unix=4" in lines
+    assert lines[-1] == "exec daemon -x"
+    assert not path.exists()
+    with socket.create_server(("127.0.0.1", port)):
+        pass  # the port was never taken
+    bad = run(["fdlaunch-listen", "--dry-run", "-tcp:nope:80"])
+    assert bad.returncode == 100
+
+
+def wait_for(predicate, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_lazy_execs_on_first_client_and_leaves_it_queued(tmp_path, kind):
+    port = free_port(socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+    out = tmp_path / "out"
+    # The program reports what is waiting on fd 3 without blocking.
+    script = (
+        "import socket,sys;s=socket.socket(fileno=3);s.setblocking(False);"
+        "c=s.accept()[0] if s.type==socket.SOCK_STREAM else None;"
+        "open(sys.argv[1],'w').write('accepted' if c else s.recv(100).decode())"
+    )
+    child = subprocess.Popen(["fdlaunch-listen", "--lazy", f"-{kind}:127.0.0.1:{port}", sys.executable, "-c", script, str(out)])
+    try:
+        time.sleep(0.3)
+        assert child.poll() is None and not out.exists()
+        if kind == "tcp":
+            client = socket.create_connection(("127.0.0.1", port))
+        else:
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.sendto(b"first", ("127.0.0.1", port))
+        assert child.wait(TIMEOUT) == 0
+        assert out.read_text() == ("accepted" if kind == "tcp" else "first")
+        client.close()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_lazy_stopped_by_sigterm_cleans_up(tmp_path):
+    path = tmp_path / "lazy.sock"
+    child = subprocess.Popen(["fdlaunch-listen", "--lazy", f"-unix:{path}", "true"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(path.exists)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(TIMEOUT) == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM" in child.stderr.read()
+        assert not path.exists()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_unix_mode_owner_and_mkdir(probe, tmp_path):
+    require_root()
+    path = tmp_path / "a" / "b" / "ctl.sock"
+    done, report = probe(["fdlaunch-listen", f"-unix:mode=0660,owner=nobody:nogroup,mkdir:{path}"])
+    assert done.returncode == 0, done.stderr
+    info = os.stat(path)
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
+    import grp
+    import pwd
+
+    assert (info.st_uid, info.st_gid) == (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o755
+
+
+def test_unix_default_mode_follows_the_umask(probe, tmp_path):
+    path = tmp_path / "ctl.sock"
+    done, _ = probe(["fdlaunch-listen", f"-unix:{path}"], preexec_fn=lambda: os.umask(0o027))
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_stale_socket_is_replaced(probe, tmp_path):
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    done, report = probe(["fdlaunch-listen", f"-unix:{path}"])
+    assert done.returncode == 0, done.stderr
+    assert sockets(report)[3]["listening"]
+
+
+def test_live_socket_is_refused_and_kept(probe, tmp_path):
+    path = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        inode = os.stat(path).st_ino
+        done, report = probe(["fdlaunch-listen", f"-unix:{path}"])
+        assert done.returncode == 111 and report is None
+        assert done.stderr == f"fdlaunch-listen: fatal: unable to bind {path}: a socket is already listening there\n"
+        assert os.stat(path).st_ino == inode
+
+
+def test_non_socket_file_is_refused_and_kept(probe, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("precious")
+    done, report = probe(["fdlaunch-listen", f"-unix:{path}"])
+    assert done.returncode == 111 and report is None
+    assert "exists and is not a socket" in done.stderr
+    assert path.read_text() == "precious"
+
+
+def test_missing_directory_without_mkdir(probe, tmp_path):
+    path = tmp_path / "no" / "such.sock"
+    done, _ = probe(["fdlaunch-listen", f"-unix:{path}"])
+    assert done.returncode == 111
+    assert done.stderr == f"fdlaunch-listen: fatal: unable to bind {path}: No such file or directory\n"
+
+
+def test_failure_leaves_nothing_behind(probe, tmp_path):
+    """A later bind fails: the socket file and directory made before it are removed, the port freed."""
+    port = free_port()
+    path = tmp_path / "made" / "first.sock"
+    with socket.create_server(("127.0.0.1", port)):
+        done, report = probe(["fdlaunch-listen", f"-unix:mkdir:{path}", "-tcp:127.0.0.1:0", f"-tcp:127.0.0.1:{port}"])
+    assert done.returncode == 111 and report is None
+    assert done.stderr == f"fdlaunch-listen: fatal: unable to bind 127.0.0.1:{port}/tcp: Address already in use\n"
+    assert not path.exists() and not path.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, status, message",
+    [
+        (["-tpc::80", "true"], 100, "bad socket spec '-tpc::80': unknown protocol 'tpc'"),
+        (["-tcp:lable=x:80", "true"], 100, "bad socket spec '-tcp:lable=x:80': unknown option 'lable'"),
+        (["-tcp:backlog=x:80", "true"], 100, "backlog must be a whole number"),
+        (["-tcp:[::1:80", "true"], 100, "is not [IPV6]:PORT"),
+        (["-tcp:127.0.0.1:http-nope", "true"], 100, "unknown service 'http-nope' for tcp"),
+        (["-unix:/x" + "y" * 120, "true"], 100, "the limit is 107"),
+        (["-tcp:fd=5:0", "-udp:fd=5:0", "true"], 100, "fd=5 is given to both"),
+        (["-tcp:no-such-host.invalid:80", "true"], 100, "host 'no-such-host.invalid' not found"),
+        (["-tcp:device=nosuchif0:80", "true"], 100, "no network interface named 'nosuchif0'"),
+        (["-unix:owner=no-such-user:/tmp/x", "true"], 100, "unknown user 'no-such-user'"),
+        (["--frobnicate", "-tcp::0", "true"], 100, "unknown or repeated option '--frobnicate'"),
+        (["true"], 100, "no socket spec given"),
+        (["-tcp::0"], 100, "no program given"),
+        (["-tcp:127.0.0.1:0", "no-such-program-fdlaunch"], 127, "unable to exec no-such-program-fdlaunch: No such file or directory"),
+        (["-tcp:127.0.0.1:0", "/etc/passwd"], 126, "unable to exec /etc/passwd: Permission denied"),
+        (["-tcp:127.0.0.1:0", "/etc"], 126, "unable to exec /etc: Is a directory"),
+    ],
+)
+def test_errors(argv, status, message, tmp_path):
+    done = run(["fdlaunch-listen", *argv], cwd=tmp_path)
+    assert done.returncode == status
+    assert done.stderr.startswith("fdlaunch-listen: fatal: ")
+    assert message in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_missing_program_leaves_no_socket_file(tmp_path):
+    path = tmp_path / "x.sock"
+    done = run(["fdlaunch-listen", f"-unix:{path}", "no-such-program-fdlaunch"])
+    assert done.returncode == 127
+    assert not path.exists()
+
+
+def test_privileged_port_without_privilege():
+    require_root()
+    done = run(["fdlaunch-listen", "-udp:127.0.0.1:53", "true"], user="nobody")
+    assert done.returncode == 111
+    assert done.stderr == "fdlaunch-listen: fatal: unable to bind 127.0.0.1:53/udp: Permission denied\n"
+
+
+def test_privileged_port_as_root(probe):
+    require_root()
+    done, report = probe(["fdlaunch-listen", "-udp:127.0.0.53:53", "-tcp:127.0.0.53:53"])
+    if done.returncode == 111 and "Address already in use" in done.stderr:
+        pytest.skip("a resolver already holds port 53 on 127.0.0.53")
+    assert done.returncode == 0, done.stderr
+    assert [e["address"][1] for e in sockets(report).values()] == [53, 53]
+
+
+def test_too_many_open_files():
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+
+    done = run(["fdlaunch-listen", *(["-udp:127.0.0.1:0"] * 20), "true"], preexec_fn=low_limit)
+    assert done.returncode == 111
+    assert "beyond the open files limit (16)" in done.stderr
+
+
+def test_python_m_fdlaunch(probe):
+    done, report = probe([sys.executable, "-m", "fdlaunch", "listen", "-tcp:127.0.0.1:0"])
+    assert done.returncode == 0, done.stderr
+    assert report["env"]["LISTEN_FDNAMES"] == "tcp"
