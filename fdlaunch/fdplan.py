@@ -3,18 +3,16 @@
 Everything that can be refused is refused here, before any socket is opened.
 """
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError
 from fdlaunch.listenenv import SYSTEMD_FIRST_FD, Passed
 
-
-@dataclass(frozen=True)
-class Plan:
-    passed: list  # Passed, in the order the environment lists them
-    inherited_moves: list  # (fd now, fd wanted) for inherited sockets
-    new_fds: list  # the fd wanted for each new spec, in spec order
-    variables: dict  # var= name -> fd
+# passed: Passed, in the order the environment lists them;
+# inherited_moves: (fd now, fd wanted) for each inherited socket;
+# new_fds: the fd wanted for each new spec, in spec order;
+# variables: var= name -> fd.
+Plan = namedtuple("Plan", "passed inherited_moves new_fds variables")
 
 
 def plan(inherited, specs, open_fds, systemd, fd_limit):
@@ -31,14 +29,14 @@ def plan(inherited, specs, open_fds, systemd, fd_limit):
         moves, new_fds = _systemd_slots(inherited, specs, open_fds)
     else:
         moves, new_fds = [], _free_slots(inherited, specs, open_fds)
-    for spec, fd in zip(specs, new_fds):
+    for spec, fd in zip(specs, new_fds, strict=True):
         if fd >= fd_limit:
             raise Fatal(f"unable to place {spec.address()} at fd {fd}: beyond the open files limit ({fd_limit}); raise it with ulimit -n")
-    passed = [Passed(p.label, to) for p, (_, to) in zip(inherited, moves)] if systemd else list(inherited)
-    passed += [Passed(spec.name, fd) for spec, fd in zip(specs, new_fds)]
+    passed = [Passed(p.label, to) for p, (_, to) in zip(inherited, moves, strict=True)] if systemd else list(inherited)
+    passed += [Passed(spec.name, fd) for spec, fd in zip(specs, new_fds, strict=True)]
     if systemd:
         passed.sort(key=lambda p: p.fd)
-    variables = {spec.var: fd for spec, fd in zip(specs, new_fds) if spec.var}
+    variables = {spec.var: fd for spec, fd in zip(specs, new_fds, strict=True) if spec.var}
     return Plan(passed, moves, new_fds, variables)
 
 

@@ -5,7 +5,8 @@ only when LISTEN_PID is the reader's pid; LISTEN_FDNAMES=<label>:<label>...
 map: LISTEN_FD_MAP=<label>=<fd>,<label>=<fd>,... with any fd numbers.
 """
 
-from dataclasses import dataclass
+import re
+from collections import namedtuple
 
 from fdlaunch.errors import UsageError
 from fdlaunch.spec import LABEL
@@ -15,12 +16,8 @@ SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFD
 UNNAMED = "unknown"  # what sd_listen_fds_with_names(3) reports for a socket without a name
 
 
-@dataclass(frozen=True)
-class Passed:
-    """A descriptor handed to a program under a label."""
-
-    label: str
-    fd: int
+Passed = namedtuple("Passed", "label fd")
+Passed.__doc__ = "A descriptor handed to a program under a label."
 
 
 def parse_map(text):
@@ -28,7 +25,7 @@ def parse_map(text):
     passed = []
     for item in text.split(",") if text else ():
         label, equals, fd = item.partition("=")
-        if not equals or not LABEL.fullmatch(label) or not _is_fd(fd):
+        if not equals or not re.fullmatch(LABEL, label) or not _is_fd(fd):
             raise UsageError(f"LISTEN_FD_MAP={text!r}: item {item!r} is not LABEL=FD (e.g. tcp=4)")
         passed.append(Passed(label, int(fd)))
     _refuse_repeated_fds("LISTEN_FD_MAP", text, passed)
@@ -57,7 +54,7 @@ def parse_systemd(environ, pid):
     if len(labels) != count:
         raise UsageError(f"LISTEN_FDNAMES={names!r} has {len(labels)} names but LISTEN_FDS={count}")
     for label in labels:
-        if not LABEL.fullmatch(label):
+        if not re.fullmatch(LABEL, label):
             raise UsageError(f"LISTEN_FDNAMES={names!r}: {label!r} is not a label (1 to 255 of A-Z a-z 0-9 . _ -)")
     return [Passed(label, SYSTEMD_FIRST_FD + index) for index, label in enumerate(labels)]
 

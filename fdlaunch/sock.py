@@ -10,7 +10,7 @@ import os
 import select
 import socket
 import stat
-from dataclasses import dataclass
+from collections import namedtuple
 
 from fdlaunch import spec as specs
 from fdlaunch.errors import Fatal, UsageError, unable
@@ -26,16 +26,9 @@ SO_RCVBUFFORCE = 33
 DEFAULT_SOCKET_MODE = 0o666  # as systemd's SocketMode=, before the umask
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A spec with its names looked up: everything bind needs."""
-
-    spec: specs.Spec
-    family: int
-    type: int
-    sockaddr: object
-    v6only: bool = False
-    owner: tuple = None  # (uid, gid) for a unix socket file
+# A spec with its names looked up: everything bind needs. owner is
+# (uid, gid) for a unix socket file.
+Endpoint = namedtuple("Endpoint", "spec family type sockaddr v6only owner", defaults=(False, None))
 
 
 def ipv6_available():

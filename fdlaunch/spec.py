@@ -6,17 +6,13 @@ checked for shape here and looked up by fdlaunch.sock.
 
 import re
 import socket
-from dataclasses import dataclass, fields
+from collections import namedtuple
 
 from fdlaunch.errors import UsageError
 
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    transport: str  # 'tcp', 'udp' or 'unix': the word printed after the address
-    type: str  # 'stream', 'dgram' or 'seqpacket'
-    family: str  # 'any', '4', '6' or 'unix'
+# transport: 'tcp', 'udp' or 'unix', the word printed after the address;
+# type: 'stream', 'dgram' or 'seqpacket'; family: 'any', '4', '6' or 'unix'.
+Protocol = namedtuple("Protocol", "name transport type family")
 
 
 PROTOCOLS = {
@@ -34,10 +30,12 @@ PROTOCOLS = {
     )
 }
 
-LABEL = re.compile(r"[A-Za-z0-9._-]{1,255}")
-VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9_+.-]*")
-HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+# Patterns are strings, compiled on first use by re's cache: compiling them
+# all at import would cost every chain link a few milliseconds.
+LABEL = r"[A-Za-z0-9._-]{1,255}"
+VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
+SERVICE = r"[A-Za-z][A-Za-z0-9_+.-]*"
+HOSTNAME = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
 ACCOUNT_NAME = r"[^,:/@\s]+"
 # The variables fdlaunch-listen writes itself; var= may not take them over.
 RESERVED_VARIABLES = {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID"}
@@ -45,28 +43,34 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one kept for the terminating NUL (
 IFNAMSIZ = 16  # netdevice(7): interface names are at most 15 bytes
 
 
-@dataclass(frozen=True)
-class Spec:
+_SPEC_FIELDS = {
+    "proto": None,
+    "host": "",  # inet: '' is the wildcard
+    "port": "",  # inet: digits or a service name
+    "path": "",  # unix: a path, or '@name' in the abstract namespace
+    "label": None,
+    "fd": None,
+    "var": None,
+    "backlog": None,
+    "reuseport": False,
+    "v6only": False,
+    "freebind": False,
+    "transparent": False,
+    "rcvbuf": None,
+    "sndbuf": None,
+    "device": None,
+    "mode": None,
+    "owner": None,
+    "mkdir": False,
+}
+
+
+# A namedtuple, not a dataclass: dataclasses imports inspect, and every tool
+# pays its import time once per service start.
+class Spec(namedtuple("Spec", _SPEC_FIELDS, defaults=list(_SPEC_FIELDS.values())[1:])):
     """One socket to open, as the user asked for it."""
 
-    proto: str
-    host: str = ""  # inet: '' is the wildcard
-    port: str = ""  # inet: digits or a service name
-    path: str = ""  # unix: a path, or '@name' in the abstract namespace
-    label: str | None = None
-    fd: int | None = None
-    var: str | None = None
-    backlog: int | None = None
-    reuseport: bool = False
-    v6only: bool = False
-    freebind: bool = False
-    transparent: bool = False
-    rcvbuf: int | None = None
-    sndbuf: int | None = None
-    device: str | None = None
-    mode: int | None = None
-    owner: str | None = None
-    mkdir: bool = False
+    __slots__ = ()
 
     @property
     def protocol(self):
@@ -102,7 +106,7 @@ def format_inet(host, port, transport):
 
 
 def _label(text):
-    if not LABEL.fullmatch(text):
+    if not re.fullmatch(LABEL, text):
         raise ValueError("a label is 1 to 255 of A-Z a-z 0-9 . _ -")
     return text
 
@@ -115,7 +119,7 @@ def _fd(text):
 
 
 def _variable(text):
-    if not VARIABLE.fullmatch(text):
+    if not re.fullmatch(VARIABLE, text):
         raise ValueError("a variable name is a letter or _ followed by letters, digits or _")
     if text in RESERVED_VARIABLES:
         raise ValueError(f"{text} is set by fdlaunch-listen itself")
@@ -189,8 +193,8 @@ WHERE = {
 # items; owner= may hold one ':' (USER:GROUP), which the regex engine tells
 # apart from the field separator by backtracking.
 _ITEM = rf"(?:owner={ACCOUNT_NAME}(?::{ACCOUNT_NAME})?|[a-z][a-z0-9_-]*(?:=[^,:]*)?)"
-_OPTIONS_THEN_ADDRESS = re.compile(rf"(?P<options>(?:{_ITEM}(?:,{_ITEM})*)?):(?P<address>.*)", re.S)
-_SPEC = re.compile(r"-(?P<proto>[^:=]+):(?P<rest>.*)", re.S)
+_OPTIONS_THEN_ADDRESS = rf"(?s)(?P<options>(?:{_ITEM}(?:,{_ITEM})*)?):(?P<address>.*)"
+_SPEC = r"(?s)-(?P<proto>[^:=]+):(?P<rest>.*)"
 
 
 def looks_like_spec(word):
@@ -207,7 +211,7 @@ def parse(text):
 
 
 def _parse(text):
-    match = _SPEC.fullmatch(text)
+    match = re.fullmatch(_SPEC, text)
     if not match:
         raise ValueError("a spec is -PROTO:OPTIONS:ADDRESS, e.g. -tcp::8080 or -unix:mode=0600:/run/x.sock")
     proto = match["proto"]
@@ -229,7 +233,7 @@ def split_options(rest):
     addresses, while '-tcp:label=web:80' and the typo '-tcp:lable=web:80'
     (a key=value item) are options.
     """
-    match = _OPTIONS_THEN_ADDRESS.fullmatch(rest)
+    match = re.fullmatch(_OPTIONS_THEN_ADDRESS, rest)
     if match and all(_is_option_item(item) for item in match["options"].split(",") if match["options"]):
         return match["options"], match["address"]
     head, colon, tail = rest.partition(":")
@@ -268,12 +272,12 @@ def _options(text):
 
 
 def _check_placement(spec):
-    for field in fields(Spec):
-        if field.name not in OPTIONS or getattr(spec, field.name) in (None, False):
+    for name in Spec._fields:
+        if name not in OPTIONS or getattr(spec, name) in (None, False):
             continue
-        where = OPTIONS[field.name][1]
+        where = OPTIONS[name][1]
         if not _applies(where, spec):
-            raise ValueError(f"option {field.name!r} is only for {WHERE[where]}, not for {spec.proto} {spec.path or ''}".rstrip())
+            raise ValueError(f"option {name!r} is only for {WHERE[where]}, not for {spec.proto} {spec.path or ''}".rstrip())
 
 
 def _applies(where, spec):
@@ -334,7 +338,7 @@ def _check_host(host, protocol):
         if protocol.family == "6":
             raise ValueError(f"{protocol.name} is IPv6 only; {host!r} is an IPv4 address")
         return
-    if re.fullmatch(r"[0-9.]+", host) or not HOSTNAME.fullmatch(host):
+    if re.fullmatch(r"[0-9.]+", host) or not re.fullmatch(HOSTNAME, host):
         raise ValueError(f"host {host!r} is not an IP address or a host name")
 
 
@@ -351,25 +355,23 @@ def _check_port(port):
         if int(port) > 65535:
             raise ValueError(f"port {port} is out of range; a port is 0 to 65535")
         return
-    if not SERVICE.fullmatch(port):
+    if not re.fullmatch(SERVICE, port):
         raise ValueError(f"port {port!r} is not a number from 0 to 65535 or a service name, e.g. 53 or domain")
 
 
 def format_spec(spec):
     """The canonical text of a spec; parse(format_spec(s)) == s."""
     items = []
-    for field in fields(Spec):
-        if field.name not in OPTIONS:
-            continue
-        value = getattr(spec, field.name)
-        if value is None or value is False:
+    for name in Spec._fields:
+        value = getattr(spec, name)
+        if name not in OPTIONS or value is None or value is False:
             continue
         if value is True:
-            items.append(field.name)
-        elif field.name == "mode":
+            items.append(name)
+        elif name == "mode":
             items.append(f"mode={value:04o}")
         else:
-            items.append(f"{field.name}={value}")
+            items.append(f"{name}={value}")
     if spec.is_unix:
         address = spec.path
     else:

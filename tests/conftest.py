@@ -58,14 +58,19 @@ def probe(tmp_path):
     return go
 
 
+def missing(what):
+    """Skip a test whose peer is not installed; in CI, where every peer must be, fail it."""
+    message = f"{what} is not installed (.ci/run installs it)"
+    if REQUIRE_PEERS:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require(program):
-    """The path of a peer program, skipping (or failing in CI) when it is not installed."""
+    """The path of a peer program."""
     path = shutil.which(program)
     if path is None:
-        message = f"{program} is not installed (Debian: see .ci/run)"
-        if REQUIRE_PEERS:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(program)
     return path
 
 

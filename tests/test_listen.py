@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import TIMEOUT, free_port, probe_argv, read_probe, require_root, run, sockets
 
 FAMILY = {4: "AF_INET", 6: "AF_INET6", "unix": "AF_UNIX"}

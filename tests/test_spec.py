@@ -98,7 +98,16 @@ def test_refused_with_a_message_that_quotes_the_spec(text, fragment):
 
 @pytest.mark.parametrize(
     "word, is_spec",
-    [("-tcp::80", True), ("-unix:/x", True), ("-tpc:80", True), ("-v", False), ("--map", False), ("--fd=3", False), ("prog", False), ("-", False)],
+    [
+        ("-tcp::80", True),
+        ("-unix:/x", True),
+        ("-tpc:80", True),
+        ("-v", False),
+        ("--map", False),
+        ("--fd=3", False),
+        ("prog", False),
+        ("-", False),
+    ],
 )
 def test_specs_are_told_from_options_by_shape(word, is_spec):
     assert spec.looks_like_spec(word) is is_spec
@@ -133,7 +142,9 @@ def test_parser_never_crashes(text):
 
 LABELS = st.text(alphabet=st.sampled_from("abcXYZ019._-"), min_size=1, max_size=12)
 INET = st.builds(
-    lambda proto, host, port, label, fd, reuse: f"-{proto}:{','.join(o for o in (label and f'label={label}', fd and f'fd={fd}', reuse and 'reuseport') if o)}:{host}{port}",
+    lambda proto, host, port, label, fd, reuse: (
+        f"-{proto}:{','.join(o for o in (label and f'label={label}', fd and f'fd={fd}', reuse and 'reuseport') if o)}:{host}{port}"
+    ),
     st.sampled_from(["tcp", "tcp4", "udp", "udp4"]),
     st.sampled_from(["", "127.0.0.1:", "localhost:", "10.1.2.3:"]),
     st.one_of(st.integers(0, 65535).map(str), st.sampled_from(["http", "domain"])),

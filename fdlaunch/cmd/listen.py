@@ -52,7 +52,7 @@ def main(argv):
     path = chain.find_program(program[0], environ)
     with sock.Opened() as opened:
         new = [opened.open(endpoint) for endpoint in endpoints]
-        moves = layout.inherited_moves + list(zip(new, layout.new_fds))
+        moves = layout.inherited_moves + list(zip(new, layout.new_fds, strict=True))
         fds.place(moves)
         opened.moved(moves)
         if options["--verbose"]:
@@ -66,7 +66,7 @@ def main(argv):
 
 def describe(layout, wanted):
     """One line per passed socket: fd, protocol, address actually bound, label."""
-    by_fd = {fd: s for s, fd in zip(wanted, layout.new_fds)}
+    by_fd = {fd: s for s, fd in zip(wanted, layout.new_fds, strict=True)}
     for passed in layout.passed:
         s = by_fd.get(passed.fd)
         if s is None:
@@ -76,7 +76,7 @@ def describe(layout, wanted):
 
 
 def print_plan(layout, endpoints, before, after, program):
-    by_fd = {fd: e for e, fd in zip(endpoints, layout.new_fds)}
+    by_fd = {fd: e for e, fd in zip(endpoints, layout.new_fds, strict=True)}
     for passed in layout.passed:
         e = by_fd.get(passed.fd)
         where = "inherited" if e is None else f"{e.spec.proto} {sock.endpoint_address(e)}"
