@@ -15,6 +15,7 @@ import sys
 import time
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+FOUR_SOCKETS = ["-udp:127.0.0.1:0", "-tcp:127.0.0.1:0", "-tcp:127.0.0.1:0", "-unix:@fdl-bench"]
 
 
 def measure(argv):
