@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-TOOLS = ("listen",)
+TOOLS = ("listen", "setuidgid")
 
 
 def main(argv=None):

@@ -80,6 +80,8 @@ def stopping_signals_raise(numbers=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT
     def stop(number, frame):
         raise Fatal(f"stopped by {signal.Signals(number).name} before exec", 128 + number)
 
+    # A signal the caller ignores (nohup) stays ignored: it was never a stop request.
+    numbers = [n for n in numbers if signal.getsignal(n) is not signal.SIG_IGN]
     previous = {number: signal.signal(number, stop) for number in numbers}
     try:
         yield

@@ -22,7 +22,7 @@ REQUIRE_PEERS = os.environ.get("FDLAUNCH_REQUIRE_PEERS") == "1"
 
 
 def pytest_configure(config):
-    for tool in ("fdlaunch-listen",):
+    for tool in ("fdlaunch-listen", "fdlaunch-setuidgid"):
         if shutil.which(tool) is None:
             raise pytest.UsageError(f"{tool} is not on PATH: install the package first (make test does)")
 
@@ -39,21 +39,25 @@ def probe_argv(path):
 
 
 def read_probe(path):
-    report = json.loads(Path(path).read_text())
+    return parse_probe(Path(path).read_text())
+
+
+def parse_probe(text):
+    report = json.loads(text)
     report["fds"] = {int(fd): entry for fd, entry in report["fds"].items()}
     return report
 
 
 @pytest.fixture
-def probe(tmp_path):
-    """Run argv + the probe; return (completed process, probe report or None)."""
+def probe():
+    """Run argv + the probe, which reports on stdout (readable whatever user it runs as).
+
+    Returns (completed process, probe report or None if the probe did not run).
+    """
 
     def go(argv, **kwargs):
-        out = tmp_path / "probe.json"
-        if out.exists():
-            out.unlink()
-        done = run([*argv, *probe_argv(out)], **kwargs)
-        return done, (read_probe(out) if out.exists() else None)
+        done = run([*argv, sys.executable, PROBE, "-"], **kwargs)
+        return done, (parse_probe(done.stdout) if done.stdout.startswith("{") else None)
 
     return go
 

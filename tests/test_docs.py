@@ -9,7 +9,7 @@ import pytest
 from conftest import missing, run
 
 MAN = Path(__file__).resolve().parent.parent / "man"
-TOOLS = ["fdlaunch-listen"]
+TOOLS = ["fdlaunch-listen", "fdlaunch-setuidgid"]
 
 
 def words(text):
@@ -17,7 +17,7 @@ def words(text):
 
 
 def synopsis_of_page(page):
-    rendered = subprocess.run(["mandoc", "-Tascii", str(page)], capture_output=True, text=True, check=True).stdout
+    rendered = subprocess.run(["mandoc", "-Tascii", "-Owidth=300", str(page)], capture_output=True, text=True, check=True).stdout
     plain = re.sub(".\b", "", rendered)
     body = plain.split("SYNOPSIS", 1)[1].split("DESCRIPTION", 1)[0]
     return [words(line) for line in body.strip().splitlines()]

@@ -1,0 +1,104 @@
+"""fdlaunch-setuidgid: run a program as another account, verified.
+
+Usage:
+  fdlaunch-setuidgid [options] [--limit=SPEC]... ACCOUNT [--] PROG [ARGS...]
+  fdlaunch-setuidgid [options] [--limit=SPEC]... --from-env [--] PROG [ARGS...]
+  fdlaunch-setuidgid [options] --export ACCOUNT [--] PROG [ARGS...]
+  fdlaunch-setuidgid (-h | --help | --version)
+
+ACCOUNT is USER, USER:GROUP, UID or UID:GID. See fdlaunch-setuidgid(1).
+
+Options:
+  --groups=LIST      Set exactly these supplementary groups, names or
+                     numbers, comma-separated (empty: none).
+  --env              Set HOME, USER, LOGNAME and SHELL from the account.
+  --export           Only set UID, GID and GIDLIST for ACCOUNT and run PROG
+                     with the credentials unchanged.
+  --from-env         Become UID, GID and GIDLIST from the environment.
+  --keep-cap=CAPS    Keep these capabilities as ambient ones, comma-separated,
+                     e.g. net_bind_service.
+  --umask=OCTAL      Set the umask.
+  --chdir=DIR        Change directory, as the new account.
+  --chroot=DIR       Change root before the account changes.
+  --limit=SPEC       Set a resource limit, RESOURCE=SOFT[:HARD], e.g.
+                     nofile=4096 (repeatable).
+  --nice=N           Add N to the nice value.
+  --setsid           Start a new session.
+  --no-new-privs     Set no_new_privs: no setuid exec regains anything.
+  -h, --help         Print this help.
+  --version          Print the version.
+"""
+
+import os
+
+from fdlaunch import chain, cli, creds, credspec
+from fdlaunch.errors import Fatal, UsageError, tool
+
+PROG = "fdlaunch-setuidgid"
+PROCESS_OPTIONS = ("--env", "--keep-cap", "--umask", "--chdir", "--chroot", "--limit", "--nice", "--setsid", "--no-new-privs")
+
+
+@tool(PROG)
+def main(argv):
+    options = cli.parse(__doc__, argv)
+    environ = chain.received_environment()
+    program = [options["PROG"], *options["ARGS"]]
+    lookups = creds.Lookups()
+    account = None if options["--from-env"] else credspec.resolve_account(options["ACCOUNT"], lookups)
+    wanted = credspec.from_environment(environ) if account is None else account.credentials
+    if options["--groups"] is not None:
+        wanted = wanted._replace(groups=credspec.parse_group_list(options["--groups"], lookups))
+    if options["--export"]:
+        refuse_with_export(options)
+        environ.update(credspec.to_environment(wanted))
+        chain.exec_program(chain.find_program(program[0], environ), program, environ)
+    setup = read_setup(options)
+    if options["--env"]:
+        if account is None:
+            raise UsageError("--env needs an ACCOUNT to take HOME and SHELL from, not --from-env")
+        environ.update(credspec.account_environment(account))
+
+    status = creds.open_status()
+    creds.set_limits(setup["limits"])
+    if setup["nice"] is not None:
+        creds.change_nice(setup["nice"])
+    if options["--setsid"]:
+        creds.new_session()
+    if options["--chroot"]:
+        creds.change_root(options["--chroot"])
+    if setup["umask"] is not None:
+        os.umask(setup["umask"])
+    if setup["capabilities"] and not creds.has_capabilities(status, setup["capabilities"]):
+        raise Fatal(f"unable to keep {credspec.capability_names(setup['capabilities'])}: not in this process's permitted set")
+    creds.drop(wanted, setup["capabilities"])
+    verify(status, wanted, setup["capabilities"])
+    if options["--no-new-privs"]:
+        creds.no_new_privs()
+    if options["--chdir"]:
+        creds.change_directory(options["--chdir"])
+    chain.exec_program(chain.find_program(program[0], environ), program, environ)
+
+
+def read_setup(options):
+    """Every option value parsed before anything is changed."""
+    return {
+        "limits": [credspec.parse_limit(text) for text in options["--limit"]],
+        "nice": None if options["--nice"] is None else credspec.parse_nice(options["--nice"]),
+        "umask": None if options["--umask"] is None else credspec.parse_octal("--umask", options["--umask"], 0o777),
+        "capabilities": credspec.parse_capabilities(options["--keep-cap"]) if options["--keep-cap"] else (),
+    }
+
+
+def refuse_with_export(options):
+    """--export changes nothing but three variables; any other change belongs with --from-env."""
+    changes = [name for name in PROCESS_OPTIONS if options[name] not in (None, False, [])]
+    if changes:
+        raise UsageError(f"--export only sets UID, GID and GIDLIST; give {', '.join(changes)} to the --from-env that applies them")
+
+
+def verify(status, wanted, capabilities):
+    wrong = credspec.mismatches(wanted, capabilities, creds.observe(status))
+    if wanted.uid != 0 and creds.can_regain_root():
+        wrong.append("it could become root again")
+    if wrong:
+        raise Fatal(f"credentials not as asked, not running the program: {'; '.join(wrong)}")

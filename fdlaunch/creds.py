@@ -1,0 +1,189 @@
+"""Changing credentials and process attributes, and reading back what the kernel did.
+
+Order follows s6-applyuidgid: supplementary groups, then gid, then uid; the
+result is then read back from /proc/self/status and compared, never assumed.
+"""
+
+import os
+import resource
+
+from fdlaunch.errors import Fatal, unable
+
+# prctl(2) options (linux/prctl.h)
+PR_SET_KEEPCAPS = 8
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class Lookups:
+    """The user and group databases, as credspec.resolve_account wants them."""
+
+    def __init__(self):
+        import grp
+        import pwd
+
+        self.getpwnam, self.getpwuid = pwd.getpwnam, pwd.getpwuid
+        self.getgrnam = grp.getgrnam
+        self.getgrouplist = os.getgrouplist
+
+
+def set_limits(limits):
+    for name, soft, hard in limits:
+        number = getattr(resource, f"RLIMIT_{name.upper()}")
+        _, current_hard = resource.getrlimit(number)
+        if hard is None:
+            raise_hard = soft == resource.RLIM_INFINITY or (current_hard != resource.RLIM_INFINITY and soft > current_hard)
+            hard = soft if raise_hard else current_hard
+        try:
+            resource.setrlimit(number, (soft, hard))
+        except (OSError, ValueError) as error:
+            raise Fatal(f"unable to set the {name} limit to {_show(soft)}:{_show(hard)}: {_reason(error)}") from None
+
+
+def _show(value):
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def _reason(error):
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+def change_root(directory):
+    try:
+        os.chroot(directory)
+        os.chdir("/")
+    except OSError as error:
+        raise unable(f"chroot to {directory}", error) from None
+
+
+def change_directory(directory):
+    try:
+        os.chdir(directory)
+    except OSError as error:
+        raise unable(f"chdir to {directory}", error) from None
+
+
+def new_session():
+    if os.getsid(0) == os.getpid():
+        return  # already a session leader, as s6-supervise and runsv make it
+    try:
+        os.setsid()
+    except OSError as error:
+        # setsid(2) refuses a process group leader, and the pid must be kept, so no fork
+        raise Fatal(
+            f"unable to start a new session: {error.strerror} (pid {os.getpid()} already leads a process group; "
+            "start it from a supervisor, or drop --setsid)"
+        ) from None
+
+
+def change_nice(increment):
+    try:
+        os.nice(increment)
+    except OSError as error:
+        raise unable(f"change the nice value by {increment}", error) from None
+
+
+def drop(credentials, capabilities):
+    """Become credentials, keeping exactly the given capabilities (ambient) if any."""
+    kernel = _Kernel() if capabilities else None
+    if kernel:
+        kernel.prctl(PR_SET_KEEPCAPS, 1)
+    for what, call, value in (
+        ("set supplementary groups", os.setgroups, list(credentials.groups)),
+        (f"set gid {credentials.gid}", os.setresgid, (credentials.gid,) * 3),
+        (f"set uid {credentials.uid}", os.setresuid, (credentials.uid,) * 3),
+    ):
+        try:
+            call(*value) if isinstance(value, tuple) else call(value)
+        except OSError as error:
+            raise unable(what, error) from None
+    if kernel:
+        kernel.keep_only(capabilities)
+        kernel.prctl(PR_SET_KEEPCAPS, 0)
+
+
+def open_status():
+    """/proc/self/status, opened now so that observe() still works after a chroot."""
+    try:
+        return os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise unable("open /proc/self/status to verify credentials", error) from None
+
+
+def observe(status):
+    """Credentials and capabilities as the kernel reports them now (procfs regenerates on each read)."""
+    fields = {}
+    for line in os.pread(status, 1 << 16, 0).decode().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.split()
+    return {
+        "uid": tuple(int(v) for v in fields["Uid"]),
+        "gid": tuple(int(v) for v in fields["Gid"]),
+        "groups": tuple(int(v) for v in fields.get("Groups", [])),
+        "cap_eff": int(fields["CapEff"][0], 16),
+        "cap_prm": int(fields["CapPrm"][0], 16),
+        "cap_amb": int(fields["CapAmb"][0], 16),
+    }
+
+
+def can_regain_root():
+    """Try to become root again; True would mean the drop is not real."""
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        return True
+    try:
+        os.setgid(0)
+    except PermissionError:
+        return False
+    return True
+
+
+def no_new_privs():
+    _Kernel().prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def has_capabilities(status, numbers):
+    return all(observe(status)["cap_prm"] & (1 << n) for n in numbers)
+
+
+class _Kernel:
+    """prctl(2) and capset(2) through libc; loaded only when needed (ctypes is slow to import)."""
+
+    def __init__(self):
+        import ctypes
+
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+
+    def prctl(self, *arguments):
+        padded = [self.ctypes.c_ulong(a) for a in (*arguments, 0, 0, 0, 0)[:5]]
+        if self.libc.prctl(*padded) != 0:
+            number = self.ctypes.get_errno()
+            raise Fatal(f"unable to prctl {arguments[0]}: {os.strerror(number)}")
+
+    def keep_only(self, capabilities):
+        """Permitted, effective and inheritable = capabilities, then raise them as ambient."""
+        ctypes = self.ctypes
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+        mask = sum(1 << n for n in capabilities)
+        data = (Data * 2)()
+        for index in (0, 1):
+            word = (mask >> (32 * index)) & 0xFFFFFFFF
+            data[index].effective = data[index].permitted = data[index].inheritable = word
+        if self.libc.capset(ctypes.byref(Header(LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+            raise Fatal(f"unable to set capabilities: {os.strerror(ctypes.get_errno())}")
+        self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        for number in capabilities:
+            self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, number)

@@ -1,0 +1,271 @@
+"""fdlaunch-setuidgid end to end: real credential changes as root, compared with s6."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from conftest import require, require_root, run, sockets
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: changes credentials for real")
+
+USER, GROUPS = "fdlaunch-t", ("fdlaunch-g1", "fdlaunch-g2")
+CAP_NET_BIND_SERVICE = 10
+
+
+@pytest.fixture(scope="module")
+def multi_group_user():
+    """A user with a primary group of its own and two supplementary ones, removed afterwards."""
+    require_root()
+    for group in GROUPS:
+        subprocess.run(["groupadd", "-f", group], check=True)
+    subprocess.run(["useradd", "-M", "-s", "/bin/false", "-G", ",".join(GROUPS), USER], check=True)
+    yield USER
+    subprocess.run(["userdel", USER], check=True)
+    for group in GROUPS:
+        subprocess.run(["groupdel", group], check=True)
+
+
+def credentials_lines(argv):
+    """The Uid, Gid and Groups lines of /proc/self/status as the program sees them, and id's output."""
+    status = run([*argv, "grep", "-E", "^(Uid|Gid|Groups):", "/proc/self/status"])
+    identity = run([*argv, "id"])
+    assert status.returncode == 0 and identity.returncode == 0, status.stderr + identity.stderr
+    return status.stdout, identity.stdout
+
+
+@pytest.mark.parametrize("account", ["nobody", "multi", "4242:4343"])
+def test_id_matches_s6_setuidgid(account, multi_group_user):
+    s6 = require("s6-setuidgid")
+    account = multi_group_user if account == "multi" else account
+    ours_status, ours_id = credentials_lines(["fdlaunch-setuidgid", account])
+    s6_status, s6_id = credentials_lines([s6, account])
+    assert ours_id == s6_id
+    ours, theirs = ours_status.splitlines(), s6_status.splitlines()
+    assert ours[:2] == theirs[:2]  # Uid and Gid, all four of each
+    if ":" not in account:
+        assert ours[2] == theirs[2]  # Groups
+    else:
+        # s6 puts the gid in the list; fdlaunch gives a numeric account none (see the man page)
+        assert ours[2].split() == ["Groups:"]
+
+
+def test_multi_group_user_has_all_its_groups(multi_group_user):
+    _, identity = credentials_lines(["fdlaunch-setuidgid", multi_group_user])
+    for group in (multi_group_user, *GROUPS):
+        assert f"({group})" in identity
+
+
+def test_user_colon_group_and_explicit_groups(multi_group_user):
+    status, identity = credentials_lines(["fdlaunch-setuidgid", "--groups=daemon,100", f"{multi_group_user}:daemon"])
+    assert "gid=1(daemon)" in identity
+    assert status.splitlines()[2].split() == ["Groups:", "1", "100"]
+
+
+def test_unprivileged_asked_for_root_fails():
+    done = run(["fdlaunch-setuidgid", "root", "id"], user="nobody", group="nogroup", extra_groups=[])
+    assert done.returncode == 111
+    assert done.stderr == "fdlaunch-setuidgid: fatal: unable to set supplementary groups: Operation not permitted\n"
+    assert done.stdout == ""
+
+
+def test_keeping_a_capability_that_regains_root_is_refused():
+    done = run(["fdlaunch-setuidgid", "--keep-cap=setuid", "nobody", "id"])
+    assert done.returncode == 111
+    assert "could become root again" in done.stderr and done.stdout == ""
+
+
+BIND_53 = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError as error:
+    print(error.strerror)
+else:
+    print("bound")
+print(open("/proc/self/status").read())
+"""
+
+
+def privileged_udp_port():
+    for port in (53, 853, 953, 999):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    pytest.skip("no free port below 1024 on 127.0.0.1")
+
+
+def status_masks(text):
+    fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    return {key: int(fields[key], 16) for key in ("CapEff", "CapAmb", "CapPrm", "CapInh")}
+
+
+def test_keep_cap_binds_port_53_as_nobody():
+    port = privileged_udp_port()
+    kept = run(["fdlaunch-setuidgid", "--keep-cap=net_bind_service", "nobody", sys.executable, "-c", BIND_53, str(port)])
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.startswith("bound\n")
+    masks = status_masks(kept.stdout)
+    assert masks == {name: 1 << CAP_NET_BIND_SERVICE for name in masks}
+    plain = run(["fdlaunch-setuidgid", "nobody", sys.executable, "-c", BIND_53, str(port)])
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.startswith("Permission denied\n")
+    assert set(status_masks(plain.stdout).values()) == {0}
+
+
+@pytest.mark.parametrize("account", ["nobody", "multi", "4242:4343"])
+def test_export_then_from_env_equals_one_step(account, multi_group_user):
+    account = multi_group_user if account == "multi" else account
+    one_step = credentials_lines(["fdlaunch-setuidgid", account])
+    two_step = credentials_lines(["fdlaunch-setuidgid", "--export", account, "fdlaunch-setuidgid", "--from-env"])
+    assert one_step == two_step
+
+
+def test_export_sets_only_the_three_variables():
+    done = run(["fdlaunch-setuidgid", "--export", "nobody", "env"], env={"PATH": os.environ["PATH"], "KEEP": "1"})
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == sorted(["PATH=" + os.environ["PATH"], "KEEP=1", "UID=65534", "GID=65534", "GIDLIST=65534"])
+
+
+def test_sockets_from_fdlaunch_listen_still_work_after_the_drop(probe):
+    serve = (
+        "import os, socket; s = socket.socket(fileno=3);"
+        "c = socket.create_connection(s.getsockname()); a, _ = s.accept(); c.sendall(b'hi');"
+        "print(os.getuid(), os.environ['LISTEN_PID'] == str(os.getpid()), a.recv(2).decode())"
+    )
+    done = run(["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--", sys.executable, "-c", serve])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "65534 True hi\n"
+    chained, report = probe(["fdlaunch-listen", "-udp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--"])
+    assert chained.returncode == 0
+    assert report["uid"] == [65534] * 3 and list(sockets(report)) == [3]
+    assert report["env"]["LISTEN_PID"] == str(report["pid"])
+
+
+def test_environment_untouched_without_env_and_set_with_it(probe):
+    caller = {"PATH": os.environ["PATH"], "HOME": "/root", "ODD": "x y"}
+    done, report = probe(["fdlaunch-setuidgid", "nobody"], env=caller)
+    assert done.returncode == 0 and report["env"] == caller
+    done, report = probe(["fdlaunch-setuidgid", "--env", "nobody"], env=caller)
+    assert done.returncode == 0
+    assert report["env"] == {**caller, "HOME": "/nonexistent", "USER": "nobody", "LOGNAME": "nobody", "SHELL": "/usr/sbin/nologin"}
+
+
+@pytest.fixture
+def public_dir():
+    """A directory nobody can enter (pytest's own tmp_path is under a 0700 directory)."""
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="fdlaunch-") as path:
+        os.chmod(path, 0o755)
+        yield path
+
+
+def test_process_setup_options(public_dir):
+    tmp_path = public_dir
+    script = "ulimit -Sn; ulimit -Hn; ulimit -c; umask; pwd; nice"
+    done = run(
+        [
+            "fdlaunch-setuidgid",
+            "--limit=nofile=100:200",
+            "--limit=core=0",
+            "--umask=027",
+            "--nice=5",
+            f"--chdir={tmp_path}",
+            "nobody",
+            "sh",
+            "-c",
+            script,
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["100", "200", "0", "0027", str(tmp_path), str(os.nice(0) + 5)]
+
+
+def test_setsid_and_no_new_privs():
+    done = run(["fdlaunch-setuidgid", "--setsid", "--no-new-privs", "nobody", "cat", "/proc/self/stat", "/proc/self/status"])
+    assert done.returncode == 0, done.stderr
+    fields = done.stdout.split(")", 1)[1].split()
+    pid = int(done.stdout.split()[0])
+    assert int(fields[3]) == pid  # session id
+    assert "NoNewPrivs:\t1" in done.stdout
+
+
+def test_setsid_refuses_a_process_group_leader():
+    done = run(["fdlaunch-setuidgid", "--setsid", "nobody", "true"], preexec_fn=lambda: os.setpgid(0, 0))
+    assert done.returncode == 111
+    assert "unable to start a new session: Operation not permitted" in done.stderr and "leads a process group" in done.stderr
+
+
+def test_chroot(tmp_path):
+    """A root holding dash and its libraries: the program runs inside it, as nobody."""
+    root = tmp_path / "root"
+    for path in ("/bin/sh", "/bin/dash", *shared_libraries("/bin/dash")):
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(path), target)
+    (root / "marker-inside").write_text("")
+    done = run(["fdlaunch-setuidgid", f"--chroot={root}", "nobody", "/bin/sh", "-c", 'cd / && echo * && echo "$(pwd)"'])
+    assert done.returncode == 0, done.stderr
+    entries, cwd = done.stdout.splitlines()
+    assert "marker-inside" in entries.split() and cwd == "/"
+
+
+def shared_libraries(binary):
+    listing = run(["ldd", binary]).stdout
+    return [word for word in listing.split() if word.startswith("/")]
+
+
+@pytest.mark.parametrize(
+    "argv, status, message",
+    [
+        (["no-such-user-fdl", "true"], 100, "unknown user 'no-such-user-fdl'"),
+        (["nobody:no-such-group-fdl", "true"], 100, "unknown group 'no-such-group-fdl'"),
+        (["nobody:", "true"], 100, "account 'nobody:' is not USER, USER:GROUP, UID or UID:GID"),
+        (["bad name", "true"], 100, "is not USER, USER:GROUP"),
+        (["987654", "true"], 100, "uid 987654 has no passwd entry"),
+        (["--groups=wheel,,1", "nobody", "true"], 100, "has an empty item"),
+        (["--keep-cap=net_bind", "nobody", "true"], 100, "unknown capability 'net_bind'"),
+        (["--limit=files=10", "nobody", "true"], 100, "unknown resource 'files'"),
+        (["--limit=nofile=ten", "nobody", "true"], 100, "'ten' is not a number"),
+        (["--limit=nofile=20:10", "nobody", "true"], 100, "soft limit is above the hard limit"),
+        (["--umask=999", "nobody", "true"], 100, "--umask='999' is not an octal mode"),
+        (["--nice=fast", "nobody", "true"], 100, "--nice='fast'"),
+        (["--from-env", "--env", "true"], 100, "--from-env: UID is not set"),
+        (["--export", "--chroot=/", "nobody", "true"], 100, "--export only sets UID, GID and GIDLIST; give --chroot to the --from-env"),
+        (["--bogus", "nobody", "true"], 100, "unknown or repeated option '--bogus'"),
+        (["nobody"], 100, "usage: fdlaunch-setuidgid"),
+        (["--chroot=/no/such/dir", "nobody", "true"], 111, "unable to chroot to /no/such/dir: No such file or directory"),
+        (["--chdir=/no/such/dir", "nobody", "true"], 111, "unable to chdir to /no/such/dir: No such file or directory"),
+        (["nobody", "no-such-program-fdl"], 127, "unable to exec no-such-program-fdl: No such file or directory"),
+        (["nobody", "/etc/passwd"], 126, "unable to exec /etc/passwd: Permission denied"),
+    ],
+)
+def test_errors(argv, status, message):
+    done = run(["fdlaunch-setuidgid", *argv])
+    assert done.returncode == status, done.stderr
+    assert done.stderr.startswith("fdlaunch-setuidgid: fatal: ") and done.stderr.count("\n") == 1
+    assert message in done.stderr
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"GID": "1", "GIDLIST": ""}, "UID is not set"),
+        ({"UID": "x", "GID": "1", "GIDLIST": ""}, "UID='x' is not a number"),
+        ({"UID": "1", "GIDLIST": ""}, "GID is not set"),
+        ({"UID": "1", "GID": "1"}, "GIDLIST is not set"),
+        ({"UID": "1", "GID": "1", "GIDLIST": "1,a"}, "GIDLIST='1,a'"),
+    ],
+)
+def test_from_env_names_the_bad_variable(environ, message):
+    done = run(["fdlaunch-setuidgid", "--from-env", "true"], env={"PATH": os.environ["PATH"], **environ})
+    assert done.returncode == 100
+    assert message in done.stderr
