@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-TOOLS = ("listen", "setuidgid")
+TOOLS = ("listen", "setuidgid", "notify-wait", "notify")
 
 
 def main(argv=None):

@@ -63,6 +63,8 @@ def tool(name):
                 return report(name, "fatal", "interrupted", 130)
             except OSError as error:
                 return report(name, "fatal", f"unexpected system error: {error}", SYSTEM)
+            except Exception as error:  # a bug of ours: still one line, never a traceback
+                return report(name, "fatal", f"internal error, please report: {type(error).__name__}: {error}", SYSTEM)
 
         return main
 

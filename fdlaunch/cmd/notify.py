@@ -1,0 +1,57 @@
+"""fdlaunch-notify: send one sd_notify message, for shell-script daemons.
+
+Usage:
+  fdlaunch-notify [options] FIELD=VALUE...
+  fdlaunch-notify (-h | --help | --version)
+
+Sends FIELD=VALUE lines (READY=1, STATUS=..., RELOADING=1, STOPPING=1, ...)
+as one datagram to $NOTIFY_SOCKET, a path or @abstract. See fdlaunch-notify(1).
+
+Options:
+  --pid=PID     Speak for PID (a number, or 'parent'), and send MAINPID=PID.
+  --no-block    Do not wait for the receiver to handle the message.
+  -h, --help    Print this help.
+  --version     Print the version.
+"""
+
+import os
+
+from fdlaunch import chain, cli, notifyproto, sdnotify
+from fdlaunch.errors import UsageError, tool, unable, warn
+
+PROG = "fdlaunch-notify"
+NOT_LISTENING = 1  # NOTIFY_SOCKET unset: nobody to tell, as sd_notify(3) returns 0
+BARRIER_SECONDS = 5  # as systemd-notify waits
+
+
+@tool(PROG)
+def main(argv):
+    options = cli.parse(__doc__, argv)
+    environ = chain.received_environment()
+    pid = read_pid(options["--pid"])
+    texts = [*options["FIELD=VALUE"], *([f"MAINPID={pid}"] if pid is not None else [])]
+    try:
+        data = notifyproto.check_fields(texts)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    target = environ.get("NOTIFY_SOCKET")
+    if not target:
+        warn(PROG, "warning", "NOTIFY_SOCKET is not set; nobody to tell")
+        return NOT_LISTENING
+    try:
+        sdnotify.send(data, target, pid=pid)
+        if not options["--no-block"] and not sdnotify.barrier(target, BARRIER_SECONDS):
+            warn(PROG, "warning", f"{target} did not confirm the message within {BARRIER_SECONDS} seconds")
+    except OSError as error:
+        raise unable(f"send to {target}", error) from None
+    return 0
+
+
+def read_pid(text):
+    if text is None:
+        return None
+    if text == "parent":
+        return os.getppid()
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--pid={text!r} is not a process id or 'parent'")
+    return int(text)

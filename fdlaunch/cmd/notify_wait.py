@@ -1,0 +1,205 @@
+"""fdlaunch-notify-wait: turn a program's sd_notify READY=1 into any supervisor's readiness.
+
+Usage:
+  fdlaunch-notify-wait [options] [--] PROG [ARGS...]
+  fdlaunch-notify-wait (-h | --help | --version)
+
+Without --fork, PROG keeps this pid and a detached watcher relays its
+notifications; with --fork, PROG is started as a child and this exits 0 once
+it is ready, printing its pid. See fdlaunch-notify-wait(1).
+
+Options:
+  --fd=N             Once ready, write a newline to fd N and close it (s6).
+  --forward          Relay every notification to the NOTIFY_SOCKET this was
+                     started with, READY=1 with MAINPID.
+  --command=CMD      Once ready, run CMD with /bin/sh, its output to stderr.
+  --stop             Once ready, stop PROG with SIGSTOP (upstart).
+  --timeout=SECONDS  Say so if PROG is not ready in time.
+  --kill             With --timeout, then send PROG SIGTERM.
+  --fork             Start PROG as a child, wait until it is ready, print
+                     its pid, exit.
+  -h, --help         Print this help.
+  --version          Print the version.
+"""
+
+import fcntl
+import os
+import signal
+import sys
+import time
+
+from fdlaunch import chain, cli, readiness, sdnotify
+from fdlaunch.errors import Fatal, UsageError, tool, unable, warn
+
+PROG = "fdlaunch-notify-wait"
+# --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md
+EXITED_BEFORE_READY = 1
+NOT_READY_IN_TIME = 2
+GRACE_SECONDS = 5  # after SIGTERM at --timeout in --fork mode, before SIGKILL
+
+
+@tool(PROG)
+def main(argv):
+    options = cli.parse(__doc__, argv)
+    environ = chain.received_environment()
+    program = [options["PROG"], *options["ARGS"]]
+    settings = read_settings(options, environ)
+    path = chain.find_program(program[0], environ)
+    try:
+        inbox = sdnotify.Inbox()
+    except OSError as error:
+        raise unable("create the notify socket", error) from None
+    relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
+    environ["NOTIFY_SOCKET"] = inbox.path
+    if options["--fork"]:
+        return fork_and_wait(inbox, relays, settings, path, program, environ)
+    start_watcher(inbox, relays, settings)
+    chain.exec_program(path, program, environ)
+
+
+def read_settings(options, environ):
+    """Every option checked before anything is created."""
+    fd = None
+    if options["--fd"] is not None:
+        if not options["--fd"].isdigit():
+            raise UsageError(f"--fd={options['--fd']!r} is not a descriptor number")
+        fd = int(options["--fd"])
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            raise UsageError(f"--fd={fd}: fd {fd} is not open (s6 opens it when the service has a notification-fd file)") from None
+    upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
+    if options["--forward"] and not upstream:
+        raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
+    timeout = None
+    if options["--timeout"] is not None:
+        try:
+            timeout = float(options["--timeout"])
+        except ValueError:
+            timeout = -1
+        if not 0 < timeout < 10**9:
+            raise UsageError(f"--timeout={options['--timeout']!r} is not a number of seconds above 0")
+    if options["--kill"] and timeout is None:
+        raise UsageError("--kill goes with --timeout")
+    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"]}
+
+
+def start_watcher(inbox, relays, settings):
+    """Leave a watcher behind (double fork: PROG never has to reap it), then get ready to exec."""
+    program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
+    keep = {inbox.fileno(), program.pidfd, 2, *([relays.fd] if relays.fd is not None else [])}
+    middle = os.fork()
+    if middle == 0:
+        try:
+            if os.fork() == 0:
+                os._exit(watch(inbox, relays, settings, program, keep))
+        finally:
+            os._exit(0)
+    os.waitpid(middle, 0)
+    os.close(program.pidfd)
+    inbox.sock.close()  # the watcher removes the socket file and directory
+    if relays.fd is not None:
+        os.close(relays.fd)  # PROG does not inherit the notification fd
+
+
+def watch(inbox, relays, settings, program, keep):
+    """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
+    isolate(keep)
+    watcher = readiness.Watcher(PROG, inbox, program, relays, keep_relaying=relays.upstream is not None)
+    try:
+        deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
+        outcome = watcher.run(deadline)
+        if outcome == readiness.LATE:
+            warn(
+                PROG,
+                "warning",
+                f"pid {program.pid} was not ready after {settings['timeout']:g} seconds"
+                + ("; sending it SIGTERM" if settings["kill"] else ""),
+            )
+            if settings["kill"]:
+                signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
+            watcher.run()
+    finally:
+        inbox.close()
+    return 0
+
+
+def isolate(keep):
+    """The watcher holds nothing of PROG's: not its sockets, not its stdin or stdout."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    for fd in sorted(set(range(3, _highest_fd() + 1)) - keep):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _highest_fd():
+    return max(int(name) for name in os.listdir("/proc/self/fd"))
+
+
+def fork_and_wait(inbox, relays, settings, path, program, environ):
+    parent_pid = os.getpid()
+    child = os.fork()
+    if child == 0:
+        run_child(path, program, environ, parent_pid)
+    pidfd = os.pidfd_open(child)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
+    watcher = readiness.Watcher(PROG, inbox, readiness.Program(child, pidfd), relays, keep_relaying=False)
+    try:
+        deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
+        outcome = watcher.run(deadline)
+    finally:
+        inbox.close()
+    if outcome == readiness.READY:
+        sys.stdout.write(f"{watcher.main_pid}\n")
+        sys.stdout.flush()
+        return 0
+    if outcome == readiness.LATE:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        status = reap(child, pidfd, GRACE_SECONDS)
+        raise Fatal(
+            f"{program[0]} (pid {child}) was not ready after {settings['timeout']:g} seconds; stopped it: {describe(status)}",
+            NOT_READY_IN_TIME,
+        )
+    status = reap(child, pidfd, None)
+    raise Fatal(f"{program[0]} (pid {child}) {describe(status)} before it was ready", EXITED_BEFORE_READY)
+
+
+def run_child(path, program, environ, parent_pid):
+    """In the fork: become PROG; sockets passed to the parent are passed to us."""
+    try:
+        if environ.get("LISTEN_PID") == str(parent_pid):
+            environ["LISTEN_PID"] = str(os.getpid())
+            environ.pop("LISTEN_PIDFDID", None)
+        chain.exec_program(path, program, environ)
+    except Fatal as error:
+        warn(PROG, "fatal", str(error))
+        os._exit(error.status)
+    finally:
+        os._exit(111)
+
+
+def reap(child, pidfd, grace):
+    """Wait for the child; after grace seconds, SIGKILL it. Returns its wait status."""
+    if grace is not None:
+        import select
+
+        if not select.select([pidfd], [], [], grace)[0]:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    while True:
+        try:
+            return os.waitpid(child, 0)[1]
+        except InterruptedError:
+            continue
+
+
+def describe(status):
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"

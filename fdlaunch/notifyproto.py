@@ -1,0 +1,75 @@
+"""The sd_notify(3) protocol as text: datagrams in, fields out, messages to relay. Pure.
+
+A datagram is newline-separated FIELD=VALUE assignments; READY=1 may come
+with or without a trailing newline, several fields per datagram, unknown
+fields are ignored.
+"""
+
+# systemd reads at most this much of a notification (NOTIFY_BUFFER_MAX in
+# src/core/manager.c); a longer datagram is refused as truncated.
+DATAGRAM_MAX = 4096
+# SCM_MAX_FD in the kernel: the most descriptors one message can carry
+FDS_MAX = 253
+# BARRIER is answered here by closing its fd; MAINPID the relay sets itself.
+NOT_RELAYED = ("BARRIER",)
+
+
+def parse(data):
+    """bytes -> [(field, value)], in order; lines that are not FIELD=VALUE are dropped."""
+    text = data.decode("utf-8", errors="replace")
+    fields = []
+    for line in text.split("\n"):
+        name, equals, value = line.partition("=")
+        if equals and name and name.isascii() and all(c.isalnum() or c == "_" for c in name):
+            fields.append((name, value))
+    return fields
+
+
+def value(fields, name):
+    """The last value given to name, or None."""
+    found = None
+    for field, text in fields:
+        if field == name:
+            found = text
+    return found
+
+
+def is_ready(fields):
+    return value(fields, "READY") == "1"
+
+
+def main_pid(fields, default):
+    """The MAINPID= a daemon reported (it may have forked), or default."""
+    reported = value(fields, "MAINPID")
+    return int(reported) if reported and reported.isdigit() and int(reported) > 0 else default
+
+
+def relay_message(fields, pid):
+    """The datagram to send upstream for these fields, or None if nothing is left to say.
+
+    Everything but BARRIER is passed on; READY=1 and RELOADING=1 carry
+    MAINPID so that the supervisor knows the real main process.
+    """
+    kept = [(name, text) for name, text in fields if name not in NOT_RELAYED]
+    if not kept:
+        return None
+    if (is_ready(kept) or value(kept, "RELOADING") == "1") and value(kept, "MAINPID") is None:
+        kept.append(("MAINPID", str(pid)))
+    return "\n".join(f"{name}={text}" for name, text in kept).encode()
+
+
+def parent_of(stat_line):
+    """The ppid field of a /proc/PID/stat line (the command name may hold spaces and parens)."""
+    return int(stat_line.rsplit(")", 1)[1].split()[1])
+
+
+def check_fields(texts):
+    """Command-line FIELD=VALUE words -> message bytes; raise ValueError saying which is wrong."""
+    for text in texts:
+        name, equals, _ = text.partition("=")
+        if not equals or not name or "\n" in text or not all(c.isalnum() or c == "_" for c in name):
+            raise ValueError(f"{text!r} is not FIELD=VALUE (e.g. READY=1, STATUS=loading zones)")
+    data = "\n".join(texts).encode()
+    if len(data) > DATAGRAM_MAX:
+        raise ValueError(f"the message is {len(data)} bytes; the protocol allows {DATAGRAM_MAX}")
+    return data

@@ -1,0 +1,134 @@
+"""Waiting for a program's READY=1 and relaying it, as fdlaunch-notify-wait does.
+
+One loop serves both modes: it drains the private notify socket, believes
+only the program and its descendants, hands readiness to the relays, and
+returns when the program is ready, gone, or late.
+"""
+
+import os
+import select
+import signal
+import subprocess
+import time
+
+from fdlaunch import notifyproto, sdnotify
+from fdlaunch.errors import warn
+
+READY, EXITED, LATE = "ready", "exited", "late"
+
+
+class Relays:
+    """Where readiness goes: an s6 notification fd, an upstream NOTIFY_SOCKET, a command, SIGSTOP."""
+
+    def __init__(self, fd=None, upstream=None, command=None, stop=False, environ=None):
+        self.fd, self.upstream, self.command, self.stop = fd, upstream, command, stop
+        self.environ = environ or {}
+
+    def ready(self, program, main_pid, fields):
+        if self.fd is not None:
+            try:
+                os.write(self.fd, b"\n")  # the s6 protocol: a newline, then close
+            finally:
+                os.close(self.fd)
+                self.fd = None
+        self.relay(fields, main_pid)
+        if self.stop:
+            signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
+        if self.command:
+            subprocess.run(
+                ["/bin/sh", "-c", self.command],
+                stdin=subprocess.DEVNULL,
+                stdout=2,
+                env={**self.environ, "MAINPID": str(main_pid)},
+                check=False,
+            )
+
+    def relay(self, fields, main_pid, fds=()):
+        if self.upstream is None:
+            return
+        message = notifyproto.relay_message(fields, main_pid)
+        if message is not None:
+            # Claiming the program's pid lets NotifyAccess=main accept it; without privilege the
+            # sender is us and the unit needs NotifyAccess=all.
+            sdnotify.send(message, self.upstream, pid=main_pid, fds=fds)
+
+
+class Program:
+    """The process whose readiness is awaited: its pid, a pidfd on it, its uid."""
+
+    def __init__(self, pid, pidfd):
+        self.pid, self.pidfd = pid, pidfd
+        self.uid = os.stat(f"/proc/{pid}").st_uid
+
+
+class Watcher:
+    def __init__(self, tool, inbox, program, relays, keep_relaying):
+        self.tool, self.inbox, self.program, self.relays = tool, inbox, program, relays
+        self.keep_relaying = keep_relaying
+        self.ready = False
+        self.main_pid = program.pid
+        self.warned = set()
+
+    def run(self, deadline=None):
+        """Until ready (and, with keep_relaying, until the program is gone), gone, or deadline passes."""
+        poller = select.poll()
+        poller.register(self.inbox.fileno(), select.POLLIN)
+        poller.register(self.program.pidfd, select.POLLIN)
+        while True:
+            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            events = dict(poller.poll(wait_ms))
+            self.drain()  # before looking at an exit: a last datagram may be queued
+            if self.ready and not self.keep_relaying:
+                return READY
+            if self.program.pidfd in events:
+                return EXITED
+            if deadline is not None and time.monotonic() >= deadline and not self.ready:
+                return LATE
+
+    def drain(self):
+        while (message := self.inbox.receive()) is not None:
+            try:
+                self.handle(message)
+            except Exception as error:  # no datagram may stop the watcher
+                self.warn_once(("error", type(error)), f"ignored a notification: {error}")
+            finally:
+                sdnotify.close_fds(message.fds)
+
+    def handle(self, message):
+        if message.truncated:
+            self.warn_once(
+                ("truncated", message.pid), f"ignored a notification from pid {message.pid}: longer than {notifyproto.DATAGRAM_MAX} bytes"
+            )
+            return
+        if not self.believes(message):
+            self.warn_once(
+                ("stranger", message.pid), f"ignored a notification from pid {message.pid}, not pid {self.program.pid} or below it"
+            )
+            return
+        fields = message.fields
+        if notifyproto.is_ready(fields) and not self.ready:
+            self.ready = True
+            self.main_pid = notifyproto.main_pid(fields, self.program.pid)
+            self.relays.ready(self.program, self.main_pid, fields)
+        else:
+            self.main_pid = notifyproto.main_pid(fields, self.main_pid)
+            self.relays.relay(fields, self.main_pid, fds=self.fds_to_store(message))
+
+    def fds_to_store(self, message):
+        return message.fds if notifyproto.value(message.fields, "FDSTORE") == "1" else ()
+
+    def believes(self, message):
+        """The program and its descendants; a sender already gone only if it ran as the program's user.
+
+        Nobody else can reach the socket in its 0700 directory, and a process of
+        the program's own user could ptrace it anyway.
+        """
+        family = sdnotify.descends_from(message.pid, self.program.pid)
+        if family is None:
+            return message.uid == self.program.uid
+        return family
+
+    def warn_once(self, key, text):
+        if key not in self.warned:
+            self.warned.add(key)
+            warn(self.tool, "warning", text)
