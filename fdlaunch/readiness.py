@@ -15,6 +15,7 @@ from fdlaunch import notifyproto, sdnotify
 from fdlaunch.errors import warn
 
 READY, EXITED, LATE = "ready", "exited", "late"
+LINGER_SECONDS = 0.1
 
 
 class Relays:
@@ -79,11 +80,36 @@ class Watcher:
             events = dict(poller.poll(wait_ms))
             self.drain()  # before looking at an exit: a last datagram may be queued
             if self.ready and not self.keep_relaying:
+                self.linger()
                 return READY
             if self.program.pidfd in events:
                 return EXITED
             if deadline is not None and time.monotonic() >= deadline and not self.ready:
                 return LATE
+
+    def linger(self):
+        """Answer the BARRIER a sender like systemd-notify sends right after READY=1.
+
+        A watcher that left at once would make its barrier fail. The wait ends
+        early once that sender is gone, and lasts LINGER_SECONDS at most.
+        """
+        deadline = time.monotonic() + LINGER_SECONDS
+        poller = select.poll()
+        poller.register(self.inbox.fileno(), select.POLLIN)
+        try:
+            sender = os.pidfd_open(self.ready_sender)
+            poller.register(sender, select.POLLIN)
+        except OSError:
+            sender = None  # gone already
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                events = dict(poller.poll(int(left * 1000) + 1))
+                self.drain()
+                if sender is None or sender in events:
+                    return
+        finally:
+            if sender is not None:
+                os.close(sender)
 
     def drain(self):
         while (message := self.inbox.receive()) is not None:
@@ -108,6 +134,7 @@ class Watcher:
         fields = message.fields
         if notifyproto.is_ready(fields) and not self.ready:
             self.ready = True
+            self.ready_sender = message.pid
             self.main_pid = notifyproto.main_pid(fields, self.program.pid)
             self.relays.ready(self.program, self.main_pid, fields)
         else:

@@ -40,8 +40,8 @@ def send(data, notify_socket, pid=None, fds=()):
             try:
                 sock.sendmsg([data], [*ancillary, credentials], 0, target)
                 return
-            except PermissionError:
-                pass  # as sd_pid_notify(3): not allowed to speak for pid, so speak for ourselves
+            except (PermissionError, ProcessLookupError):
+                pass  # as sd_pid_notify(3): not allowed to speak for pid (or it is gone), so speak for ourselves
         sock.sendmsg([data], ancillary, 0, target)
 
 

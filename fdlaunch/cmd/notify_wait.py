@@ -172,8 +172,13 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
 
 
 def run_child(path, program, environ, parent_pid):
-    """In the fork: become PROG; sockets passed to the parent are passed to us."""
+    """In the fork: become PROG; sockets passed to the parent are passed to us.
+
+    PROG's stdout is our stderr: our stdout carries the one line a script reads
+    with $(...), which would wait forever while a daemon held it open.
+    """
     try:
+        os.dup2(2, 1)
         if environ.get("LISTEN_PID") == str(parent_pid):
             environ["LISTEN_PID"] = str(os.getpid())
             environ.pop("LISTEN_PIDFDID", None)

@@ -1,0 +1,390 @@
+"""fdlaunch-notify-wait and fdlaunch-notify: real senders, real supervisors, real sockets."""
+
+import array
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TIMEOUT, missing, require, run
+
+import fdlaunch
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A clean environment whose TMPDIR (where the private socket goes) the test can inspect."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    return {"PATH": os.environ["PATH"], "TMPDIR": str(tmp)}
+
+
+def run_fork(argv, env, **kwargs):
+    """Run fdlaunch-notify-wait --fork ...; its stderr (also the daemon's stdout) in a file, read back."""
+    with open(Path(env["TMPDIR"]).parent / "stderr", "w+") as err:
+        done = run(argv, env=env, stderr=err, **kwargs)
+        err.seek(0)
+        done.stderr = err.read()
+    return done
+
+
+def assert_nothing_left(env):
+    assert os.listdir(env["TMPDIR"]) == [], "the private socket directory was left behind"
+
+
+def kill_quietly(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def python_systemd_notify():
+    if not os.path.exists(SYSTEM_PYTHON) or run([SYSTEM_PYTHON, "-c", "import systemd.daemon"]).returncode != 0:
+        missing("python3-systemd")
+    return [SYSTEM_PYTHON, "-c", "import time; from systemd import daemon; daemon.notify('READY=1'); time.sleep(30)"]
+
+
+SENDERS = {
+    "systemd-notify": lambda: ["sh", "-c", 'systemd-notify --ready; echo "systemd-notify: $?" >&2; exec sleep 30'],
+    "python-systemd": python_systemd_notify,
+    "fdlaunch-notify": lambda: ["sh", "-c", 'fdlaunch-notify READY=1; echo "fdlaunch-notify: $?" >&2; exec sleep 30'],
+}
+
+
+@pytest.mark.parametrize("sender", SENDERS)
+def test_fork_mode_with_real_senders(sender, env):
+    if sender == "systemd-notify":
+        require("systemd-notify")
+    started = time.monotonic()
+    done = run_fork(["fdlaunch-notify-wait", "--fork", "--timeout=20", "--", *SENDERS[sender]()], env=env)
+    pid = int(done.stdout)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert Path(f"/proc/{pid}").exists(), "the program is left running"
+        assert time.monotonic() - started < 10
+        if sender != "python-systemd":
+            assert f"{sender}: 0" in done.stderr  # systemd-notify's barrier was answered
+    finally:
+        kill_quietly(pid)
+    assert_nothing_left(env)
+
+
+def test_fork_mode_waits_for_readiness_not_for_start(env, tmp_path):
+    marker = tmp_path / "ready-marker"
+    script = f"sleep 1; touch {marker}; fdlaunch-notify READY=1; exec sleep 30"
+    done = run_fork(["fdlaunch-notify-wait", "--fork", "--", "sh", "-c", script], env=env)
+    try:
+        assert done.returncode == 0 and marker.exists()
+    finally:
+        kill_quietly(int(done.stdout))
+
+
+def test_fork_mode_prints_a_reported_mainpid(env):
+    script = "sleep 30 & fdlaunch-notify READY=1 MAINPID=$!; wait"
+    done = run_fork(["fdlaunch-notify-wait", "--fork", "--", "sh", "-c", script], env=env)
+    try:
+        assert done.returncode == 0
+        reported = int(done.stdout)
+        assert Path(f"/proc/{reported}/cmdline").read_bytes().startswith(b"sleep")
+    finally:
+        kill_quietly(int(done.stdout))
+
+
+def test_fork_mode_fails_fast_when_the_program_dies(env):
+    started = time.monotonic()
+    done = run(["fdlaunch-notify-wait", "--fork", "--timeout=60", "--", "sh", "-c", "sleep 0.2; exit 7"], env=env)
+    assert time.monotonic() - started < 10
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("fdlaunch-notify-wait: fatal: sh (pid ")
+    assert done.stderr.endswith(") exited with status 7 before it was ready\n")
+    assert_nothing_left(env)
+
+
+def test_fork_mode_reports_a_signal(env):
+    done = run(["fdlaunch-notify-wait", "--fork", "--", "sh", "-c", "kill -KILL $$"], env=env)
+    assert done.returncode == 1
+    assert "was killed by SIGKILL before it was ready" in done.stderr
+
+
+def test_fork_mode_timeout_stops_and_reaps(env, tmp_path):
+    pidfile = tmp_path / "pid"
+    done = run(["fdlaunch-notify-wait", "--fork", "--timeout=0.5", "--", "sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"], env=env)
+    assert done.returncode == 2
+    assert "was not ready after 0.5 seconds; stopped it: was killed by SIGTERM" in done.stderr
+    assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()
+
+
+def test_fork_mode_passes_sigterm_to_the_program(env):
+    waiter = subprocess.Popen(["fdlaunch-notify-wait", "--fork", "--", "sleep", "30"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        waiter.send_signal(signal.SIGTERM)
+        assert waiter.wait(TIMEOUT) == 1
+        assert "was killed by SIGTERM before it was ready" in waiter.stderr.read()
+    finally:
+        waiter.kill()
+        waiter.wait()
+
+
+def test_fork_mode_after_fdlaunch_listen_keeps_listen_pid_right(env):
+    reader = [
+        SYSTEM_PYTHON,
+        "-c",
+        "import os, sys, time; from systemd import daemon;"
+        "print(daemon.listen_fds_with_names(), file=sys.stderr, flush=True); daemon.notify('READY=1'); time.sleep(30)",
+    ]
+    python_systemd_notify()
+    done = run_fork(["fdlaunch-listen", "-tcp:label=web:127.0.0.1:0", "--", "fdlaunch-notify-wait", "--fork", "--", *reader], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "{3: 'web'}" in done.stderr
+    finally:
+        kill_quietly(int(done.stdout))
+
+
+class Upstream:
+    """A NOTIFY_SOCKET as a supervisor has it: receives datagrams with their credentials."""
+
+    def __init__(self, directory):
+        self.path = str(directory / "upstream.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(TIMEOUT)
+
+    def receive(self):
+        data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(64))
+        for level, kind, payload in ancillary:
+            if kind == socket.SCM_RIGHTS:
+                for fd in array.array("i", payload):
+                    os.close(fd)
+        return data.decode()
+
+
+def test_forward_relays_ready_with_mainpid_and_later_status(env, tmp_path):
+    upstream = Upstream(tmp_path)
+    script = "sleep 0.2; fdlaunch-notify READY=1 STATUS=serving; fdlaunch-notify 'STATUS=still serving'; sleep 0.2; fdlaunch-notify STOPPING=1"
+    program = subprocess.Popen(["fdlaunch-notify-wait", "--forward", "--", "sh", "-c", script], env={**env, "NOTIFY_SOCKET": upstream.path})
+    try:
+        assert upstream.receive() == f"READY=1\nSTATUS=serving\nMAINPID={program.pid}"
+        assert upstream.receive() == "STATUS=still serving"
+        assert upstream.receive() == "STOPPING=1"
+        assert program.wait(TIMEOUT) == 0
+    finally:
+        program.kill()
+        program.wait()
+    time.sleep(0.3)
+    assert_nothing_left(env)
+
+
+def test_s6_fd_relay_and_the_program_keeps_the_pid(env, tmp_path):
+    read_end, write_end = os.pipe()
+    script = "ls /proc/$$/fd > fds; echo $$ > pid; sleep 0.3; fdlaunch-notify READY=1; sleep 0.5"
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", f"--fd={write_end}", "--", "sh", "-c", script], env=env, pass_fds=(write_end,), cwd=tmp_path
+    )
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as notification:
+            assert notification.read() == b"\n"  # a newline, then EOF: the fd was closed
+        assert program.wait(TIMEOUT) == 0
+    finally:
+        program.kill()
+        program.wait()
+    assert int((tmp_path / "pid").read_text()) == program.pid
+    assert str(write_end) not in (tmp_path / "fds").read_text().split()
+
+
+def test_s6_supervise_sees_readiness_and_the_daemon_pid(env, tmp_path):
+    for tool in ("s6-supervise", "s6-svwait", "s6-svstat", "s6-svc"):
+        require(tool)
+    service = tmp_path / "service"
+    service.mkdir()
+    (service / "notification-fd").write_text("3\n")
+    (service / "run").write_text(
+        "#!/bin/sh\n"
+        f"exec fdlaunch-notify-wait --fd=3 -- sh -c 'echo $$ > {tmp_path}/daemon-pid; sleep 1; "
+        f"touch {tmp_path}/ready; exec {sys.executable} -c \"import fdlaunch, time; fdlaunch.notify(\\\"READY=1\\\"); time.sleep(60)\"'\n"
+    )
+    (service / "run").chmod(0o755)
+    supervise = subprocess.Popen(["s6-supervise", str(service)], env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        waited = run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env)
+        assert waited.returncode == 0, waited.stderr
+        assert (tmp_path / "ready").exists(), "s6-svwait -U returned before the daemon was ready"
+        status = run(["s6-svstat", str(service)], env=env).stdout
+        assert status.startswith(f"up (pid {(tmp_path / 'daemon-pid').read_text().strip()})")
+        assert "ready" in status
+    finally:
+        run(["s6-svc", "-xk", str(service)], env=env)
+        try:
+            supervise.wait(TIMEOUT)
+        finally:
+            supervise.kill()
+            supervise.wait()
+
+
+def notify_socket_of(program_stdout_file, seconds=5):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if program_stdout_file.exists() and program_stdout_file.read_text().endswith("\n"):
+            return program_stdout_file.read_text().strip()
+        time.sleep(0.02)
+    pytest.fail("the program did not report its NOTIFY_SOCKET")
+
+
+def send(path, data, fds=()):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sock.sendmsg([data], ancillary, 0, path)
+
+
+def test_a_stranger_is_not_believed_and_junk_does_not_stop_the_watcher(env, tmp_path):
+    """The test process itself (not the program, not below it) says READY=1: ignored.
+
+    Junk datagrams follow (invalid UTF-8, no '=', oversized, a pile of fds);
+    then the program's own READY=1 still counts.
+    """
+    told = tmp_path / "notify-socket"
+    go = tmp_path / "go"
+    script = f'echo "$NOTIFY_SOCKET" > {told}; while [ ! -e {go} ]; do sleep 0.05; done; fdlaunch-notify READY=1; exec sleep 30'
+    errors = tmp_path / "stderr"
+    waiter = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--fork", "--timeout=20", "--", "sh", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=errors.open("w"),
+        text=True,
+    )
+    try:
+        path = notify_socket_of(told)
+        assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+        send(path, b"READY=1")
+        read_end, write_end = os.pipe()
+        send(path, b"\xff\xfe\nREADY\n=1\n", fds=[write_end] * 100)
+        os.close(write_end)
+        send(path, b"STATUS=" + b"x" * 60000)
+        time.sleep(0.5)
+        assert waiter.poll() is None, "a stranger or junk counted as readiness"
+        assert os.read(read_end, 1) == b""  # every fd sent with the junk was closed
+        go.touch()
+        out = waiter.stdout.readline()
+        assert waiter.wait(TIMEOUT) == 0
+        err = errors.read_text()
+        assert f"ignored a notification from pid {os.getpid()}, not pid" in err
+        assert "longer than 4096 bytes" in err
+        kill_quietly(int(out))
+    finally:
+        waiter.kill()
+        waiter.wait()
+
+
+def test_command_and_stop_relays(env, tmp_path):
+    script = "fdlaunch-notify READY=1; sleep 30"
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--stop", "--command=echo registered $MAINPID >&2", "--", "sh", "-c", script],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = program.stderr.readline()
+        assert line == f"registered {program.pid}\n"
+        deadline = time.monotonic() + 5
+        while "T (stopped)" not in Path(f"/proc/{program.pid}/status").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "T (stopped)" in Path(f"/proc/{program.pid}/status").read_text()
+    finally:
+        program.kill()
+        program.wait()
+
+
+def test_chain_timeout_with_kill(env):
+    program = subprocess.Popen(["fdlaunch-notify-wait", "--timeout=0.3", "--kill", "--", "sleep", "30"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert program.wait(TIMEOUT) == -signal.SIGTERM
+        assert "was not ready after 0.3 seconds; sending it SIGTERM" in program.stderr.read()
+    finally:
+        program.kill()
+        program.wait()
+
+
+def test_the_watcher_never_outlives_the_program(env):
+    marker = f"fdlaunch-marker-{os.getpid()}"
+    done = run(["fdlaunch-notify-wait", "--", "sh", "-c", f"exit 0 # {marker}"], env=env)
+    assert done.returncode == 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and marker in run(["ps", "-eo", "args"]).stdout:
+        time.sleep(0.05)
+    assert marker not in run(["ps", "-eo", "args"]).stdout
+    assert_nothing_left(env)
+
+
+def test_environment_and_descriptors_in_chain_mode(env, probe):
+    done, report = probe(["fdlaunch-notify-wait", "--"], env={**env, "KEEP": "me"})
+    assert done.returncode == 0
+    assert report["env"]["KEEP"] == "me"
+    assert report["env"]["NOTIFY_SOCKET"].startswith(env["TMPDIR"] + "/fdlaunch-notify.")
+    assert sorted(report["fds"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "argv, extra_env, status, message",
+    [
+        (["--forward", "true"], {}, 100, "--forward needs a NOTIFY_SOCKET"),
+        (["--fd=9", "true"], {}, 100, "--fd=9: fd 9 is not open"),
+        (["--fd=x", "true"], {}, 100, "--fd='x' is not a descriptor number"),
+        (["--timeout=soon", "true"], {}, 100, "--timeout='soon' is not a number"),
+        (["--kill", "true"], {}, 100, "--kill goes with --timeout"),
+        (["--bogus", "true"], {}, 100, "unknown or repeated option '--bogus'"),
+        (["no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
+        (["--fork", "no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
+    ],
+)
+def test_notify_wait_errors(argv, extra_env, status, message, env):
+    done = run(["fdlaunch-notify-wait", *argv], env={**env, **extra_env})
+    assert done.returncode == status
+    assert done.stderr.startswith("fdlaunch-notify-wait: fatal: ") and message in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert_nothing_left(env)
+
+
+def test_fdlaunch_notify_exit_statuses(env, tmp_path):
+    unset = run(["fdlaunch-notify", "READY=1"], env=env)
+    assert unset.returncode == 1 and "NOTIFY_SOCKET is not set" in unset.stderr
+    failing = run(["fdlaunch-notify", "READY=1"], env={**env, "NOTIFY_SOCKET": str(tmp_path / "nobody-here")})
+    assert failing.returncode == 111
+    assert failing.stderr == f"fdlaunch-notify: fatal: unable to send to {tmp_path / 'nobody-here'}: No such file or directory\n"
+    bad = run(["fdlaunch-notify", "READY"], env={**env, "NOTIFY_SOCKET": "@x"})
+    assert bad.returncode == 100 and "'READY' is not FIELD=VALUE" in bad.stderr
+
+
+def test_fdlaunch_notify_to_an_abstract_socket_with_pid(env):
+    name = f"fdlaunch-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(TIMEOUT)
+        done = run(["fdlaunch-notify", "--no-block", "--pid=4242", "STATUS=hi"], env={**env, "NOTIFY_SOCKET": "@" + name})
+        assert done.returncode == 0, done.stderr
+        assert sock.recv(4096) == b"STATUS=hi\nMAINPID=4242"
+
+
+def test_python_api(tmp_path):
+    assert fdlaunch.notify("READY=1", environ={}) is False
+    path = str(tmp_path / "api.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        assert fdlaunch.notify("READY=1", "STATUS=up", environ={"NOTIFY_SOCKET": path}) is True
+        assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+    with pytest.raises(ValueError, match="not FIELD=VALUE"):
+        fdlaunch.notify("READY", environ={"NOTIFY_SOCKET": path})
+    with pytest.raises(OSError):
+        fdlaunch.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "gone")})
