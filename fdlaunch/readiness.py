@@ -8,7 +8,6 @@ returns when the program is ready, gone, or late.
 import os
 import select
 import signal
-import subprocess
 import time
 
 from fdlaunch import notifyproto, sdnotify
@@ -26,6 +25,8 @@ class Relays:
         self.environ = environ or {}
 
     def ready(self, program, main_pid, fields):
+        if self.stop:
+            signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
         if self.fd is not None:
             try:
                 os.write(self.fd, b"\n")  # the s6 protocol: a newline, then close
@@ -33,16 +34,15 @@ class Relays:
                 os.close(self.fd)
                 self.fd = None
         self.relay(fields, main_pid)
-        if self.stop:
-            signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
         if self.command:
-            subprocess.run(
-                ["/bin/sh", "-c", self.command],
-                stdin=subprocess.DEVNULL,
-                stdout=2,
-                env={**self.environ, "MAINPID": str(main_pid)},
-                check=False,
-            )
+            self.run_command(main_pid)
+
+    def run_command(self, main_pid):
+        """CMD under /bin/sh, its stdout on our stderr, waited for."""
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
+        environ = {**self.environ, "MAINPID": str(main_pid)}
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", self.command], environ, file_actions=actions)
+        os.waitpid(pid, 0)
 
     def relay(self, fields, main_pid, fds=()):
         if self.upstream is None:
@@ -80,7 +80,6 @@ class Watcher:
             events = dict(poller.poll(wait_ms))
             self.drain()  # before looking at an exit: a last datagram may be queued
             if self.ready and not self.keep_relaying:
-                self.linger()
                 return READY
             if self.program.pidfd in events:
                 return EXITED
@@ -90,8 +89,9 @@ class Watcher:
     def linger(self):
         """Answer the BARRIER a sender like systemd-notify sends right after READY=1.
 
-        A watcher that left at once would make its barrier fail. The wait ends
-        early once that sender is gone, and lasts LINGER_SECONDS at most.
+        A watcher that left at once would make its barrier fail. Called after
+        the relays, on the way out; the wait ends early once that sender is
+        gone, and lasts LINGER_SECONDS at most.
         """
         deadline = time.monotonic() + LINGER_SECONDS
         poller = select.poll()

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TIMEOUT, missing, require, run
 
 import fdlaunch
@@ -162,7 +161,7 @@ class Upstream:
 
     def receive(self):
         data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(64))
-        for level, kind, payload in ancillary:
+        for _level, kind, payload in ancillary:
             if kind == socket.SCM_RIGHTS:
                 for fd in array.array("i", payload):
                     os.close(fd)
@@ -171,7 +170,9 @@ class Upstream:
 
 def test_forward_relays_ready_with_mainpid_and_later_status(env, tmp_path):
     upstream = Upstream(tmp_path)
-    script = "sleep 0.2; fdlaunch-notify READY=1 STATUS=serving; fdlaunch-notify 'STATUS=still serving'; sleep 0.2; fdlaunch-notify STOPPING=1"
+    script = (
+        "sleep 0.2; fdlaunch-notify READY=1 STATUS=serving; fdlaunch-notify 'STATUS=still serving'; sleep 0.2; fdlaunch-notify STOPPING=1"
+    )
     program = subprocess.Popen(["fdlaunch-notify-wait", "--forward", "--", "sh", "-c", script], env={**env, "NOTIFY_SOCKET": upstream.path})
     try:
         assert upstream.receive() == f"READY=1\nSTATUS=serving\nMAINPID={program.pid}"
@@ -204,7 +205,7 @@ def test_s6_fd_relay_and_the_program_keeps_the_pid(env, tmp_path):
 
 
 def test_s6_supervise_sees_readiness_and_the_daemon_pid(env, tmp_path):
-    for tool in ("s6-supervise", "s6-svwait", "s6-svstat", "s6-svc"):
+    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
         require(tool)
     service = tmp_path / "service"
     service.mkdir()
@@ -212,11 +213,15 @@ def test_s6_supervise_sees_readiness_and_the_daemon_pid(env, tmp_path):
     (service / "run").write_text(
         "#!/bin/sh\n"
         f"exec fdlaunch-notify-wait --fd=3 -- sh -c 'echo $$ > {tmp_path}/daemon-pid; sleep 1; "
-        f"touch {tmp_path}/ready; exec {sys.executable} -c \"import fdlaunch, time; fdlaunch.notify(\\\"READY=1\\\"); time.sleep(60)\"'\n"
+        f'touch {tmp_path}/ready; exec {sys.executable} -c "import fdlaunch, time; fdlaunch.notify(\\"READY=1\\"); time.sleep(60)"\'\n'
     )
     (service / "run").chmod(0o755)
     supervise = subprocess.Popen(["s6-supervise", str(service)], env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
+        deadline = time.monotonic() + 10
+        while run(["s6-svok", str(service)], env=env).returncode != 0:  # supervise/ is not made yet
+            assert time.monotonic() < deadline, "s6-supervise did not start"
+            time.sleep(0.05)
         waited = run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env)
         assert waited.returncode == 0, waited.stderr
         assert (tmp_path / "ready").exists(), "s6-svwait -U returned before the daemon was ready"
@@ -308,7 +313,9 @@ def test_command_and_stop_relays(env, tmp_path):
 
 
 def test_chain_timeout_with_kill(env):
-    program = subprocess.Popen(["fdlaunch-notify-wait", "--timeout=0.3", "--kill", "--", "sleep", "30"], env=env, stderr=subprocess.PIPE, text=True)
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--timeout=0.3", "--kill", "--", "sleep", "30"], env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert program.wait(TIMEOUT) == -signal.SIGTERM
         assert "was not ready after 0.3 seconds; sending it SIGTERM" in program.stderr.read()

@@ -109,6 +109,8 @@ def watch(inbox, relays, settings, program, keep):
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
         outcome = watcher.run(deadline)
+        if outcome == readiness.READY and not watcher.keep_relaying:
+            watcher.linger()
         if outcome == readiness.LATE:
             warn(
                 PROG,
@@ -154,12 +156,13 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
         outcome = watcher.run(deadline)
+        if outcome == readiness.READY:
+            sys.stdout.write(f"{watcher.main_pid}\n")
+            sys.stdout.flush()
+            watcher.linger()
+            return 0
     finally:
         inbox.close()
-    if outcome == readiness.READY:
-        sys.stdout.write(f"{watcher.main_pid}\n")
-        sys.stdout.flush()
-        return 0
     if outcome == readiness.LATE:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status = reap(child, pidfd, GRACE_SECONDS)
