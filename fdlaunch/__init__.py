@@ -1,16 +1,48 @@
 """fdlaunch: chain-loading tools for socket activation, credentials and readiness.
 
-The library's public surface is small and imported lazily, so that the
-tools, which import this package first, start fast:
+The library's public surface, for daemon authors:
 
-    fdlaunch.notify("READY=1")   send an sd_notify message (see fdlaunch.sdnotify.notify)
+    fdlaunch.listen_sockets()    the sockets passed to this process, by label
+    fdlaunch.notify("READY=1")   an sd_notify message to $NOTIFY_SOCKET
+
+Both are imported lazily: the tools import this package first and must
+start fast.
 """
+
+from __future__ import annotations
+
+# typing and socket cost every tool milliseconds at start-up; the annotations
+# need them only when a type checker reads this file.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Mapping
 
 __version__ = "0.1.0"
 
 
-def notify(*lines, pid=None, environ=None, wait=False):
-    """Send lines such as 'READY=1' to $NOTIFY_SOCKET; see fdlaunch.sdnotify.notify."""
+def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.socket]]:
+    """The sockets passed to this process, {label: [socket, ...]}.
+
+    From LISTEN_FD_MAP, or LISTEN_FDS/LISTEN_FDNAMES when LISTEN_PID is this
+    process; unnamed systemd sockets under 'unknown'; {} when nothing was
+    passed. The descriptors become close-on-exec and, unless
+    unset_environment is False, the variables are removed from os.environ.
+    Raises ValueError naming a malformed variable. See fdlaunch.receive.
+    """
+    from fdlaunch.receive import listen_sockets as receive
+
+    return receive(unset_environment)
+
+
+def notify(*lines: str, pid: int | None = None, environ: Mapping[str, str] | None = None, wait: bool = False) -> bool:
+    """Send lines such as 'READY=1', 'STATUS=loading' to $NOTIFY_SOCKET, as sd_notify(3).
+
+    False when NOTIFY_SOCKET is unset (nobody listens), True once sent;
+    ValueError for a line that is not FIELD=VALUE, OSError if sending
+    failed. pid speaks for another process (MAINPID=pid); wait=True waits
+    for the receiver to handle it. See fdlaunch.sdnotify.
+    """
     from fdlaunch.sdnotify import notify as send
 
     return send(*lines, pid=pid, environ=environ, wait=wait)

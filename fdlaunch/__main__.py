@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-TOOLS = ("listen", "setuidgid", "notify-wait", "notify")
+TOOLS = ("listen", "setuidgid", "notify-wait", "notify", "fdmap")
 
 
 def main(argv=None):

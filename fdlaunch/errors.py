@@ -34,8 +34,12 @@ class Finished(Exception):
         self.status = status
 
 
-class UsageError(Fatal):
-    """The caller asked for something wrong: bad option, spec, account, environment."""
+class UsageError(Fatal, ValueError):
+    """The caller asked for something wrong: bad option, spec, account, environment.
+
+    A ValueError too, so that library callers (fdlaunch.listen_sockets) get
+    the ordinary Python error for a bad value.
+    """
 
     status = USAGE
 

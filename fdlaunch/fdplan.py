@@ -3,10 +3,12 @@
 Everything that can be refused is refused here, before any socket is opened.
 """
 
+import re
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError
 from fdlaunch.listenenv import SYSTEMD_FIRST_FD, Passed
+from fdlaunch.spec import LABEL, VARIABLE
 
 # passed: Passed, in the order the environment lists them;
 # inherited_moves: (fd now, fd wanted) for each inherited socket;
@@ -91,3 +93,43 @@ def _refuse_repeats(specs, option):
         if value in owner:
             raise UsageError(f"{option}={value} is given to both {owner[value].address()} and {spec.address()}")
         owner[value] = spec
+
+
+def choose(passed, order):
+    """The sockets named in order (all with each label, as received), or all of them without order."""
+    if order is None:
+        return list(passed)
+    labels = order.split(",")
+    for label in labels:
+        if not re.fullmatch(LABEL, label):
+            raise UsageError(f"--order={order!r}: {label!r} is not a label")
+        if labels.count(label) > 1:
+            raise UsageError(f"--order={order!r} names {label!r} twice")
+        if not any(p.label == label for p in passed):
+            raise UsageError(
+                f"--order={order!r}: no socket labelled {label!r} was passed (passed: {', '.join(p.label for p in passed) or 'none'})"
+            )
+    return [p for label in labels for p in passed if p.label == label]
+
+
+def systemd_moves(chosen, open_fds, handed):
+    """(fd now, fd wanted) to put chosen at 3, 4, ...; refuse a slot held by anything not handed over."""
+    moves = [(p.fd, SYSTEMD_FIRST_FD + index) for index, p in enumerate(chosen)]
+    for _, slot in moves:
+        if slot in open_fds and slot not in handed:
+            raise UsageError(f"fd {slot} is already open and was not passed in; not overwriting it to make room for the systemd convention")
+    return moves
+
+
+def variables(passed, prefix):
+    """One variable per label, PREFIX + LABEL upper-cased with other characters as '_', holding its fds."""
+    found = {}
+    source = {}
+    for p in passed:
+        name = prefix + re.sub(r"[^A-Za-z0-9]", "_", p.label).upper()
+        if not re.fullmatch(VARIABLE, name):
+            raise UsageError(f"label {p.label!r} with prefix {prefix!r} gives {name!r}, which is not a variable name")
+        if source.setdefault(name, p.label) != p.label:
+            raise UsageError(f"labels {source[name]!r} and {p.label!r} both give the variable {name}")
+        found[name] = f"{found[name]},{p.fd}" if name in found else str(p.fd)
+    return found

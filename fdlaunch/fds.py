@@ -75,3 +75,8 @@ def close_all(fds):
             os.close(fd)
         except OSError:
             pass
+
+
+def make_inheritable(fds):
+    for fd in fds:
+        os.set_inheritable(fd, True)

@@ -1,0 +1,88 @@
+"""fdlaunch-fdmap: pass the sockets this was handed on in the form the program needs.
+
+Usage:
+  fdlaunch-fdmap --systemd [--order=LABELS] [--] PROG [ARGS...]
+  fdlaunch-fdmap --map [--] PROG [ARGS...]
+  fdlaunch-fdmap --vars[=PREFIX] [--] PROG [ARGS...]
+  fdlaunch-fdmap --stdin=LABEL [--] PROG [ARGS...]
+  fdlaunch-fdmap (-h | --help | --version)
+
+Reads LISTEN_FD_MAP, or LISTEN_FDS and LISTEN_FDNAMES with a LISTEN_PID
+that is this process. See fdlaunch-fdmap(1).
+
+Options:
+  --systemd         Move the sockets to 3, 4, ... and set LISTEN_FDS,
+                    LISTEN_PID, LISTEN_FDNAMES (and LISTEN_FD_MAP to match).
+  --order=LABELS    With --systemd, only these labels, in this order,
+                    comma-separated; the other sockets are closed.
+  --map             Write LISTEN_FD_MAP; move nothing.
+  --vars[=PREFIX]   Set PREFIX+LABEL to the label's fd numbers, for
+                    daemons that take them on the command line (FD_).
+  --stdin=LABEL     Put that socket on fd 0 and fd 1, inetd style, and
+                    close the others.
+  -h, --help        Print this help.
+  --version         Print the version.
+"""
+
+import os
+
+from fdlaunch import chain, cli, fdplan, fds, listenenv
+from fdlaunch.errors import UsageError, tool
+
+PROG = "fdlaunch-fdmap"
+DEFAULT_PREFIX = "FD_"
+# docopt has no optional option-arguments: it matches '--vars=PREFIX', and a
+# bare '--vars' in argv becomes '--vars=FD_' first.
+MATCHABLE = __doc__.replace("--vars[=PREFIX]", "--vars=PREFIX")
+
+
+@tool(PROG)
+def main(argv):
+    options = cli.parse(__doc__, with_default_prefix(argv), match=MATCHABLE)
+    environ, pid = chain.received_environment(), os.getpid()
+    program = [options["PROG"], *options["ARGS"]]
+    passed = listenenv.inherited(environ, pid)
+    open_now = fds.open_fds()
+    fds.check_inherited(passed, open_now)
+    path = chain.find_program(program[0], environ)
+    if options["--systemd"]:
+        environ = as_systemd(passed, options["--order"], open_now, environ, pid)
+    elif options["--map"]:
+        fds.make_inheritable(p.fd for p in passed)
+        environ["LISTEN_FD_MAP"] = listenenv.format_map(passed)
+    elif options["--vars"] is not None:
+        fds.make_inheritable(p.fd for p in passed)
+        environ.update(fdplan.variables(passed, options["--vars"]))
+    else:
+        environ = as_stdin(passed, options["--stdin"], environ)
+    chain.exec_program(path, program, environ)
+
+
+def with_default_prefix(argv):
+    words = list(argv)
+    for index, word in enumerate(words):
+        if word == "--" or not word.startswith("-"):
+            break
+        if word == "--vars":
+            words[index] = f"--vars={DEFAULT_PREFIX}"
+    return words
+
+
+def as_systemd(passed, order, open_now, environ, pid):
+    chosen = fdplan.choose(passed, order)
+    moves = fdplan.systemd_moves(chosen, open_now, handed={p.fd for p in passed})
+    fds.close_all({p.fd for p in passed} - {p.fd for p in chosen})
+    fds.place(moves)
+    placed = [listenenv.Passed(p.label, to) for p, (_, to) in zip(chosen, moves, strict=True)]
+    return listenenv.environment(environ, placed, pid, True, {})
+
+
+def as_stdin(passed, label, environ):
+    matching = [p for p in passed if p.label == label]
+    if len(matching) != 1:
+        found = f"{len(matching)} sockets are" if matching else "no socket is"
+        raise UsageError(f"--stdin={label}: {found} labelled {label!r}; it needs exactly one")
+    fds.place([(matching[0].fd, 0)])
+    os.dup2(0, 1)
+    fds.close_all({p.fd for p in passed} - {0, 1})
+    return {name: value for name, value in environ.items() if name not in listenenv.SYSTEMD_VARIABLES + ("LISTEN_FD_MAP",)}

@@ -1,0 +1,41 @@
+"""The daemon's side of the handover: the sockets passed to this process, as Python objects."""
+
+import os
+import socket
+
+from fdlaunch import listenenv
+from fdlaunch.errors import UsageError
+
+PASSING_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID")
+
+
+def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.socket]]:
+    """The sockets passed to this process, by label: {'http': [<socket>], 'dns': [<udp>, <tcp>]}.
+
+    Reads LISTEN_FD_MAP, or LISTEN_FDS/LISTEN_FDNAMES when LISTEN_PID is this
+    process (another pid means nothing was passed to us: {}). Sockets the
+    systemd convention passes without names come back under 'unknown', as
+    sd_listen_fds_with_names(3) names them. Family and type are read from each
+    descriptor. The descriptors are made close-on-exec, and the variables are
+    removed from os.environ unless unset_environment is False.
+
+    Raises ValueError naming the variable when one is malformed or names a
+    descriptor that is not an open socket.
+    """
+    passed = listenenv.inherited(os.environ, os.getpid())
+    found: dict[str, list[socket.socket]] = {}
+    for label, fd in passed:
+        found.setdefault(label, []).append(_socket_at(fd, label))
+    if unset_environment:
+        for name in PASSING_VARIABLES:
+            os.environ.pop(name, None)
+    return found
+
+
+def _socket_at(fd, label):
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as error:
+        raise UsageError(f"LISTEN_FDS/LISTEN_FD_MAP: fd {fd} ({label}) is not an open socket: {error.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
