@@ -2,7 +2,7 @@
 #
 #   make test      virtualenv in .venv, the package installed in it, the whole suite
 #   make lint      man pages (mandoc -Tlint) and Python (ruff)
-#   make install   console scripts and man pages under $(DESTDIR)$(PREFIX)
+#   make install   console scripts, man pages and examples under $(DESTDIR)$(PREFIX)
 #   make demo      the README demo: a daemon started through fdlaunch-listen
 
 # Debian's interpreter, so that the tests that drop to nobody can still run
@@ -36,16 +36,19 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check fdlaunch tests examples benchmarks
 
 install:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --use-pep517 --root="$(or $(DESTDIR),/)" --prefix="$(PREFIX)" .
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --use-pep517 --ignore-installed --root="$(or $(DESTDIR),/)" --prefix="$(PREFIX)" .
 	install -d "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man7"
 	install -m 644 $(MAN1) "$(DESTDIR)$(MANDIR)/man1"
 	install -m 644 $(MAN7) "$(DESTDIR)$(MANDIR)/man7"
+	install -d "$(DESTDIR)$(PREFIX)/share/fdlaunch"
+	cp -RP examples "$(DESTDIR)$(PREFIX)/share/fdlaunch/"
 
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh examples/demo.sh
 
 bench: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/startup.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

@@ -1,26 +1,21 @@
 """A tiny HTTP daemon that never binds: it serves on the sockets it is handed.
 
-It finds them by LISTEN_FD_MAP (label=fd,...) or, failing that, by the
-systemd convention (LISTEN_FDS from fd 3, checked against LISTEN_PID), and
-answers every request with its pid and the socket the request came in on:
+It finds them with fdlaunch.listen_sockets(), whichever convention the
+launcher used, says READY=1 with fdlaunch.notify() when it can answer (a
+no-op without a NOTIFY_SOCKET), and answers every request with its pid and
+the label of the socket the request came in on:
 
     fdlaunch-listen -tcp:label=http:127.0.0.1:8080 -- python3 examples/hello_httpd.py
+
+Usage: hello_httpd.py [WARMUP_SECONDS]  (a pause before READY=1, to play a slow start)
 """
 
 import os
 import selectors
-import socket
+import sys
+import time
 
-
-def passed_sockets(environ):
-    """[(label, fd)] from either convention, as fdlaunch(7) describes them."""
-    if environ.get("LISTEN_FD_MAP"):
-        return [(label, int(fd)) for label, fd in (item.split("=") for item in environ["LISTEN_FD_MAP"].split(","))]
-    if environ.get("LISTEN_PID") == str(os.getpid()):
-        count = int(environ.get("LISTEN_FDS", "0"))
-        names = environ.get("LISTEN_FDNAMES", ":".join(["unknown"] * count)).split(":")
-        return [(names[i], 3 + i) for i in range(count)]
-    return []
+import fdlaunch
 
 
 def answer(connection, label):
@@ -34,11 +29,17 @@ def answer(connection, label):
 
 
 def main():
+    passed_by = {name: os.environ[name] for name in ("LISTEN_FD_MAP", "LISTEN_FDS") if name in os.environ}
     listeners = selectors.DefaultSelector()
-    for label, fd in passed_sockets(os.environ):
-        listeners.register(socket.socket(fileno=fd), selectors.EVENT_READ, label)
+    for label, group in fdlaunch.listen_sockets().items():
+        for sock in group:
+            listeners.register(sock, selectors.EVENT_READ, label)
     if not listeners.get_map():
         raise SystemExit("hello_httpd: fatal: no sockets passed; start me through fdlaunch-listen")
+    described = ", ".join(f"{key.data} on fd {key.fd}" for key in listeners.get_map().values())
+    print(f"hello_httpd: pid {os.getpid()} serving {described} ({passed_by})", file=sys.stderr, flush=True)
+    time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    fdlaunch.notify("READY=1", f"STATUS=serving {described}")
     while True:
         for key, _ in listeners.select():
             connection, _ = key.fileobj.accept()
