@@ -78,6 +78,14 @@ def require(program):
     return path
 
 
+def python_systemd():
+    """Debian's interpreter, with python-systemd (package python3-systemd) importable."""
+    python = "/usr/bin/python3"
+    if not os.path.exists(python) or run([python, "-c", "import systemd.daemon"]).returncode != 0:
+        missing("python3-systemd")
+    return python
+
+
 def require_root():
     if os.geteuid() != 0:
         pytest.skip("needs root: changes credentials or binds privileged ports")

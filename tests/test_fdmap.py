@@ -8,9 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import TIMEOUT, free_port, missing, require, run, sockets
-
-SYSTEM_PYTHON = "/usr/bin/python3"
+from conftest import TIMEOUT, free_port, python_systemd, require, run, sockets
 
 # What python-systemd and fdlaunch.listen_sockets() each see, as {fd: label}.
 BOTH_READERS = """
@@ -25,12 +23,6 @@ print(json.dumps({"theirs": theirs, "ours": ours, "kinds": kinds}))
 """
 
 
-def system_python():
-    if not os.path.exists(SYSTEM_PYTHON) or run([SYSTEM_PYTHON, "-c", "import systemd.daemon"]).returncode != 0:
-        missing("python3-systemd")
-    return SYSTEM_PYTHON
-
-
 def readers_env():
     """Debian's python (with python-systemd) must import this checkout's fdlaunch too."""
     import fdlaunch
@@ -39,7 +31,7 @@ def readers_env():
 
 
 def both_readers(launcher, **kwargs):
-    done = run([*launcher, system_python(), "-c", BOTH_READERS], env=readers_env(), **kwargs)
+    done = run([*launcher, python_systemd(), "-c", BOTH_READERS], env=readers_env(), **kwargs)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

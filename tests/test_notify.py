@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, missing, require, run
+from conftest import TIMEOUT, python_systemd, require, run
 
 import fdlaunch
-
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture
@@ -46,9 +44,7 @@ def kill_quietly(pid):
 
 
 def python_systemd_notify():
-    if not os.path.exists(SYSTEM_PYTHON) or run([SYSTEM_PYTHON, "-c", "import systemd.daemon"]).returncode != 0:
-        missing("python3-systemd")
-    return [SYSTEM_PYTHON, "-c", "import time; from systemd import daemon; daemon.notify('READY=1'); time.sleep(30)"]
+    return [python_systemd(), "-c", "import time; from systemd import daemon; daemon.notify('READY=1'); time.sleep(30)"]
 
 
 SENDERS = {
@@ -135,12 +131,11 @@ def test_fork_mode_passes_sigterm_to_the_program(env):
 
 def test_fork_mode_after_fdlaunch_listen_keeps_listen_pid_right(env):
     reader = [
-        SYSTEM_PYTHON,
+        python_systemd(),
         "-c",
         "import os, sys, time; from systemd import daemon;"
         "print(daemon.listen_fds_with_names(), file=sys.stderr, flush=True); daemon.notify('READY=1'); time.sleep(30)",
     ]
-    python_systemd_notify()
     done = run_fork(["fdlaunch-listen", "-tcp:label=web:127.0.0.1:0", "--", "fdlaunch-notify-wait", "--fork", "--", *reader], env=env)
     try:
         assert done.returncode == 0, done.stderr

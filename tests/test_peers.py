@@ -1,13 +1,12 @@
 """fdlaunch-listen with real peers: python-systemd reads what we pass, systemd-socket-activate stacks under us."""
 
 import json
-import os
 import socket
 import subprocess
 import time
 
 import pytest
-from conftest import TIMEOUT, free_port, missing, probe_argv, read_probe, require, run
+from conftest import TIMEOUT, free_port, probe_argv, python_systemd, read_probe, require, run
 
 # The daemon side as python-systemd (Debian's python3-systemd) sees it.
 SYSTEMD_READER = """
@@ -17,13 +16,6 @@ found = daemon.listen_fds_with_names(unset_environment=False)
 kinds = {fd: socket.socket(fileno=fd).type.name for fd in found}
 print(json.dumps({"names": found, "kinds": kinds}))
 """
-
-
-def python_systemd():
-    python = "/usr/bin/python3"
-    if not os.path.exists(python) or run([python, "-c", "import systemd.daemon"]).returncode != 0:
-        missing("python3-systemd (Debian's python-systemd)")
-    return python
 
 
 def test_python_systemd_sees_our_sockets_and_names():
