@@ -12,6 +12,7 @@ Usage: hello_httpd.py [WARMUP_SECONDS]  (a pause before READY=1, to play a slow 
 
 import os
 import selectors
+import signal
 import sys
 import time
 
@@ -20,6 +21,7 @@ import fdlaunch
 
 def answer(connection, label):
     with connection:
+        connection.setblocking(True)
         connection.settimeout(5)
         request = connection.recv(4096).decode("latin-1")
         path = request.split(" ")[1] if request.count(" ") >= 2 else "/"
@@ -33,16 +35,24 @@ def main():
     listeners = selectors.DefaultSelector()
     for label, group in fdlaunch.listen_sockets().items():
         for sock in group:
+            sock.setblocking(False)  # instances may share a socket: accept must not wait
             listeners.register(sock, selectors.EVENT_READ, label)
     if not listeners.get_map():
         raise SystemExit("hello_httpd: fatal: no sockets passed; start me through fdlaunch-listen")
     described = ", ".join(f"{key.data} on fd {key.fd}" for key in listeners.get_map().values())
     print(f"hello_httpd: pid {os.getpid()} serving {described} ({passed_by})", file=sys.stderr, flush=True)
     time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    # SIGTERM: finish the request in hand, accept no more, exit. Under
+    # fdlaunch-handoff the next instance is already serving the same sockets.
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda number, frame: stopping.append(number))
     fdlaunch.notify("READY=1", f"STATUS=serving {described}")
-    while True:
-        for key, _ in listeners.select():
-            connection, _ = key.fileobj.accept()
+    while not stopping:
+        for key, _ in listeners.select(timeout=0.1):
+            try:
+                connection, _ = key.fileobj.accept()
+            except BlockingIOError:
+                continue  # another instance on the same socket took it
             answer(connection, key.data)
 
 

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-TOOLS = ("listen", "setuidgid", "notify-wait", "notify", "fdmap")
+TOOLS = ("listen", "setuidgid", "notify-wait", "notify", "fdmap", "handoff")
 
 
 def main(argv=None):

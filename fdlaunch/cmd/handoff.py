@@ -1,0 +1,122 @@
+"""fdlaunch-handoff: restart a daemon without dropping a request.
+
+Usage:
+  fdlaunch-handoff [options] [--] PROG [ARGS...]
+  fdlaunch-handoff (-h | --help | --version)
+
+Holds the sockets it was handed and runs PROG on them as a child. On the
+reload signal it starts a new instance on the same sockets, waits for its
+READY=1, and only then stops the old one. See fdlaunch-handoff(1).
+
+Options:
+  --signal=SIG          The reload signal [default: HUP].
+  --stop-signal=SIG     What the old instance gets once the new one is
+                        ready [default: TERM].
+  --ready-timeout=SECS  How long a new instance may take to be ready
+                        [default: 60].
+  --grace=SECS          How long a stopped instance may finish its work
+                        before SIGKILL [default: 10].
+  --fd=N                Once the first instance is ready, write a newline
+                        to fd N and close it (s6).
+  -v, --verbose         Say on stderr what happens.
+  -h, --help            Print this help.
+  --version             Print the version.
+"""
+
+import fcntl
+import os
+import signal
+
+from fdlaunch import chain, cli, fds, listenenv, overlap, sdnotify
+from fdlaunch.errors import UsageError, tool, unable, warn
+
+PROG = "fdlaunch-handoff"
+
+
+@tool(PROG)
+def main(argv):
+    options = cli.parse(__doc__, argv)
+    environ = chain.received_environment()
+    program = [options["PROG"], *options["ARGS"]]
+    settings = read_settings(options, environ)
+    passed = listenenv.inherited(environ, os.getpid())
+    fds.check_inherited(passed, fds.open_fds())
+    settings["systemd_sockets"] = environ.get("LISTEN_PID") == str(os.getpid())
+    if not passed and settings["verbose"]:
+        warn(PROG, "info", "no sockets were passed in; instances still overlap, each with its own")
+    upstream = environ.pop("NOTIFY_SOCKET", None)
+    try:
+        inbox = sdnotify.Inbox()
+    except OSError as error:
+        raise unable("create the notify socket", error) from None
+    try:
+        handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream))
+        status = handoff.run()
+    finally:
+        inbox.close()
+    return exit_like(status)
+
+
+def read_settings(options, environ):
+    """Every option checked before anything starts."""
+    settings = {
+        "environ": environ,
+        "reload": signal_number("--signal", options["--signal"]),
+        "stop": signal_number("--stop-signal", options["--stop-signal"]),
+        "ready_timeout": seconds("--ready-timeout", options["--ready-timeout"]),
+        "grace": seconds("--grace", options["--grace"]),
+        "verbose": options["--verbose"],
+        "ready_fd": None,
+    }
+    if settings["reload"] in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+        raise UsageError(f"--signal={options['--signal']}: that signal stops fdlaunch-handoff or cannot be caught; use HUP, USR1 or USR2")
+    if options["--fd"] is not None:
+        fd = int(options["--fd"]) if options["--fd"].isdigit() else -1
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)  # the instances must not hold it
+        except OSError:
+            raise UsageError(f"--fd={options['--fd']!r} is not an open descriptor") from None
+        settings["ready_fd"] = fd
+    return settings
+
+
+def signal_number(option, text):
+    name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
+    try:
+        return signal.Signals(int(text)) if text.isdigit() else signal.Signals[name]
+    except (KeyError, ValueError):
+        raise UsageError(f"{option}={text!r} is not a signal name or number, e.g. HUP") from None
+
+
+def seconds(option, text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 10**9:
+        raise UsageError(f"{option}={text!r} is not a number of seconds")
+    return value
+
+
+def tell(upstream):
+    """A sender of notifications to our own supervisor, or one that does nothing."""
+
+    def send(message, on_behalf_of):
+        if upstream:
+            try:
+                sdnotify.send(message.encode(), upstream, pid=on_behalf_of)
+            except OSError as error:
+                warn(PROG, "warning", f"unable to notify {upstream}: {error.strerror}")
+
+    return send
+
+
+def exit_like(status):
+    """Exit as the instance did: with its status, or by its signal."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        signal.set_wakeup_fd(-1)
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        return 128 + number  # a signal that does not kill by default
+    return os.WEXITSTATUS(status)

@@ -1,0 +1,241 @@
+"""Overlapped restarts: instances of one program on the same sockets, handed over on a signal.
+
+The Handoff loop waits in one poll(2) on everything that can happen: a
+signal (written to a wakeup pipe by Python's signal machinery, so none is
+lost between a check and the wait), a notification, an instance's exit (a
+pidfd), a deadline. Each turn it takes in what happened, then acts.
+"""
+
+import errno
+import os
+import select
+import signal
+import time
+
+from fdlaunch import chain, sdnotify
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, warn
+
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+class Instance:
+    def __init__(self, pid):
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.ready = False
+        self.status = None  # wait status, once reaped
+        self.kill_at = None  # when it gets SIGKILL, once asked to stop
+
+    def send(self, number):
+        try:
+            signal.pidfd_send_signal(self.pidfd, number)
+        except ProcessLookupError:
+            pass
+
+    def reap(self):
+        """Collect the exit status if it has exited; True once it has."""
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.status = status
+                os.close(self.pidfd)
+        return self.status is not None
+
+
+def spawn(path, argv, environ, notify_socket, systemd_sockets):
+    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it."""
+    report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_read)
+            signal.set_wakeup_fd(-1)
+            for number in (*STOPS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(number, signal.SIG_DFL)
+            child_environ = {**environ, "NOTIFY_SOCKET": notify_socket}
+            if systemd_sockets:
+                child_environ["LISTEN_PID"] = str(os.getpid())
+                child_environ.pop("LISTEN_PIDFDID", None)
+            chain.restore_signals()
+            os.execve(path, argv, child_environ)
+        except OSError as error:
+            os.write(report_write, str(error.errno).encode())
+        finally:
+            os._exit(NOT_FOUND)
+    os.close(report_write)
+    with os.fdopen(report_read, "rb") as report:
+        failure = report.read()
+    if failure:
+        os.waitpid(pid, 0)
+        number = int(failure)
+        status = NOT_FOUND if number in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
+        raise Fatal(f"unable to exec {argv[0]}: {os.strerror(number)}", status)
+    return Instance(pid)
+
+
+class Handoff:
+    """The loop that runs instances, hands over on the reload signal, and tells the supervisor."""
+
+    def __init__(self, tool, program, settings, inbox, upward):
+        self.tool, self.program, self.settings, self.inbox, self.upward = tool, program, settings, inbox, upward
+        self.current = None
+        self.candidate = None
+        self.candidate_deadline = None
+        self.retiring = []
+        self.reload_pending = False
+        self.stopping = False
+        self.wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(wakeup_write, False)
+        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
+        for number in (*STOPS, settings["reload"]):
+            signal.signal(number, lambda number, frame: None)  # the wakeup fd carries it
+
+    def run(self):
+        """Until the current instance exits; returns its wait status."""
+        self.current = self.start()
+        while True:
+            self.wait()
+            self.take_signals()
+            self.take_notifications()
+            if self.current.reap():
+                return self.finish()
+            self.take_candidate_exit()
+            self.take_deadlines()
+            self.retiring = [old for old in self.retiring if not old.reap()]
+            if self.reload_pending and self.candidate is None and self.current.ready and not self.stopping:
+                self.reload_pending = False
+                self.begin_handoff()
+
+    def start(self):
+        path = chain.find_program(self.program[0], self.settings["environ"])
+        return spawn(path, self.program, self.settings["environ"], self.inbox.path, self.settings["systemd_sockets"])
+
+    def wait(self):
+        poller = select.poll()
+        for fd in (self.wakeup_read, self.inbox.fileno(), *(i.pidfd for i in self.instances())):
+            poller.register(fd, select.POLLIN)
+        deadlines = [d for d in (self.candidate_deadline, *(old.kill_at for old in self.retiring)) if d is not None]
+        timeout = None if not deadlines else max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+        poller.poll(timeout)
+
+    def instances(self):
+        return [i for i in (self.current, self.candidate, *self.retiring) if i is not None and i.status is None]
+
+    def take_signals(self):
+        try:
+            numbers = os.read(self.wakeup_read, 1024)
+        except BlockingIOError:
+            return
+        for number in numbers:
+            if number == self.settings["reload"]:
+                if self.reload_pending or self.candidate is not None:
+                    self.note("reload signal during a handoff: one more handoff follows it")
+                self.reload_pending = True
+            elif number in STOPS:
+                self.stopping = True
+                for instance in self.instances():
+                    instance.send(number)
+
+    def take_notifications(self):
+        while (message := self.inbox.receive()) is not None:
+            sdnotify.close_fds(message.fds)
+            if message.truncated:
+                continue
+            sender = self.sender_of(message)
+            ready = ("READY", "1") in message.fields
+            if sender is self.candidate and ready and not self.candidate.ready:
+                self.complete_handoff()
+            elif sender is self.current and ready and not self.current.ready:
+                self.current.ready = True
+                self.tell_ready_first()
+
+    def sender_of(self, message):
+        """The instance a notification came from, by the sender's ancestry; None for a stranger.
+
+        A sender already gone is credited to the instance awaited: the
+        candidate during a handoff, else the current one.
+        """
+        for instance in (self.candidate, self.current):
+            if instance is not None and sdnotify.descends_from(message.pid, instance.pid):
+                return instance
+        if sdnotify.descends_from(message.pid, os.getpid()) is None and message.uid == os.getuid():
+            return self.candidate or self.current
+        return None
+
+    def take_candidate_exit(self):
+        if self.candidate is not None and self.candidate.reap():
+            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) {describe(self.candidate.status)} before it was ready")
+
+    def take_deadlines(self):
+        now = time.monotonic()
+        if self.candidate is not None and self.candidate_deadline is not None and now >= self.candidate_deadline:
+            self.retire(self.candidate)
+            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {self.settings['ready_timeout']:g} seconds")
+        for old in self.retiring:
+            if old.kill_at is not None and now >= old.kill_at:
+                old.send(signal.SIGKILL)
+                old.kill_at = None
+
+    def begin_handoff(self):
+        self.note(f"handing over from pid {self.current.pid}")
+        self.upward(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance", self.current.pid)
+        try:
+            self.candidate = self.start()
+        except Fatal as error:
+            self.candidate = None
+            self.fail_handoff(str(error))
+            return
+        self.candidate_deadline = time.monotonic() + self.settings["ready_timeout"]
+
+    def complete_handoff(self):
+        old, new = self.current, self.candidate
+        new.ready = True
+        self.current, self.candidate, self.candidate_deadline = new, None, None
+        self.upward(f"READY=1\nMAINPID={new.pid}\nSTATUS=serving (pid {new.pid}, took over from pid {old.pid})", old.pid)
+        self.retire(old)
+        self.note(f"pid {new.pid} is ready; pid {old.pid} is stopping")
+
+    def fail_handoff(self, reason):
+        self.candidate, self.candidate_deadline = None, None
+        warn(self.tool, "warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
+        self.upward(f"READY=1\nMAINPID={self.current.pid}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current.pid)
+
+    def retire(self, instance):
+        instance.send(self.settings["stop"])
+        instance.kill_at = time.monotonic() + self.settings["grace"]
+        self.retiring.append(instance)
+
+    def tell_ready_first(self):
+        self.upward(f"READY=1\nMAINPID={self.current.pid}\nSTATUS=serving (pid {self.current.pid})", self.current.pid)
+        fd = self.settings["ready_fd"]
+        if fd is not None:
+            try:
+                os.write(fd, b"\n")
+            finally:
+                os.close(fd)
+                self.settings["ready_fd"] = None
+
+    def finish(self):
+        """The current instance is gone: stop the others (grace, then SIGKILL) and return its status."""
+        for instance in self.instances():
+            if instance not in self.retiring:
+                self.retire(instance)
+        deadline = time.monotonic() + self.settings["grace"]
+        while self.instances():
+            if time.monotonic() >= deadline:
+                for instance in self.instances():
+                    instance.send(signal.SIGKILL)
+            time.sleep(0.01)
+            for instance in self.instances():
+                instance.reap()
+        return self.current.status
+
+    def note(self, text):
+        if self.settings["verbose"]:
+            warn(self.tool, "info", text)
+
+
+def describe(status):
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
