@@ -116,7 +116,8 @@ def exit_like(status):
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         signal.set_wakeup_fd(-1)
-        signal.signal(number, signal.SIG_DFL)
+        if number not in (signal.SIGKILL, signal.SIGSTOP):  # these two cannot be caught anyway
+            signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)
         return 128 + number  # a signal that does not kill by default
     return os.WEXITSTATUS(status)

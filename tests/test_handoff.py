@@ -1,0 +1,264 @@
+"""fdlaunch-handoff: overlapped restarts under load, failures that keep the old instance, signals."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TIMEOUT, free_port, run
+
+HERE = Path(__file__).resolve().parent
+HELLO = str(HERE.parent / "examples" / "hello_httpd.py")
+UDP_ECHO = str(HERE / "udp_echo.py")
+WARMUP = "1"  # the daemon takes a second to become ready
+
+
+class Upstream:
+    """Our stand-in for systemd: the NOTIFY_SOCKET fdlaunch-handoff reports to."""
+
+    def __init__(self, directory):
+        self.path = str(directory / "upstream")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(TIMEOUT)
+
+    def next_message(self):
+        return dict(line.split("=", 1) for line in self.sock.recv(4096).decode().splitlines())
+
+    def wait_ready(self):
+        """The next READY=1, skipping RELOADING and STATUS-only messages; its fields."""
+        while True:
+            fields = self.next_message()
+            if fields.get("READY") == "1":
+                return fields
+
+
+class Handoff:
+    """fdlaunch-listen ... -- fdlaunch-handoff -- PROG, started and stopped around a test."""
+
+    def __init__(self, tmp_path, spec, program, options=()):
+        self.upstream = Upstream(tmp_path)
+        argv = ["fdlaunch-listen", spec, "--", "fdlaunch-handoff", "-v", *options, "--", *program]
+        self.process = subprocess.Popen(
+            argv, env={**os.environ, "NOTIFY_SOCKET": self.upstream.path}, stderr=(tmp_path / "stderr").open("w"), text=True
+        )
+        self.stderr = tmp_path / "stderr"
+
+    def reload(self):
+        self.process.send_signal(signal.SIGHUP)
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(TIMEOUT)
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+
+
+class HttpLoad:
+    """Requests in a loop, each on a new connection, until stopped: the pids that answered, the failures."""
+
+    def __init__(self, port):
+        self.port, self.pids, self.failures, self.running = port, [], [], True
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while self.running:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as client:
+                    client.sendall(b"GET /load HTTP/1.0\r\n\r\n")
+                    reply = b""
+                    while chunk := client.recv(4096):
+                        reply += chunk
+                self.pids.append(int(reply.split(b"hello from pid ")[1].split()[0]))
+            except (OSError, IndexError, ValueError) as error:
+                self.failures.append(repr(error))
+
+    def stop(self):
+        self.running = False
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def http(tmp_path):
+    port = free_port()
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", [sys.executable, HELLO, WARMUP])
+    yield handoff, port
+    handoff.kill()
+
+
+def test_ten_handoffs_under_load_fail_nothing(http):
+    handoff, port = http
+    first = handoff.upstream.wait_ready()
+    assert int(first["MAINPID"]) != handoff.process.pid
+    load = HttpLoad(port)
+    serving = [int(first["MAINPID"])]
+    try:
+        for _ in range(10):
+            time.sleep(0.2)
+            handoff.reload()
+            fields = handoff.upstream.wait_ready()
+            serving.append(int(fields["MAINPID"]))
+            assert "took over from pid" in fields["STATUS"]
+        time.sleep(0.3)
+    finally:
+        load.stop()
+    assert load.failures == []
+    assert len(set(serving)) == 11, "every handoff brings a new pid"
+    answered = list(dict.fromkeys(load.pids))  # distinct, in the order seen
+    assert answered == serving, "the responses show the serving pid changing each time"
+    assert handoff.stop() == 0
+
+
+def test_reload_messages_go_upward(http):
+    handoff, _ = http
+    handoff.upstream.wait_ready()
+    handoff.reload()
+    reloading = handoff.upstream.next_message()
+    assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+    assert handoff.upstream.wait_ready()["READY"] == "1"
+
+
+def test_a_new_instance_that_fails_leaves_the_old_one_serving(tmp_path):
+    port = free_port()
+    fail = tmp_path / "fail"
+    program = ["sh", "-c", f"[ -e {fail} ] && exit 3; exec {sys.executable} {HELLO} {WARMUP}"]
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", program)
+    try:
+        old = int(handoff.upstream.wait_ready()["MAINPID"])
+        load = HttpLoad(port)
+        fail.touch()
+        handoff.reload()
+        after = handoff.upstream.wait_ready()
+        time.sleep(0.3)
+        load.stop()
+        assert int(after["MAINPID"]) == old and "handoff failed" in after["STATUS"]
+        assert load.failures == [] and set(load.pids) == {old}
+        assert "exited with status 3 before it was ready; pid" in handoff.stderr.read_text()
+    finally:
+        handoff.kill()
+
+
+def test_a_new_instance_that_is_never_ready_is_stopped(tmp_path):
+    port = free_port()
+    slow = tmp_path / "slow"
+    program = ["sh", "-c", f"[ -e {slow} ] && exec sleep 60; exec {sys.executable} {HELLO} 0"]
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", program, ["--ready-timeout=0.5", "--grace=0.5"])
+    try:
+        old = int(handoff.upstream.wait_ready()["MAINPID"])
+        slow.touch()
+        handoff.reload()
+        assert int(handoff.upstream.wait_ready()["MAINPID"]) == old
+        assert "was not ready after 0.5 seconds" in handoff.stderr.read_text()
+        time.sleep(1)
+        sleepers = [p for p in os.listdir("/proc") if p.isdigit() and Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep\x0060")]
+        assert sleepers == [], "the failed instance was killed after its grace"
+    finally:
+        handoff.kill()
+
+
+def test_a_program_gone_at_reload_leaves_the_old_one_serving(tmp_path):
+    port = free_port()
+    script = tmp_path / "daemon"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {HELLO} 0\n")
+    script.chmod(0o755)
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", [str(script)])
+    try:
+        old = int(handoff.upstream.wait_ready()["MAINPID"])
+        script.unlink()
+        handoff.reload()
+        assert int(handoff.upstream.wait_ready()["MAINPID"]) == old
+        assert f"unable to exec {script}: No such file or directory" in handoff.stderr.read_text()
+    finally:
+        handoff.kill()
+
+
+def test_reload_signals_during_a_handoff_are_neither_lost_nor_multiplied(http):
+    handoff, _ = http
+    first = handoff.upstream.wait_ready()["MAINPID"]
+    for _ in range(3):
+        handoff.reload()
+        time.sleep(0.05)
+    second = handoff.upstream.wait_ready()["MAINPID"]
+    third = handoff.upstream.wait_ready()["MAINPID"]
+    assert len({first, second, third}) == 3
+    handoff.upstream.sock.settimeout(2.5)
+    with pytest.raises(TimeoutError):
+        handoff.upstream.wait_ready()  # no third handoff
+
+
+def test_sigterm_goes_to_the_instance_and_its_status_comes_back(http):
+    handoff, _ = http
+    handoff.upstream.wait_ready()
+    assert handoff.stop() == 0  # hello_httpd exits 0 on SIGTERM
+
+
+def test_an_instance_that_dies_ends_handoff_with_its_status(http):
+    handoff, _ = http
+    pid = int(handoff.upstream.wait_ready()["MAINPID"])
+    os.kill(pid, signal.SIGKILL)
+    assert handoff.process.wait(TIMEOUT) == -signal.SIGKILL
+
+
+def test_udp_datagrams_during_handoffs_are_all_answered(tmp_path):
+    port = free_port(socket.SOCK_DGRAM)
+    handoff = Handoff(tmp_path, f"-udp:label=dns:127.0.0.1:{port}", [sys.executable, UDP_ECHO, WARMUP])
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    unanswered, pids = [], set()
+    try:
+        handoff.upstream.wait_ready()
+        done = threading.Event()
+
+        def reloads():
+            for _ in range(3):
+                handoff.reload()
+                handoff.upstream.wait_ready()
+            done.set()
+
+        reloader = threading.Thread(target=reloads, daemon=True)
+        reloader.start()
+        number = 0
+        while not done.is_set():
+            number += 1
+            client.sendto(str(number).encode(), ("127.0.0.1", port))
+            try:
+                pid, echoed = client.recv(2048).decode().split()
+                assert echoed == str(number)
+                pids.add(pid)
+            except TimeoutError:
+                unanswered.append(number)
+        reloader.join(TIMEOUT)
+    finally:
+        client.close()
+        handoff.kill()
+    assert unanswered == [] and number > 10
+    assert len(pids) >= 3
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--signal=TERM"], "that signal stops fdlaunch-handoff"),
+        (["--signal=BOGUS"], "--signal='BOGUS' is not a signal"),
+        (["--grace=-1"], "--grace='-1' is not a number of seconds"),
+        (["--fd=77"], "--fd='77' is not an open descriptor"),
+    ],
+)
+def test_handoff_usage_errors(options, message):
+    done = run(["fdlaunch-handoff", *options, "true"])
+    assert done.returncode == 100
+    assert done.stderr.startswith("fdlaunch-handoff: fatal: ") and message in done.stderr
+
+
+def test_missing_program_at_start():
+    done = run(["fdlaunch-handoff", "no-such-program-fdl"])
+    assert done.returncode == 127
+    assert done.stderr == "fdlaunch-handoff: fatal: unable to exec no-such-program-fdl: No such file or directory\n"
