@@ -178,7 +178,7 @@ class Handoff:
 
     def begin_handoff(self):
         self.note(f"handing over from pid {self.current.pid}")
-        self.upward(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance", self.current.pid)
+        self.tell(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance", self.current)
         try:
             self.candidate = self.start()
         except Fatal as error:
@@ -191,14 +191,14 @@ class Handoff:
         old, new = self.current, self.candidate
         new.ready = True
         self.current, self.candidate, self.candidate_deadline = new, None, None
-        self.upward(f"READY=1\nMAINPID={new.pid}\nSTATUS=serving (pid {new.pid}, took over from pid {old.pid})", old.pid)
+        self.tell(f"READY=1\nMAINPID={self.main_pid(new)}\nSTATUS=serving (pid {new.pid}, took over from pid {old.pid})", old)
         self.retire(old)
         self.note(f"pid {new.pid} is ready; pid {old.pid} is stopping")
 
     def fail_handoff(self, reason):
         self.candidate, self.candidate_deadline = None, None
         warn(self.tool, "warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
-        self.upward(f"READY=1\nMAINPID={self.current.pid}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current.pid)
+        self.tell(f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current)
 
     def retire(self, instance):
         instance.send(self.settings["stop"])
@@ -206,7 +206,7 @@ class Handoff:
         self.retiring.append(instance)
 
     def tell_ready_first(self):
-        self.upward(f"READY=1\nMAINPID={self.current.pid}\nSTATUS=serving (pid {self.current.pid})", self.current.pid)
+        self.tell(f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=serving (pid {self.current.pid})", self.current)
         fd = self.settings["ready_fd"]
         if fd is not None:
             try:
@@ -229,6 +229,14 @@ class Handoff:
             for instance in self.instances():
                 instance.reap()
         return self.current.status
+
+    def main_pid(self, instance):
+        """The pid the supervisor should treat as the service's: the serving instance, or us (--main-pid=self)."""
+        return os.getpid() if self.settings["main_pid_self"] else instance.pid
+
+    def tell(self, message, speaker):
+        """A notification upward, sent with the credentials of the pid the supervisor knows as main."""
+        self.upward(message, os.getpid() if self.settings["main_pid_self"] else speaker.pid)
 
     def note(self, text):
         if self.settings["verbose"]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import missing, run
 
 MAN = Path(__file__).resolve().parent.parent / "man"
-TOOLS = ["fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap"]
+TOOLS = ["fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap", "fdlaunch-handoff"]
 
 
 def words(text):

@@ -250,6 +250,7 @@ def test_udp_datagrams_during_handoffs_are_all_answered(tmp_path):
         (["--signal=BOGUS"], "--signal='BOGUS' is not a signal"),
         (["--grace=-1"], "--grace='-1' is not a number of seconds"),
         (["--fd=77"], "--fd='77' is not an open descriptor"),
+        (["--main-pid=parent"], "--main-pid='parent' is not 'instance' or 'self'"),
     ],
 )
 def test_handoff_usage_errors(options, message):
@@ -262,3 +263,17 @@ def test_missing_program_at_start():
     done = run(["fdlaunch-handoff", "no-such-program-fdl"])
     assert done.returncode == 127
     assert done.stderr == "fdlaunch-handoff: fatal: unable to exec no-such-program-fdl: No such file or directory\n"
+
+
+def test_main_pid_self_lets_execreload_signal_the_reported_pid(tmp_path):
+    """As systemd's ExecReload=kill -HUP $MAINPID would, with the MAINPID we reported."""
+    port = free_port()
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", [sys.executable, HELLO, "0"], ["--main-pid=self"])
+    try:
+        reported = int(handoff.upstream.wait_ready()["MAINPID"])
+        assert reported == handoff.process.pid
+        os.kill(reported, signal.SIGHUP)
+        fields = handoff.upstream.wait_ready()
+        assert int(fields["MAINPID"]) == reported and "took over from pid" in fields["STATUS"]
+    finally:
+        handoff.kill()

@@ -18,6 +18,8 @@ Options:
                         before SIGKILL [default: 10].
   --fd=N                Once the first instance is ready, write a newline
                         to fd N and close it (s6).
+  --main-pid=WHO        The MAINPID= told upward: 'instance' (the serving
+                        one) or 'self' [default: instance].
   -v, --verbose         Say on stderr what happens.
   -h, --help            Print this help.
   --version             Print the version.
@@ -67,7 +69,10 @@ def read_settings(options, environ):
         "grace": seconds("--grace", options["--grace"]),
         "verbose": options["--verbose"],
         "ready_fd": None,
+        "main_pid_self": options["--main-pid"] == "self",
     }
+    if options["--main-pid"] not in ("instance", "self"):
+        raise UsageError(f"--main-pid={options['--main-pid']!r} is not 'instance' or 'self'")
     if settings["reload"] in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
         raise UsageError(f"--signal={options['--signal']}: that signal stops fdlaunch-handoff or cannot be caught; use HUP, USR1 or USR2")
     if options["--fd"] is not None:
