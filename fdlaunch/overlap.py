@@ -16,6 +16,7 @@ from fdlaunch import chain, sdnotify
 from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, warn
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+PR_SET_PDEATHSIG = 1
 
 
 class Instance:
@@ -45,6 +46,7 @@ class Instance:
 def spawn(path, argv, environ, notify_socket, systemd_sockets):
     """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it."""
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
@@ -52,6 +54,7 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets):
             signal.set_wakeup_fd(-1)
             for number in (*STOPS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
                 signal.signal(number, signal.SIG_DFL)
+            die_with(parent)
             child_environ = {**environ, "NOTIFY_SOCKET": notify_socket}
             if systemd_sockets:
                 child_environ["LISTEN_PID"] = str(os.getpid())
@@ -71,6 +74,20 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets):
         status = NOT_FOUND if number in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
         raise Fatal(f"unable to exec {argv[0]}: {os.strerror(number)}", status)
     return Instance(pid)
+
+
+def die_with(parent):
+    """SIGTERM when fdlaunch-handoff dies, even by SIGKILL: an instance left behind would hold the sockets.
+
+    The setting survives execve(2) (prctl(2), PR_SET_PDEATHSIG); a parent
+    already gone before it was made is caught by the getppid() check.
+    """
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(NOT_EXECUTABLE)
 
 
 class Handoff:
@@ -198,7 +215,9 @@ class Handoff:
     def fail_handoff(self, reason):
         self.candidate, self.candidate_deadline = None, None
         warn(self.tool, "warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
-        self.tell(f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current)
+        self.tell(
+            f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current
+        )
 
     def retire(self, instance):
         instance.send(self.settings["stop"])

@@ -57,6 +57,7 @@ class Handoff:
         return self.process.wait(TIMEOUT)
 
     def kill(self):
+        """SIGKILL: the instances must follow (they get SIGTERM when fdlaunch-handoff dies)."""
         self.process.kill()
         self.process.wait()
 
@@ -241,6 +242,16 @@ def test_udp_datagrams_during_handoffs_are_all_answered(tmp_path):
         handoff.kill()
     assert unanswered == [] and number > 10
     assert len(pids) >= 3
+
+
+def test_instances_do_not_outlive_a_killed_handoff(http):
+    handoff, _ = http
+    pid = int(handoff.upstream.wait_ready()["MAINPID"])
+    handoff.kill()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists() or "Z (zombie)" in Path(f"/proc/{pid}/status").read_text()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,146 @@
+"""Restarts under load: 20 handoffs against 20 plain stop-and-start restarts, side by side.
+
+One run drives examples/hello_httpd.py (one second of warm-up before
+READY=1) with a load generator on loopback, and prints:
+- failed requests during 20 fdlaunch-handoff handoffs, and during 20 plain
+  restarts (SIGTERM, wait, start again) of the same daemon under fdlaunch-listen;
+- request latency p50 and p99 in steady state and during the handoffs.
+
+    python benchmarks/handoff.py [CLIENT_THREADS]
+"""
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HELLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "hello_httpd.py")
+RESTARTS = 20
+THREADS = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+STEADY_SECONDS = 5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Load:
+    """Client threads, each a loop of one request per connection; every result is kept with its time."""
+
+    def __init__(self, port):
+        self.port, self.results, self.running = port, [], True
+        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(THREADS)]
+        for thread in self.threads:
+            thread.start()
+
+    def loop(self):
+        while self.running:
+            started = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as client:
+                    client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    reply = b""
+                    while chunk := client.recv(4096):
+                        reply += chunk
+                ok = reply.startswith(b"HTTP/1.0 200")
+            except OSError:
+                ok = False
+            self.results.append((started, time.monotonic() - started, ok))
+
+    def between(self, start, end):
+        return [(latency, ok) for started, latency, ok in self.results if start <= started < end]
+
+    def stop(self):
+        self.running = False
+        for thread in self.threads:
+            thread.join(10)
+
+
+class Upstream:
+    def __init__(self, directory):
+        self.path = os.path.join(directory, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(30)
+
+    def wait_ready(self):
+        while b"READY=1" not in self.sock.recv(4096).split(b"\n"):
+            pass
+
+
+def handoffs(directory):
+    """Steady state, then RESTARTS handoffs, under load: (steady results, handoff results)."""
+    port, upstream = free_port(), Upstream(directory)
+    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", "fdlaunch-handoff", "--", sys.executable, HELLO, "1"]
+    server = subprocess.Popen(argv, env={**os.environ, "NOTIFY_SOCKET": upstream.path}, stderr=subprocess.DEVNULL)
+    try:
+        upstream.wait_ready()
+        load = Load(port)
+        time.sleep(STEADY_SECONDS)
+        middle = time.monotonic()
+        for _ in range(RESTARTS):
+            server.send_signal(signal.SIGHUP)
+            upstream.wait_ready()
+        end = time.monotonic()
+        load.stop()
+        return load.between(0, middle), load.between(middle, end)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def plain_restarts(directory):
+    """RESTARTS stop-and-start restarts of the same daemon under load: their results."""
+    port, upstream = free_port(), Upstream(os.path.join(directory))
+    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", sys.executable, HELLO, "1"]
+    environ = {**os.environ, "NOTIFY_SOCKET": upstream.path}
+    server = subprocess.Popen(argv, env=environ, stderr=subprocess.DEVNULL)
+    try:
+        upstream.wait_ready()
+        load = Load(port)
+        start = time.monotonic()
+        for _ in range(RESTARTS):
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+            server = subprocess.Popen(argv, env=environ, stderr=subprocess.DEVNULL)
+            upstream.wait_ready()
+        end = time.monotonic()
+        load.stop()
+        return load.between(start, end)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def summary(results):
+    latencies = sorted(latency for latency, ok in results if ok)
+    failed = sum(1 for _, ok in results if not ok)
+    p50 = statistics.median(latencies) * 1000
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+    return len(results), failed, p50, p99
+
+
+def main():
+    with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
+        steady, during_handoffs = handoffs(first)
+        during_restarts = plain_restarts(second)
+    print(f"{RESTARTS} restarts each, {THREADS} client threads, one request per connection, daemon warm-up 1 s")
+    print(f"{'phase':32} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    rows = {"steady state": steady, "during 20 handoffs": during_handoffs, "during 20 stop-and-start": during_restarts}
+    for name, results in rows.items():
+        total, failed, p50, p99 = summary(results)
+        print(f"{name:32} {total:9} {failed:7} {p50:8.2f} {p99:8.2f}")
+    _, _, steady_p50, steady_p99 = summary(steady)
+    _, _, handoff_p50, handoff_p99 = summary(during_handoffs)
+    print(f"latency during handoffs / steady state: p50 x{handoff_p50 / steady_p50:.2f}, p99 x{handoff_p99 / steady_p99:.2f}")
+
+
+if __name__ == "__main__":
+    main()
