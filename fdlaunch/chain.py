@@ -88,3 +88,10 @@ def stopping_signals_raise(numbers=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def describe_exit(status):
+    """A wait status in words: 'exited with status 3', 'was killed by SIGTERM'."""
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"

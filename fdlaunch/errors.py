@@ -6,7 +6,6 @@ tested in-process.
 """
 
 import functools
-import os
 import sys
 
 USAGE = 100
@@ -84,7 +83,3 @@ def warn(name, kind, message):
     """One line on stderr: 'NAME: KIND: MESSAGE' (kind: fatal, warning, info)."""
     sys.stderr.write(f"{name}: {kind}: {message}\n")
     sys.stderr.flush()
-
-
-def strerror(number):
-    return os.strerror(number)

@@ -181,7 +181,9 @@ class Handoff:
 
     def take_candidate_exit(self):
         if self.candidate is not None and self.candidate.reap():
-            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) {describe(self.candidate.status)} before it was ready")
+            self.fail_handoff(
+                f"the new instance (pid {self.candidate.pid}) {chain.describe_exit(self.candidate.status)} before it was ready"
+            )
 
     def take_deadlines(self):
         now = time.monotonic()
@@ -260,9 +262,3 @@ class Handoff:
     def note(self, text):
         if self.settings["verbose"]:
             warn(self.tool, "info", text)
-
-
-def describe(status):
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with status {os.WEXITSTATUS(status)}"

@@ -24,11 +24,12 @@ Options:
 
 import fcntl
 import os
+import select
 import signal
 import sys
 import time
 
-from fdlaunch import chain, cli, readiness, sdnotify
+from fdlaunch import chain, cli, fds, readiness, sdnotify
 from fdlaunch.errors import Fatal, UsageError, tool, unable, warn
 
 PROG = "fdlaunch-notify-wait"
@@ -132,16 +133,8 @@ def isolate(keep):
     for fd in (0, 1):
         os.dup2(devnull, fd)
     os.close(devnull)
-    for fd in sorted(set(range(3, _highest_fd() + 1)) - keep):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    fds.close_all(fds.open_fds() - keep - {0, 1, 2})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _highest_fd():
-    return max(int(name) for name in os.listdir("/proc/self/fd"))
 
 
 def fork_and_wait(inbox, relays, settings, path, program, environ):
@@ -167,11 +160,11 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status = reap(child, pidfd, GRACE_SECONDS)
         raise Fatal(
-            f"{program[0]} (pid {child}) was not ready after {settings['timeout']:g} seconds; stopped it: {describe(status)}",
+            f"{program[0]} (pid {child}) was not ready after {settings['timeout']:g} seconds; stopped it: {chain.describe_exit(status)}",
             NOT_READY_IN_TIME,
         )
     status = reap(child, pidfd, None)
-    raise Fatal(f"{program[0]} (pid {child}) {describe(status)} before it was ready", EXITED_BEFORE_READY)
+    raise Fatal(f"{program[0]} (pid {child}) {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
 
 
 def run_child(path, program, environ, parent_pid):
@@ -196,8 +189,6 @@ def run_child(path, program, environ, parent_pid):
 def reap(child, pidfd, grace):
     """Wait for the child; after grace seconds, SIGKILL it. Returns its wait status."""
     if grace is not None:
-        import select
-
         if not select.select([pidfd], [], [], grace)[0]:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     while True:
@@ -205,9 +196,3 @@ def reap(child, pidfd, grace):
             return os.waitpid(child, 0)[1]
         except InterruptedError:
             continue
-
-
-def describe(status):
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
