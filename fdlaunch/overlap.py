@@ -43,7 +43,12 @@ class Instance:
         return self.status is not None
 
 
-def spawn(path, argv, environ, notify_socket, systemd_sockets):
+def received_dispositions(numbers):
+    """Which of these signals this process was started with ignored: the instances get the same."""
+    return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
+
+
+def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions):
     """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it."""
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
@@ -52,8 +57,8 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets):
         try:
             os.close(report_read)
             signal.set_wakeup_fd(-1)
-            for number in (*STOPS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(number, signal.SIG_DFL)
+            for number, disposition in dispositions.items():
+                signal.signal(number, disposition)
             die_with(parent)
             child_environ = {**environ, "NOTIFY_SOCKET": notify_socket}
             if systemd_sockets:
@@ -101,6 +106,7 @@ class Handoff:
         self.retiring = []
         self.reload_pending = False
         self.stopping = False
+        self.dispositions = received_dispositions((*STOPS, settings["reload"]))
         self.wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.set_blocking(wakeup_write, False)
         signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
@@ -125,7 +131,8 @@ class Handoff:
 
     def start(self):
         path = chain.find_program(self.program[0], self.settings["environ"])
-        return spawn(path, self.program, self.settings["environ"], self.inbox.path, self.settings["systemd_sockets"])
+        environ, sockets = self.settings["environ"], self.settings["systemd_sockets"]
+        return spawn(path, self.program, environ, self.inbox.path, sockets, self.dispositions)
 
     def wait(self):
         poller = select.poll()
