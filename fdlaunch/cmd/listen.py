@@ -38,14 +38,14 @@ def main(argv):
         missing = "socket spec" if not wanted else "program"
         raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
     systemd = not options["--map"]
-    environ, pid = chain.received_environment(), os.getpid()
-    inherited = listenenv.inherited(environ, pid)
+    caller, pid = chain.received_environment(), os.getpid()
+    inherited = listenenv.inherited(caller, pid)
     open_now = fds.open_fds()
     fds.check_inherited(inherited, open_now)
     layout = fdplan.plan(inherited, wanted, open_now, systemd, fds.limit())
     ipv6 = any(not s.host and s.protocol.family == "any" for s in wanted) and sock.ipv6_available()
     endpoints = [sock.resolve(s, ipv6) for s in wanted]
-    environ, caller = listenenv.environment(environ, layout.passed, pid, systemd, layout.variables), environ
+    environ = listenenv.environment(caller, layout.passed, pid, systemd, layout.variables)
     if options["--dry-run"]:
         print_plan(layout, endpoints, caller, environ, program)
         raise Finished(0)
