@@ -35,6 +35,7 @@ def main():
     commands = {
         "true (no launcher)": ["true"],
         "python3 -S -c pass": [sys.executable, "-S", "-c", "pass"],
+        "python3 -c pass (as a console script starts)": [sys.executable, "-c", "pass"],
         "fdlaunch-listen -tcp:127.0.0.1:0 true": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "true"],
         "fdlaunch-listen 4 sockets true": [
             "fdlaunch-listen",
@@ -51,9 +52,9 @@ def main():
     results = {name: measure(argv) for name, argv in commands.items()}
     python_time = results["python3 -S -c pass"][0]
     print(f"{RUNS} runs each; median wall time, peak RSS")
-    print(f"{'command':45} {'ms':>8} {'x python':>9} {'RSS MiB':>8}")
+    print(f"{'command':46} {'ms':>8} {'x python':>9} {'RSS MiB':>8}")
     for name, (seconds, peak_kib) in results.items():
-        print(f"{name:45} {seconds * 1000:8.2f} {seconds / python_time:9.2f} {peak_kib / 1024:8.1f}")
+        print(f"{name:46} {seconds * 1000:8.2f} {seconds / python_time:9.2f} {peak_kib / 1024:8.1f}")
 
 
 if __name__ == "__main__":
