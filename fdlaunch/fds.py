@@ -80,3 +80,13 @@ def close_all(fds):
 def make_inheritable(fds):
     for fd in fds:
         os.set_inheritable(fd, True)
+
+
+def open_fd_option(option, text):
+    """--fd=N: N as a number, which must be an open descriptor (s6's notification fd)."""
+    fd = int(text) if text.isdigit() else -1
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except (OSError, ValueError):  # ValueError: not a number at all
+        raise UsageError(f"{option}={text!r}: not an open descriptor (s6 opens it when the service has a notification-fd file)") from None
+    return fd

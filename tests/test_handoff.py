@@ -260,7 +260,7 @@ def test_instances_do_not_outlive_a_killed_handoff(http):
         (["--signal=TERM"], "that signal stops fdlaunch-handoff"),
         (["--signal=BOGUS"], "--signal='BOGUS' is not a signal"),
         (["--grace=-1"], "--grace='-1' is not a number of seconds"),
-        (["--fd=77"], "--fd='77' is not an open descriptor"),
+        (["--fd=77"], "--fd='77': not an open descriptor"),
         (["--main-pid=parent"], "--main-pid='parent' is not 'instance' or 'self'"),
     ],
 )

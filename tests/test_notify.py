@@ -342,8 +342,8 @@ def test_environment_and_descriptors_in_chain_mode(env, probe):
     "argv, extra_env, status, message",
     [
         (["--forward", "true"], {}, 100, "--forward needs a NOTIFY_SOCKET"),
-        (["--fd=9", "true"], {}, 100, "--fd=9: fd 9 is not open"),
-        (["--fd=x", "true"], {}, 100, "--fd='x' is not a descriptor number"),
+        (["--fd=9", "true"], {}, 100, "--fd='9': not an open descriptor"),
+        (["--fd=x", "true"], {}, 100, "--fd='x': not an open descriptor"),
         (["--timeout=soon", "true"], {}, 100, "--timeout='soon' is not a number"),
         (["--kill", "true"], {}, 100, "--kill goes with --timeout"),
         (["--bogus", "true"], {}, 100, "unknown or repeated option '--bogus'"),

@@ -25,7 +25,6 @@ Options:
   --version             Print the version.
 """
 
-import fcntl
 import os
 import signal
 
@@ -76,12 +75,8 @@ def read_settings(options, environ):
     if settings["reload"] in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
         raise UsageError(f"--signal={options['--signal']}: that signal stops fdlaunch-handoff or cannot be caught; use HUP, USR1 or USR2")
     if options["--fd"] is not None:
-        fd = int(options["--fd"]) if options["--fd"].isdigit() else -1
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)  # the instances must not hold it
-        except OSError:
-            raise UsageError(f"--fd={options['--fd']!r} is not an open descriptor") from None
-        settings["ready_fd"] = fd
+        settings["ready_fd"] = fds.open_fd_option("--fd", options["--fd"])
+        os.set_inheritable(settings["ready_fd"], False)  # the instances must not hold it
     return settings
 
 

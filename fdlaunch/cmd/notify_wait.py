@@ -22,7 +22,6 @@ Options:
   --version          Print the version.
 """
 
-import fcntl
 import os
 import select
 import signal
@@ -60,15 +59,7 @@ def main(argv):
 
 def read_settings(options, environ):
     """Every option checked before anything is created."""
-    fd = None
-    if options["--fd"] is not None:
-        if not options["--fd"].isdigit():
-            raise UsageError(f"--fd={options['--fd']!r} is not a descriptor number")
-        fd = int(options["--fd"])
-        try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            raise UsageError(f"--fd={fd}: fd {fd} is not open (s6 opens it when the service has a notification-fd file)") from None
+    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"])
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
         raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
