@@ -12,7 +12,7 @@ import select
 import signal
 import time
 
-from fdlaunch import chain, sdnotify
+from fdlaunch import chain, notifyproto, readiness, sdnotify
 from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, warn
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -166,7 +166,7 @@ class Handoff:
             if message.truncated:
                 continue
             sender = self.sender_of(message)
-            ready = ("READY", "1") in message.fields
+            ready = notifyproto.is_ready(message.fields)
             if sender is self.candidate and ready and not self.candidate.ready:
                 self.complete_handoff()
             elif sender is self.current and ready and not self.current.ready:
@@ -179,11 +179,13 @@ class Handoff:
         A sender already gone is credited to the instance awaited: the
         candidate during a handoff, else the current one.
         """
-        for instance in (self.candidate, self.current):
-            if instance is not None and sdnotify.descends_from(message.pid, instance.pid):
-                return instance
-        if sdnotify.descends_from(message.pid, os.getpid()) is None and message.uid == os.getuid():
-            return self.candidate or self.current
+        below_us = sdnotify.descends_from(message.pid, os.getpid())  # every instance is our child
+        if below_us is None:
+            return (self.candidate or self.current) if message.uid == os.getuid() else None
+        if below_us:
+            for instance in (self.candidate, self.current):
+                if instance is not None and sdnotify.descends_from(message.pid, instance.pid):
+                    return instance
         return None
 
     def take_candidate_exit(self):
@@ -235,13 +237,9 @@ class Handoff:
 
     def tell_ready_first(self):
         self.tell(f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=serving (pid {self.current.pid})", self.current)
-        fd = self.settings["ready_fd"]
-        if fd is not None:
-            try:
-                os.write(fd, b"\n")
-            finally:
-                os.close(fd)
-                self.settings["ready_fd"] = None
+        if self.settings["ready_fd"] is not None:
+            readiness.tell_s6(self.settings["ready_fd"])
+            self.settings["ready_fd"] = None
 
     def finish(self):
         """The current instance is gone: stop the others (grace, then SIGKILL) and return its status."""

@@ -17,6 +17,14 @@ READY, EXITED, LATE = "ready", "exited", "late"
 LINGER_SECONDS = 0.1
 
 
+def tell_s6(fd):
+    """s6 readiness: a newline on the notification fd, then close it (s6-supervise(8))."""
+    try:
+        os.write(fd, b"\n")
+    finally:
+        os.close(fd)
+
+
 class Relays:
     """Where readiness goes: an s6 notification fd, an upstream NOTIFY_SOCKET, a command, SIGSTOP."""
 
@@ -28,11 +36,8 @@ class Relays:
         if self.stop:
             signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
         if self.fd is not None:
-            try:
-                os.write(self.fd, b"\n")  # the s6 protocol: a newline, then close
-            finally:
-                os.close(self.fd)
-                self.fd = None
+            tell_s6(self.fd)
+            self.fd = None
         self.relay(fields, main_pid)
         if self.command:
             self.run_command(main_pid)

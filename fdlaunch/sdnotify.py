@@ -13,6 +13,7 @@ import tempfile
 from collections import namedtuple
 
 from fdlaunch import notifyproto
+from fdlaunch.errors import unable
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
@@ -88,15 +89,18 @@ class Inbox:
     """A private notification socket: in a fresh 0700 directory, credentials passed with every datagram."""
 
     def __init__(self, parent=None):
-        self.directory = tempfile.mkdtemp(prefix="fdlaunch-notify.", dir=parent)
+        try:
+            self.directory = tempfile.mkdtemp(prefix="fdlaunch-notify.", dir=parent)
+        except OSError as error:
+            raise unable("create the notify socket's directory", error) from None
         self.path = os.path.join(self.directory, "notify")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self.sock.bind(self.path)
-        except OSError:
+        except OSError as error:
             self.close()
-            raise
+            raise unable(f"create the notify socket {self.path}", error) from None
 
     def fileno(self):
         return self.sock.fileno()

@@ -29,7 +29,7 @@ import os
 import signal
 
 from fdlaunch import chain, cli, fds, listenenv, overlap, sdnotify
-from fdlaunch.errors import UsageError, tool, unable, warn
+from fdlaunch.errors import UsageError, tool, warn
 
 PROG = "fdlaunch-handoff"
 
@@ -46,10 +46,7 @@ def main(argv):
     if not passed and settings["verbose"]:
         warn(PROG, "info", "no sockets were passed in; instances still overlap, each with its own")
     upstream = environ.pop("NOTIFY_SOCKET", None)
-    try:
-        inbox = sdnotify.Inbox()
-    except OSError as error:
-        raise unable("create the notify socket", error) from None
+    inbox = sdnotify.Inbox()
     try:
         handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream))
         status = handoff.run()

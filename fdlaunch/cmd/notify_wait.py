@@ -29,7 +29,7 @@ import sys
 import time
 
 from fdlaunch import chain, cli, fds, readiness, sdnotify
-from fdlaunch.errors import Fatal, UsageError, tool, unable, warn
+from fdlaunch.errors import Fatal, UsageError, tool, warn
 
 PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md
@@ -45,10 +45,7 @@ def main(argv):
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
     path = chain.find_program(program[0], environ)
-    try:
-        inbox = sdnotify.Inbox()
-    except OSError as error:
-        raise unable("create the notify socket", error) from None
+    inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
     environ["NOTIFY_SOCKET"] = inbox.path
     if options["--fork"]:
