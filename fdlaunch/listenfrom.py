@@ -79,7 +79,7 @@ class FromFile:
         moves = layout.inherited_moves + [(h.fd, h.slot) for h in held]
         environ = listenenv.environment(self.environ, layout.passed, os.getpid(), self.systemd, layout.variables)
         removed = [self.held[j] for j in change.removed]
-        status = socketset.describe(len(layout.passed), [h.address for h in held if h in added.values()], [h.address for h in removed])
+        status = socketset.describe(len(layout.passed), [added[i].address for i in change.added], [h.address for h in removed])
         return Offer(environ, moves, held, list(added.values()), removed, status)
 
     def read(self):
@@ -88,8 +88,6 @@ class FromFile:
                 return file.read()
         except OSError as error:
             raise unable(f"read {self.path!r}", error) from None
-        except ValueError as error:  # a NUL in the path
-            raise Fatal(f"unable to read {self.path!r}: {error}") from None
 
     def bind(self, endpoint, slot):
         opened = sock.Opened()
