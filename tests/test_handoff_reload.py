@@ -258,3 +258,19 @@ def test_map_leaves_an_open_descriptor_alone(tmp_path):
     finally:
         process.kill()
         process.wait(TIMEOUT)
+
+
+def test_an_instance_gets_its_sockets_and_nothing_of_ours(tmp_path):
+    """CONVENTIONS.md section 1, with --listen-from: no descriptor of handoff's own, only documented variables."""
+    from test_hygiene import REPORT
+
+    file = tmp_path / "sockets"
+    file.write_text(f"-tcp:label=web:127.0.0.1:0\n-udp:label=dns:127.0.0.1:0\n-unix:label=ctl:{tmp_path}/ctl.sock\n")
+    caller = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path), "ODD": "a=b c"}
+    done = run(["fdlaunch-handoff", f"--listen-from={file}", "--", "/bin/sh", "-c", REPORT], env=caller)
+    assert done.returncode == 0, done.stderr
+    environ = dict(entry.split("=", 1) for entry in (tmp_path / "environ").read_text().split("\0") if entry)
+    assert set(environ) - set(caller) == {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "NOTIFY_SOCKET"}
+    assert (environ["LISTEN_FD_MAP"], environ["LISTEN_FDNAMES"]) == ("web=3,dns=4,ctl=5", "web:dns:ctl")
+    assert sorted(int(fd) for fd in (tmp_path / "fds").read_text().split()) == [0, 1, 2, 3, 4, 5]
+    assert not (tmp_path / "ctl.sock").exists(), "the socket file goes when fdlaunch-handoff does"
