@@ -51,11 +51,7 @@ def received_dispositions(numbers):
 
 
 def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, moves=()):
-    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it.
-
-    moves: (our fd, its fd) for each socket the instance gets, placed in the
-    child, so our own descriptors never move.
-    """
+    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it."""
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     pid = os.fork()
@@ -64,7 +60,8 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, mov
             os.close(report_read)
             signal.set_wakeup_fd(-1)
             if moves:
-                # Above every fd placed, so no move overwrites the pipe the exec error goes back on.
+                # (our fd, its fd) for each socket, placed here in the child so that
+                # ours never move; the report pipe first goes above them all.
                 floor = max(fd for move in moves for fd in move) + 1
                 report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
                 fds.place(moves)

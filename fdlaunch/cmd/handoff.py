@@ -48,17 +48,16 @@ def main(argv):
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
     passed = listenenv.inherited(environ, os.getpid())
-    open_now = fds.open_fds()
-    fds.check_inherited(passed, open_now)
-    listen_from, systemd = options["--listen-from"], not options["--map"]
-    settings["systemd_sockets"] = environ.get("LISTEN_PID") == str(os.getpid()) or bool(listen_from and systemd)
-    if not passed and not listen_from and settings["verbose"]:
+    fds.check_inherited(passed, fds.open_fds())
+    settings["systemd_sockets"] = environ.get("LISTEN_PID") == str(os.getpid())
+    if not passed and not options["--listen-from"] and settings["verbose"]:
         warn(PROG, "info", "no sockets were passed in; instances still overlap, each with its own")
     upstream = environ.pop("NOTIFY_SOCKET", None)
-    if listen_from:
-        settings["sockets"] = listenfrom.FromFile(listen_from, environ, passed, open_now, systemd)
-    else:
-        settings["sockets"] = listenfrom.Handed(environ)
+    settings["sockets"] = listenfrom.Handed(environ)
+    if options["--listen-from"]:
+        systemd = not options["--map"]
+        settings["sockets"] = listenfrom.FromFile(options["--listen-from"], environ, passed, fds.open_fds(), systemd)
+        settings["systemd_sockets"] = settings["systemd_sockets"] or systemd
     inbox = sdnotify.Inbox()
     try:
         reachable_after_a_drop(inbox)
@@ -100,8 +99,8 @@ def reachable_after_a_drop(inbox):
     Only an instance or its descendant is believed, whoever can reach the
     socket (as with systemd's own world-writable /run/systemd/notify).
     """
-    if os.geteuid() == 0:
-        os.chmod(inbox.directory, 0o711)
+    if os.geteuid() == 0 and not inbox.path.startswith("@"):  # an abstract name has no permissions to open
+        os.chmod(os.path.dirname(inbox.path), 0o711)
         os.chmod(inbox.path, 0o666)
 
 
