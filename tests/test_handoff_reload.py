@@ -89,21 +89,24 @@ def socket_inode(pid, fd):
     return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
 
 
-def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_one(tmp_path):
-    keep, remove, add = free_port(), free_port(), free_port()
+def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_ones(tmp_path):
+    web, api, remove, add = free_port(), free_port(), free_port(), free_port()
     control = tmp_path / "control.sock"
-    handoff = ListenFrom(tmp_path, [tcp("keep", keep), tcp("old", remove), f"-unix:label=ctl:{control}"], [sys.executable, HELLO, "1"])
+    lines = [tcp("web", web), tcp("old", remove), f"-unix:label=ctl:{control}", tcp("api", api)]
+    handoff = ListenFrom(tmp_path, lines, [sys.executable, HELLO, "1"])
     try:
         old = int(handoff.upstream.wait_ready()["MAINPID"])
-        assert environ_of(old)["LISTEN_FD_MAP"] == "keep=3,old=4,ctl=5"
-        load = HttpLoad(keep)
+        assert environ_of(old)["LISTEN_FD_MAP"] == "web=3,old=4,ctl=5,api=6"
+        loads = [HttpLoad(web), HttpLoad(api)]
         time.sleep(0.3)
-        fields = handoff.reload(["# the web", tcp("keep", keep), tcp("new", add)])
+        fields = handoff.reload(["# the web", tcp("web", web), tcp("api", api), tcp("new", add)])
         new = int(fields["MAINPID"])
         assert new != old
-        assert fields["STATUS"].startswith(f"serving 2 sockets; reloaded: +127.0.0.1:{add}/tcp, -127.0.0.1:{remove}/tcp, -{control} ")
-        assert environ_of(new)["LISTEN_FD_MAP"] == "keep=3,new=4"
-        assert socket_inode(new, 3) == socket_inode(old, 3), "the kept socket is the same socket"
+        assert fields["STATUS"].startswith(f"serving 3 sockets; reloaded: +127.0.0.1:{add}/tcp, -127.0.0.1:{remove}/tcp, -{control} ")
+        # web keeps fd 3; api's 6 is past the end of 3..5, so it takes the lowest hole
+        assert environ_of(new)["LISTEN_FD_MAP"] == "web=3,api=4,new=5"
+        assert socket_inode(new, 3) == socket_inode(old, 3), "a kept socket is the same socket"
+        assert socket_inode(new, 4) == socket_inode(old, 6)
         assert get(add).startswith(f"hello from pid {new} on new")
         gone(old)
         deadline = time.monotonic() + 5
@@ -112,13 +115,14 @@ def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_o
         assert refused(remove)
         assert not control.exists(), "the removed unix socket's file is gone"
         time.sleep(0.3)
-        load.stop()
-        assert load.failures == []
-        assert set(load.pids) == {old, new}
+        for load in loads:
+            load.stop()
+            assert load.failures == []
+            assert set(load.pids) == {old, new}
         assert handoff.stop() == 0
     finally:
         handoff.kill()
-    assert refused(keep) and refused(add)
+    assert refused(web) and refused(add)
 
 
 def test_inherited_sockets_come_first_and_keep_their_label(tmp_path):
