@@ -97,6 +97,7 @@ def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_o
     try:
         old = int(handoff.upstream.wait_ready()["MAINPID"])
         assert environ_of(old)["LISTEN_FD_MAP"] == "web=3,old=4,ctl=5,api=6"
+        before = {fd: socket_inode(old, fd) for fd in (3, 6)}
         loads = [HttpLoad(web), HttpLoad(api)]
         time.sleep(0.3)
         fields = handoff.reload(["# the web", tcp("web", web), tcp("api", api), tcp("new", add)])
@@ -105,8 +106,8 @@ def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_o
         assert fields["STATUS"].startswith(f"serving 3 sockets; reloaded: +127.0.0.1:{add}/tcp, -127.0.0.1:{remove}/tcp, -{control} ")
         # web keeps fd 3; api's 6 is past the end of 3..5, so it takes the lowest hole
         assert environ_of(new)["LISTEN_FD_MAP"] == "web=3,api=4,new=5"
-        assert socket_inode(new, 3) == socket_inode(old, 3), "a kept socket is the same socket"
-        assert socket_inode(new, 4) == socket_inode(old, 6)
+        assert socket_inode(new, 3) == before[3], "a kept socket is the same socket"
+        assert socket_inode(new, 4) == before[6]
         assert get(add).startswith(f"hello from pid {new} on new")
         gone(old)
         deadline = time.monotonic() + 5
@@ -132,11 +133,12 @@ def test_inherited_sockets_come_first_and_keep_their_label(tmp_path):
     try:
         old = int(handoff.upstream.wait_ready()["MAINPID"])
         assert environ_of(old)["LISTEN_FD_MAP"] == "web=3,a=4"
+        inherited = socket_inode(old, 3)
         new = int(handoff.reload([tcp("b", second)])["MAINPID"])
         passed = environ_of(new)
         names = ("LISTEN_FD_MAP", "LISTEN_FDNAMES", "LISTEN_FDS", "LISTEN_PID")
         assert [passed[name] for name in names] == ["web=3,b=4", "web:b", "2", str(new)]
-        assert socket_inode(new, 3) == socket_inode(old, 3)
+        assert socket_inode(new, 3) == inherited
         gone(old)
         assert get(web).startswith(f"hello from pid {new} on web")
         assert get(second).startswith(f"hello from pid {new} on b")
