@@ -4,7 +4,10 @@ One run drives examples/hello_httpd.py (one second of warm-up before
 READY=1) with a load generator on loopback, and prints:
 - failed requests during 20 fdlaunch-handoff handoffs, and during 20 plain
   restarts (SIGTERM, wait, start again) of the same daemon under fdlaunch-listen;
-- request latency p50 and p99 in steady state and during the handoffs.
+- request latency p50 and p99 in steady state and during the handoffs;
+- failed requests on the socket that stays during 20 reloads of
+  fdlaunch-handoff --listen-from=FILE that each add one port and remove
+  another, and whether each new port answered and each removed one refused.
 
     python benchmarks/handoff.py [CLIENT_THREADS]
 """
@@ -71,8 +74,10 @@ class Upstream:
         self.sock.settimeout(30)
 
     def wait_ready(self):
-        while b"READY=1" not in self.sock.recv(4096).split(b"\n"):
+        """The next READY=1 datagram."""
+        while b"READY=1" not in (message := self.sock.recv(4096)).split(b"\n"):
             pass
+        return message.decode()
 
 
 def handoffs(directory):
@@ -119,6 +124,67 @@ def plain_restarts(directory):
         server.wait()
 
 
+def set_changes(directory):
+    """RESTARTS reloads that each add one port and remove another, under load on the socket that stays.
+
+    Returns the results on the kept socket, and how many reloads were
+    reported as changing the set, had the new port answering, and had the
+    removed port refusing once the old instance was gone.
+    """
+    keep, upstream, sockets = free_port(), Upstream(directory), os.path.join(directory, "sockets")
+
+    def write(port):
+        with open(sockets, "w") as file:
+            file.write(f"-tcp:label=keep:127.0.0.1:{keep}\n-tcp:label=moving:127.0.0.1:{port}\n")
+
+    moving = free_port()
+    write(moving)
+    argv = ["fdlaunch-handoff", f"--listen-from={sockets}", "--", sys.executable, HELLO, "1"]
+    server = subprocess.Popen(argv, env={**os.environ, "NOTIFY_SOCKET": upstream.path}, stderr=subprocess.DEVNULL)
+    counts = {"reloaded": 0, "answered": 0, "refused": 0}
+    try:
+        upstream.wait_ready()
+        load = Load(keep)
+        start = time.monotonic()
+        for _ in range(RESTARTS):
+            previous, moving = moving, free_port()
+            write(moving)
+            server.send_signal(signal.SIGHUP)
+            status = upstream.wait_ready()
+            counts["reloaded"] += f"reloaded: +127.0.0.1:{moving}/tcp, -127.0.0.1:{previous}/tcp" in status
+            counts["answered"] += answers(moving)
+            counts["refused"] += refuses_soon(previous)
+        end = time.monotonic()
+        load.stop()
+        return load.between(start, end), counts
+    finally:
+        server.kill()
+        server.wait()
+
+
+def answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return client.recv(4096).startswith(b"HTTP/1.0 200")
+    except OSError:
+        return False
+
+
+def refuses_soon(port, within=5):
+    """Whether connections are refused within a few seconds: the old instance stops, then the socket closes."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            pass
+        time.sleep(0.01)
+    return False
+
+
 def summary(results):
     latencies = sorted(latency for latency, ok in results if ok)
     failed = sum(1 for _, ok in results if not ok)
@@ -131,15 +197,28 @@ def main():
     with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
         steady, during_handoffs = handoffs(first)
         during_restarts = plain_restarts(second)
+    with tempfile.TemporaryDirectory() as third:
+        during_set_changes, counts = set_changes(third)
     print(f"{RESTARTS} restarts each, {THREADS} client threads, one request per connection, daemon warm-up 1 s")
     print(f"{'phase':32} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}")
-    rows = {"steady state": steady, "during 20 handoffs": during_handoffs, "during 20 stop-and-start": during_restarts}
+    rows = {
+        "steady state": steady,
+        "during 20 handoffs": during_handoffs,
+        "during 20 stop-and-start": during_restarts,
+        "kept socket, 20 set changes": during_set_changes,
+    }
     for name, results in rows.items():
         total, failed, p50, p99 = summary(results)
         print(f"{name:32} {total:9} {failed:7} {p50:8.2f} {p99:8.2f}")
     _, _, steady_p50, steady_p99 = summary(steady)
     _, _, handoff_p50, handoff_p99 = summary(during_handoffs)
     print(f"latency during handoffs / steady state: p50 x{handoff_p50 / steady_p50:.2f}, p99 x{handoff_p99 / steady_p99:.2f}")
+    _, _, change_p50, change_p99 = summary(during_set_changes)
+    print(f"latency, kept socket during set changes / steady state: p50 x{change_p50 / steady_p50:.2f}, p99 x{change_p99 / steady_p99:.2f}")
+    print(
+        f"set changes (+1 port, -1 port each): {counts['reloaded']}/{RESTARTS} reported in STATUS=, "
+        f"new port answered {counts['answered']}/{RESTARTS}, removed port refused {counts['refused']}/{RESTARTS}"
+    )
 
 
 if __name__ == "__main__":

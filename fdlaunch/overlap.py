@@ -7,12 +7,13 @@ pidfd), a deadline. Each turn it takes in what happened, then acts.
 """
 
 import errno
+import fcntl
 import os
 import select
 import signal
 import time
 
-from fdlaunch import chain, notifyproto, readiness, sdnotify
+from fdlaunch import chain, fds, notifyproto, readiness, sdnotify
 from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, warn
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -26,6 +27,7 @@ class Instance:
         self.ready = False
         self.status = None  # wait status, once reaped
         self.kill_at = None  # when it gets SIGKILL, once asked to stop
+        self.offer = None  # the sockets it was started with (listenfrom.Offer)
 
     def send(self, number):
         try:
@@ -48,7 +50,7 @@ def received_dispositions(numbers):
     return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
 
 
-def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions):
+def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, moves=()):
     """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it."""
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
@@ -57,6 +59,12 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions):
         try:
             os.close(report_read)
             signal.set_wakeup_fd(-1)
+            if moves:
+                # (our fd, its fd) for each socket, placed here in the child so that
+                # ours never move; the report pipe first goes above them all.
+                floor = max(fd for move in moves for fd in move) + 1
+                report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
+                fds.place(moves)
             for number, disposition in dispositions.items():
                 signal.signal(number, disposition)
             die_with(parent)
@@ -104,6 +112,8 @@ class Handoff:
         self.candidate = None
         self.candidate_deadline = None
         self.retiring = []
+        self.releasing = []  # (instance, sockets to close once it is gone)
+        self.sockets = settings["sockets"]
         self.reload_pending = False
         self.stopping = False
         self.dispositions = received_dispositions((*STOPS, settings["reload"]))
@@ -115,7 +125,7 @@ class Handoff:
 
     def run(self):
         """Until the current instance exits; returns its wait status."""
-        self.current = self.start()
+        self.current = self.start(self.sockets.first())
         while True:
             self.wait()
             self.take_signals()
@@ -125,14 +135,17 @@ class Handoff:
             self.take_candidate_exit()
             self.take_deadlines()
             self.retiring = [old for old in self.retiring if not old.reap()]
+            self.release()
             if self.reload_pending and self.candidate is None and self.current.ready and not self.stopping:
                 self.reload_pending = False
                 self.begin_handoff()
 
-    def start(self):
-        path = chain.find_program(self.program[0], self.settings["environ"])
-        environ, sockets = self.settings["environ"], self.settings["systemd_sockets"]
-        return spawn(path, self.program, environ, self.inbox.path, sockets, self.dispositions)
+    def start(self, offer):
+        path = chain.find_program(self.program[0], offer.environ)
+        systemd = self.settings["systemd_sockets"]
+        instance = spawn(path, self.program, offer.environ, self.inbox.path, systemd, self.dispositions, offer.moves)
+        instance.offer = offer
+        return instance
 
     def wait(self):
         poller = select.poll()
@@ -208,8 +221,15 @@ class Handoff:
         self.note(f"handing over from pid {self.current.pid}")
         self.tell(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance", self.current)
         try:
-            self.candidate = self.start()
+            offer = self.sockets.offer()
         except Fatal as error:
+            self.fail_handoff(str(error))
+            return
+        self.note(f"the new instance gets: {offer.status}")
+        try:
+            self.candidate = self.start(offer)
+        except Fatal as error:
+            self.sockets.drop(offer.added)
             self.candidate = None
             self.fail_handoff(str(error))
             return
@@ -219,11 +239,16 @@ class Handoff:
         old, new = self.current, self.candidate
         new.ready = True
         self.current, self.candidate, self.candidate_deadline = new, None, None
-        self.tell(f"READY=1\nMAINPID={self.main_pid(new)}\nSTATUS=serving (pid {new.pid}, took over from pid {old.pid})", old)
+        self.sockets.commit(new.offer)
+        self.tell(f"READY=1\nMAINPID={self.main_pid(new)}\nSTATUS={new.offer.status} (pid {new.pid}, took over from pid {old.pid})", old)
         self.retire(old)
+        self.releasing.append((old, new.offer.removed))
         self.note(f"pid {new.pid} is ready; pid {old.pid} is stopping")
 
     def fail_handoff(self, reason):
+        if self.candidate is not None:
+            self.releasing.append((self.candidate, self.candidate.offer.added))
+            self.release()
         self.candidate, self.candidate_deadline = None, None
         warn(self.tool, "warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
         self.tell(
@@ -235,8 +260,19 @@ class Handoff:
         instance.kill_at = time.monotonic() + self.settings["grace"]
         self.retiring.append(instance)
 
+    def release(self):
+        """Close the sockets a reload removed (or a failed one added) once the instance that had them is gone."""
+        waiting = []
+        for instance, held in self.releasing:
+            if instance.reap():
+                self.sockets.drop(held)
+            else:
+                waiting.append((instance, held))
+        self.releasing = waiting
+
     def tell_ready_first(self):
-        self.tell(f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=serving (pid {self.current.pid})", self.current)
+        current = self.current
+        self.tell(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", current)
         if self.settings["ready_fd"] is not None:
             readiness.tell_s6(self.settings["ready_fd"])
             self.settings["ready_fd"] = None

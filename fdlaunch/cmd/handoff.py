@@ -6,9 +6,16 @@ Usage:
 
 Holds the sockets it was handed and runs PROG on them as a child. On the
 reload signal it starts a new instance on the same sockets, waits for its
-READY=1, and only then stops the old one. See fdlaunch-handoff(1).
+READY=1, and only then stops the old one. With --listen-from it also opens
+the sockets listed in FILE, and re-reads FILE at each reload. See
+fdlaunch-handoff(1).
 
 Options:
+  --listen-from=FILE    Open the sockets FILE lists (fdlaunch-listen specs,
+                        one a line), after those handed in; re-read it at
+                        each reload.
+  --map                 With --listen-from: touch no open descriptor; put
+                        sockets on free fds and write only LISTEN_FD_MAP.
   --signal=SIG          The reload signal [default: HUP].
   --stop-signal=SIG     What the old instance gets once the new one is
                         ready [default: TERM].
@@ -28,7 +35,7 @@ Options:
 import os
 import signal
 
-from fdlaunch import chain, cli, fds, listenenv, overlap, sdnotify
+from fdlaunch import chain, cli, fds, listenenv, listenfrom, overlap, sdnotify
 from fdlaunch.errors import UsageError, tool, warn
 
 PROG = "fdlaunch-handoff"
@@ -43,15 +50,22 @@ def main(argv):
     passed = listenenv.inherited(environ, os.getpid())
     fds.check_inherited(passed, fds.open_fds())
     settings["systemd_sockets"] = environ.get("LISTEN_PID") == str(os.getpid())
-    if not passed and settings["verbose"]:
+    if not passed and not options["--listen-from"] and settings["verbose"]:
         warn(PROG, "info", "no sockets were passed in; instances still overlap, each with its own")
     upstream = environ.pop("NOTIFY_SOCKET", None)
+    settings["sockets"] = listenfrom.Handed(environ)
+    if options["--listen-from"]:
+        systemd = not options["--map"]
+        settings["sockets"] = listenfrom.FromFile(options["--listen-from"], environ, passed, fds.open_fds(), systemd)
+        settings["systemd_sockets"] = settings["systemd_sockets"] or systemd
     inbox = sdnotify.Inbox()
     try:
+        reachable_after_a_drop(inbox)
         handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream))
         status = handoff.run()
     finally:
         inbox.close()
+        settings["sockets"].close()
     return exit_like(status)
 
 
@@ -67,6 +81,8 @@ def read_settings(options, environ):
         "ready_fd": None,
         "main_pid_self": options["--main-pid"] == "self",
     }
+    if options["--map"] and not options["--listen-from"]:
+        raise UsageError("--map places the sockets of --listen-from; without it the instances get what was handed in, where it is")
     if options["--main-pid"] not in ("instance", "self"):
         raise UsageError(f"--main-pid={options['--main-pid']!r} is not 'instance' or 'self'")
     if settings["reload"] in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
@@ -75,6 +91,17 @@ def read_settings(options, environ):
         settings["ready_fd"] = fds.open_fd_option("--fd", options["--fd"])
         os.set_inheritable(settings["ready_fd"], False)  # the instances must not hold it
     return settings
+
+
+def reachable_after_a_drop(inbox):
+    """As root, let instances that dropped privileges (the chain's fdlaunch-setuidgid) send to the notify socket.
+
+    Only an instance or its descendant is believed, whoever can reach the
+    socket (as with systemd's own world-writable /run/systemd/notify).
+    """
+    if os.geteuid() == 0 and not inbox.path.startswith("@"):  # an abstract name has no permissions to open
+        os.chmod(os.path.dirname(inbox.path), 0o711)
+        os.chmod(inbox.path, 0o666)
 
 
 def signal_number(option, text):
