@@ -51,10 +51,10 @@ def main(argv):
     environ = chain.received_environment()
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
+    settings["check"] = read_check(options, environ)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
-    settings["check"] = read_check(options, environ)
     environ["NOTIFY_SOCKET"] = inbox.path
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
@@ -197,7 +197,9 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     if outcome == readiness.GAVE_UP:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status = reap(child, pidfd, GRACE_SECONDS)
-        raise Fatal(f"{program[0]} (pid {child}) was not ready: its check gave up; stopped it: {chain.describe_exit(status)}", NOT_READY_IN_TIME)
+        raise Fatal(
+            f"{program[0]} (pid {child}) was not ready: its check gave up; stopped it: {chain.describe_exit(status)}", NOT_READY_IN_TIME
+        )
     if outcome == readiness.LATE:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status = reap(child, pidfd, GRACE_SECONDS)
