@@ -150,6 +150,7 @@ class Keeper:
         # The pidfd pins the process; if it is still ours now, it is the one we found.
         if self.main_pidfd is None or not sdnotify.descends_from(self.main, os.getpid()):
             self.fail(f"the daemon (pid {self.main}) exited as soon as it was found", NO_DAEMON)
+        self.start_guard()  # before anyone hears that it is up
         return self.main
 
     def find_daemon(self, name, deadline):
@@ -193,8 +194,7 @@ class Keeper:
         return None, f"names pid {pid}, which is not a process this daemon started: refused, and never signalled"
 
     def supervise(self):
-        """Until the daemon exits: pass it the signals we get; then stop what is left. Its exit code."""
-        self.start_guard()
+        """Until the daemon exits: pass it the signals we get; then stop what is left. Its wait status."""
         for number in self.pending:
             self.send_main(number)
         while self.main not in self.statuses:
@@ -324,4 +324,3 @@ class Keeper:
         except BlockingIOError:
             return []
         return [n for n in numbers if n in FORWARDED]
-
