@@ -70,7 +70,7 @@ def descendants(root, table=None):
     """The live (not zombie) processes below root, as {pid: ppid}."""
     table = process_table() if table is None else table
     children = {}
-    for pid, (ppid, state) in table.items():
+    for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found, todo = {}, [root]
     while todo:
@@ -171,7 +171,8 @@ class Keeper:
                     return candidate
                 if len(direct) != 1 or direct[0] != candidate:
                     candidate, since = (direct[0], time.monotonic()) if len(direct) == 1 else (None, None)
-                    why = f"left {len(direct)} processes (pids {', '.join(map(str, direct))}), and without --pidfile cannot tell which is the daemon"
+                    pids = ", ".join(map(str, direct))
+                    why = f"left {len(direct)} processes (pids {pids}), and without --pidfile cannot tell which is the daemon"
             if time.monotonic() >= deadline:
                 where = f"the PID file {self.settings['pidfile']!r} " if self.settings["pidfile"] is not None else f"{name} "
                 self.fail(f"{where}{why}", NO_DAEMON)
