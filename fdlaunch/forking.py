@@ -9,12 +9,14 @@ One poll(2) waits on everything, as in overlap.Handoff: a signal (through a
 wakeup pipe, SIGCHLD included), a pidfd, a deadline.
 """
 
+import array
 import os
 import select
 import signal
+import socket
 import time
 
-from fdlaunch import chain, overlap, sdnotify
+from fdlaunch import chain, fds, overlap, sdnotify
 from fdlaunch.errors import Fatal, warn
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -51,24 +53,60 @@ def exit_code(status):
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def process_table():
-    """{pid: (ppid, state)} for every process in /proc now."""
+def descendants(root):
+    """The live (not zombie) processes below root, as {pid: ppid}.
+
+    Walked down through /proc/PID/task/TID/children (proc(5)), which costs
+    a few reads per process below us rather than one per process on the
+    system; where the kernel lacks those files, the whole of /proc is read.
+    """
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        return descendants_by_scan(root)
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid in children_of(parent):
+            if pid not in found:
+                todo.append(pid)
+                if state_of(pid) not in ("Z", None):
+                    found[pid] = parent
+    return found
+
+
+def children_of(pid):
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found  # gone meanwhile
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                found.extend(int(child) for child in children.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def state_of(pid):
+    """The one-letter state in /proc/PID/stat (Z: a zombie), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants_by_scan(root):
     table = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        table[int(name)] = (int(fields[1]), fields[0])
-    return table
-
-
-def descendants(root, table=None):
-    """The live (not zombie) processes below root, as {pid: ppid}."""
-    table = process_table() if table is None else table
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            table[int(name)] = (int(fields[1]), fields[0])
     children = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -130,6 +168,7 @@ class Keeper:
         """Run PROG until its launching process exits and the daemon is known; its pid, or Fatal."""
         deadline = time.monotonic() + self.settings["timeout"]
         sockets = environ.get("LISTEN_PID") == str(os.getpid())
+        self.guard = Guard(self.tool, self.settings["grace"])
         launcher = overlap.spawn(path, argv, environ, None, sockets, self.dispositions)
         while launcher.pid not in self.statuses:
             self.wait([launcher.pidfd], deadline)
@@ -150,7 +189,6 @@ class Keeper:
         # The pidfd pins the process; if it is still ours now, it is the one we found.
         if self.main_pidfd is None or not sdnotify.descends_from(self.main, os.getpid()):
             self.fail(f"the daemon (pid {self.main}) exited as soon as it was found", NO_DAEMON)
-        self.start_guard()  # before anyone hears that it is up
         return self.main
 
     def find_daemon(self, name, deadline):
@@ -159,6 +197,8 @@ class Keeper:
         while True:
             self.reap()
             below = descendants(os.getpid())
+            below.pop(self.guard.pid, None)
+            self.guard.hand(below)
             if not below:
                 self.fail(f"{name} exited 0 and left no process running: no daemon to keep", NO_DAEMON)
             if self.settings["pidfile"] is not None:
@@ -210,62 +250,16 @@ class Keeper:
         return self.statuses.get(self.main)
 
     def send_main(self, number):
-        try:
-            signal.pidfd_send_signal(self.main_pidfd, number)
-        except ProcessLookupError:
-            pass
-
-    def start_guard(self):
-        """A helper that stops the daemon if we die, even by SIGKILL.
-
-        It forks because nothing the kernel keeps for us would do it: the
-        daemon's parent death signal was cleared by its own forks (prctl(2),
-        PR_SET_PDEATHSIG). Our death closes the only write end of a pipe it
-        reads; a byte on it instead means we are leaving in good order.
-        """
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(write_end)
-                self.become_guard(read_end, parent)
-            finally:
-                os._exit(0)
-        os.close(read_end)
-        self.guard = (pid, write_end)
-
-    def become_guard(self, read_end, parent):
-        signal.set_wakeup_fd(-1)
-        for number in (*FORWARDED, signal.SIGCHLD):
-            signal.signal(number, signal.SIG_DFL)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):
-            os.dup2(devnull, fd)
-        from fdlaunch import fds
-
-        fds.close_all(fds.open_fds() - {0, 1, 2, read_end, self.main_pidfd})
-        if os.read(read_end, 1):
-            return
-        warn(f"{self.tool} (guard)", "warning", f"{self.tool} (pid {parent}) died; stopping the daemon (pid {self.main})")
-        below = descendants(self.main)
-        self.send_main(signal.SIGTERM)
-        for pid in below:
-            send(pid, signal.SIGTERM)
-        if not select.select([self.main_pidfd], [], [], self.settings["grace"])[0]:
-            self.send_main(signal.SIGKILL)
-        for pid in below:
-            send(pid, signal.SIGKILL)
+        send_pidfd(self.main_pidfd, number)
 
     def stop_guard(self):
         if self.guard is not None:
-            pid, write_end = self.guard
-            os.write(write_end, b"x")
-            os.close(write_end)
-            self.reap_one(pid)
+            self.guard.dismiss()
+            self.reap_one(self.guard.pid)
             self.guard = None
 
     def fail(self, message, status):
+        self.stop_guard()
         self.stop_all()
         raise Fatal(message, status)
 
@@ -325,3 +319,92 @@ class Keeper:
         except BlockingIOError:
             return []
         return [n for n in numbers if n in FORWARDED]
+
+
+class Guard:
+    """A helper that stops the daemon if fdlaunch-foreground dies, even by SIGKILL.
+
+    It forks because nothing the kernel keeps for us would do it: the
+    daemon's parent death signal was cleared by its own forks (prctl(2),
+    PR_SET_PDEATHSIG), and the orphans of a dead subreaper go to the next
+    one up. It is handed a pidfd on each process found below us, over a
+    socket pair whose other end only we hold: end of file there is our
+    death; 'done' is a departure in good order.
+    """
+
+    def __init__(self, tool, grace):
+        ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                ours.close()
+                watch_over(its, tool, parent, grace)
+            finally:
+                os._exit(0)
+        its.close()
+        self.sock = ours
+        self.handed = set()
+
+    def hand(self, pids):
+        """A pidfd on each of pids the guard does not hold yet, if the pid is still below us."""
+        for pid in pids:
+            if pid in self.handed:
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if sdnotify.descends_from(pid, os.getpid()):  # the pidfd pins it: ours, not a reused pid
+                    self.sock.sendmsg([b"%d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))])
+                    self.handed.add(pid)
+            finally:
+                os.close(pidfd)
+
+    def dismiss(self):
+        self.sock.send(b"done")
+        self.sock.close()
+
+
+def watch_over(sock, tool, parent, grace):
+    """The guard's life: hold the pidfds handed to it; if the other end closes unannounced, stop them."""
+    signal.set_wakeup_fd(-1)
+    for number in (*FORWARDED, signal.SIGCHLD):
+        signal.signal(number, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    fds.close_all(fds.open_fds() - {0, 1, 2, sock.fileno()})
+    held = {}
+    while True:
+        data, ancillary, _, _ = sock.recvmsg(32, socket.CMSG_SPACE(4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                held[int(data)] = array.array("i", payload[: len(payload) - len(payload) % 4])[0]
+        if data == b"done":
+            return
+        if not data:
+            break
+    live = {pid: pidfd for pid, pidfd in held.items() if not select.select([pidfd], [], [], 0)[0]}
+    if not live:
+        return
+    warn(f"{tool} (guard)", "warning", f"{tool} (pid {parent}) died; stopping the daemon (pids {', '.join(map(str, live))})")
+    below = {pid for root in live for pid in descendants(root)} - set(live)
+    for pidfd in live.values():
+        send_pidfd(pidfd, signal.SIGTERM)
+    for pid in below:
+        send(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pidfd in live.values():
+        if not select.select([pidfd], [], [], max(0, deadline - time.monotonic()))[0]:
+            send_pidfd(pidfd, signal.SIGKILL)
+    for pid in below:
+        send(pid, signal.SIGKILL)
+
+
+def send_pidfd(pidfd, number):
+    try:
+        signal.pidfd_send_signal(pidfd, number)
+    except ProcessLookupError:
+        pass

@@ -117,7 +117,8 @@ def test_a_pid_file_naming_a_stranger_is_refused_and_it_is_never_signalled(env, 
         )
         daemon = daemon_pid(log)
         children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
-        wait_for(lambda: children.read_text().split() == [str(daemon)], "the launching process to exit")
+        # the daemon and the guard, and no longer the launching process
+        wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
         for number in (signal.SIGHUP, signal.SIGUSR1, signal.SIGCONT):
             keeper.send_signal(number)  # held for a daemon that is never found
         assert keeper.wait(TIMEOUT) == 1
@@ -254,3 +255,27 @@ def test_failures(argv, status, message, env, tmp_path):
     assert done.stderr.count("\n") == 1
     if log.exists():
         assert not alive(daemon_pid(log)), "the daemon was left running"
+
+
+def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
+    """The launching process has exited; the PID file does not name the daemon yet: the guard already holds it."""
+    log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
+    keeper = subprocess.Popen(
+        ["fdlaunch-foreground", "--timeout=30", f"--pidfile={pidfile}", "--", *DAEMON, str(log), f"--pidfile={pidfile}", "--pidfile-pid=1"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    daemon = daemon_pid(log)
+    try:
+        children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
+        wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
+        time.sleep(0.2)  # a few turns of reading the PID file
+        keeper.kill()
+        keeper.wait()
+        wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
+        assert "died; stopping the daemon" in keeper.stderr.read()
+    finally:
+        keeper.kill()
+        keeper.wait()
+        kill_quietly(daemon)
