@@ -279,3 +279,37 @@ def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
         keeper.kill()
         keeper.wait()
         kill_quietly(daemon)
+
+
+def test_what_the_launching_process_is_handed(env, tmp_path):
+    """CONVENTIONS.md section 1: the caller's environment and descriptors, signal state kept, SIGPIPE at its default."""
+    caller = {**env, "TMPDIR": str(tmp_path), "ODD": "a=b c"}
+    report = 'find /proc/$$/fd -mindepth 1 -maxdepth 1 -fprintf "$TMPDIR/fds" "%f\\n"; cp /proc/$$/environ "$TMPDIR/environ"; sleep 30 &'
+    keeper = subprocess.Popen(["fdlaunch-foreground", "--timeout=20", "--", "/bin/sh", "-c", report], env=caller)
+    try:
+        wait_for(
+            lambda: (
+                (tmp_path / "environ").exists() and len(Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children").read_text().split()) == 2
+            ),
+            "a daemon",
+        )
+        environ = dict(entry.split("=", 1) for entry in (tmp_path / "environ").read_text().split("\0") if entry)
+        assert environ == caller
+        assert sorted(int(fd) for fd in (tmp_path / "fds").read_text().split()) == [0, 1, 2]
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(TIMEOUT) == 128 + signal.SIGTERM  # sleep was killed by it, as a shell reports
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+    def caller_state():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+
+    done = run(["fdlaunch-foreground", "--", "cp", "/proc/self/status", str(tmp_path / "status")], env=env, preexec_fn=caller_state)
+    assert done.returncode == 1  # cp leaves no daemon
+    status = dict(line.split(":\t", 1) for line in (tmp_path / "status").read_text().splitlines() if ":\t" in line)
+    ignored, blocked = int(status["SigIgn"], 16), int(status["SigBlk"], 16)
+    assert ignored & (1 << (signal.SIGHUP - 1))
+    assert not ignored & ((1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1)))
+    assert blocked == 1 << (signal.SIGUSR2 - 1)

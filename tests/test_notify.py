@@ -512,3 +512,23 @@ def test_check_that_cannot_run_as_the_user_names_the_link_order(env, tmp_path):
     assert done.returncode == 2
     assert "cannot run: /bin/sh says found but not executable (status 126) as uid" in done.stderr
     assert "goes before fdlaunch-setuidgid" in done.stderr
+
+
+def test_check_readiness_is_relayed_with_mainpid_and_ready_1_still_counts(env, tmp_path):
+    upstream = Upstream(tmp_path)
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--forward", "--check=true", "--", "sleep", "30"], env={**env, "NOTIFY_SOCKET": upstream.path}
+    )
+    try:
+        assert upstream.receive() == f"READY=1\nMAINPID={program.pid}"
+    finally:
+        program.kill()
+        program.wait()
+    check_pid = tmp_path / "check-pid"
+    script = f"while [ ! -s {check_pid} ]; do sleep 0.02; done; fdlaunch-notify READY=1; exec sleep 30"
+    done = run_fork(["fdlaunch-notify-wait", "--fork", f"--check=echo $$ > {check_pid}; exec sleep 60", "--", "sh", "-c", script], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+    finally:
+        kill_quietly(int(done.stdout))
+    assert not Path(f"/proc/{check_pid.read_text().strip()}").exists(), "the check still running was not stopped"
