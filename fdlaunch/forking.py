@@ -169,7 +169,11 @@ class Keeper:
         deadline = time.monotonic() + self.settings["timeout"]
         sockets = environ.get("LISTEN_PID") == str(os.getpid())
         self.guard = Guard(self.tool, self.settings["grace"])
-        launcher = overlap.spawn(path, argv, environ, None, sockets, self.dispositions)
+        try:
+            launcher = overlap.spawn(path, argv, environ, None, sockets, self.dispositions)
+        except Fatal:
+            self.stop_guard()
+            raise
         while launcher.pid not in self.statuses:
             self.wait([launcher.pidfd], deadline)
             for number in self.signals():
