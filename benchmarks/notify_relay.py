@@ -6,6 +6,10 @@ the newline on the s6 fd, the datagram upstream, the command's write, the
 SIGSTOP, the pid printed in fork mode. Prints the median and 90th percentile
 of the difference and the median's ratio to the 2 ms target.
 
+fdlaunch-foreground is measured the same way from the moment its
+launching process exits 0 (stamped just before _exit) to the newline on
+the s6 fd.
+
     python benchmarks/notify_relay.py [RUNS]
 """
 
@@ -28,6 +32,27 @@ stamp = time.monotonic()
 s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
 open(sys.argv[1], "w").write(repr(stamp))
 time.sleep(30)
+"""
+
+
+# A daemon that forks into the background, for fdlaunch-foreground: the
+# launching process waits for the daemon's PID file, stamps, and exits 0.
+FORKING = """
+import os, sys, time
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    open(sys.argv[2], "w").write(str(os.getpid()))
+    os.write(w, b"x")
+    time.sleep(30)
+    os._exit(0)
+os.read(r, 1)
+time.sleep(0.1)
+stamp = time.monotonic()
+open(sys.argv[1], "w").write(repr(stamp))
+os._exit(0)
 """
 
 
@@ -92,6 +117,23 @@ def via_fork(work):
     return None, seen
 
 
+def via_foreground(options):
+    """fdlaunch-foreground: the launching process's exit 0 -> the newline on the s6 fd."""
+
+    def relay(work):
+        read_end, write_end = os.pipe()
+        pidfile = work.path("pid")
+        argv = [*(option.replace("PIDFILE", pidfile) for option in options), "--", sys.executable, "-c", FORKING, work.stamp, pidfile]
+        child = subprocess.Popen(["fdlaunch-foreground", f"--fd={write_end}", *argv], pass_fds=(write_end,))
+        os.close(write_end)
+        os.read(read_end, 1)
+        seen = time.monotonic()
+        os.close(read_end)
+        return child, seen
+
+    return relay
+
+
 class Work:
     def __init__(self, directory):
         self.directory = directory
@@ -109,7 +151,7 @@ def measure(relay):
             child, seen = relay(work)
             delays.append((seen - sent_at(work.stamp)) * 1000)
             if child is not None:
-                child.kill()
+                child.terminate()  # fdlaunch-foreground passes it on; a SIGKILL would leave its guard to clean up
                 child.wait()
     return delays
 
@@ -117,12 +159,19 @@ def measure(relay):
 def main():
     relays = {"--fd (s6)": via_fd, "--forward": via_forward, "--command": via_command, "--stop": via_stop, "--fork": via_fork}
     print(f"READY=1 sent -> relay done, {RUNS} runs each; target {TARGET_MS} ms")
-    print(f"{'relay':12} {'median ms':>10} {'p90 ms':>8} {'median/target':>14}")
+    print(f"{'relay':30} {'median ms':>10} {'p90 ms':>8} {'median/target':>14}")
     for name, relay in relays.items():
-        delays = sorted(measure(relay))
-        median = statistics.median(delays)
-        p90 = delays[int(len(delays) * 0.9) - 1]
-        print(f"{name:12} {median:10.3f} {p90:8.3f} {median / TARGET_MS:14.2f}")
+        report(name, measure(relay))
+    print("fdlaunch-foreground: the launching process's exit -> newline on the s6 fd")
+    report("foreground --pidfile", measure(via_foreground(["--pidfile=PIDFILE"])))
+    report("foreground (no PID file)", measure(via_foreground([])))
+
+
+def report(name, delays):
+    delays = sorted(delays)
+    median = statistics.median(delays)
+    p90 = delays[int(len(delays) * 0.9) - 1]
+    print(f"{name:30} {median:10.3f} {p90:8.3f} {median / TARGET_MS:14.2f}")
 
 
 if __name__ == "__main__":

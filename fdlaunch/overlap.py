@@ -51,7 +51,10 @@ def received_dispositions(numbers):
 
 
 def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, moves=()):
-    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it."""
+    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it.
+
+    notify_socket None leaves NOTIFY_SOCKET as environ has it.
+    """
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     pid = os.fork()
@@ -68,7 +71,7 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, mov
             for number, disposition in dispositions.items():
                 signal.signal(number, disposition)
             die_with(parent)
-            child_environ = {**environ, "NOTIFY_SOCKET": notify_socket}
+            child_environ = dict(environ) if notify_socket is None else {**environ, "NOTIFY_SOCKET": notify_socket}
             if systemd_sockets:
                 child_environ["LISTEN_PID"] = str(os.getpid())
                 child_environ.pop("LISTEN_PIDFDID", None)

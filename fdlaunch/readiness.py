@@ -13,8 +13,12 @@ import time
 from fdlaunch import notifyproto, sdnotify
 from fdlaunch.errors import warn
 
-READY, EXITED, LATE = "ready", "exited", "late"
+READY, EXITED, LATE, GAVE_UP = "ready", "exited", "late", "gave up"
 LINGER_SECONDS = 0.1
+# What a check must not be handed: the program's notify socket and sockets are not its own.
+NOT_FOR_CHECKS = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDNAMES", "LISTEN_FD_MAP")
+# /bin/sh's statuses for a command it could not run (POSIX 2.8.2): retrying cannot help.
+CANNOT_RUN = {126: "found but not executable", 127: "not found"}
 
 
 def tell_s6(fd):
@@ -74,22 +78,40 @@ class Watcher:
         self.ready = False
         self.main_pid = program.pid
         self.warned = set()
+        self.check = None  # a Check, polled alongside the inbox (--check)
+        self.ready_sender = None
 
     def run(self, deadline=None):
         """Until ready (and, with keep_relaying, until the program is gone), gone, or deadline passes."""
-        poller = select.poll()
-        poller.register(self.inbox.fileno(), select.POLLIN)
-        poller.register(self.program.pidfd, select.POLLIN)
         while True:
-            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            poller = select.poll()
+            for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds()):
+                poller.register(fd, select.POLLIN)
+            wakes = [d for d in (deadline, self.check_due()) if d is not None]
+            wait_ms = None if not wakes else max(0, int((min(wakes) - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(wait_ms))
             self.drain()  # before looking at an exit: a last datagram may be queued
+            self.take_check()
             if self.ready and not self.keep_relaying:
                 return READY
             if self.program.pidfd in events:
                 return EXITED
+            if self.check is not None and self.check.gave_up and not self.ready:
+                return GAVE_UP
             if deadline is not None and time.monotonic() >= deadline and not self.ready:
                 return LATE
+
+    def check_fds(self):
+        return [] if self.check is None or self.ready else self.check.fds()
+
+    def check_due(self):
+        return None if self.check is None or self.ready else self.check.due()
+
+    def take_check(self):
+        """A passing check is readiness, as a READY=1 from the program would be."""
+        if self.check is not None and not self.ready and self.check.step(self.program.pid):
+            self.ready = True
+            self.relays.ready(self.program, self.main_pid, [("READY", "1")])
 
     def linger(self):
         """Answer the BARRIER a sender like systemd-notify sends right after READY=1.
@@ -98,6 +120,8 @@ class Watcher:
         the relays, on the way out; the wait ends early once that sender is
         gone, and lasts LINGER_SECONDS at most.
         """
+        if self.ready_sender is None:
+            return  # ready by --check: nobody waits on a barrier
         deadline = time.monotonic() + LINGER_SECONDS
         poller = select.poll()
         poller.register(self.inbox.fileno(), select.POLLIN)
@@ -164,3 +188,125 @@ class Watcher:
         if key not in self.warned:
             self.warned.add(key)
             warn(self.tool, "warning", text)
+
+
+class Check:
+    """CMD run with /bin/sh until it exits 0: readiness polled from outside (s6-notifyoncheck(8)).
+
+    One run at a time, in a session of its own so that a hung run is killed
+    whole; the first run starts at once, the next interval seconds after the
+    previous one ended. tries (0: no limit) failing runs make it give up.
+    """
+
+    def __init__(self, tool, command, interval, timeout, tries, environ):
+        self.tool, self.command, self.interval, self.timeout, self.tries = tool, command, interval, timeout, tries
+        self.environ = {name: text for name, text in environ.items() if name not in NOT_FOR_CHECKS}
+        self.next_at = time.monotonic()
+        self.pid = self.pidfd = self.kill_at = None
+        self.failures = 0
+        self.passed = self.gave_up = self.stopped = False
+        self.warned = set()
+
+    def fds(self):
+        return [] if self.pidfd is None else [self.pidfd]
+
+    def due(self):
+        """When step() has something to do without being woken by the run's exit."""
+        if self.over():
+            return None
+        return self.kill_at if self.pid is not None else self.next_at
+
+    def step(self, main_pid):
+        """Reap a finished run, kill an overdue one, start a due one; True once a run exited 0."""
+        if self.over():
+            return False
+        now = time.monotonic()
+        if self.pid is not None and select.select([self.pidfd], [], [], 0)[0]:
+            return self.finished(self.end())
+        if self.pid is not None and self.kill_at is not None and now >= self.kill_at:
+            self.warn_once("hung", f"the check {self.command!r} ran longer than {self.timeout:g} seconds; killed it")
+            self.end()
+            self.failed()
+        elif self.pid is None and now >= self.next_at:
+            self.start(main_pid)
+        return False
+
+    def start(self, main_pid):
+        # stdin /dev/null, stdout to our stderr, and no descriptor of the program's (its sockets).
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in sorted(inheritable_fds()) if fd > 2]
+        environ = {**self.environ, "MAINPID": str(main_pid)}
+        try:
+            self.pid = os.posix_spawn("/bin/sh", ["sh", "-c", self.command], environ, file_actions=actions, setsid=True)
+            self.pidfd = os.pidfd_open(self.pid)
+        except OSError as error:
+            self.give_up(f"unable to run the check {self.command!r}: {error.strerror}{link_order_hint()}")
+            return
+        self.kill_at = None if self.timeout is None else time.monotonic() + self.timeout
+
+    def end(self):
+        """Kill what is left of the run's session (the shell, still unreaped, pins the group id), reap it."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        status = os.waitpid(self.pid, 0)[1]
+        os.close(self.pidfd)
+        self.pid = self.pidfd = self.kill_at = None
+        return status
+
+    def finished(self, status):
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
+            self.passed = True
+            return True
+        if code in CANNOT_RUN:
+            self.give_up(f"the check {self.command!r} cannot run: /bin/sh says {CANNOT_RUN[code]} (status {code}){link_order_hint()}")
+            return False
+        self.failed()
+        return False
+
+    def failed(self):
+        self.failures += 1
+        self.next_at = time.monotonic() + self.interval
+        if self.tries and self.failures >= self.tries:
+            self.give_up(f"the check {self.command!r} failed {self.failures} times; gave up")
+
+    def give_up(self, text):
+        self.gave_up = True
+        warn(self.tool, "warning", text)
+
+    def stop(self):
+        """No more runs: the program is ready by other means, or gone."""
+        if self.pid is not None:
+            self.end()
+        self.stopped = True
+
+    def over(self):
+        return self.passed or self.gave_up or self.stopped
+
+    def warn_once(self, key, text):
+        if key not in self.warned:
+            self.warned.add(key)
+            warn(self.tool, "warning", text)
+
+
+def inheritable_fds():
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.get_inheritable(int(name)):
+                found.add(int(name))
+        except OSError:
+            pass  # the directory listdir had open
+    return found
+
+
+def link_order_hint():
+    """Said when a check fails to run as a user other than root: the usual cause is the chain's order."""
+    if os.geteuid() == 0:
+        return ""
+    return (
+        f" as uid {os.geteuid()}; a check that needs other credentials than the daemon's goes before"
+        " fdlaunch-setuidgid: fdlaunch-notify-wait --check=CMD -- fdlaunch-setuidgid USER PROG"
+    )

@@ -9,7 +9,15 @@ import pytest
 from conftest import missing, run
 
 MAN = Path(__file__).resolve().parent.parent / "man"
-TOOLS = ["fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap", "fdlaunch-handoff"]
+TOOLS = [
+    "fdlaunch-listen",
+    "fdlaunch-setuidgid",
+    "fdlaunch-notify-wait",
+    "fdlaunch-notify",
+    "fdlaunch-fdmap",
+    "fdlaunch-handoff",
+    "fdlaunch-foreground",
+]
 
 
 def words(text):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, python_systemd, require, run
+from conftest import PROBE, TIMEOUT, python_systemd, read_probe, require, require_root, run
 
 import fdlaunch
 
@@ -346,6 +346,9 @@ def test_environment_and_descriptors_in_chain_mode(env, probe):
         (["--fd=x", "true"], {}, 100, "--fd='x': not an open descriptor"),
         (["--timeout=soon", "true"], {}, 100, "--timeout='soon' is not a number"),
         (["--kill", "true"], {}, 100, "--kill goes with --timeout"),
+        (["--interval=1", "true"], {}, 100, "--interval goes with --check"),
+        (["--check=true", "--check-timeout=0", "true"], {}, 100, "--check-timeout='0' is not a number of seconds"),
+        (["--check=true", "--tries=1e3", "true"], {}, 100, "--tries='1e3' is not a number of runs"),
         (["--bogus", "true"], {}, 100, "unknown or repeated option '--bogus'"),
         (["no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
         (["--fork", "no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
@@ -390,3 +393,142 @@ def test_python_api(tmp_path):
         fdlaunch.notify("READY", environ={"NOTIFY_SOCKET": path})
     with pytest.raises(OSError):
         fdlaunch.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "gone")})
+
+
+def s6_service(tmp_path, run_script, env):
+    """A service directory with notification-fd 3 under a real s6-supervise; returns (directory, supervise)."""
+    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
+        require(tool)
+    service = tmp_path / "service"
+    service.mkdir()
+    (service / "notification-fd").write_text("3\n")
+    (service / "run").write_text("#!/bin/sh\n" + run_script)
+    (service / "run").chmod(0o755)
+    supervise = subprocess.Popen(["s6-supervise", str(service)], env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 10
+    while run(["s6-svok", str(service)], env=env).returncode != 0:  # supervise/ is not made yet
+        if time.monotonic() > deadline:
+            stop_service(service, supervise, env)
+            pytest.fail("s6-supervise did not start")
+        time.sleep(0.05)
+    return service, supervise
+
+
+def stop_service(service, supervise, env):
+    run(["s6-svc", "-xk", str(service)], env=env)
+    try:
+        supervise.wait(TIMEOUT)
+    finally:
+        supervise.kill()
+        supervise.wait()
+
+
+def test_check_makes_a_silent_daemon_ready_for_s6_svwait(env, tmp_path):
+    """The daemon never says READY=1; s6 sees it ready only once the check passes."""
+    go = tmp_path / "go"
+    script = f"exec fdlaunch-notify-wait --fd=3 --check='test -e {go}' --interval=0.05 -- sh -c 'echo $$ > {tmp_path}/pid; exec sleep 60'\n"
+    service, supervise = s6_service(tmp_path, script, env)
+    try:
+        early = run(["s6-svwait", "-U", "-t", "1000", str(service)], env=env)
+        assert early.returncode == 99, "ready before the check passed"
+        go.touch()
+        waited = run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env)
+        assert waited.returncode == 0, waited.stderr
+        status = run(["s6-svstat", str(service)], env=env).stdout
+        assert status.startswith(f"up (pid {(tmp_path / 'pid').read_text().strip()})") and "ready" in status
+    finally:
+        stop_service(service, supervise, env)
+
+
+def test_check_hanging_run_is_killed_and_retried(env, tmp_path):
+    hung = tmp_path / "hung-pid"
+    check = f"if [ -e {hung} ]; then exit 0; fi; echo $$ > {hung}; exec sleep 60"
+    done = run_fork(
+        ["fdlaunch-notify-wait", "--fork", f"--check={check}", "--check-timeout=0.5", "--interval=0.1", "--", "sleep", "30"], env=env
+    )
+    try:
+        assert done.returncode == 0, done.stderr
+        assert f"the check {check!r} ran longer than 0.5 seconds; killed it" in done.stderr
+        assert not Path(f"/proc/{hung.read_text().strip()}").exists(), "the hung run was left behind"
+    finally:
+        kill_quietly(int(done.stdout))
+    assert_nothing_left(env)
+
+
+def test_check_fork_returns_when_the_check_passes(env, tmp_path):
+    marker = tmp_path / "up"
+    script = f"sleep 1; touch {marker}; exec sleep 30"
+    started = time.monotonic()
+    done = run_fork(["fdlaunch-notify-wait", "--fork", f"--check=test -e {marker}", "--interval=0.05", "--", "sh", "-c", script], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert marker.exists(), "returned before the check could pass"
+        assert time.monotonic() - started < 10
+        assert Path(f"/proc/{int(done.stdout)}").exists()
+    finally:
+        kill_quietly(int(done.stdout))
+
+
+def test_check_gives_up_after_tries(env):
+    done = run(["fdlaunch-notify-wait", "--fork", "--check=false", "--interval=0.05", "--tries=3", "--", "sleep", "30"], env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "the check 'false' failed 3 times; gave up" in done.stderr
+    assert "was not ready: its check gave up; stopped it: was killed by SIGTERM" in done.stderr
+    assert_nothing_left(env)
+
+
+@pytest.mark.parametrize("mode", [[], ["--fork"]])
+def test_check_inherits_neither_sockets_nor_the_notify_socket(mode, env, tmp_path):
+    report = tmp_path / "check-report"
+    check = f"{sys.executable} {PROBE} {report}"
+    argv = ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-notify-wait", *mode, f"--check={check}", "--", "sleep", "30"]
+    program = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not report.exists() or not report.read_text().endswith("}"):
+            assert time.monotonic() < deadline, "the check never ran"
+            time.sleep(0.05)
+        seen = read_probe(report)
+        assert sorted(seen["fds"]) == [0, 1, 2]
+        assert not {"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP"} & set(seen["env"])
+        daemon = int(program.stdout.readline()) if mode else program.pid
+        assert seen["env"]["MAINPID"] == str(daemon)
+        kill_quietly(daemon)
+    finally:
+        program.kill()
+        program.wait()
+
+
+def test_check_that_cannot_run_as_the_user_names_the_link_order(env, tmp_path):
+    require_root()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "check").write_text("#!/bin/sh\nexit 0\n")
+    (private / "check").chmod(0o755)
+    done = run(
+        ["fdlaunch-setuidgid", "nobody", "--", "fdlaunch-notify-wait", "--fork", f"--check={private / 'check'}", "--", "sleep", "30"],
+        env={**env, "TMPDIR": "/tmp"},
+    )
+    assert done.returncode == 2
+    assert "cannot run: /bin/sh says found but not executable (status 126) as uid" in done.stderr
+    assert "goes before fdlaunch-setuidgid" in done.stderr
+
+
+def test_check_readiness_is_relayed_with_mainpid_and_ready_1_still_counts(env, tmp_path):
+    upstream = Upstream(tmp_path)
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--forward", "--check=true", "--", "sleep", "30"], env={**env, "NOTIFY_SOCKET": upstream.path}
+    )
+    try:
+        assert upstream.receive() == f"READY=1\nMAINPID={program.pid}"
+    finally:
+        program.kill()
+        program.wait()
+    check_pid = tmp_path / "check-pid"
+    script = f"while [ ! -s {check_pid} ]; do sleep 0.02; done; fdlaunch-notify READY=1; exec sleep 30"
+    done = run_fork(["fdlaunch-notify-wait", "--fork", f"--check=echo $$ > {check_pid}; exec sleep 60", "--", "sh", "-c", script], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+    finally:
+        kill_quietly(int(done.stdout))
+    assert not Path(f"/proc/{check_pid.read_text().strip()}").exists(), "the check still running was not stopped"

@@ -18,6 +18,13 @@ Options:
   --kill             With --timeout, then send PROG SIGTERM.
   --fork             Start PROG as a child, wait until it is ready, print
                      its pid, exit.
+  --check=CMD        PROG is also ready once CMD, run with /bin/sh, exits 0;
+                     it is run until then (s6-notifyoncheck).
+  --interval=SECS    With --check, the pause after a failed run (default 1).
+  --check-timeout=SECS  With --check, kill a run that takes longer
+                     (default 10).
+  --tries=N          With --check, give up after N failed runs (default 0:
+                     no limit).
   -h, --help         Print this help.
   --version          Print the version.
 """
@@ -44,6 +51,7 @@ def main(argv):
     environ = chain.received_environment()
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
+    settings["check"] = read_check(options, environ)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
@@ -73,6 +81,33 @@ def read_settings(options, environ):
     return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"]}
 
 
+def read_check(options, environ):
+    """--check and its settings; --interval, --check-timeout and --tries only with it."""
+    if options["--check"] is None:
+        for option in ("--interval", "--check-timeout", "--tries"):
+            if options[option] is not None:
+                raise UsageError(f"{option} goes with --check")
+        return None
+    if not options["--check"].strip():
+        raise UsageError("--check needs a command, for instance --check='nc -z 127.0.0.1 80'")
+    interval = seconds("--interval", options["--interval"] or "1")
+    timeout = seconds("--check-timeout", options["--check-timeout"] or "10")
+    text = options["--tries"] or "0"
+    if not (text.isascii() and text.isdigit() and int(text) < 10**9):
+        raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
+    return readiness.Check(PROG, options["--check"], interval, timeout, int(text), environ)
+
+
+def seconds(option, text):
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1
+    if not 0 < number < 10**9:
+        raise UsageError(f"{option}={text!r} is not a number of seconds above 0")
+    return number
+
+
 def start_watcher(inbox, relays, settings):
     """Leave a watcher behind (double fork: PROG never has to reap it), then get ready to exec."""
     program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
@@ -95,9 +130,16 @@ def watch(inbox, relays, settings, program, keep):
     """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
     isolate(keep)
     watcher = readiness.Watcher(PROG, inbox, program, relays, keep_relaying=relays.upstream is not None)
+    watcher.check = settings["check"]
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
         outcome = watcher.run(deadline)
+        if outcome == readiness.GAVE_UP:
+            watcher.check = None  # a READY=1 from PROG still counts
+            if settings["kill"]:
+                warn(PROG, "warning", f"pid {program.pid} is not ready; sending it SIGTERM")
+                signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
+            outcome = watcher.run(deadline)
         if outcome == readiness.READY and not watcher.keep_relaying:
             watcher.linger()
         if outcome == readiness.LATE:
@@ -111,8 +153,14 @@ def watch(inbox, relays, settings, program, keep):
                 signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
             watcher.run()
     finally:
+        stop_check(settings)
         inbox.close()
     return 0
+
+
+def stop_check(settings):
+    if settings["check"] is not None:
+        settings["check"].stop()
 
 
 def isolate(keep):
@@ -134,6 +182,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
     watcher = readiness.Watcher(PROG, inbox, readiness.Program(child, pidfd), relays, keep_relaying=False)
+    watcher.check = settings["check"]
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
         outcome = watcher.run(deadline)
@@ -143,7 +192,14 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
             watcher.linger()
             return 0
     finally:
+        stop_check(settings)
         inbox.close()
+    if outcome == readiness.GAVE_UP:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        status = reap(child, pidfd, GRACE_SECONDS)
+        raise Fatal(
+            f"{program[0]} (pid {child}) was not ready: its check gave up; stopped it: {chain.describe_exit(status)}", NOT_READY_IN_TIME
+        )
     if outcome == readiness.LATE:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status = reap(child, pidfd, GRACE_SECONDS)

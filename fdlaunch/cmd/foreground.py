@@ -1,0 +1,81 @@
+"""fdlaunch-foreground: keep a daemon that forks into the background supervised.
+
+Usage:
+  fdlaunch-foreground [options] [--] PROG [ARGS...]
+  fdlaunch-foreground (-h | --help | --version)
+
+Runs PROG, a daemon that forks into the background (Type=forking), as a
+child subreaper. When PROG's launching process exits 0 the daemon it left is
+up: readiness is relayed, the supervisor's signals go to it, and this exits
+with its status. See fdlaunch-foreground(1).
+
+Options:
+  --pidfile=PATH     The daemon is the pid PROG writes to PATH, accepted only
+                     if it is a live process below this one.
+  --fd=N             Once the daemon is up, write a newline to fd N and close
+                     it (s6).
+  --forward          Once the daemon is up, send READY=1 with MAINPID= its pid
+                     to the NOTIFY_SOCKET this was started with.
+  --timeout=SECONDS  How long PROG may take to leave a daemon [default: 60].
+  --grace=SECONDS    Once the daemon has exited, how long what it left may
+                     take to stop before SIGKILL [default: 5].
+  -h, --help         Print this help.
+  --version          Print the version.
+"""
+
+import os
+
+from fdlaunch import chain, cli, fds, forking, readiness
+from fdlaunch.errors import UsageError, tool, warn
+
+PROG = "fdlaunch-foreground"
+
+
+@tool(PROG)
+def main(argv):
+    options = cli.parse(__doc__, argv)
+    environ = chain.received_environment()
+    program = [options["PROG"], *options["ARGS"]]
+    settings = read_settings(options, environ)
+    path = chain.find_program(program[0], environ)
+    if settings["upstream"] is not None:
+        del environ["NOTIFY_SOCKET"]  # we speak for the daemon upstream
+    forking.become_subreaper()
+    keeper = forking.Keeper(PROG, settings)
+    daemon = keeper.launch(path, program, environ)
+    readiness.Relays(settings["fd"], settings["upstream"]).ready(None, daemon, [("READY", "1")])
+    status = keeper.supervise()
+    if status is None:
+        warn(PROG, "warning", f"the daemon (pid {daemon}) was not our child when it exited: its status is unknown")
+        return forking.NO_DAEMON
+    return forking.exit_code(status)
+
+
+def read_settings(options, environ):
+    """Every option checked before anything starts."""
+    upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
+    if options["--forward"] and not upstream:
+        raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
+    if options["--pidfile"] is not None and not options["--pidfile"]:
+        raise UsageError("--pidfile needs a path")
+    fd = None
+    if options["--fd"] is not None:
+        fd = fds.open_fd_option("--fd", options["--fd"])
+        os.set_inheritable(fd, False)  # the daemon must not hold it
+    return {
+        "pidfile": options["--pidfile"],
+        "fd": fd,
+        "upstream": upstream,
+        "timeout": seconds("--timeout", options["--timeout"]),
+        "grace": seconds("--grace", options["--grace"]),
+    }
+
+
+def seconds(option, text):
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1
+    if not 0 < number < 10**9:
+        raise UsageError(f"{option}={text!r} is not a number of seconds above 0")
+    return number

@@ -1,0 +1,315 @@
+"""fdlaunch-foreground: a daemon that forks into the background, kept under a real supervisor."""
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import HERE, TIMEOUT, free_port, require, run
+from test_notify import Upstream, s6_service, stop_service
+
+DAEMON = [sys.executable, str(HERE / "selfdaemon.py")]
+
+
+@pytest.fixture
+def env():
+    return {"PATH": os.environ["PATH"]}
+
+
+def wait_for(condition, what, seconds=TIMEOUT):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def daemon_pid(log):
+    """The pid the test daemon logged once up."""
+    wait_for(lambda: log.exists() and "up " in log.read_text(), "the daemon to start")
+    return int(log.read_text().split("up ", 1)[1].split()[0])
+
+
+def kill_quietly(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_under_s6_supervise_signals_and_status(env, tmp_path):
+    log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
+    script = f"exec fdlaunch-foreground --fd=3 --pidfile={pidfile} -- {' '.join(DAEMON)} {log} --pidfile={pidfile} --status=7\n"
+    service, supervise = s6_service(tmp_path, script, env)
+    try:
+        waited = run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env)
+        assert waited.returncode == 0, waited.stderr
+        daemon = daemon_pid(log)
+        status = run(["s6-svstat", "-o", "up,ready,pid", str(service)], env=env).stdout.split()
+        assert status[:2] == ["true", "true"]
+        keeper = int(status[2])
+        assert keeper != daemon and Path(f"/proc/{daemon}/stat").read_text().split(") ")[1].split()[1] == str(keeper)
+        assert run(["s6-svc", "-h", str(service)], env=env).returncode == 0
+        wait_for(lambda: "SIGHUP" in log.read_text(), "SIGHUP to reach the daemon")
+        assert alive(daemon)
+        assert run(["s6-svc", "-t", str(service)], env=env).returncode == 0
+        wait_for(lambda: not alive(daemon), "the daemon to stop")
+        assert "SIGTERM" in log.read_text()
+        wait_for(lambda: "exitcode 7" in run(["s6-svdt", str(service)], env=env).stdout, "s6 to record exit code 7")
+    finally:
+        stop_service(service, supervise, env)
+        started = log.read_text().split() if log.exists() else []
+        wait_for(lambda: not any(alive(int(p)) for p in started if p.isdigit()), "every daemon to stop", 10)
+
+
+def test_forward_tells_the_daemon_pid_as_mainpid(env, tmp_path):
+    upstream = Upstream(tmp_path)
+    log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
+    keeper = subprocess.Popen(
+        ["fdlaunch-foreground", "--forward", f"--pidfile={pidfile}", "--", *DAEMON, str(log), f"--pidfile={pidfile}"],
+        env={**env, "NOTIFY_SOCKET": upstream.path},
+    )
+    try:
+        message = upstream.receive()
+        daemon = int(pidfile.read_text())
+        assert message == f"READY=1\nMAINPID={daemon}"
+        assert daemon != keeper.pid and alive(daemon)
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(TIMEOUT) == 0
+        assert not alive(daemon)
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+
+def test_a_pid_file_naming_a_stranger_is_refused_and_it_is_never_signalled(env, tmp_path):
+    log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
+    received = []
+    numbers = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGCONT)
+    previous = {n: signal.signal(n, lambda number, frame: received.append(number)) for n in numbers}
+    try:
+        keeper = subprocess.Popen(
+            [
+                "fdlaunch-foreground",
+                "--timeout=1.5",
+                f"--pidfile={pidfile}",
+                "--",
+                *DAEMON,
+                str(log),
+                f"--pidfile={pidfile}",
+                f"--pidfile-pid={os.getpid()}",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        daemon = daemon_pid(log)
+        children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
+        # the daemon and the guard, and no longer the launching process
+        wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
+        for number in (signal.SIGHUP, signal.SIGUSR1, signal.SIGCONT):
+            keeper.send_signal(number)  # held for a daemon that is never found
+        assert keeper.wait(TIMEOUT) == 1
+        error = keeper.stderr.read()
+        assert error == (
+            f"fdlaunch-foreground: fatal: the PID file {str(pidfile)!r} names pid {os.getpid()}, "
+            "which is not a process this daemon started: refused, and never signalled\n"
+        )
+        assert not alive(daemon), "the real daemon was left running"
+        time.sleep(0.2)
+        assert received == []
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def test_main_process_exits_leaving_a_worker(env, tmp_path):
+    log, worker = tmp_path / "log", tmp_path / "worker"
+    done = run(
+        ["fdlaunch-foreground", "--grace=2", "--", *DAEMON, str(log), f"--worker={worker}", "--exit-after=0.5", "--status=4"], env=env
+    )
+    assert done.returncode == 4, done.stderr
+    assert not alive(int(worker.read_text())), "the worker was left running"
+
+
+def test_sigkill_to_the_keeper_stops_the_daemon(env, tmp_path):
+    log = tmp_path / "log"
+    upstream = Upstream(tmp_path)
+    keeper = subprocess.Popen(
+        ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)],
+        env={**env, "NOTIFY_SOCKET": upstream.path},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    daemon = daemon_pid(log)
+    try:
+        assert upstream.receive() == f"READY=1\nMAINPID={daemon}"  # the guard is in place once it is up
+        keeper.kill()
+        keeper.wait()
+        wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
+        assert "died; stopping the daemon" in keeper.stderr.read()
+    finally:
+        keeper.kill()
+        keeper.wait()
+        kill_quietly(daemon)
+
+
+def test_after_fdlaunch_listen_the_daemon_serves_the_socket(env, tmp_path):
+    log, port = tmp_path / "log", free_port()
+    upstream = Upstream(tmp_path)
+    keeper = subprocess.Popen(
+        ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", "fdlaunch-foreground", "--forward", "--", *DAEMON, str(log)],
+        env={**env, "NOTIFY_SOCKET": upstream.path},
+    )
+    try:
+        daemon = daemon_pid(log)
+        assert upstream.receive() == f"READY=1\nMAINPID={daemon}"
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as connection:
+            assert connection.makefile().readline() == f"served by {daemon}\n"
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(TIMEOUT) == 0
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+
+def dns_query(port, name):
+    """The first A record dnsmasq answers for name, as text."""
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+    query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(">HH", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(query, ("127.0.0.1", port))
+        answer = sock.recv(512)
+    assert struct.unpack(">H", answer[6:8])[0] == 1, "no answer record"
+    return socket.inet_ntoa(answer[-4:])
+
+
+def free_udp_and_tcp_port():
+    """A port free for both, as dnsmasq listens on both."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_DGRAM)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.fail("no port free for both UDP and TCP")
+
+
+@pytest.mark.parametrize("pidfile", [True, False])
+def test_dnsmasq_in_its_default_forking_mode(pidfile, env, tmp_path):
+    dnsmasq = require("dnsmasq")
+    port, path = free_udp_and_tcp_port(), tmp_path / "dnsmasq.pid"
+    argv = [dnsmasq, f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts"]
+    argv += [f"--pid-file={path}", "--conf-file=/dev/null", "--address=/fdlaunch.test/127.0.0.9"]
+    upstream = Upstream(tmp_path)
+    options = ["--forward", *([f"--pidfile={path}"] if pidfile else [])]
+    keeper = subprocess.Popen(["fdlaunch-foreground", *options, "--", *argv], env={**env, "NOTIFY_SOCKET": upstream.path})
+    try:
+        message = upstream.receive()
+        daemon = int(path.read_text())
+        assert message == f"READY=1\nMAINPID={daemon}"
+        assert dns_query(port, "host.fdlaunch.test") == "127.0.0.9"
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(TIMEOUT) == 0
+        assert not alive(daemon)
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+
+@pytest.mark.parametrize(
+    "argv, status, message",
+    [
+        (["--", *DAEMON, "LOG", "--launch-status=3"], 3, "exited with status 3; no daemon started"),
+        (["--", "true"], 1, "true exited 0 and left no process running: no daemon to keep"),
+        (["--timeout=0.5", "--", "sleep", "30"], 2, "sleep (pid "),
+        (["--pidfile=PIDFILE", "--timeout=0.5", "--", *DAEMON, "LOG"], 1, "'PIDFILE' was not written"),
+        (["--forward", "true"], 100, "--forward needs a NOTIFY_SOCKET"),
+        (["--timeout=0", "true"], 100, "--timeout='0' is not a number of seconds above 0"),
+        (["--fd=x", "true"], 100, "--fd='x': not an open descriptor"),
+        (["no-such-program-fdl"], 127, "unable to exec no-such-program-fdl"),
+    ],
+)
+def test_failures(argv, status, message, env, tmp_path):
+    log, pidfile = tmp_path / "log", tmp_path / "pid"
+    argv = [str(log) if a == "LOG" else a.replace("PIDFILE", str(pidfile)) for a in argv]
+    message = message.replace("PIDFILE", str(pidfile))
+    done = run(["fdlaunch-foreground", *argv], env=env)
+    assert done.returncode == status
+    assert done.stderr.startswith("fdlaunch-foreground: fatal: ") and message in done.stderr
+    assert done.stderr.count("\n") == 1
+    if log.exists():
+        assert not alive(daemon_pid(log)), "the daemon was left running"
+
+
+def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
+    """The launching process has exited; the PID file does not name the daemon yet: the guard already holds it."""
+    log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
+    keeper = subprocess.Popen(
+        ["fdlaunch-foreground", "--timeout=30", f"--pidfile={pidfile}", "--", *DAEMON, str(log), f"--pidfile={pidfile}", "--pidfile-pid=1"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    daemon = daemon_pid(log)
+    try:
+        children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
+        wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
+        time.sleep(0.2)  # a few turns of reading the PID file
+        keeper.kill()
+        keeper.wait()
+        wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
+        assert "died; stopping the daemon" in keeper.stderr.read()
+    finally:
+        keeper.kill()
+        keeper.wait()
+        kill_quietly(daemon)
+
+
+def test_what_the_launching_process_is_handed(env, tmp_path):
+    """CONVENTIONS.md section 1: the caller's environment and descriptors, signal state kept, SIGPIPE at its default."""
+    caller = {**env, "TMPDIR": str(tmp_path), "ODD": "a=b c"}
+    report = 'find /proc/$$/fd -mindepth 1 -maxdepth 1 -fprintf "$TMPDIR/fds" "%f\\n"; cp /proc/$$/environ "$TMPDIR/environ"; sleep 30 &'
+    keeper = subprocess.Popen(["fdlaunch-foreground", "--timeout=20", "--", "/bin/sh", "-c", report], env=caller)
+    try:
+        wait_for(
+            lambda: (
+                (tmp_path / "environ").exists() and len(Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children").read_text().split()) == 2
+            ),
+            "a daemon",
+        )
+        environ = dict(entry.split("=", 1) for entry in (tmp_path / "environ").read_text().split("\0") if entry)
+        assert environ == caller
+        assert sorted(int(fd) for fd in (tmp_path / "fds").read_text().split()) == [0, 1, 2]
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(TIMEOUT) == 128 + signal.SIGTERM  # sleep was killed by it, as a shell reports
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+    def caller_state():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+
+    done = run(["fdlaunch-foreground", "--", "cp", "/proc/self/status", str(tmp_path / "status")], env=env, preexec_fn=caller_state)
+    assert done.returncode == 1  # cp leaves no daemon
+    status = dict(line.split(":\t", 1) for line in (tmp_path / "status").read_text().splitlines() if ":\t" in line)
+    ignored, blocked = int(status["SigIgn"], 16), int(status["SigBlk"], 16)
+    assert ignored & (1 << (signal.SIGHUP - 1))
+    assert not ignored & ((1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1)))
+    assert blocked == 1 << (signal.SIGUSR2 - 1)
