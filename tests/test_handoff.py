@@ -150,7 +150,9 @@ def test_a_new_instance_that_fails_leaves_the_old_one_serving(tmp_path):
 def test_a_new_instance_that_is_never_ready_is_stopped(tmp_path):
     port = free_port()
     slow = tmp_path / "slow"
-    program = ["sh", "-c", f"[ -e {slow} ] && exec sleep 60; exec {sys.executable} {HELLO} 0"]
+    # A sleep of a length no other test (or concurrent run) uses, to find it in /proc.
+    nap = f"60.{os.getpid()}"
+    program = ["sh", "-c", f"[ -e {slow} ] && exec sleep {nap}; exec {sys.executable} {HELLO} 0"]
     handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", program, ["--ready-timeout=0.5", "--grace=0.5"])
     try:
         old = int(handoff.upstream.wait_ready()["MAINPID"])
@@ -159,7 +161,7 @@ def test_a_new_instance_that_is_never_ready_is_stopped(tmp_path):
         assert int(handoff.upstream.wait_ready()["MAINPID"]) == old
         assert "was not ready after 0.5 seconds" in handoff.stderr.read_text()
         time.sleep(1)
-        sleepers = [p for p in os.listdir("/proc") if p.isdigit() and Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep\x0060")]
+        sleepers = [p for p in os.listdir("/proc") if p.isdigit() and cmdline(p) == f"sleep\0{nap}\0".encode()]
         assert sleepers == [], "the failed instance was killed after its grace"
     finally:
         handoff.kill()
@@ -288,3 +290,10 @@ def test_main_pid_self_lets_execreload_signal_the_reported_pid(tmp_path):
         assert int(fields["MAINPID"]) == reported and "took over from pid" in fields["STATUS"]
     finally:
         handoff.kill()
+
+
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # gone meanwhile
