@@ -14,6 +14,8 @@ from fdlaunch.spec import LABEL, VARIABLE
 # inherited_moves: (fd now, fd wanted) for each inherited socket;
 # new_fds: the fd wanted for each new spec, in spec order;
 # variables: var= name -> fd.
+# The chain for a daemon that reads only LISTEN_FDS under s6 with notification-fd 3 (issue 9).
+S6_SYSTEMD_RECIPE = "fdlaunch-listen --map SPEC... -- fdlaunch-notify-wait --fd=3 -- fdlaunch-fdmap --systemd -- PROG"
 Plan = namedtuple("Plan", "passed inherited_moves new_fds variables")
 
 
@@ -60,7 +62,8 @@ def _systemd_slots(inherited, specs, open_fds):
         if fd in open_fds and fd not in ours:
             raise UsageError(
                 f"fd {fd} is already open and is not a socket passed in; the systemd convention "
-                f"needs fds {SYSTEMD_FIRST_FD}..{last}: use --map to leave open descriptors alone"
+                f"needs fds {SYSTEMD_FIRST_FD}..{last}: use --map to leave open descriptors alone "
+                f"(under s6, for a daemon that reads only LISTEN_FDS: {S6_SYSTEMD_RECIPE})"
             )
     return moves, new_fds
 
@@ -117,7 +120,10 @@ def systemd_moves(chosen, open_fds, handed):
     moves = [(p.fd, SYSTEMD_FIRST_FD + index) for index, p in enumerate(chosen)]
     for _, slot in moves:
         if slot in open_fds and slot not in handed:
-            raise UsageError(f"fd {slot} is already open and was not passed in; not overwriting it to make room for the systemd convention")
+            raise UsageError(
+                f"fd {slot} is already open and was not passed in; not overwriting it to make room for the systemd convention "
+                f"(under s6, fdlaunch-notify-wait --fd={slot} before fdlaunch-fdmap takes it out of the chain: {S6_SYSTEMD_RECIPE})"
+            )
     return moves
 
 

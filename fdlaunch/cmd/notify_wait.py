@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-from fdlaunch import chain, cli, fds, readiness, sdnotify
+from fdlaunch import chain, cli, fds, listenenv, readiness, sdnotify
 from fdlaunch.errors import Fatal, UsageError, tool, warn
 
 PROG = "fdlaunch-notify-wait"
@@ -56,7 +56,7 @@ def main(argv):
 
 def read_settings(options, environ):
     """Every option checked before anything is created."""
-    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"])
+    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
         raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
