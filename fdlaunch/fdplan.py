@@ -139,3 +139,38 @@ def variables(passed, prefix):
             raise UsageError(f"labels {source[name]!r} and {p.label!r} both give the variable {name}")
         found[name] = f"{found[name]},{p.fd}" if name in found else str(p.fd)
     return found
+
+
+# {{ and }} before {LABEL}: '{{x}' is a literal '{' then 'x}', as in str.format.
+BRACES = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def substitute(words, passed):
+    """Each {LABEL} in words replaced by the fd of the one socket with that label; {{ and }} are braces.
+
+    A label with several sockets, one that was not passed, or a lone brace
+    is refused, naming the word.
+    """
+    fds_of = {}
+    for p in passed:
+        fds_of.setdefault(p.label, []).append(p.fd)
+    return [_substitute_word(word, fds_of) for word in words]
+
+
+def _substitute_word(word, fds_of):
+    return BRACES.sub(lambda match: _fd_for(match, word, fds_of), word)
+
+
+def _fd_for(match, word, fds_of):
+    token, label = match[0], match[1]
+    if token in ("{{", "}}"):
+        return token[0]
+    if label is None:
+        raise UsageError(f"--subst: {word!r} has a lone {token!r}; write {token * 2!r} for a literal brace")
+    found = fds_of.get(label, [])
+    if len(found) != 1:
+        passed = ", ".join(f"{name} ({len(fds)})" if len(fds) > 1 else name for name, fds in fds_of.items()) or "none"
+        why = f"{len(found)} sockets (fds {','.join(map(str, found))}) are" if found else "no socket is"
+        where = repr(token) if token == word else f"{token!r} in {word!r}"
+        raise UsageError(f"--subst: {where}: {why} labelled {label!r}; it needs exactly one (passed: {passed})")
+    return str(found[0])
