@@ -60,5 +60,5 @@ def test_stdin_says_it_passes_the_listening_socket():
     option = page.split(".BI \\-\\-stdin= LABEL\nPut", 1)[1].split(".TP", 1)[0]
     assert "inetd style" not in usage and "inetd-style" not in page
     assert "'wait' style, the program accepts" in words(usage) and "fdlaunch-accept(1)" in usage
-    assert "listening socket" in option and ".B wait" in option and ".BR fdlaunch-accept (1)" in option
+    assert "listening socket" in option and ".BR wait :" in option and ".BR fdlaunch-accept (1)" in option
     assert ".BR fdlaunch-accept (1)," in page.split(".SH SEE ALSO", 1)[1]
