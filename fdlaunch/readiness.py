@@ -32,6 +32,13 @@ class Relays:
         self.fd, self.upstream, self.command, self.stop = fd, upstream, command, stop
         self.environ = environ or {}
 
+    def describe(self):
+        where = [f"a newline on fd {self.fd}"] if self.fd is not None else []
+        where += [f"READY=1 to {self.upstream!r}"] if self.upstream else []
+        where += [f"run {self.command!r}"] if self.command else []
+        where += ["SIGSTOP"] if self.stop else []
+        return ", ".join(where) or "no relay (no --fd, --forward, --command or --stop)"
+
     def ready(self, program, main_pid, fields):
         if self.stop:
             signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
@@ -68,12 +75,14 @@ class Program:
 
 
 class Watcher:
-    def __init__(self, tool, inbox, program, relays, keep_relaying):
+    def __init__(self, tool, inbox, program, relays, keep_relaying, verbose=False):
         self.tool, self.inbox, self.program, self.relays = tool, inbox, program, relays
         self.keep_relaying = keep_relaying
         self.ready = False
         self.main_pid = program.pid
         self.warned = set()
+        self.verbose, self.started = verbose, time.monotonic()
+        self.say(f"watching pid {program.pid}; once it is ready: {relays.describe()}")
 
     def run(self, deadline=None):
         """Until ready (and, with keep_relaying, until the program is gone), gone, or deadline passes."""
@@ -141,7 +150,9 @@ class Watcher:
             self.ready = True
             self.ready_sender = message.pid
             self.main_pid = notifyproto.main_pid(fields, self.program.pid)
+            told = self.relays.describe()
             self.relays.ready(self.program, self.main_pid, fields)
+            self.say(f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
         else:
             self.main_pid = notifyproto.main_pid(fields, self.main_pid)
             self.relays.relay(fields, self.main_pid, fds=self.fds_to_store(message))
@@ -159,6 +170,10 @@ class Watcher:
         if family is None:
             return message.uid == self.program.uid
         return family
+
+    def say(self, text):
+        if self.verbose:
+            warn(self.tool, "info", text)
 
     def warn_once(self, key, text):
         if key not in self.warned:

@@ -18,6 +18,8 @@ Options:
   --kill             With --timeout, then send PROG SIGTERM.
   --fork             Start PROG as a child, wait until it is ready, print
                      its pid, exit.
+  -v, --verbose      Say on stderr what is relayed where, and when PROG
+                     got ready.
   -h, --help         Print this help.
   --version          Print the version.
 """
@@ -70,7 +72,7 @@ def read_settings(options, environ):
             raise UsageError(f"--timeout={options['--timeout']!r} is not a number of seconds above 0")
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
-    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"]}
+    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"], "verbose": options["--verbose"]}
 
 
 def start_watcher(inbox, relays, settings):
@@ -94,7 +96,7 @@ def start_watcher(inbox, relays, settings):
 def watch(inbox, relays, settings, program, keep):
     """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
     isolate(keep)
-    watcher = readiness.Watcher(PROG, inbox, program, relays, keep_relaying=relays.upstream is not None)
+    watcher = readiness.Watcher(PROG, inbox, program, relays, relays.upstream is not None, settings["verbose"])
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
         outcome = watcher.run(deadline)
@@ -133,7 +135,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     pidfd = os.pidfd_open(child)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
-    watcher = readiness.Watcher(PROG, inbox, readiness.Program(child, pidfd), relays, keep_relaying=False)
+    watcher = readiness.Watcher(PROG, inbox, readiness.Program(child, pidfd), relays, False, settings["verbose"])
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
         outcome = watcher.run(deadline)
