@@ -5,10 +5,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from conftest import HERE, TIMEOUT, python_systemd, require, require_root, run
@@ -199,3 +202,69 @@ def test_fd_3_taken_names_the_s6_recipe(argv):
     assert done.returncode == 100
     assert "fdlaunch-notify-wait --fd=3 -- fdlaunch-fdmap --systemd -- PROG" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def set_up_commands():
+    """The README's first two code blocks: install and run the demo, install and run the tests."""
+    demo, suite = indented_blocks(README.read_text())[:2]
+    assert demo.endswith("&& make demo") and suite.endswith("&& make test")
+    return demo, suite
+
+
+def fake_bin(directory, sudo):
+    """A PATH with apt-get and make that only write down how they were called, id, and sudo if asked."""
+    directory.mkdir()
+    os.chmod(directory, 0o755)
+    log = directory.parent / "calls"
+    for name in ("apt-get", "make"):
+        (directory / name).write_text(f'#!/bin/sh\necho "$(id -u) {name} $*" >> {log}\n')
+    if sudo:  # a sudo that can only say what it was asked: as nobody, it stays nobody
+        (directory / "sudo").write_text(f'#!/bin/sh\necho "sudo $*" >> {log}\nexec "$@"\n')
+    os.symlink(shutil.which("id"), directory / "id")
+    for tool in directory.iterdir():
+        if not tool.is_symlink():
+            tool.chmod(0o755)
+    return log
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_set_up_commands_work_as_root_without_sudo(which, shell, tmp_path):
+    require_root()
+    command = set_up_commands()[which]
+    assert not command.startswith("sudo ")
+    log = fake_bin(tmp_path / "bin", sudo=False)
+    done = run([shutil.which(shell), "-c", command], env={"PATH": str(tmp_path / "bin")})
+    assert done.returncode == 0, done.stderr
+    packages = command.split("apt-get install -y ", 1)[1].split(" && ")[0]
+    target = command.rsplit(" ", 1)[1]
+    assert log.read_text() == f"0 apt-get install -y {packages}\n0 make {target}\n"
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_set_up_commands_use_sudo_as_a_user(which):
+    require_root()
+    command = set_up_commands()[which]
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="fdlaunch-") as path:  # pytest's tmp_path is 0700
+        os.chmod(path, 0o777)
+        calls = run_as_nobody_with_sudo(command, Path(path))
+    packages = command.split("apt-get install -y ", 1)[1].split(" && ")[0]
+    target = command.rsplit(" ", 1)[1]
+    assert calls == f"sudo apt-get install -y {packages}\n65534 apt-get install -y {packages}\n65534 make {target}\n"
+
+
+def run_as_nobody_with_sudo(command, tmp_path):
+    log = fake_bin(tmp_path / "bin", sudo=True)
+    done = run(["fdlaunch-setuidgid", "nobody", "sh", "-c", command], env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    return log.read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run installs at least what the README's test command installs, then runs the same make test."""
+    suite = set_up_commands()[1]
+    ci = (README.parent / ".ci" / "run").read_text()
+    readme_packages = set(suite.split("apt-get install -y ", 1)[1].split(" && ")[0].split())
+    ci_install = re.search(r"apt-get install -y -qq --no-install-recommends \\\n\s+(.*?) >/dev/null", ci)[1]
+    assert readme_packages <= set(ci_install.split())
+    assert ci.rstrip().endswith("\nmake test") and suite.endswith(" && make test")
