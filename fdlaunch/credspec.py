@@ -110,6 +110,13 @@ def from_environment(environ):
     return Credentials(values["UID"], values["GID"], tuple(sorted({int(i) for i in items})))
 
 
+def describe(credentials, capabilities=()):
+    """'uid 65534, gid 65534, groups 65534', and the capabilities kept, for -v."""
+    groups = ",".join(map(str, credentials.groups)) or "none"
+    kept = f", keeping {capability_names(capabilities)}" if capabilities else ""
+    return f"uid {credentials.uid}, gid {credentials.gid}, groups {groups}{kept}"
+
+
 def _is_id(text):
     return text.isdigit() and text.isascii() and int(text) < 2**32 - 1
 

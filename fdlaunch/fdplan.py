@@ -14,6 +14,8 @@ from fdlaunch.spec import LABEL, VARIABLE
 # inherited_moves: (fd now, fd wanted) for each inherited socket;
 # new_fds: the fd wanted for each new spec, in spec order;
 # variables: var= name -> fd.
+# The chain for a daemon that reads only LISTEN_FDS under s6 with notification-fd 3 (issue 9).
+S6_SYSTEMD_RECIPE = "fdlaunch-listen --map SPEC... -- fdlaunch-notify-wait --fd=3 -- fdlaunch-fdmap --systemd -- PROG"
 Plan = namedtuple("Plan", "passed inherited_moves new_fds variables")
 
 
@@ -60,7 +62,8 @@ def _systemd_slots(inherited, specs, open_fds):
         if fd in open_fds and fd not in ours:
             raise UsageError(
                 f"fd {fd} is already open and is not a socket passed in; the systemd convention "
-                f"needs fds {SYSTEMD_FIRST_FD}..{last}: use --map to leave open descriptors alone"
+                f"needs fds {SYSTEMD_FIRST_FD}..{last}: use --map to leave open descriptors alone "
+                f"(under s6, for a daemon that reads only LISTEN_FDS: {S6_SYSTEMD_RECIPE})"
             )
     return moves, new_fds
 
@@ -117,7 +120,10 @@ def systemd_moves(chosen, open_fds, handed):
     moves = [(p.fd, SYSTEMD_FIRST_FD + index) for index, p in enumerate(chosen)]
     for _, slot in moves:
         if slot in open_fds and slot not in handed:
-            raise UsageError(f"fd {slot} is already open and was not passed in; not overwriting it to make room for the systemd convention")
+            raise UsageError(
+                f"fd {slot} is already open and was not passed in; not overwriting it to make room for the systemd convention "
+                f"(under s6, fdlaunch-notify-wait --fd={slot} before fdlaunch-fdmap takes it out of the chain: {S6_SYSTEMD_RECIPE})"
+            )
     return moves
 
 
@@ -133,3 +139,38 @@ def variables(passed, prefix):
             raise UsageError(f"labels {source[name]!r} and {p.label!r} both give the variable {name}")
         found[name] = f"{found[name]},{p.fd}" if name in found else str(p.fd)
     return found
+
+
+# {{ and }} before {LABEL}: '{{x}' is a literal '{' then 'x}', as in str.format.
+BRACES = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def substitute(words, passed):
+    """Each {LABEL} in words replaced by the fd of the one socket with that label; {{ and }} are braces.
+
+    A label with several sockets, one that was not passed, or a lone brace
+    is refused, naming the word.
+    """
+    fds_of = {}
+    for p in passed:
+        fds_of.setdefault(p.label, []).append(p.fd)
+    return [_substitute_word(word, fds_of) for word in words]
+
+
+def _substitute_word(word, fds_of):
+    return BRACES.sub(lambda match: _fd_for(match, word, fds_of), word)
+
+
+def _fd_for(match, word, fds_of):
+    token, label = match[0], match[1]
+    if token in ("{{", "}}"):
+        return token[0]
+    if label is None:
+        raise UsageError(f"--subst: {word!r} has a lone {token!r}; write {token * 2!r} for a literal brace")
+    found = fds_of.get(label, [])
+    if len(found) != 1:
+        passed = ", ".join(f"{name} ({len(fds)})" if len(fds) > 1 else name for name, fds in fds_of.items()) or "none"
+        why = f"{len(found)} sockets (fds {','.join(map(str, found))}) are" if found else "no socket is"
+        where = repr(token) if token == word else f"{token!r} in {word!r}"
+        raise UsageError(f"--subst: {where}: {why} labelled {label!r}; it needs exactly one (passed: {passed})")
+    return str(found[0])

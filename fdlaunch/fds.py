@@ -82,11 +82,22 @@ def make_inheritable(fds):
         os.set_inheritable(fd, True)
 
 
-def open_fd_option(option, text):
-    """--fd=N: N as a number, which must be an open descriptor (s6's notification fd)."""
-    fd = int(text) if text.isdigit() else -1
+def open_fd_option(option, text, passed=()):
+    """--fd=N: N as a number, which must be an open descriptor (s6's notification fd).
+
+    passed: the sockets handed to this process (listenenv.inherited). One of
+    them is never a notification fd: the program would lose it and the
+    readiness newline would go into the socket (issue 9).
+    """
+    fd = int(text) if text.isdigit() and len(text) <= 10 else -1
+    for p in passed:
+        if p.fd == fd:
+            raise UsageError(
+                f"{option}={text!r}: fd {fd} is the socket labelled {p.label!r} passed in LISTEN_FDS/LISTEN_FD_MAP, "
+                f"not a notification fd; under s6 start the chain with fdlaunch-listen --map, which leaves fd {fd} alone"
+            )
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)
-    except (OSError, ValueError):  # ValueError: not a number at all
+    except (OSError, ValueError, OverflowError):  # ValueError: not a number at all
         raise UsageError(f"{option}={text!r}: not an open descriptor (s6 opens it when the service has a notification-fd file)") from None
     return fd

@@ -36,6 +36,13 @@ class Relays:
         self.fd, self.upstream, self.command, self.stop = fd, upstream, command, stop
         self.environ = environ or {}
 
+    def describe(self):
+        where = [f"a newline on fd {self.fd}"] if self.fd is not None else []
+        where += [f"READY=1 to {self.upstream!r}"] if self.upstream else []
+        where += [f"run {self.command!r}"] if self.command else []
+        where += ["SIGSTOP"] if self.stop else []
+        return ", ".join(where) or "no relay (no --fd, --forward, --command or --stop)"
+
     def ready(self, program, main_pid, fields):
         if self.stop:
             signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
@@ -72,7 +79,7 @@ class Program:
 
 
 class Watcher:
-    def __init__(self, tool, inbox, program, relays, keep_relaying):
+    def __init__(self, tool, inbox, program, relays, keep_relaying, verbose=False):
         self.tool, self.inbox, self.program, self.relays = tool, inbox, program, relays
         self.keep_relaying = keep_relaying
         self.ready = False
@@ -80,6 +87,8 @@ class Watcher:
         self.warned = set()
         self.check = None  # a Check, polled alongside the inbox (--check)
         self.ready_sender = None
+        self.verbose, self.started = verbose, time.monotonic()
+        self.say(f"watching pid {program.pid}; once it is ready: {relays.describe()}")
 
     def run(self, deadline=None):
         """Until ready (and, with keep_relaying, until the program is gone), gone, or deadline passes."""
@@ -111,7 +120,9 @@ class Watcher:
         """A passing check is readiness, as a READY=1 from the program would be."""
         if self.check is not None and not self.ready and self.check.step(self.program.pid):
             self.ready = True
+            told = self.relays.describe()
             self.relays.ready(self.program, self.main_pid, [("READY", "1")])
+            self.say(f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
 
     def linger(self):
         """Answer the BARRIER a sender like systemd-notify sends right after READY=1.
@@ -165,7 +176,9 @@ class Watcher:
             self.ready = True
             self.ready_sender = message.pid
             self.main_pid = notifyproto.main_pid(fields, self.program.pid)
+            told = self.relays.describe()
             self.relays.ready(self.program, self.main_pid, fields)
+            self.say(f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
         else:
             self.main_pid = notifyproto.main_pid(fields, self.main_pid)
             self.relays.relay(fields, self.main_pid, fds=self.fds_to_store(message))
@@ -183,6 +196,10 @@ class Watcher:
         if family is None:
             return message.uid == self.program.uid
         return family
+
+    def say(self, text):
+        if self.verbose:
+            warn(self.tool, "info", text)
 
     def warn_once(self, key, text):
         if key not in self.warned:

@@ -59,3 +59,14 @@ def test_man_pages_lint_clean():
         missing("mandoc")
     done = run(["mandoc", "-Tlint", "-W", "warning", *sorted(str(p) for p in MAN.iterdir())])
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_stdin_says_it_passes_the_listening_socket():
+    """--stdin is inetd's 'wait' style (the program accepts), not one connection per program (issue 9)."""
+    usage = run(["fdlaunch-fdmap", "--help"]).stdout
+    page = (MAN / "fdlaunch-fdmap.1").read_text()
+    option = page.split(".BI \\-\\-stdin= LABEL\nPut", 1)[1].split(".TP", 1)[0]
+    assert "inetd style" not in usage and "inetd-style" not in page
+    assert "'wait' style, the program accepts" in words(usage) and "fdlaunch-accept(1)" in usage
+    assert "listening socket" in option and ".BR wait :" in option and ".BR fdlaunch-accept (1)" in option
+    assert ".BR fdlaunch-accept (1)," in page.split(".SH SEE ALSO", 1)[1]

@@ -4,6 +4,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,24 +41,89 @@ def answering_pid(body):
     return int(match[1])
 
 
+def tree(top):
+    """Every path under top with what it is: a file's bytes, a link's target, or 'dir'."""
+    found = {}
+    for path in sorted(top.rglob("*")):
+        if path.is_symlink():
+            found[str(path)] = ("link", os.readlink(path))
+        elif path.is_dir():
+            found[str(path)] = ("dir", oct(path.stat().st_mode))
+        else:
+            found[str(path)] = ("file", oct(path.stat().st_mode), path.read_bytes())
+    return found
+
+
 @pytest.fixture
-def service_copy():
-    """A copy of an example service directory that nobody (the daemon's account) can read."""
-    made = []
+def checkout_unchanged():
+    """Running an example leaves nothing in the checkout: no supervise/, no event/, no state."""
+    before = tree(EXAMPLES)
+    yield
+    assert tree(EXAMPLES) == before
 
-    def copy(kind, port):
-        top = tempfile.mkdtemp(prefix="fdlaunch-example-", dir="/tmp")
-        os.chmod(top, 0o755)
-        made.append(top)
-        target = Path(top) / "hello"
-        shutil.copytree(EXAMPLES / kind / "hello", target)  # the symlinked daemon is copied as a file
-        (target / "env").mkdir()
-        (target / "env" / "PORT").write_text(f"{port}\n")
-        return target
 
-    yield copy
-    for top in made:
-        shutil.rmtree(top, ignore_errors=True)
+@pytest.fixture
+def public_tmp():
+    """A temporary directory outside the checkout that nobody (the daemons' account) can enter."""
+    top = Path(tempfile.mkdtemp(prefix="fdlaunch-example-", dir="/tmp"))
+    os.chmod(top, 0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def commands_beside(run_script):
+    """The commands a run script's comment gives, '#   command   # note' -> 'command'."""
+    lines = [line[4:] for line in run_script.read_text().splitlines() if line.startswith("#   ")]
+    return [re.sub(r"\s+# .*$", "", line).strip() for line in lines]
+
+
+def copy_as_written(kind, name, public_tmp, port):
+    """Run the example's own copy command (to a place of ours) from the checkout's top; the copy."""
+    commands = commands_beside(EXAMPLES / kind / name / "run")
+    written = f"/tmp/{name}"
+    copy = commands[0]
+    assert copy == f"cp -a examples/{kind}/{name} {written} && cd {written}", commands
+    target = public_tmp / name
+    assert run(["sh", "-c", copy.replace(written, str(target))], cwd=EXAMPLES.parent).returncode == 0
+    assert not any(path.is_symlink() for path in target.rglob("*")), "a copy must not point back into the checkout"
+    (target / "env").mkdir()
+    (target / "env" / "PORT").write_text(f"{port}\n")
+    return target, commands[1:]
+
+
+class Started:
+    """A shell running an example's start command in its copy, in a process group of its own.
+
+    The supervisor it starts in the background stays in that group: the stop
+    command ends it, and the group is killed if anything is left.
+    """
+
+    def __init__(self, command, cwd):
+        # no pipe: the supervisor left in the background would hold it open
+        self.shell = subprocess.Popen(["sh", "-c", command], cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL)
+        self.cwd = cwd
+
+    def wait(self):
+        return self.shell.wait(TIMEOUT)
+
+    def stop(self, command):
+        try:
+            run(["sh", "-c", command], cwd=self.cwd)
+            deadline = time.monotonic() + TIMEOUT
+            while self.group_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            if self.group_alive():
+                os.killpg(self.shell.pid, signal.SIGKILL)
+            self.shell.kill()
+            self.shell.wait()
+
+    def group_alive(self):
+        try:
+            os.killpg(self.shell.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def test_demo_daemon_answers_through_fdlaunch_listen():
@@ -70,55 +136,81 @@ def test_demo_daemon_answers_through_fdlaunch_listen():
     assert answer[1] == answer[2]
 
 
-def test_s6_service(service_copy):
+def test_demo_on_a_port_in_use_fails_at_once_with_the_bind_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()  # connections to it are queued and never answered
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = run(["sh", str(EXAMPLES / "demo.sh")], env={"PATH": os.environ["PATH"], "PORT": str(port), "PYTHON": sys.executable})
+        took = time.monotonic() - started
+    assert done.returncode != 0
+    assert done.stderr.startswith(f"fdlaunch-listen: fatal: unable to bind 127.0.0.1:{port}/tcp: Address already in use\n")
+    assert "did not answer" not in done.stderr
+    assert took < 3, f"the demo took {took:.1f} seconds to give up"
+
+
+def test_demo_port_is_documented():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert "PORT=8081 make demo" in readme
+    assert "PORT=8081 sh examples/demo.sh" in (EXAMPLES / "demo.sh").read_text()
+
+
+def test_the_service_daemons_are_copies_of_the_demo_daemon():
+    for kind in ("s6", "runit"):
+        copy = EXAMPLES / kind / "hello" / "hello_httpd.py"
+        assert not copy.is_symlink() and copy.read_bytes() == (EXAMPLES / "hello_httpd.py").read_bytes()
+
+
+def test_s6_service(public_tmp, checkout_unchanged):
     require_root()
     for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
         require(tool)
     port = free_port()
-    service = service_copy("s6", port)
-    supervise = subprocess.Popen(["s6-supervise", str(service)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service, (start, status_command, curl, stop) = copy_as_written("s6", "hello", public_tmp, port)
+    assert status_command == "s6-svstat ." and curl == "curl http://127.0.0.1:8080/" and stop == "s6-svc -xd ."
+    started = Started(start, service)
     try:
-        deadline = time.monotonic() + 10
-        while run(["s6-svok", str(service)]).returncode != 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert run(["s6-svwait", "-U", "-t", "15000", str(service)]).returncode == 0
-        status = run(["s6-svstat", "-o", "up,ready,pid", str(service)]).stdout.split()
-        assert status[:2] == ["true", "true"]
+        assert started.wait() == 0, "s6-svwait -U did not see the service ready"
+        status = run(["sh", "-c", status_command], cwd=service).stdout
         pid = answering_pid(get(port, "/s6"))
-        assert pid == int(status[2]), "s6 supervises the daemon itself: it kept the run script's pid"
+        assert re.match(rf"up \(pid {pid}\) .*ready", status), "s6 supervises the daemon itself: it kept the run script's pid"
         assert os.stat(f"/proc/{pid}").st_uid == 65534
     finally:
-        run(["s6-svc", "-xd", str(service)])
-        try:
-            supervise.wait(TIMEOUT)
-        finally:
-            supervise.kill()
-            supervise.wait()
+        started.stop(stop)
+    assert (service / "supervise").is_dir() and (service / "event").is_dir(), "s6 wrote into the copy"
 
 
-def test_runit_service(service_copy):
+def test_runit_service(public_tmp, checkout_unchanged):
     require_root()
-    runsv, sv = require("runsv"), require("sv")
+    require("runsv"), require("sv")
     port = free_port()
-    service = service_copy("runit", port)
-    supervisor = subprocess.Popen([runsv, str(service)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service, (start, status_command, curl, stop) = copy_as_written("runit", "hello", public_tmp, port)
+    assert status_command == "sv status ." and curl == "curl http://127.0.0.1:8080/" and stop == "sv -w 10 exit ."
+    started = Started(start, service)
     try:
+        assert started.wait() == 0
         pid = answering_pid(get(port, "/runit"))
-        status = run([sv, "status", str(service)]).stdout
-        assert re.match(rf"run: {re.escape(str(service))}: \(pid {pid}\)", status), status
+        status = run(["sh", "-c", status_command], cwd=service).stdout
+        assert re.match(rf"run: \.: \(pid {pid}\)", status), status
     finally:
-        run([sv, "-w", "5", "exit", str(service)])
-        try:
-            supervisor.wait(TIMEOUT)
-        finally:
-            supervisor.kill()
-            supervisor.wait()
+        started.stop(stop)
+    assert (service / "supervise").is_dir(), "runsv wrote into the copy"
 
 
-def exec_start(unit, port):
+@pytest.fixture
+def units(public_tmp, checkout_unchanged):
+    """A copy of examples/systemd, as a user takes it; its units' commands say where they go."""
+    assert run(["cp", "-a", str(EXAMPLES / "systemd"), str(public_tmp / "systemd")]).returncode == 0
+    copy = public_tmp / "systemd"
+    for unit in copy.iterdir():
+        assert f"cp {unit.name}" in unit.read_text() or f" {unit.name}" in unit.read_text(), f"{unit.name} says how to install it"
+    return copy
+
+
+def exec_start(units, unit, port):
     """The unit's ExecStart=, with this checkout's paths and a free port for the installed ones."""
-    line = next(line for line in (EXAMPLES / "systemd" / unit).read_text().splitlines() if line.startswith("ExecStart="))
+    line = next(line for line in (units / unit).read_text().splitlines() if line.startswith("ExecStart="))
     words = shlex.split(line.removeprefix("ExecStart="))
     replaced = []
     for word in words:
@@ -132,7 +224,7 @@ def exec_start(unit, port):
     return replaced
 
 
-def test_systemd_unit_with_an_fdlaunch_chain():
+def test_systemd_unit_with_an_fdlaunch_chain(units):
     """Type=notify: READY=1 must come from the pid systemd started (NotifyAccess=main)."""
     require_root()
     port = free_port()
@@ -144,7 +236,7 @@ def test_systemd_unit_with_an_fdlaunch_chain():
     upstream.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     upstream.settimeout(TIMEOUT)
     os.chmod(notify_path, 0o777)  # as /run/systemd/notify: anyone may send, credentials say who
-    main = subprocess.Popen(exec_start("hello.service", port), env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": str(notify_path)})
+    main = subprocess.Popen(exec_start(units, "hello.service", port), env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": str(notify_path)})
     try:
         data, ancillary, _, _ = upstream.recvmsg(4096, socket.CMSG_SPACE(12))
         sender = int.from_bytes(ancillary[0][2][:4], "little")
@@ -157,12 +249,12 @@ def test_systemd_unit_with_an_fdlaunch_chain():
         shutil.rmtree(public)
 
 
-def test_systemd_socket_unit_through_fdlaunch_fdmap():
+def test_systemd_socket_unit_through_fdlaunch_fdmap(units):
     activate = require("systemd-socket-activate")
     port = free_port()
-    socket_unit = (EXAMPLES / "systemd" / "hello-activated.socket").read_text()
+    socket_unit = (units / "hello-activated.socket").read_text()
     name = re.search(r"FileDescriptorName=(\S+)", socket_unit)[1]
-    command = [activate, "-l", f"127.0.0.1:{port}", f"--fdname={name}", *exec_start("hello-activated.service", port)]
+    command = [activate, "-l", f"127.0.0.1:{port}", f"--fdname={name}", *exec_start(units, "hello-activated.service", port)]
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         body = get(port, "/activated")

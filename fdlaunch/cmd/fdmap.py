@@ -1,10 +1,11 @@
 """fdlaunch-fdmap: pass the sockets this was handed on in the form the program needs.
 
 Usage:
-  fdlaunch-fdmap --systemd [--order=LABELS] [--] PROG [ARGS...]
-  fdlaunch-fdmap --map [--] PROG [ARGS...]
-  fdlaunch-fdmap --vars[=PREFIX] [--] PROG [ARGS...]
-  fdlaunch-fdmap --stdin=LABEL [--] PROG [ARGS...]
+  fdlaunch-fdmap [-v] --systemd [--order=LABELS] [--] PROG [ARGS...]
+  fdlaunch-fdmap [-v] --map [--] PROG [ARGS...]
+  fdlaunch-fdmap [-v] --vars[=PREFIX] [--] PROG [ARGS...]
+  fdlaunch-fdmap [-v] --subst [--] PROG [ARGS...]
+  fdlaunch-fdmap [-v] --stdin=LABEL [--] PROG [ARGS...]
   fdlaunch-fdmap (-h | --help | --version)
 
 Reads LISTEN_FD_MAP, or LISTEN_FDS and LISTEN_FDNAMES with a LISTEN_PID
@@ -18,8 +19,12 @@ Options:
   --map             Write LISTEN_FD_MAP; move nothing.
   --vars[=PREFIX]   Set PREFIX+LABEL to the label's fd numbers, for
                     daemons that take them on the command line (FD_).
-  --stdin=LABEL     Put that socket on fd 0 and fd 1, inetd style, and
-                    close the others.
+  --subst           Replace each {LABEL} in ARGS by that label's fd number
+                    ({{ and }} are braces): kresd -S {udp} -S {tcp}.
+  --stdin=LABEL     Put that listening socket on fd 0 and fd 1 and close
+                    the others: inetd's 'wait' style, the program accepts.
+                    For a program per connection, see fdlaunch-accept(1).
+  -v, --verbose     Say on stderr what was moved, set or replaced.
   -h, --help        Print this help.
   --version         Print the version.
 """
@@ -27,7 +32,7 @@ Options:
 import os
 
 from fdlaunch import chain, cli, fdplan, fds, listenenv
-from fdlaunch.errors import UsageError, tool
+from fdlaunch.errors import UsageError, tool, warn
 
 PROG = "fdlaunch-fdmap"
 DEFAULT_PREFIX = "FD_"
@@ -46,15 +51,25 @@ def main(argv):
     fds.check_inherited(passed, open_now)
     path = chain.find_program(program[0], environ)
     if options["--systemd"]:
-        environ = as_systemd(passed, options["--order"], open_now, environ, pid)
+        environ, done = as_systemd(passed, options["--order"], open_now, environ, pid)
     elif options["--map"]:
         fds.make_inheritable(p.fd for p in passed)
         environ["LISTEN_FD_MAP"] = listenenv.format_map(passed)
+        done = [f"LISTEN_FD_MAP={environ['LISTEN_FD_MAP']}"]
     elif options["--vars"] is not None:
         fds.make_inheritable(p.fd for p in passed)
-        environ.update(fdplan.variables(passed, options["--vars"]))
+        variables = fdplan.variables(passed, options["--vars"])
+        environ.update(variables)
+        done = [f"{name}={value}" for name, value in variables.items()] or ["no sockets, no variables"]
+    elif options["--subst"]:
+        fds.make_inheritable(p.fd for p in passed)
+        program = [program[0], *fdplan.substitute(program[1:], passed)]
+        done = [f"arguments now {program[1:]!r}"]
     else:
-        environ = as_stdin(passed, options["--stdin"], environ)
+        environ, done = as_stdin(passed, options["--stdin"], environ)
+    if options["--verbose"]:
+        for line in done:
+            warn(PROG, "info", line)
     chain.exec_program(path, program, environ)
 
 
@@ -71,10 +86,13 @@ def with_default_prefix(argv):
 def as_systemd(passed, order, open_now, environ, pid):
     chosen = fdplan.choose(passed, order)
     moves = fdplan.systemd_moves(chosen, open_now, handed={p.fd for p in passed})
-    fds.close_all({p.fd for p in passed} - {p.fd for p in chosen})
+    dropped = [p for p in passed if p not in chosen]
+    fds.close_all(p.fd for p in dropped)
     fds.place(moves)
     placed = [listenenv.Passed(p.label, to) for p, (_, to) in zip(chosen, moves, strict=True)]
-    return listenenv.environment(environ, placed, pid, True, {})
+    done = [f"fd {p.fd} ({p.label}) closed: not in --order" for p in dropped]
+    done += [f"fd {p.fd} ({p.label}) {'stays at' if p.fd == q.fd else 'moved to'} fd {q.fd}" for p, q in zip(chosen, placed, strict=True)]
+    return listenenv.environment(environ, placed, pid, True, {}), done or ["no sockets were passed"]
 
 
 def as_stdin(passed, label, environ):
@@ -85,4 +103,6 @@ def as_stdin(passed, label, environ):
     fds.place([(matching[0].fd, 0)])
     os.dup2(0, 1)
     fds.close_all({p.fd for p in passed} - {0, 1})
-    return {name: value for name, value in environ.items() if name not in listenenv.SYSTEMD_VARIABLES + ("LISTEN_FD_MAP",)}
+    others = [p for p in passed if p != matching[0] and p.fd not in (0, 1)]
+    done = [f"fd {matching[0].fd} ({label}) on fd 0 and fd 1"] + [f"fd {p.fd} ({p.label}) closed" for p in others]
+    return {name: value for name, value in environ.items() if name not in listenenv.SYSTEMD_VARIABLES + ("LISTEN_FD_MAP",)}, done

@@ -88,7 +88,7 @@ def read_settings(options, environ):
     if settings["reload"] in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
         raise UsageError(f"--signal={options['--signal']}: that signal stops fdlaunch-handoff or cannot be caught; use HUP, USR1 or USR2")
     if options["--fd"] is not None:
-        settings["ready_fd"] = fds.open_fd_option("--fd", options["--fd"])
+        settings["ready_fd"] = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
         os.set_inheritable(settings["ready_fd"], False)  # the instances must not hold it
     return settings
 

@@ -8,10 +8,11 @@ Sends FIELD=VALUE lines (READY=1, STATUS=..., RELOADING=1, STOPPING=1, ...)
 as one datagram to $NOTIFY_SOCKET, a path or @abstract. See fdlaunch-notify(1).
 
 Options:
-  --pid=PID     Speak for PID (a number, or 'parent'), and send MAINPID=PID.
-  --no-block    Do not wait for the receiver to handle the message.
-  -h, --help    Print this help.
-  --version     Print the version.
+  --pid=PID      Speak for PID (a number, or 'parent'), and send MAINPID=PID.
+  --no-block     Do not wait for the receiver to handle the message.
+  -v, --verbose  Say on stderr what was sent, and where.
+  -h, --help     Print this help.
+  --version      Print the version.
 """
 
 import os
@@ -44,6 +45,8 @@ def main(argv):
             warn(PROG, "warning", f"{target} did not confirm the message within {BARRIER_SECONDS} seconds")
     except OSError as error:
         raise unable(f"send to {target}", error) from None
+    if options["--verbose"]:
+        warn(PROG, "info", f"sent {data.decode()!r} to {target!r}" + (f" for pid {pid}" if pid is not None else ""))
     return 0
 
 

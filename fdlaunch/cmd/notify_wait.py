@@ -25,6 +25,8 @@ Options:
                      (default 10).
   --tries=N          With --check, give up after N failed runs (default 0:
                      no limit).
+  -v, --verbose      Say on stderr what is relayed where, and when PROG
+                     got ready.
   -h, --help         Print this help.
   --version          Print the version.
 """
@@ -35,7 +37,7 @@ import signal
 import sys
 import time
 
-from fdlaunch import chain, cli, fds, readiness, sdnotify
+from fdlaunch import chain, cli, fds, listenenv, readiness, sdnotify
 from fdlaunch.errors import Fatal, UsageError, tool, warn
 
 PROG = "fdlaunch-notify-wait"
@@ -64,7 +66,7 @@ def main(argv):
 
 def read_settings(options, environ):
     """Every option checked before anything is created."""
-    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"])
+    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
         raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
@@ -78,7 +80,7 @@ def read_settings(options, environ):
             raise UsageError(f"--timeout={options['--timeout']!r} is not a number of seconds above 0")
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
-    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"]}
+    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"], "verbose": options["--verbose"]}
 
 
 def read_check(options, environ):
@@ -129,7 +131,7 @@ def start_watcher(inbox, relays, settings):
 def watch(inbox, relays, settings, program, keep):
     """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
     isolate(keep)
-    watcher = readiness.Watcher(PROG, inbox, program, relays, keep_relaying=relays.upstream is not None)
+    watcher = readiness.Watcher(PROG, inbox, program, relays, relays.upstream is not None, settings["verbose"])
     watcher.check = settings["check"]
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
@@ -181,7 +183,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     pidfd = os.pidfd_open(child)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
-    watcher = readiness.Watcher(PROG, inbox, readiness.Program(child, pidfd), relays, keep_relaying=False)
+    watcher = readiness.Watcher(PROG, inbox, readiness.Program(child, pidfd), relays, False, settings["verbose"])
     watcher.check = settings["check"]
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]

@@ -25,6 +25,7 @@ Options:
   --nice=N           Add N to the nice value.
   --setsid           Start a new session.
   --no-new-privs     Set no_new_privs: no setuid exec regains anything.
+  -v, --verbose      Say on stderr what the process became.
   -h, --help         Print this help.
   --version          Print the version.
 """
@@ -32,7 +33,7 @@ Options:
 import os
 
 from fdlaunch import chain, cli, creds, credspec
-from fdlaunch.errors import Fatal, UsageError, tool
+from fdlaunch.errors import Fatal, UsageError, tool, warn
 
 PROG = "fdlaunch-setuidgid"
 PROCESS_OPTIONS = ("--env", "--keep-cap", "--umask", "--chdir", "--chroot", "--limit", "--nice", "--setsid", "--no-new-privs")
@@ -51,6 +52,9 @@ def main(argv):
     if options["--export"]:
         refuse_with_export(options)
         environ.update(credspec.to_environment(wanted))
+        if options["--verbose"]:
+            exported = " ".join(f"{k}={v}" for k, v in credspec.to_environment(wanted).items())
+            warn(PROG, "info", f"set {exported}; credentials unchanged")
         chain.exec_program(chain.find_program(program[0], environ), program, environ)
     setup = read_setup(options)
     if options["--env"]:
@@ -76,6 +80,8 @@ def main(argv):
         creds.no_new_privs()
     if options["--chdir"]:
         creds.change_directory(options["--chdir"])
+    if options["--verbose"]:
+        warn(PROG, "info", f"now {credspec.describe(wanted, setup['capabilities'])}")
     chain.exec_program(chain.find_program(program[0], environ), program, environ)
 
 
