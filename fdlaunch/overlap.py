@@ -48,8 +48,12 @@ def received_dispositions(numbers):
     return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
 
 
-def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions):
-    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it."""
+def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, become=None):
+    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it.
+
+    become, if given, runs in the child a program that is one of our own tools
+    in that process (fusion) and returns the status it failed with.
+    """
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     pid = os.fork()
@@ -64,6 +68,8 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions):
             if systemd_sockets:
                 child_environ["LISTEN_PID"] = str(os.getpid())
                 child_environ.pop("LISTEN_PIDFDID", None)
+            if become is not None and chain.fusable(path, child_environ):
+                os._exit(become(chain.Exec(path, argv, child_environ)))
             chain.restore_signals()
             os.execve(path, argv, child_environ)
         except OSError as error:
@@ -98,8 +104,9 @@ def die_with(parent):
 class Handoff:
     """The loop that runs instances, hands over on the reload signal, and tells the supervisor."""
 
-    def __init__(self, tool, program, settings, inbox, upward):
+    def __init__(self, tool, program, settings, inbox, upward, become=None):
         self.tool, self.program, self.settings, self.inbox, self.upward = tool, program, settings, inbox, upward
+        self.become = become
         self.current = None
         self.candidate = None
         self.candidate_deadline = None
@@ -132,7 +139,7 @@ class Handoff:
     def start(self):
         path = chain.find_program(self.program[0], self.settings["environ"])
         environ, sockets = self.settings["environ"], self.settings["systemd_sockets"]
-        return spawn(path, self.program, environ, self.inbox.path, sockets, self.dispositions)
+        return spawn(path, self.program, environ, self.inbox.path, sockets, self.dispositions, self.become)
 
     def wait(self):
         poller = select.poll()

@@ -32,16 +32,16 @@ Options:
 import os
 
 from fdlaunch import chain, cli, creds, credspec
-from fdlaunch.errors import Fatal, UsageError, tool
+from fdlaunch.cli import tool
+from fdlaunch.errors import Fatal, UsageError
 
 PROG = "fdlaunch-setuidgid"
 PROCESS_OPTIONS = ("--env", "--keep-cap", "--umask", "--chdir", "--chroot", "--limit", "--nice", "--setsid", "--no-new-privs")
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, environ):
     options = cli.parse(__doc__, argv)
-    environ = chain.received_environment()
     program = [options["PROG"], *options["ARGS"]]
     lookups = creds.Lookups()
     account = None if options["--from-env"] else credspec.resolve_account(options["ACCOUNT"], lookups)
@@ -51,7 +51,7 @@ def main(argv):
     if options["--export"]:
         refuse_with_export(options)
         environ.update(credspec.to_environment(wanted))
-        chain.exec_program(chain.find_program(program[0], environ), program, environ)
+        return chain.Exec(chain.find_program(program[0], environ), program, environ)
     setup = read_setup(options)
     if options["--env"]:
         if account is None:
@@ -76,7 +76,9 @@ def main(argv):
         creds.no_new_privs()
     if options["--chdir"]:
         creds.change_directory(options["--chdir"])
-    chain.exec_program(chain.find_program(program[0], environ), program, environ)
+    path = chain.find_program(program[0], environ)
+    os.close(status)
+    return chain.Exec(path, program, environ)
 
 
 def read_setup(options):
