@@ -26,7 +26,8 @@ CHAINS = {
     "listen, setuidgid": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "-unix:@{tag}", "--", "fdlaunch-setuidgid", "nobody", "--"],
     "listen, notify-wait": ["fdlaunch-listen", "-udp:127.0.0.1:0", "--", "fdlaunch-notify-wait", "--"],
     "listen, notify-wait --fork": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-notify-wait", "--fork", "--"],
-    "listen --map, fdmap --systemd": ["fdlaunch-listen", "--map", "-tcp:label=a:127.0.0.1:0", "-udp:label=b:127.0.0.1:0", "--", "fdlaunch-fdmap", "--systemd", "--order=b,a", "--"],
+    "listen --map, fdmap --systemd": ["fdlaunch-listen", "--map", "-tcp:label=a:127.0.0.1:0", "-udp:label=b:127.0.0.1:0", "--"]
+    + ["fdlaunch-fdmap", "--systemd", "--order=b,a", "--"],
     "listen, listen": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-listen", "-udp:label=dns:127.0.0.1:0", "--"],
     "listen, handoff": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-handoff", "--"],
     "setuidgid, listen": ["fdlaunch-setuidgid", "--umask=027", "--limit=nofile=512", ME, "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--"],
@@ -35,7 +36,8 @@ CHAINS = {
     "notify-wait, setuidgid": ["fdlaunch-notify-wait", "--", "fdlaunch-setuidgid", "nobody", "--"],
     "fdmap, listen": ["fdlaunch-fdmap", "--vars", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--"],
     "handoff, setuidgid": ["fdlaunch-handoff", "--", "fdlaunch-setuidgid", "nobody", "--"],
-    "listen, setuidgid, notify-wait": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--", "fdlaunch-notify-wait", "--"],
+    "listen, setuidgid, notify-wait": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--"]
+    + ["fdlaunch-notify-wait", "--"],
 }
 
 

@@ -28,7 +28,7 @@ Options:
 import os
 import signal
 
-from fdlaunch import chain, cli, fds, listenenv, overlap, sdnotify
+from fdlaunch import cli, fds, listenenv, overlap, sdnotify
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, warn
 
