@@ -11,7 +11,6 @@ a tool of this installation: then it runs that tool's body in this process
 """
 
 import functools
-import importlib
 import os
 import re
 import sys
@@ -78,7 +77,7 @@ def fused_module(step):
     sys.stdout.flush()
     sys.stderr.flush()
     chain.signals_as_after_exec()
-    return importlib.import_module(f"fdlaunch.cmd.{module}")
+    return load(module)
 
 
 def load_chain(argv, environ):
@@ -91,7 +90,14 @@ def load_chain(argv, environ):
     if named:
         scripts = chain.fusable_scripts(environ)
         for module in set(scripts.values()) & {chain.TOOLS[n] for n in named}:
-            importlib.import_module(f"fdlaunch.cmd.{module}")
+            load(module)
+
+
+def load(module):
+    """The tool module fdlaunch.cmd.<module> (plain __import__: importlib costs start-up time)."""
+    name = f"fdlaunch.cmd.{module}"
+    __import__(name)
+    return sys.modules[name]
 
 
 def attempt(name, function, *args):

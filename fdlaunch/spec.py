@@ -5,7 +5,8 @@ checked for shape here and looked up by fdlaunch.sock.
 """
 
 import re
-import socket
+# The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
+import _socket as socket
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
