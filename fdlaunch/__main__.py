@@ -1,18 +1,19 @@
 """python -m fdlaunch TOOL ARGS...: the same as running fdlaunch-TOOL ARGS..."""
 
-import importlib
 import sys
 
-TOOLS = ("listen", "setuidgid", "notify-wait", "notify", "fdmap", "handoff")
+from fdlaunch.chain import TOOLS
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in TOOLS:
-        sys.stderr.write(f"fdlaunch: usage: python -m fdlaunch {{{'|'.join(TOOLS)}}} ARGS...\n")
+    names = [name.removeprefix("fdlaunch-") for name in TOOLS]
+    if not argv or argv[0] not in names:
+        sys.stderr.write(f"fdlaunch: usage: python -m fdlaunch {{{'|'.join(names)}}} ARGS...\n")
         return 100
-    module = importlib.import_module(f"fdlaunch.cmd.{argv[0].replace('-', '_')}")
-    return module.main(argv[1:])
+    module = TOOLS[f"fdlaunch-{argv[0]}"]
+    __import__(f"fdlaunch.cmd.{module}")
+    return sys.modules[f"fdlaunch.cmd.{module}"].main(argv[1:])
 
 
 if __name__ == "__main__":

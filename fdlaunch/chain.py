@@ -1,16 +1,38 @@
 """The last step of every tool: exec the rest of the command line, cleanly.
 
-CONVENTIONS.md section 1: the program gets the signal dispositions the
-caller would have given it, and none of our buffered output is lost.
+fdlaunch(7), CHAIN LOADING: the program gets the signal dispositions the
+caller would have given it, and none of our buffered output is lost. A tool
+ends by returning an Exec; the runtime (cli.tool) either runs that program
+in this process, when it is a tool of this installation (fusion), or execs it.
 """
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import sys
+from collections import namedtuple
 
 from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal
+
+# The console scripts of this installation: name -> module under fdlaunch.cmd.
+TOOLS = {
+    "fdlaunch-listen": "listen",
+    "fdlaunch-setuidgid": "setuidgid",
+    "fdlaunch-notify-wait": "notify_wait",
+    "fdlaunch-notify": "notify",
+    "fdlaunch-fdmap": "fdmap",
+    "fdlaunch-handoff": "handoff",
+    "fdlaunch-foreground": "foreground",
+}
+FUSE_VARIABLE = "FDLAUNCH_FUSE"
+
+
+# A tool's last step: run path with argv and environ. undo, if not None, takes
+# back what the tool left for the program (socket files) should a later link
+# fused into this process fail before its exec.
+Exec = namedtuple("Exec", "path argv environ undo", defaults=(None,))
 
 # Python sets these to SIG_IGN at start-up, and an ignored signal stays
 # ignored across execve(2) (signal(7)), so a daemon would never die of EPIPE.
@@ -41,13 +63,18 @@ def find_program(name, environ):
     """The path execve will run for name, searched in environ's PATH as execvp does.
 
     Found nowhere: 127. Found but not executable (no x bit, a directory): 126.
+    A script of this installation is found without a look at the file, which
+    a user we became may no longer be allowed to read (see installation()).
     """
     if "/" in name:
         candidates = [name]
     else:
         candidates = [os.path.join(d or ".", name) for d in environ.get("PATH", os.defpath).split(os.pathsep)]
+    ours = fusable_scripts(environ) if os.path.basename(name) in TOOLS else {}
     refusal = None
     for path in candidates:
+        if ours and os.path.abspath(path) in ours:
+            return path
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
         if os.path.exists(path) and refusal is None:
@@ -56,9 +83,74 @@ def find_program(name, environ):
     raise refusal or Fatal(f"unable to exec {name}: {os.strerror(errno.ENOENT)}", NOT_FOUND)
 
 
+def fusable_scripts(environ):
+    """{path: module} of the tools a link may run in this process instead of exec'ing them."""
+    if environ.get(FUSE_VARIABLE) == "0":
+        return {}
+    root, scripts = installation()
+    if scripts and _root_identity() != root:
+        return {}  # chrooted since: the same path now names another file
+    return scripts
+
+
+def fusable(path, environ):
+    """Whether the runtime would run path in this process rather than exec it."""
+    return os.path.basename(path) in TOOLS and os.path.abspath(path) in fusable_scripts(environ)
+
+
+@functools.cache
+def installation():
+    """(identity of /, {path: module}) for the console scripts beside the one running.
+
+    A script is ours if it sits in the directory of the script this process
+    started from, runs this very interpreter, and imports its tool's module:
+    the PATH lookup exec would do then lands on code we have already loaded.
+    Computed once, at the start of the first link, while the files are still
+    readable (a later link may run as a user who cannot read them): memoized
+    facts about the installation, not state that changes.
+    """
+    home = os.path.dirname(os.path.abspath(sys.argv[0]))
+    scripts = {}
+    for name, module in TOOLS.items():
+        path = os.path.join(home, name)
+        try:
+            with open(path, "rb") as script:
+                head = script.read(1024)
+        except OSError:
+            continue
+        shebang, _, body = head.partition(b"\n")
+        interpreter = shebang[2:].split(None, 1)[0] if shebang.startswith(b"#!") and len(shebang) > 2 else b""
+        if interpreter == os.fsencode(sys.executable) and f"fdlaunch.cmd.{module} import".encode() in body:
+            scripts[path] = module
+    return _root_identity(), scripts
+
+
+def _root_identity():
+    info = os.stat("/")
+    return info.st_dev, info.st_ino
+
+
 def restore_signals():
     for number in PYTHON_IGNORED:
         signal.signal(number, signal.SIG_DFL)
+
+
+def signals_as_after_exec():
+    """The handlers a fused link would have found had it been exec'd as a new interpreter.
+
+    execve(2) resets caught signals to SIG_DFL and keeps ignored ones ignored;
+    the new interpreter then catches SIGINT if it was at SIG_DFL.
+    """
+    signal.set_wakeup_fd(-1)
+    for number in signal.valid_signals():
+        try:
+            handler = signal.getsignal(number)
+        except ValueError:
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            signal.signal(number, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def exec_program(path, argv, environ):

@@ -1,16 +1,120 @@
-"""docopt with the settings every chain loader needs.
+"""The tool runtime: docopt with the settings every chain loader needs, and the
+loop that runs a chain's links.
 
 options_first=True keeps the program's own options away from docopt, and a
 DocoptExit (docopt's own exit 1) becomes a one-line UsageError (exit 100).
+
+A tool's body takes its argv and the environment it was handed, and returns
+an exit status or a chain.Exec. The runtime execs that program, unless it is
+a tool of this installation: then it runs that tool's body in this process
+(fusion, fdlaunch(7)), so a chain costs one interpreter start, not one per link.
 """
 
+import functools
+import os
 import re
 import sys
 
 from docopt import DocoptExit, docopt
 
-from fdlaunch import __version__
-from fdlaunch.errors import Finished, UsageError
+from fdlaunch import __version__, chain
+from fdlaunch.errors import SYSTEM, Fatal, Finished, UsageError, report
+
+
+def tool(name):
+    """Make body(argv, environ) into the tool's main(argv=None) -> exit status, never a traceback."""
+
+    def wrap(body):
+        @functools.wraps(body)
+        def main(argv=None):
+            argv = sys.argv[1:] if argv is None else list(argv)
+            environ = chain.received_environment()
+            load_chain(argv, environ)
+            outcome, failed = attempt(name, body, argv, environ)
+            if isinstance(outcome, chain.Exec):
+                return become(name, outcome)
+            return outcome
+
+        main.body = body
+        main.tool_name = name
+        return main
+
+    return wrap
+
+
+def become(name, step):
+    """Run step's program: fused if it is one of our tools, else by execve.
+
+    Returns only if that failed, with the status to exit with; a link that
+    failed has said why under its own name, and what earlier links left for
+    the program is taken back.
+    """
+    undo = []
+    while isinstance(step, chain.Exec):
+        if step.undo is not None:
+            undo.append(step.undo)
+        module = fused_module(step)
+        if module is None:
+            outcome, failed = attempt(name, chain.exec_program, step.path, step.argv, step.environ)
+        else:
+            name, body = module.main.tool_name, module.main.body
+            outcome, failed = attempt(name, body, step.argv[1:], step.environ)
+        step = outcome
+    if failed:
+        for take_back in reversed(undo):
+            take_back()
+    return outcome
+
+
+def fused_module(step):
+    """The tool module to run in this process instead of exec'ing step.path, or None."""
+    if os.path.basename(step.path) not in chain.TOOLS:
+        return None
+    module = chain.fusable_scripts(step.environ).get(os.path.abspath(step.path))
+    if module is None:
+        return None
+    # What exec would have done: flush what this link wrote, reset its signal handlers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    chain.signals_as_after_exec()
+    return load(module)
+
+
+def load_chain(argv, environ):
+    """Import the tools this chain names while their files are still readable.
+
+    A later link may run as a user who can no longer read the installation
+    (fdlaunch-setuidgid nobody, with the interpreter under /root).
+    """
+    named = {os.path.basename(word) for word in argv} & chain.TOOLS.keys()
+    if named:
+        scripts = chain.fusable_scripts(environ)
+        for module in set(scripts.values()) & {chain.TOOLS[n] for n in named}:
+            load(module)
+
+
+def load(module):
+    """The tool module fdlaunch.cmd.<module> (plain __import__: importlib costs start-up time)."""
+    name = f"fdlaunch.cmd.{module}"
+    __import__(name)
+    return sys.modules[name]
+
+
+def attempt(name, function, *args):
+    """(what function returned or the exit status it failed with, whether it failed), its error said in one line."""
+    try:
+        outcome = function(*args)
+        return (0 if outcome is None else outcome), False
+    except Finished as done:
+        return done.status, False
+    except Fatal as error:
+        return report(name, "fatal", error, error.status), True
+    except KeyboardInterrupt:
+        return report(name, "fatal", "interrupted", 130), True
+    except OSError as error:
+        return report(name, "fatal", f"unexpected system error: {error}", SYSTEM), True
+    except Exception as error:  # a bug of ours: still one line, never a traceback
+        return report(name, "fatal", f"internal error, please report: {type(error).__name__}: {error}", SYSTEM), True
 
 
 def parse(doc, argv, match=None):

@@ -1,11 +1,10 @@
 """Exit statuses and the one message grammar every tool uses.
 
-Library code raises Fatal (or a subclass); only a tool's main turns it into
-a line on stderr and an exit status, so every function can be called and
-tested in-process.
+Library code raises Fatal (or a subclass); only the tool runtime (cli.tool)
+turns it into a line on stderr and an exit status, so every function can be
+called and tested in-process.
 """
 
-import functools
 import sys
 
 USAGE = 100
@@ -47,31 +46,6 @@ def unable(verb_object, error):
     """The s6 grammar for a failed system call: 'unable to bind X: strerror'."""
     reason = error.strerror or str(error)
     return Fatal(f"unable to {verb_object}: {reason}")
-
-
-def tool(name):
-    """Wrap a tool's body as main(argv=None) -> exit status, never a traceback."""
-
-    def wrap(body):
-        @functools.wraps(body)
-        def main(argv=None):
-            argv = sys.argv[1:] if argv is None else list(argv)
-            try:
-                return body(argv) or 0
-            except Finished as done:
-                return done.status
-            except Fatal as error:
-                return report(name, "fatal", error, error.status)
-            except KeyboardInterrupt:
-                return report(name, "fatal", "interrupted", 130)
-            except OSError as error:
-                return report(name, "fatal", f"unexpected system error: {error}", SYSTEM)
-            except Exception as error:  # a bug of ours: still one line, never a traceback
-                return report(name, "fatal", f"internal error, please report: {type(error).__name__}: {error}", SYSTEM)
-
-        return main
-
-    return wrap
 
 
 def report(name, kind, message, status):

@@ -50,10 +50,12 @@ def received_dispositions(numbers):
     return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
 
 
-def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, moves=()):
+def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, moves=(), become=None):
     """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it.
 
-    notify_socket None leaves NOTIFY_SOCKET as environ has it.
+    notify_socket None leaves NOTIFY_SOCKET as environ has it. become, if
+    given, runs in the child a program that is one of our own tools in that
+    process (fusion) and returns the status it failed with.
     """
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
@@ -75,6 +77,8 @@ def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, mov
             if systemd_sockets:
                 child_environ["LISTEN_PID"] = str(os.getpid())
                 child_environ.pop("LISTEN_PIDFDID", None)
+            if become is not None and chain.fusable(path, child_environ):
+                os._exit(become(chain.Exec(path, argv, child_environ)))
             chain.restore_signals()
             os.execve(path, argv, child_environ)
         except OSError as error:
@@ -109,8 +113,9 @@ def die_with(parent):
 class Handoff:
     """The loop that runs instances, hands over on the reload signal, and tells the supervisor."""
 
-    def __init__(self, tool, program, settings, inbox, upward):
+    def __init__(self, tool, program, settings, inbox, upward, become=None):
         self.tool, self.program, self.settings, self.inbox, self.upward = tool, program, settings, inbox, upward
+        self.become = become
         self.current = None
         self.candidate = None
         self.candidate_deadline = None
@@ -146,7 +151,7 @@ class Handoff:
     def start(self, offer):
         path = chain.find_program(self.program[0], offer.environ)
         systemd = self.settings["systemd_sockets"]
-        instance = spawn(path, self.program, offer.environ, self.inbox.path, systemd, self.dispositions, offer.moves)
+        instance = spawn(path, self.program, offer.environ, self.inbox.path, systemd, self.dispositions, offer.moves, self.become)
         instance.offer = offer
         return instance
 

@@ -5,10 +5,11 @@ Everything one run creates is recorded in an Opened, which undoes it all
 the run gets as far as exec.
 """
 
+# The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
+import _socket as socket
 import errno
 import os
 import select
-import socket
 import stat
 from collections import namedtuple
 
@@ -59,7 +60,9 @@ def resolve(spec, ipv6):
         return Endpoint(spec, socket.AF_INET6, kind, ("::", port, 0, 0), v6only)
     wanted = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(family, socket.AF_UNSPEC)
     try:
-        found = socket.getaddrinfo(spec.host, port, wanted, kind)
+        # An ASCII name as bytes: a str would load the idna codec, another millisecond per link.
+        host = spec.host.encode() if spec.host.isascii() else spec.host
+        found = socket.getaddrinfo(host, port, wanted, kind)
     except socket.gaierror as error:
         if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None), getattr(socket, "EAI_ADDRFAMILY", None)):
             raise UsageError(f"{spec.address()}: host {spec.host!r} not found") from None

@@ -4,8 +4,9 @@ Pure: no system calls, no environment. Names (hosts, services, users) are
 checked for shape here and looked up by fdlaunch.sock.
 """
 
+# The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
+import _socket as socket
 import re
-import socket
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError

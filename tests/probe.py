@@ -3,7 +3,7 @@
 Usage: probe.py OUTFILE   (or '-' for stdout)
 
 Reports pid, argv, environment, credentials, capabilities, ignored and
-blocked signals, umask, and every open descriptor: its close-on-exec flag
+blocked signals, umask, cwd, resource limits, and every open descriptor: its close-on-exec flag
 and, for a socket, family, type, bound address and whether it listens.
 Imports only the standard library and opens nothing before listing fds.
 """
@@ -11,6 +11,7 @@ Imports only the standard library and opens nothing before listing fds.
 import fcntl
 import json
 import os
+import resource
 import socket
 import stat
 import sys
@@ -83,6 +84,8 @@ def main():
         "gid": os.getresgid(),
         "groups": sorted(os.getgroups()),
         "umask": umask,
+        "cwd": os.getcwd(),
+        "limits": {name: resource.getrlimit(getattr(resource, name)) for name in sorted(dir(resource)) if name.startswith("RLIMIT_")},
         "ignored": int(status["SigIgn"], 16),
         "blocked": int(status["SigBlk"], 16),
         "cap_eff": int(status["CapEff"], 16),

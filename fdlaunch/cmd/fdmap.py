@@ -32,7 +32,8 @@ Options:
 import os
 
 from fdlaunch import chain, cli, fdplan, fds, listenenv
-from fdlaunch.errors import UsageError, tool, warn
+from fdlaunch.cli import tool
+from fdlaunch.errors import UsageError, warn
 
 PROG = "fdlaunch-fdmap"
 DEFAULT_PREFIX = "FD_"
@@ -42,9 +43,9 @@ MATCHABLE = __doc__.replace("--vars[=PREFIX]", "--vars=PREFIX")
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, environ):
     options = cli.parse(__doc__, with_default_prefix(argv), match=MATCHABLE)
-    environ, pid = chain.received_environment(), os.getpid()
+    pid = os.getpid()
     program = [options["PROG"], *options["ARGS"]]
     passed = listenenv.inherited(environ, pid)
     open_now = fds.open_fds()
@@ -70,7 +71,7 @@ def main(argv):
     if options["--verbose"]:
         for line in done:
             warn(PROG, "info", line)
-    chain.exec_program(path, program, environ)
+    return chain.Exec(path, program, environ)
 
 
 def with_default_prefix(argv):

@@ -26,15 +26,15 @@ Options:
 import os
 
 from fdlaunch import chain, cli, fds, forking, readiness
-from fdlaunch.errors import UsageError, tool, warn
+from fdlaunch.cli import tool
+from fdlaunch.errors import UsageError, warn
 
 PROG = "fdlaunch-foreground"
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, environ):
     options = cli.parse(__doc__, argv)
-    environ = chain.received_environment()
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
     path = chain.find_program(program[0], environ)

@@ -35,16 +35,16 @@ Options:
 import os
 import signal
 
-from fdlaunch import chain, cli, fds, listenenv, listenfrom, overlap, sdnotify
-from fdlaunch.errors import UsageError, tool, warn
+from fdlaunch import cli, fds, listenenv, listenfrom, overlap, sdnotify
+from fdlaunch.cli import tool
+from fdlaunch.errors import UsageError, warn
 
 PROG = "fdlaunch-handoff"
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, environ):
     options = cli.parse(__doc__, argv)
-    environ = chain.received_environment()
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
     passed = listenenv.inherited(environ, os.getpid())
@@ -61,7 +61,7 @@ def main(argv):
     inbox = sdnotify.Inbox()
     try:
         reachable_after_a_drop(inbox)
-        handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream))
+        handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream), become=lambda step: cli.become(PROG, step))
         status = handoff.run()
     finally:
         inbox.close()

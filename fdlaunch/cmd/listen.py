@@ -22,7 +22,8 @@ import os
 import sys
 
 from fdlaunch import chain, cli, fdplan, fds, listenenv, sock, spec
-from fdlaunch.errors import Finished, UsageError, tool, warn
+from fdlaunch.cli import tool
+from fdlaunch.errors import Finished, UsageError, warn
 
 PROG = "fdlaunch-listen"
 # docopt matches the options alone: it cannot match 'SPEC... PROG' (see cli.parse).
@@ -30,7 +31,7 @@ OPTIONS_ONLY = __doc__.replace(" SPEC... [--] PROG [ARGS...]", "")
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, caller):
     option_words, spec_words, program = spec.split_words(argv)
     options = cli.parse(__doc__, option_words, match=OPTIONS_ONLY)
     wanted = [spec.parse(word) for word in spec_words]
@@ -38,7 +39,7 @@ def main(argv):
         missing = "socket spec" if not wanted else "program"
         raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
     systemd = not options["--map"]
-    caller, pid = chain.received_environment(), os.getpid()
+    pid = os.getpid()
     inherited = listenenv.inherited(caller, pid)
     open_now = fds.open_fds()
     fds.check_inherited(inherited, open_now)
@@ -61,7 +62,7 @@ def main(argv):
         if options["--lazy"]:
             with chain.stopping_signals_raise():
                 sock.wait_for_activity([p.fd for p in layout.passed])
-        chain.exec_program(path, program, environ)
+        return chain.Exec(path, program, environ, undo=opened.discard)
 
 
 def describe(layout, wanted):

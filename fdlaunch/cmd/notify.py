@@ -17,8 +17,9 @@ Options:
 
 import os
 
-from fdlaunch import chain, cli, notifyproto, sdnotify
-from fdlaunch.errors import UsageError, tool, unable, warn
+from fdlaunch import cli, notifyproto, sdnotify
+from fdlaunch.cli import tool
+from fdlaunch.errors import UsageError, unable, warn
 
 PROG = "fdlaunch-notify"
 NOT_LISTENING = 1  # NOTIFY_SOCKET unset: nobody to tell, as sd_notify(3) returns 0
@@ -26,9 +27,8 @@ BARRIER_SECONDS = 5  # as systemd-notify waits
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, environ):
     options = cli.parse(__doc__, argv)
-    environ = chain.received_environment()
     pid = read_pid(options["--pid"])
     texts = [*options["FIELD=VALUE"], *([f"MAINPID={pid}"] if pid is not None else [])]
     try:

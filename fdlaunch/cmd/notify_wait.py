@@ -38,7 +38,8 @@ import sys
 import time
 
 from fdlaunch import chain, cli, fds, listenenv, readiness, sdnotify
-from fdlaunch.errors import Fatal, UsageError, tool, warn
+from fdlaunch.cli import tool
+from fdlaunch.errors import SYSTEM, Fatal, UsageError, warn
 
 PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md
@@ -48,9 +49,8 @@ GRACE_SECONDS = 5  # after SIGTERM at --timeout in --fork mode, before SIGKILL
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, environ):
     options = cli.parse(__doc__, argv)
-    environ = chain.received_environment()
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
     settings["check"] = read_check(options, environ)
@@ -61,7 +61,7 @@ def main(argv):
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
     start_watcher(inbox, relays, settings)
-    chain.exec_program(path, program, environ)
+    return chain.Exec(path, program, environ)
 
 
 def read_settings(options, environ):
@@ -219,17 +219,15 @@ def run_child(path, program, environ, parent_pid):
     PROG's stdout is our stderr: our stdout carries the one line a script reads
     with $(...), which would wait forever while a daemon held it open.
     """
+    status = SYSTEM
     try:
         os.dup2(2, 1)
         if environ.get("LISTEN_PID") == str(parent_pid):
             environ["LISTEN_PID"] = str(os.getpid())
             environ.pop("LISTEN_PIDFDID", None)
-        chain.exec_program(path, program, environ)
-    except Fatal as error:
-        warn(PROG, "fatal", str(error))
-        os._exit(error.status)
+        status = cli.become(PROG, chain.Exec(path, program, environ))
     finally:
-        os._exit(111)
+        os._exit(status)
 
 
 def reap(child, pidfd, grace):

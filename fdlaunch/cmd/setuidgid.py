@@ -33,16 +33,16 @@ Options:
 import os
 
 from fdlaunch import chain, cli, creds, credspec
-from fdlaunch.errors import Fatal, UsageError, tool, warn
+from fdlaunch.cli import tool
+from fdlaunch.errors import Fatal, UsageError, warn
 
 PROG = "fdlaunch-setuidgid"
 PROCESS_OPTIONS = ("--env", "--keep-cap", "--umask", "--chdir", "--chroot", "--limit", "--nice", "--setsid", "--no-new-privs")
 
 
 @tool(PROG)
-def main(argv):
+def main(argv, environ):
     options = cli.parse(__doc__, argv)
-    environ = chain.received_environment()
     program = [options["PROG"], *options["ARGS"]]
     lookups = creds.Lookups()
     account = None if options["--from-env"] else credspec.resolve_account(options["ACCOUNT"], lookups)
@@ -55,7 +55,7 @@ def main(argv):
         if options["--verbose"]:
             exported = " ".join(f"{k}={v}" for k, v in credspec.to_environment(wanted).items())
             warn(PROG, "info", f"set {exported}; credentials unchanged")
-        chain.exec_program(chain.find_program(program[0], environ), program, environ)
+        return chain.Exec(chain.find_program(program[0], environ), program, environ)
     setup = read_setup(options)
     if options["--env"]:
         if account is None:
@@ -80,9 +80,11 @@ def main(argv):
         creds.no_new_privs()
     if options["--chdir"]:
         creds.change_directory(options["--chdir"])
+    path = chain.find_program(program[0], environ)
+    os.close(status)
     if options["--verbose"]:
         warn(PROG, "info", f"now {credspec.describe(wanted, setup['capabilities'])}")
-    chain.exec_program(chain.find_program(program[0], environ), program, environ)
+    return chain.Exec(path, program, environ)
 
 
 def read_setup(options):

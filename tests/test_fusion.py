@@ -1,0 +1,187 @@
+"""Fusion (fdlaunch(7), FUSION): a chain of fdlaunch links runs in one interpreter.
+
+The final program must not be able to tell: every chain below runs once
+fused and once with FDLAUNCH_FUSE=0 (each link exec'd), and the probe at its
+end must see the same descriptors, flags, environment, signals, credentials,
+umask, cwd and limits.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import PROBE, read_probe, require_root, run
+
+ROOT_ONLY = os.geteuid() != 0
+ME = f"{os.getuid()}:{os.getgid()}"
+
+# Each chain of two links that can be chained, in front of the probe.
+CHAINS = {
+    "listen, setuidgid": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "-unix:@{tag}", "--", "fdlaunch-setuidgid", "nobody", "--"],
+    "listen, notify-wait": ["fdlaunch-listen", "-udp:127.0.0.1:0", "--", "fdlaunch-notify-wait", "--"],
+    "listen, notify-wait --fork": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-notify-wait", "--fork", "--"],
+    "listen --map, fdmap --systemd": ["fdlaunch-listen", "--map", "-tcp:label=a:127.0.0.1:0", "-udp:label=b:127.0.0.1:0", "--"]
+    + ["fdlaunch-fdmap", "--systemd", "--order=b,a", "--"],
+    "listen, listen": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-listen", "-udp:label=dns:127.0.0.1:0", "--"],
+    "listen, handoff": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-handoff", "--"],
+    "setuidgid, listen": ["fdlaunch-setuidgid", "--umask=027", "--limit=nofile=512", ME, "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--"],
+    "setuidgid, notify-wait": ["fdlaunch-setuidgid", "--chdir=/", "nobody", "--", "fdlaunch-notify-wait", "--"],
+    "setuidgid, fdmap": ["fdlaunch-setuidgid", ME, "--", "fdlaunch-fdmap", "--map", "--"],
+    "notify-wait, setuidgid": ["fdlaunch-notify-wait", "--", "fdlaunch-setuidgid", "nobody", "--"],
+    "fdmap, listen": ["fdlaunch-fdmap", "--vars", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--"],
+    "handoff, setuidgid": ["fdlaunch-handoff", "--", "fdlaunch-setuidgid", "nobody", "--"],
+    "listen, setuidgid, notify-wait": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--"]
+    + ["fdlaunch-notify-wait", "--"],
+}
+
+
+@pytest.fixture
+def public():
+    """A directory under /tmp that the links may write to after dropping to nobody."""
+    path = Path(tempfile.mkdtemp(prefix="fdl-fusion."))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def normalized(report):
+    """What may differ between two runs of the same chain: pids and port numbers."""
+    pid = report.pop("pid")
+    report.pop("ppid")
+    env = report["env"]
+    if env.get("LISTEN_PID") == str(pid):
+        env["LISTEN_PID"] = "<pid>"
+    if "NOTIFY_SOCKET" in env:
+        env["NOTIFY_SOCKET"] = "<private>"
+    for entry in report["fds"].values():
+        address = entry.get("address")
+        if isinstance(address, list):
+            entry["address"] = [address[0], "<port>", *address[2:]]
+    return report
+
+
+def run_chain(argv, tmp_path, name, fuse):
+    out = tmp_path / "report.json"
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path), "KEEP": "a=b c"}
+    if not fuse:
+        env["FDLAUNCH_FUSE"] = "0"
+
+    def caller_state():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+
+    done = run([*argv, sys.executable, PROBE, str(out)], env=env, preexec_fn=caller_state, timeout=20)
+    report = read_probe(out) if out.exists() else None
+    out.unlink(missing_ok=True)
+    if report is not None and not fuse:
+        assert report["env"].pop("FDLAUNCH_FUSE") == "0"
+    return done, report
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_the_program_cannot_tell_a_fused_chain(chain, public):
+    argv = [word.replace("{tag}", f"fdl-fusion-{os.getpid()}") for word in CHAINS[chain]]
+    if ROOT_ONLY and "fdlaunch-setuidgid" in argv:
+        pytest.skip("needs root to change credentials")
+    fused, report = run_chain(argv, public, "fused", fuse=True)
+    exec_d, expected = run_chain(argv, public, "exec", fuse=False)
+    assert (fused.returncode, re.sub(r"pid \d+", "pid N", fused.stderr)) == (exec_d.returncode, re.sub(r"pid \d+", "pid N", exec_d.stderr))
+    assert report is not None, fused.stderr
+    assert "FDLAUNCH_FUSE" not in report["env"], "fusion is never announced to the program"
+    assert normalized(report) == normalized(expected)
+
+
+def test_a_failing_later_link_speaks_under_its_own_name_and_leaves_nothing(tmp_path):
+    path = tmp_path / "app.sock"
+    for fuse in (True, False):
+        env = {**os.environ, **({} if fuse else {"FDLAUNCH_FUSE": "0"})}
+        argv = ["fdlaunch-listen", "-v", f"-unix:{path}", "--", "fdlaunch-fdmap", "--stdin=nosuch", "--", "true"]
+        done = run(argv, env=env)
+        assert done.returncode == 100
+        lines = done.stderr.splitlines()
+        assert lines[0].startswith("fdlaunch-listen: info: fd 3: unix")
+        assert lines[1:] == ["fdlaunch-fdmap: fatal: --stdin=nosuch: no socket is labelled 'nosuch'; it needs exactly one"]
+        if fuse:
+            assert not path.exists(), "the fused chain takes back the socket file its first link made"
+        path.unlink(missing_ok=True)
+
+
+def test_the_programs_status_and_exec_errors_are_the_same(tmp_path):
+    for fuse in ("1", "0"):
+        env = {**os.environ, "FDLAUNCH_FUSE": fuse}
+        done = run(["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-fdmap", "--map", "--", "sh", "-c", "exit 7"], env=env)
+        assert (done.returncode, done.stderr) == (7, "")
+        done = run(["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-fdmap", "--map", "--", "no-such-program-x"], env=env)
+        assert done.returncode == 127
+        assert done.stderr == "fdlaunch-fdmap: fatal: unable to exec no-such-program-x: No such file or directory\n"
+
+
+def test_a_script_named_like_a_tool_elsewhere_is_execd(tmp_path):
+    impostor = tmp_path / "bin" / "fdlaunch-fdmap"
+    impostor.parent.mkdir()
+    marker = tmp_path / "impostor-ran"
+    impostor.write_text(f'#!/bin/sh\necho "$@" > {marker}\n')
+    impostor.chmod(0o755)
+    # A byte-for-byte copy of our own console script, outside the installation, is not ours either.
+    copy = tmp_path / "copy" / "fdlaunch-notify"
+    copy.parent.mkdir()
+    shutil.copy(shutil.which("fdlaunch-notify"), copy)
+    env = {**os.environ, "PATH": f"{impostor.parent}:{os.environ['PATH']}"}
+    done = run(["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-fdmap", "--map", "--", "true"], env=env)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "--map -- true\n"
+    done = run(["fdlaunch-fdmap", "--map", "--", str(copy), "--help"])
+    assert done.returncode == 0 and done.stdout.startswith("fdlaunch-notify: send one sd_notify message")
+
+
+def private_installation(base):
+    """This installation copied into a venv of Debian's python3 inside a 0700 directory."""
+    import docopt
+
+    import fdlaunch
+
+    private = base / "private"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(private / "venv")], check=True, timeout=60)
+    site = next((private / "venv" / "lib").glob("python3*/site-packages"))
+    for package in (fdlaunch, docopt):
+        source = os.path.dirname(package.__file__)
+        shutil.copytree(source, site / os.path.basename(source), ignore=shutil.ignore_patterns("__pycache__"))
+    bindir = private / "venv" / "bin"
+    for tool in ("fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-fdmap"):
+        text = Path(shutil.which(tool)).read_text().split("\n", 1)[1]
+        (bindir / tool).write_text(f"#!{bindir / 'python'}\n{text}")
+        (bindir / tool).chmod(0o755)
+    private.chmod(0o700)
+    return bindir
+
+
+def test_a_chain_goes_on_after_dropping_to_a_user_who_cannot_read_the_interpreter(public):
+    require_root()
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs Debian's /usr/bin/python3")
+    bindir = private_installation(public)
+    out = public
+    argv = [
+        str(bindir / "fdlaunch-listen"), "-tcp:127.0.0.1:0", "--",
+        "fdlaunch-setuidgid", "nobody", "--",
+        "fdlaunch-notify-wait", "--",
+        "fdlaunch-fdmap", "--map", "--",
+        "/usr/bin/python3", PROBE, str(out / "report.json"),
+    ]  # fmt: skip
+    env = {"PATH": f"{bindir}:/usr/bin:/bin"}
+    done = run(argv, env=env)
+    assert done.returncode == 0, done.stderr
+    report = read_probe(out / "report.json")
+    assert report["uid"] == [65534] * 3
+    assert [e["type"] for fd, e in report["fds"].items() if fd > 2] == ["SOCK_STREAM"]
+    assert report["env"]["LISTEN_FD_MAP"] == "tcp=3"
+    # Each link exec'd, nobody cannot even find the next one.
+    done = run(argv, env={**env, "FDLAUNCH_FUSE": "0"})
+    assert done.returncode == 127
+    assert done.stderr == "fdlaunch-setuidgid: fatal: unable to exec fdlaunch-notify-wait: No such file or directory\n"
