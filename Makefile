@@ -4,6 +4,8 @@
 #   make lint      man pages (mandoc -Tlint) and Python (ruff)
 #   make install   console scripts, man pages and examples under $(DESTDIR)$(PREFIX)
 #   make uninstall removes exactly what make install put there
+#   make demo      the README demo: a daemon started through fdlaunch-listen
+#   make bench     start-up cost, readiness relay latency, handoffs under load
 #
 # make install PREFIX=/usr/local [DESTDIR=/tmp/stage] installs:
 #   $(PREFIX)/lib/fdlaunch/       the package and its dependency docopt-ng (pip install
@@ -16,8 +18,6 @@
 # The list of what it created is $(PREFIX)/lib/fdlaunch/installed-files; DESTDIR
 # appears in no installed file, so a staged tree works once copied to $(PREFIX).
 # It needs pip: the one of the virtualenv in $(VENV), created if missing.
-#   make demo      the README demo: a daemon started through fdlaunch-listen
-#   make bench     start-up cost, readiness relay latency, handoffs under load
 
 # Debian's interpreter, so that the tests that drop to nobody can still run
 # it (a pyenv under /root cannot be read by other users).

@@ -124,10 +124,7 @@ class Installer:
 
     def link(self, path, to):
         self.mkdirs(os.path.dirname(path))
-        target = self.staged(path)
-        if target.is_symlink() or target.exists():
-            raise SystemExit(f"install: fatal: {str(target)!r} exists and is not ours: remove it first")
-        target.symlink_to(os.path.relpath(to, os.path.dirname(path)))
+        self.staged(path).symlink_to(os.path.relpath(to, os.path.dirname(path)))
         self.created.append(path)
 
     def library(self, pip):
@@ -148,44 +145,54 @@ class Installer:
             raise SystemExit(f"install: fatal: unable to compile {str(staged)!r}")
 
     def install(self, pip):
+        """Everything, or on any failure nothing: what was made so far is removed."""
         layout = self.layout
-        self.library(pip)
-        for name, (module, function) in sorted(console_scripts(self.staged(layout.libdir)).items()):
-            relative = os.path.relpath(layout.libdir, layout.bindir)
-            text = WRAPPER.format(python=sys.executable, name=name, layout=layout, relative=relative, module=module, function=function)
-            self.file(f"{layout.bindir}/{name}", text=text, mode=0o755)
-        for page in sorted((SOURCE / "man").glob("*.[17]")):
-            self.file(f"{layout.mandir}/man{page.suffix[1:]}/{page.name}", source=page)
-        self.link(f"{layout.sitedir}/fdlaunch", f"{layout.libdir}/fdlaunch")
-        for source in sorted((SOURCE / "examples").rglob("*")):
-            if "__pycache__" in source.parts or (source.is_dir() and not source.is_symlink()):
-                continue
-            mode = 0o755 if os.access(source, os.X_OK) else 0o644
-            self.file(f"{layout.exampledir}/{source.relative_to(SOURCE / 'examples')}", source=source, mode=mode)
-        manifest = "".join(f"{path}\n" for path in self.created)
-        (self.staged(layout.libdir) / MANIFEST).write_text(manifest)
-        os.chmod(self.staged(layout.libdir) / MANIFEST, 0o644)
+        for path in (layout.libdir, f"{layout.sitedir}/fdlaunch"):
+            if self.staged(path).is_symlink() or self.staged(path).exists():
+                raise SystemExit(f"install: fatal: {str(self.staged(path))!r} exists and make install did not make it: remove it first")
+        try:
+            self.library(pip)
+            for name, (module, function) in sorted(console_scripts(self.staged(layout.libdir)).items()):
+                relative = os.path.relpath(layout.libdir, layout.bindir)
+                text = WRAPPER.format(python=sys.executable, name=name, layout=layout, relative=relative, module=module, function=function)
+                self.file(f"{layout.bindir}/{name}", text=text, mode=0o755)
+            for page in sorted((SOURCE / "man").glob("*.[17]")):
+                self.file(f"{layout.mandir}/man{page.suffix[1:]}/{page.name}", source=page)
+            self.link(f"{layout.sitedir}/fdlaunch", f"{layout.libdir}/fdlaunch")
+            for source in sorted((SOURCE / "examples").rglob("*")):
+                if "__pycache__" in source.parts or (source.is_dir() and not source.is_symlink()):
+                    continue
+                mode = 0o755 if os.access(source, os.X_OK) else 0o644
+                self.file(f"{layout.exampledir}/{source.relative_to(SOURCE / 'examples')}", source=source, mode=mode)
+            manifest = self.staged(layout.libdir) / MANIFEST
+            manifest.write_text("".join(f"{path}\n" for path in self.created))
+            manifest.chmod(0o644)
+        except BaseException:
+            remove(self.destdir, layout.libdir, self.created)
+            raise
 
 
-def uninstall(layout, destdir):
-    """Remove what the manifest lists, then LIBDIR; False when nothing was installed."""
-    libdir = Path(destdir + layout.libdir)
-    if not (libdir / MANIFEST).is_file():
-        return False
-    paths = (libdir / MANIFEST).read_text().splitlines()
+def remove(destdir, libdir, paths):
+    """The files of paths and LIBDIR, then the directories of paths that are left empty, deepest first."""
     for path in paths:
         staged = Path(destdir + path)
         if not path.endswith("/") and (staged.is_symlink() or staged.exists()):
             staged.unlink()
-    shutil.rmtree(libdir)
+    shutil.rmtree(destdir + libdir, ignore_errors=True)
     for path in reversed(paths):
         if path.endswith("/"):
             try:
                 Path(destdir + path).rmdir()
-            except FileNotFoundError:
+            except OSError:  # gone, or not empty: something else lives there now
                 pass
-            except OSError:  # not empty: something else lives there now
-                pass
+
+
+def uninstall(layout, destdir):
+    """Remove what install made; False when there is nothing installed."""
+    manifest = Path(destdir + layout.libdir, MANIFEST)
+    if not manifest.is_file():
+        return False
+    remove(destdir, layout.libdir, manifest.read_text().splitlines())
     return True
 
 

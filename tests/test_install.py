@@ -250,3 +250,20 @@ def test_uninstall_removes_exactly_what_install_put_there():
         assert system_state() == system
     finally:
         shutil.rmtree(destdir)
+
+
+def test_install_refuses_to_replace_a_package_it_did_not_install():
+    """A foreign fdlaunch in the site directory is left alone, and so is everything else."""
+    if not os.access(PYTHON, os.X_OK):
+        missing(PYTHON)
+    destdir = public_tempdir()
+    try:
+        site_dir = next(d for d in system_site_dirs() if d.startswith(f"{PREFIX}/lib/"))
+        Path(destdir + site_dir, "fdlaunch").mkdir(parents=True)
+        before = listing(destdir)
+        done = make("install", f"DESTDIR={destdir}", f"PREFIX={PREFIX}")
+        assert done.returncode != 0
+        assert f"{destdir}{site_dir}/fdlaunch" in done.stderr and "make install did not make it" in done.stderr, done.stderr
+        assert listing(destdir) == before
+    finally:
+        shutil.rmtree(destdir)
