@@ -130,6 +130,11 @@ class Installer:
     def library(self, pip):
         """The wheel and its dependencies in LIBDIR, compiled for this interpreter."""
         libdir = self.layout.libdir
+        asked = subprocess.run([*pip, "-c", "import sys; print(*sys.version_info[:2], sep='.')"], capture_output=True, text=True)
+        ours = "{}.{}".format(*sys.version_info)
+        theirs = asked.stdout.strip() or "?"
+        if theirs != ours:  # pip would pick dependencies, and check python_requires, for another version
+            raise SystemExit(f"install: fatal: {pip[0]!r} runs Python {theirs}, not {ours}: set VENV to a new directory")
         self.mkdirs(os.path.dirname(libdir))
         staged = self.staged(libdir)
         quiet = ["--quiet", "--disable-pip-version-check"]
