@@ -267,3 +267,22 @@ def test_install_refuses_to_replace_a_package_it_did_not_install():
         assert listing(destdir) == before
     finally:
         shutil.rmtree(destdir)
+
+
+def test_a_plain_pip_install_gives_console_scripts_that_scan_no_metadata():
+    """pyproject.toml: even a pip that would fall back to 'setup.py install' (Debian's 23.0, no
+    wheel package) builds a wheel, whose scripts import their main directly."""
+    if not os.access(PYTHON, os.X_OK):
+        missing(PYTHON)
+    top = tempfile.mkdtemp(prefix="fdlaunch-pip-", dir="/tmp")
+    try:
+        assert run([PYTHON, "-m", "venv", f"{top}/venv"], timeout=MAKE_TIMEOUT).returncode == 0
+        done = run([f"{top}/venv/bin/python", "-m", "pip", "install", str(ROOT)], timeout=MAKE_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        script = Path(top, "venv/bin/fdlaunch-listen").read_text()
+        assert "importlib.metadata" not in script and "pkg_resources" not in script, script
+        timed = run([f"{top}/venv/bin/python", "-X", "importtime", f"{top}/venv/bin/fdlaunch-listen", "--version"])
+        assert timed.returncode == 0, timed.stderr
+        assert "importlib.metadata" not in timed.stderr and "pkg_resources" not in timed.stderr
+    finally:
+        shutil.rmtree(top)
