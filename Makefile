@@ -17,7 +17,8 @@
 #   $(MANDIR)/man1 and man7 (MANDIR=$(PREFIX)/share/man), $(PREFIX)/share/fdlaunch/examples
 # The list of what it created is $(PREFIX)/lib/fdlaunch/installed-files; DESTDIR
 # appears in no installed file, so a staged tree works once copied to $(PREFIX).
-# It needs pip: the one of the virtualenv in $(VENV), created if missing.
+# It needs a pip of the same Python version: the one of the virtualenv in $(VENV),
+# created by $(PYTHON) if missing.
 
 # Debian's interpreter, so that the tests that drop to nobody can still run
 # it (a pyenv under /root cannot be read by other users).

@@ -10,8 +10,8 @@ lands in the system's site-packages where it could shadow a distribution
 package (Debian's python3-docopt is also a top-level `docopt`). Each
 console script of the built wheel becomes a small script in PREFIX/bin
 that puts LIBDIR (found relative to itself) first on sys.path and calls
-its main: no metadata scan at
-start-up, and it runs for any user who can read PREFIX. The package alone
+its main: no metadata scan at start-up, and it runs for any user who can
+read PREFIX. The pip given must run the same Python version. The package alone
 (not its dependencies) is also linked into the interpreter's site
 directory under PREFIX, so that daemons run by that interpreter can
 `import fdlaunch`. Man pages go to PREFIX/share/man, examples to
@@ -19,7 +19,8 @@ PREFIX/share/fdlaunch/examples.
 
 Every path created outside LIBDIR is written to LIBDIR/installed-files,
 without DESTDIR: uninstall removes exactly those (directories only if
-empty) and LIBDIR itself. A new install first uninstalls the previous one.
+empty) and LIBDIR itself. A new install first uninstalls the previous one;
+a failed one removes what it made.
 """
 
 import argparse
@@ -84,10 +85,10 @@ def console_scripts(libdir):
     parser.read(entry_points)
     scripts = {}
     for name, target in parser["console_scripts"].items():
-        module, _, function = target.partition(":")
+        module, _, function = (part.strip() for part in target.partition(":"))
         if not function.isidentifier():
             raise SystemExit(f"install: fatal: entry point {name} = {target!r} is not module:function")
-        scripts[name] = (module.strip(), function.strip())
+        scripts[name] = (module, function)
     return scripts
 
 
