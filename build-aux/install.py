@@ -27,6 +27,7 @@ import argparse
 import compileall
 import configparser
 import os
+import shlex
 import shutil
 import site
 import subprocess
@@ -140,7 +141,8 @@ class Installer:
         staged = self.staged(libdir)
         quiet = ["--quiet", "--disable-pip-version-check"]
         command = [*pip, "-m", "pip", "install", *quiet, "--no-compile", "--target", str(staged), str(SOURCE)]
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode != 0:
+            raise SystemExit(f"install: fatal: unable to install the package and its dependencies: {shlex.join(command)} failed")
         shutil.rmtree(staged / "bin", ignore_errors=True)  # pip's scripts name the build interpreter
         for directory, subdirectories, files in os.walk(staged):
             for name in subdirectories:

@@ -286,3 +286,22 @@ def test_a_plain_pip_install_gives_console_scripts_that_scan_no_metadata():
         assert "importlib.metadata" not in timed.stderr and "pkg_resources" not in timed.stderr
     finally:
         shutil.rmtree(top)
+
+
+def test_a_failed_install_leaves_nothing_behind():
+    """pip cannot fetch what the build needs: make install fails, and DESTDIR is as it was."""
+    if not os.access(PYTHON, os.X_OK):
+        missing(PYTHON)
+    destdir = public_tempdir()
+    nowhere = tempfile.mkdtemp(prefix="fdlaunch-nowheels-", dir="/tmp")
+    try:
+        Path(destdir, "usr/local/bin").mkdir(parents=True)
+        before = listing(destdir)
+        offline = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": nowhere}
+        done = run(["make", "-C", str(ROOT), "install", f"DESTDIR={destdir}", f"PREFIX={PREFIX}"], timeout=MAKE_TIMEOUT, env=offline)
+        assert done.returncode != 0, done.stdout
+        assert "install: fatal: unable to install the package" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert listing(destdir) == before
+    finally:
+        shutil.rmtree(destdir)
+        shutil.rmtree(nowhere)
