@@ -3,8 +3,22 @@
 #   make test      virtualenv in .venv, the package installed in it, the whole suite
 #   make lint      man pages (mandoc -Tlint) and Python (ruff)
 #   make install   console scripts, man pages and examples under $(DESTDIR)$(PREFIX)
+#   make uninstall removes exactly what make install put there
 #   make demo      the README demo: a daemon started through fdlaunch-listen
 #   make bench     start-up cost, readiness relay latency, handoffs under load
+#
+# make install PREFIX=/usr/local [DESTDIR=/tmp/stage] installs:
+#   $(PREFIX)/lib/fdlaunch/       the package and its dependency docopt-ng (pip install
+#                                 --target from a wheel), never the system's site-packages
+#   $(PREFIX)/bin/fdlaunch-*      one script per console_scripts entry of setup.cfg, run
+#                                 by $(PYTHON), putting $(PREFIX)/lib/fdlaunch first on sys.path
+#   SITE/fdlaunch                 a link to the package alone, in $(PYTHON)'s site directory
+#                                 under $(PREFIX), so daemons can `import fdlaunch`
+#   $(MANDIR)/man1 and man7 (MANDIR=$(PREFIX)/share/man), $(PREFIX)/share/fdlaunch/examples
+# The list of what it created is $(PREFIX)/lib/fdlaunch/installed-files; DESTDIR
+# appears in no installed file, so a staged tree works once copied to $(PREFIX).
+# It needs a pip of the same Python version: the one of the virtualenv in $(VENV),
+# created by $(PYTHON) if missing.
 
 # Debian's interpreter, so that the tests that drop to nobody can still run
 # it (a pyenv under /root cannot be read by other users).
@@ -15,11 +29,11 @@ DESTDIR ?=
 MANDIR ?= $(PREFIX)/share/man
 PYTEST_FLAGS ?=
 
-SOURCES := setup.cfg setup.py $(shell find fdlaunch -name '*.py')
+SOURCES := setup.cfg setup.py pyproject.toml $(shell find fdlaunch -name '*.py')
 MAN1 := $(wildcard man/*.1)
 MAN7 := $(wildcard man/*.7)
 
-.PHONY: all test lint install demo bench clean
+.PHONY: all test lint install uninstall demo bench clean
 
 all: lint
 
@@ -33,16 +47,15 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	mandoc -Tlint -W warning $(MAN1) $(MAN7)
-	$(VENV)/bin/ruff check fdlaunch tests examples benchmarks
-	$(VENV)/bin/ruff format --check fdlaunch tests examples benchmarks
+	$(VENV)/bin/ruff check fdlaunch tests examples benchmarks build-aux
+	$(VENV)/bin/ruff format --check fdlaunch tests examples benchmarks build-aux
 
 install:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --use-pep517 --ignore-installed --root="$(or $(DESTDIR),/)" --prefix="$(PREFIX)" .
-	install -d "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man7"
-	install -m 644 $(MAN1) "$(DESTDIR)$(MANDIR)/man1"
-	install -m 644 $(MAN7) "$(DESTDIR)$(MANDIR)/man7"
-	install -d "$(DESTDIR)$(PREFIX)/share/fdlaunch"
-	cp -RP examples "$(DESTDIR)$(PREFIX)/share/fdlaunch/"
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) build-aux/install.py install --prefix="$(PREFIX)" --mandir="$(MANDIR)" --destdir="$(DESTDIR)" --pip="$(VENV)/bin/python"
+
+uninstall:
+	$(PYTHON) build-aux/install.py uninstall --prefix="$(PREFIX)" --destdir="$(DESTDIR)"
 
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh examples/demo.sh
