@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, shown
 
 # Python sets these to SIG_IGN at start-up, and an ignored signal stays
 # ignored across execve(2) (signal(7)), so a daemon would never die of EPIPE.
@@ -52,8 +52,8 @@ def find_program(name, environ):
             return path
         if os.path.exists(path) and refusal is None:
             reason = "Is a directory" if os.path.isdir(path) else os.strerror(errno.EACCES)
-            refusal = Fatal(f"unable to exec {name}: {reason}", NOT_EXECUTABLE)
-    raise refusal or Fatal(f"unable to exec {name}: {os.strerror(errno.ENOENT)}", NOT_FOUND)
+            refusal = Fatal(f"unable to exec {shown(name)}: {reason}", NOT_EXECUTABLE)
+    raise refusal or Fatal(f"unable to exec {shown(name)}: {os.strerror(errno.ENOENT)}", NOT_FOUND)
 
 
 def restore_signals():
@@ -70,7 +70,7 @@ def exec_program(path, argv, environ):
         os.execve(path, argv, environ)
     except OSError as error:
         status = NOT_FOUND if error.errno in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
-        raise Fatal(f"unable to exec {argv[0]}: {error.strerror}", status) from None
+        raise Fatal(f"unable to exec {shown(argv[0])}: {error.strerror}", status) from None
 
 
 @contextlib.contextmanager

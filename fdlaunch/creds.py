@@ -7,7 +7,7 @@ result is then read back from /proc/self/status and compared, never assumed.
 import os
 import resource
 
-from fdlaunch.errors import Fatal, unable
+from fdlaunch.errors import Fatal, shown, unable
 
 # prctl(2) options (linux/prctl.h)
 PR_SET_KEEPCAPS = 8
@@ -56,14 +56,14 @@ def change_root(directory):
         os.chroot(directory)
         os.chdir("/")
     except OSError as error:
-        raise unable(f"chroot to {directory}", error) from None
+        raise unable(f"chroot to {shown(directory)}", error) from None
 
 
 def change_directory(directory):
     try:
         os.chdir(directory)
     except OSError as error:
-        raise unable(f"chdir to {directory}", error) from None
+        raise unable(f"chdir to {shown(directory)}", error) from None
 
 
 def new_session():
@@ -130,7 +130,14 @@ def observe(status):
 
 
 def can_regain_root():
-    """Try to become root again; True would mean the drop is not real."""
+    """Try what would give root back; True would mean the drop is not real.
+
+    setuid(0) works with uid 0 anywhere or CAP_SETUID. setgroups(2) always
+    needs CAP_SETGID, so setting the groups already held tests for it
+    without changing anything. (A setgid to the gid already held succeeds
+    for anyone, so it proves nothing: a target gid of 0 is allowed, as
+    s6-setuidgid allows it.)
+    """
     try:
         os.setuid(0)
     except PermissionError:
@@ -138,7 +145,7 @@ def can_regain_root():
     else:
         return True
     try:
-        os.setgid(0)
+        os.setgroups(os.getgroups())
     except PermissionError:
         return False
     return True

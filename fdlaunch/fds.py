@@ -87,6 +87,6 @@ def open_fd_option(option, text):
     fd = int(text) if text.isdigit() else -1
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)
-    except (OSError, ValueError):  # ValueError: not a number at all
+    except (OSError, ValueError, OverflowError):  # not a number at all, or beyond a C int
         raise UsageError(f"{option}={text!r}: not an open descriptor (s6 opens it when the service has a notification-fd file)") from None
     return fd

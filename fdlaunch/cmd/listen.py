@@ -39,7 +39,7 @@ def main(argv):
         raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
     systemd = not options["--map"]
     caller, pid = chain.received_environment(), os.getpid()
-    inherited = listenenv.inherited(caller, pid)
+    inherited = listenenv.inherited(caller, pid, fds.limit())
     open_now = fds.open_fds()
     fds.check_inherited(inherited, open_now)
     layout = fdplan.plan(inherited, wanted, open_now, systemd, fds.limit())
