@@ -282,7 +282,8 @@ def _check_placement(spec):
             continue
         where = OPTIONS[name][1]
         if not _applies(where, spec):
-            raise ValueError(f"option {name!r} is only for {WHERE[where]}, not for {spec.proto} {spec.address() if spec.is_unix else ''}".rstrip())
+            shown_path = spec.address() if spec.is_unix else ""
+            raise ValueError(f"option {name!r} is only for {WHERE[where]}, not for {spec.proto} {shown_path}".rstrip())
 
 
 def _applies(where, spec):
