@@ -16,6 +16,8 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# Linux's number (asm-generic/resource.h); Python's resource module does not name it.
+RLIMIT_LOCKS = 10
 
 
 class Lookups:
@@ -32,7 +34,7 @@ class Lookups:
 
 def set_limits(limits):
     for name, soft, hard in limits:
-        number = getattr(resource, f"RLIMIT_{name.upper()}")
+        number = RLIMIT_LOCKS if name == "locks" else getattr(resource, f"RLIMIT_{name.upper()}")
         _, current_hard = resource.getrlimit(number)
         if hard is None:
             raise_hard = soft == resource.RLIM_INFINITY or (current_hard != resource.RLIM_INFINITY and soft > current_hard)

@@ -227,6 +227,14 @@ def test_huge_listen_pid_is_a_usage_error():
     assert done.returncode == 100 and "is not a process id" in one_line(done)
 
 
+def test_every_limit_the_man_page_names_can_be_set():
+    """Found by test_fuzz: --limit=locks=0 was an internal error (Python's resource module has no RLIMIT_LOCKS)."""
+    require_root()
+    done = run(["fdlaunch-setuidgid", "--limit=locks=5:7", "--limit=msgqueue=4096", "65534", "cat", "/proc/self/limits"])
+    assert done.returncode == 0, done.stderr
+    assert "Max file locks            5                    7                    locks" in done.stdout
+
+
 # 9. A target gid of 0 is what was asked, not a way back to root.
 
 
