@@ -2,7 +2,9 @@
 
 import fcntl
 import os
+import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -282,3 +284,12 @@ def test_messages_stay_on_one_line(argv, fragment, tmp_path):
     assert done.returncode in (100, 111, 127)
     assert fragment in one_line(done)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_message_that_does_not_quote_is_still_one_line(tmp_path):
+    """The last guard (errors.warn escapes what does not print): a program name echoed as it is."""
+    program = tmp_path / "odd\nname"
+    program.symlink_to(shutil.which("true"))
+    done = run(["fdlaunch-notify-wait", "--fork", "--", str(program)])
+    assert done.returncode == 1
+    assert re.fullmatch(r"fdlaunch-notify-wait: fatal: .*odd\\nname \(pid \d+\) exited with status 0 before it was ready", one_line(done))
