@@ -200,6 +200,8 @@ BIG = "99999999999999999999"
         (["fdlaunch-listen", f"-tcp:backlog={BIG}:0", "true"], f"backlog='{BIG}'"),
         (["fdlaunch-listen", f"-tcp:rcvbuf={BIG}:0", "true"], f"rcvbuf='{BIG}'"),
         (["fdlaunch-listen", "-tcp:sndbuf=3G:0", "true"], "sndbuf='3G'"),
+        (["fdlaunch-listen", f"-unix:mode={BIG}:{os.devnull}x", "true"], f"mode='{BIG}'"),
+        (["fdlaunch-listen", "-tcp:99999999999", "true"], "port 99999999999 is out of range"),
         (["fdlaunch-listen", f"-tcp:{'9' * 5000}", "true"], "is out of range; a port is 0 to 65535"),
         (["fdlaunch-notify", f"--pid={BIG}", "READY=1"], f"--pid='{BIG}'"),
         (["fdlaunch-notify", "--pid=2147483648", "READY=1"], "--pid='2147483648'"),
@@ -207,6 +209,7 @@ BIG = "99999999999999999999"
         (["fdlaunch-notify-wait", "--timeout=1e999", "true"], "--timeout='1e999'"),
         (["fdlaunch-handoff", f"--fd={BIG}", "true"], f"--fd='{BIG}'"),
         (["fdlaunch-handoff", "--grace=inf", "true"], "--grace='inf'"),
+        (["fdlaunch-handoff", "--ready-timeout=1e999", "true"], "--ready-timeout='1e999'"),
         (["fdlaunch-handoff", f"--signal={BIG}", "true"], f"--signal='{BIG}'"),
     ],
 )
