@@ -14,7 +14,7 @@ import signal
 import sys
 from collections import namedtuple
 
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, shown
 
 # The console scripts of this installation: name -> module under fdlaunch.cmd.
 TOOLS = {
@@ -79,8 +79,8 @@ def find_program(name, environ):
             return path
         if os.path.exists(path) and refusal is None:
             reason = "Is a directory" if os.path.isdir(path) else os.strerror(errno.EACCES)
-            refusal = Fatal(f"unable to exec {name}: {reason}", NOT_EXECUTABLE)
-    raise refusal or Fatal(f"unable to exec {name}: {os.strerror(errno.ENOENT)}", NOT_FOUND)
+            refusal = Fatal(f"unable to exec {shown(name)}: {reason}", NOT_EXECUTABLE)
+    raise refusal or Fatal(f"unable to exec {shown(name)}: {os.strerror(errno.ENOENT)}", NOT_FOUND)
 
 
 def fusable_scripts(environ):
@@ -162,7 +162,7 @@ def exec_program(path, argv, environ):
         os.execve(path, argv, environ)
     except OSError as error:
         status = NOT_FOUND if error.errno in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
-        raise Fatal(f"unable to exec {argv[0]}: {error.strerror}", status) from None
+        raise Fatal(f"unable to exec {shown(argv[0])}: {error.strerror}", status) from None
 
 
 @contextlib.contextmanager

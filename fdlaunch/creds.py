@@ -7,7 +7,7 @@ result is then read back from /proc/self/status and compared, never assumed.
 import os
 import resource
 
-from fdlaunch.errors import Fatal, unable
+from fdlaunch.errors import Fatal, shown, unable
 
 # prctl(2) options (linux/prctl.h)
 PR_SET_KEEPCAPS = 8
@@ -16,6 +16,8 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# Linux's number (asm-generic/resource.h); Python's resource module does not name it.
+RLIMIT_LOCKS = 10
 
 
 class Lookups:
@@ -32,7 +34,7 @@ class Lookups:
 
 def set_limits(limits):
     for name, soft, hard in limits:
-        number = getattr(resource, f"RLIMIT_{name.upper()}")
+        number = RLIMIT_LOCKS if name == "locks" else getattr(resource, f"RLIMIT_{name.upper()}")
         _, current_hard = resource.getrlimit(number)
         if hard is None:
             raise_hard = soft == resource.RLIM_INFINITY or (current_hard != resource.RLIM_INFINITY and soft > current_hard)
@@ -56,14 +58,14 @@ def change_root(directory):
         os.chroot(directory)
         os.chdir("/")
     except OSError as error:
-        raise unable(f"chroot to {directory}", error) from None
+        raise unable(f"chroot to {shown(directory)}", error) from None
 
 
 def change_directory(directory):
     try:
         os.chdir(directory)
     except OSError as error:
-        raise unable(f"chdir to {directory}", error) from None
+        raise unable(f"chdir to {shown(directory)}", error) from None
 
 
 def new_session():
@@ -130,7 +132,14 @@ def observe(status):
 
 
 def can_regain_root():
-    """Try to become root again; True would mean the drop is not real."""
+    """Try what would give root back; True would mean the drop is not real.
+
+    setuid(0) works with uid 0 anywhere or CAP_SETUID. setgroups(2) always
+    needs CAP_SETGID, so setting the groups already held tests for it
+    without changing anything. (A setgid to the gid already held succeeds
+    for anyone, so it proves nothing: a target gid of 0 is allowed, as
+    s6-setuidgid allows it.)
+    """
     try:
         os.setuid(0)
     except PermissionError:
@@ -138,7 +147,7 @@ def can_regain_root():
     else:
         return True
     try:
-        os.setgid(0)
+        os.setgroups(os.getgroups())
     except PermissionError:
         return False
     return True

@@ -28,6 +28,8 @@ CAPABILITIES = (
 # getrlimit(2) resources by the names prlimit(1) and ulimit use
 LIMITS = ("as core cpu data fsize locks memlock msgqueue nice nofile nproc rss rtprio rttime sigpending stack").split()
 UNLIMITED = -1  # resource.RLIM_INFINITY
+ID_MAX = 2**32 - 2  # (uid_t)-1 is not an id: setresuid(2) reads it as "leave unchanged"
+LIMIT_MAX = 2**63 - 1  # the largest rlim_t Python's resource module passes
 
 
 def resolve_account(text, lookups):
@@ -41,6 +43,8 @@ def resolve_account(text, lookups):
     if not user or (colon and not group) or not all(re.fullmatch(NAME, part) for part in (user, group) if part):
         raise UsageError(f"account {text!r} is not USER, USER:GROUP, UID or UID:GID")
     if user.isdigit():
+        if not _is_id(user):
+            raise UsageError(f"account {text!r}: uid {user} is out of range; ids are 0 to {ID_MAX}")
         uid = int(user)
         passwd = _lookup(lookups.getpwuid, uid)
         if group:
@@ -66,6 +70,8 @@ def parse_group_list(text, lookups):
 
 def _group_id(text, lookups):
     if text.isdigit():
+        if not _is_id(text):
+            raise UsageError(f"gid {text} is out of range; ids are 0 to {ID_MAX}")
         return int(text)
     if not re.fullmatch(NAME, text):
         raise UsageError(f"{text!r} is not a group name or number")
@@ -118,7 +124,7 @@ def describe(credentials, capabilities=()):
 
 
 def _is_id(text):
-    return text.isdigit() and text.isascii() and int(text) < 2**32 - 1
+    return text.isdigit() and text.isascii() and len(text) <= 10 and int(text) <= ID_MAX
 
 
 def account_environment(account):
@@ -149,6 +155,8 @@ def _limit_value(text, value):
         return UNLIMITED
     if not value.isdigit() or not value.isascii():
         raise UsageError(f"--limit={text!r}: {value!r} is not a number or 'unlimited'")
+    if len(value) > len(str(LIMIT_MAX)) or int(value) > LIMIT_MAX:
+        raise UsageError(f"--limit={text!r}: {value} is out of range; the most is {LIMIT_MAX}, or 'unlimited'")
     return int(value)
 
 

@@ -42,6 +42,16 @@ class UsageError(Fatal, ValueError):
     status = USAGE
 
 
+def shown(text):
+    """A name or path as given when it prints on one line, else quoted with %r."""
+    return text if text.isprintable() else repr(text)
+
+
+def one_line(text):
+    """text with every unprintable character (newline, tab, ...) escaped as repr escapes it."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def unable(verb_object, error):
     """The s6 grammar for a failed system call: 'unable to bind X: strerror'."""
     reason = error.strerror or str(error)
@@ -54,6 +64,10 @@ def report(name, kind, message, status):
 
 
 def warn(name, kind, message):
-    """One line on stderr: 'NAME: KIND: MESSAGE' (kind: fatal, warning, info)."""
-    sys.stderr.write(f"{name}: {kind}: {message}\n")
+    """One line on stderr: 'NAME: KIND: MESSAGE' (kind: fatal, warning, info).
+
+    Messages quote what they echo; escaping here too keeps any that did not
+    to one line.
+    """
+    sys.stderr.write(f"{name}: {kind}: {one_line(str(message))}\n")
     sys.stderr.flush()

@@ -98,6 +98,6 @@ def open_fd_option(option, text, passed=()):
             )
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)
-    except (OSError, ValueError, OverflowError):  # ValueError: not a number at all
+    except (OSError, ValueError, OverflowError):  # not a number at all, or beyond a C int
         raise UsageError(f"{option}={text!r}: not an open descriptor (s6 opens it when the service has a notification-fd file)") from None
     return fd

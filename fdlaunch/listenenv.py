@@ -14,19 +14,29 @@ from fdlaunch.spec import LABEL
 SYSTEMD_FIRST_FD = 3
 SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
 UNNAMED = "unknown"  # what sd_listen_fds_with_names(3) reports for a socket without a name
+# The most descriptors any Linux process can have (fs.nr_open's ceiling,
+# proc(5)); callers pass their own, lower, RLIMIT_NOFILE.
+FD_CEILING = 1073741816
 
 
 Passed = namedtuple("Passed", "label fd")
 Passed.__doc__ = "A descriptor handed to a program under a label."
 
 
-def parse_map(text):
-    """'udp=3,tcp=4' -> [Passed('udp', 3), Passed('tcp', 4)]; raise UsageError naming the fault."""
+def parse_map(text, fd_limit=FD_CEILING):
+    """'udp=3,tcp=4' -> [Passed('udp', 3), Passed('tcp', 4)]; raise UsageError naming the fault.
+
+    fd_limit is one past the highest fd this process may have (RLIMIT_NOFILE).
+    """
     passed = []
     for item in text.split(",") if text else ():
         label, equals, fd = item.partition("=")
         if not equals or not re.fullmatch(LABEL, label) or not _is_fd(fd):
             raise UsageError(f"LISTEN_FD_MAP={text!r}: item {item!r} is not LABEL=FD (e.g. tcp=4)")
+        if int(fd) < SYSTEMD_FIRST_FD:
+            raise UsageError(f"LISTEN_FD_MAP={text!r}: item {item!r} names stdin, stdout or stderr; a passed socket is fd 3 or more")
+        if int(fd) >= fd_limit:
+            raise UsageError(f"LISTEN_FD_MAP={text!r}: item {item!r} is beyond the open files limit ({fd_limit})")
         passed.append(Passed(label, int(fd)))
     _refuse_repeated_fds("LISTEN_FD_MAP", text, passed)
     return passed
@@ -36,12 +46,12 @@ def format_map(passed):
     return ",".join(f"{p.label}={p.fd}" for p in passed)
 
 
-def parse_systemd(environ, pid):
+def parse_systemd(environ, pid, fd_limit=FD_CEILING):
     """The sockets passed to pid by the systemd convention; [] when LISTEN_PID is not pid."""
     listen_pid = environ.get("LISTEN_PID")
     if listen_pid is None or "LISTEN_FDS" not in environ:
         return []
-    if not listen_pid.isdigit() or not listen_pid.isascii():
+    if not _is_fd(listen_pid):
         raise UsageError(f"LISTEN_PID={listen_pid!r} is not a process id")
     if int(listen_pid) != pid:
         return []
@@ -49,6 +59,8 @@ def parse_systemd(environ, pid):
     if not _is_fd(count_text):
         raise UsageError(f"LISTEN_FDS={count_text!r} is not a count of descriptors")
     count = int(count_text)
+    if SYSTEMD_FIRST_FD + count > fd_limit:  # checked before a list of that length is made
+        raise UsageError(f"LISTEN_FDS={count_text!r} is more descriptors than the open files limit ({fd_limit}) allows")
     names = environ.get("LISTEN_FDNAMES")
     labels = names.split(":") if names is not None else [UNNAMED] * count
     if len(labels) != count:
@@ -59,14 +71,15 @@ def parse_systemd(environ, pid):
     return [Passed(label, SYSTEMD_FIRST_FD + index) for index, label in enumerate(labels)]
 
 
-def inherited(environ, pid):
+def inherited(environ, pid, fd_limit=FD_CEILING):
     """Every socket passed to pid, by either convention, each fd once.
 
     A descriptor named by both keeps its LISTEN_FD_MAP label, the one that
-    can say more than 'unknown'.
+    can say more than 'unknown'. fd_limit is RLIMIT_NOFILE: a count or fd
+    beyond it is refused before anything is allocated for it.
     """
-    systemd = parse_systemd(environ, pid)
-    mapped = parse_map(environ["LISTEN_FD_MAP"]) if "LISTEN_FD_MAP" in environ else []
+    systemd = parse_systemd(environ, pid, fd_limit)
+    mapped = parse_map(environ["LISTEN_FD_MAP"], fd_limit) if "LISTEN_FD_MAP" in environ else []
     label_of = {p.fd: p.label for p in mapped}
     merged = [Passed(label_of.get(p.fd, p.label), p.fd) for p in systemd]
     known = {p.fd for p in systemd}

@@ -3,7 +3,7 @@
 import os
 import socket
 
-from fdlaunch import listenenv
+from fdlaunch import fds, listenenv
 from fdlaunch.errors import UsageError
 
 PASSING_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID")
@@ -20,12 +20,22 @@ def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.sock
     removed from os.environ unless unset_environment is False.
 
     Raises ValueError naming the variable when one is malformed or names a
-    descriptor that is not an open socket.
+    descriptor that is not an open socket; then no descriptor is closed or
+    changed and os.environ is left as it was.
     """
-    passed = listenenv.inherited(os.environ, os.getpid())
+    passed = listenenv.inherited(os.environ, os.getpid(), fds.limit())
+    made = []
+    try:
+        for p in passed:
+            made.append(_socket_at(p.fd, p.label))
+    except UsageError:
+        for sock in made:
+            sock.detach()  # the caller's descriptors: a socket object would close them when collected
+        raise
     found: dict[str, list[socket.socket]] = {}
-    for label, fd in passed:
-        found.setdefault(label, []).append(_socket_at(fd, label))
+    for p, sock in zip(passed, made, strict=True):
+        sock.set_inheritable(False)
+        found.setdefault(p.label, []).append(sock)
     if unset_environment:
         for name in PASSING_VARIABLES:
             os.environ.pop(name, None)
@@ -37,5 +47,4 @@ def _socket_at(fd, label):
         sock = socket.socket(fileno=fd)
     except OSError as error:
         raise UsageError(f"LISTEN_FDS/LISTEN_FD_MAP: fd {fd} ({label}) is not an open socket: {error.strerror}") from None
-    sock.set_inheritable(False)
     return sock

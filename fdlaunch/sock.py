@@ -14,7 +14,7 @@ import stat
 from collections import namedtuple
 
 from fdlaunch import spec as specs
-from fdlaunch.errors import Fatal, UsageError, unable
+from fdlaunch.errors import Fatal, UsageError, shown, unable
 
 TYPES = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
 # Linux values (in.h, in6.h, socket.h); not every Python build names them.
@@ -44,7 +44,7 @@ def resolve(spec, ipv6):
     """Look up the spec's host, service, interface and owner; a missing name is a usage error."""
     kind = TYPES[spec.protocol.type]
     if spec.is_unix:
-        address = b"\0" + spec.path[1:].encode() if spec.is_abstract else spec.path
+        address = b"\0" + os.fsencode(spec.path[1:]) if spec.is_abstract else spec.path
         return Endpoint(spec, socket.AF_UNIX, kind, address, owner=_owner(spec.owner) if spec.owner else None)
     if spec.device:
         try:
@@ -90,13 +90,13 @@ def _owner(text):
         uid, gid = entry.pw_uid, entry.pw_gid
     except KeyError:
         if not user.isdigit():
-            raise UsageError(f"owner={text}: unknown user {user!r}") from None
+            raise UsageError(f"owner={text!r}: unknown user {user!r}") from None
         uid, gid = int(user), None
     if group:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
-            raise UsageError(f"owner={text}: unknown group {group!r}") from None
+            raise UsageError(f"owner={text!r}: unknown group {group!r}") from None
     return uid, -1 if gid is None else gid
 
 
@@ -177,9 +177,9 @@ class Opened:
         info = os.lstat(spec.path)
         self.files.append((spec.path, info.st_dev, info.st_ino))
         if endpoint.owner:
-            _call(os.chown, f"change the owner of {spec.path}", spec.path, *endpoint.owner)
+            _call(os.chown, f"change the owner of {shown(spec.path)}", spec.path, *endpoint.owner)
         mode = spec.mode if spec.mode is not None else DEFAULT_SOCKET_MODE & ~previous
-        _call(os.chmod, f"change the mode of {spec.path}", spec.path, mode)
+        _call(os.chmod, f"change the mode of {shown(spec.path)}", spec.path, mode)
 
     def _make_directories(self, directory):
         missing = []
@@ -187,9 +187,9 @@ class Opened:
             missing.append(directory)
             directory = os.path.dirname(directory)
         for path in reversed(missing):
-            _call(os.mkdir, f"create directory {path}", path, 0o755)
+            _call(os.mkdir, f"create directory {shown(path)}", path, 0o755)
             self.directories.append(path)
-            _call(os.chmod, f"change the mode of {path}", path, 0o755)
+            _call(os.chmod, f"change the mode of {shown(path)}", path, 0o755)
 
 
 def _call(function, what, *args):
@@ -214,22 +214,26 @@ def _remove_stale(endpoint):
     except FileNotFoundError:
         return
     except OSError as error:
-        raise unable(f"examine {path}", error) from None
+        raise unable(f"examine {shown(path)}", error) from None
     if not stat.S_ISSOCK(info.st_mode):
-        raise Fatal(f"unable to bind {path}: it exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, endpoint.type)
+        raise Fatal(f"unable to bind {shown(path)}: it exists and is not a socket; not removing it")
+    # Non-blocking: a live listener whose backlog is full answers EAGAIN
+    # (unix(7)) where a blocking connect would wait for it forever.
+    probe = socket.socket(socket.AF_UNIX, endpoint.type | socket.SOCK_NONBLOCK)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)  # stale: left by a listener that is gone
         return
+    except BlockingIOError:
+        pass  # live, with its backlog full
     except OSError as error:
         if error.errno == errno.EPROTOTYPE:
-            raise Fatal(f"unable to bind {path}: a socket of another type is listening there") from None
-        raise unable(f"bind {path}", error) from None
+            raise Fatal(f"unable to bind {shown(path)}: a socket of another type is listening there") from None
+        raise unable(f"bind {shown(path)}", error) from None
     finally:
         probe.close()
-    raise Fatal(f"unable to bind {path}: a socket is already listening there")
+    raise Fatal(f"unable to bind {shown(path)}: a socket is already listening there")
 
 
 def _set_options(sock, endpoint):
@@ -250,7 +254,7 @@ def _set_options(sock, endpoint):
     if spec.sndbuf:
         _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, spec.sndbuf)
     if spec.device:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, spec.device.encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, os.fsencode(spec.device))
 
 
 def _set_buffer(sock, forced, plain, size):
@@ -264,7 +268,7 @@ def _set_buffer(sock, forced, plain, size):
 def describe(fd, spec):
     """The address actually bound, as CONVENTIONS.md prints it (the real port when 0 was asked)."""
     if spec.is_unix:
-        return spec.path
+        return spec.address()
     sock = socket.socket(fileno=fd)
     try:
         host, port = sock.getsockname()[:2]
@@ -286,6 +290,6 @@ def endpoint_address(endpoint):
     """The address an endpoint will bind, printed as CONVENTIONS.md prints it."""
     spec = endpoint.spec
     if spec.is_unix:
-        return spec.path
+        return spec.address()
     host, port = endpoint.sockaddr[:2]
     return specs.format_inet(host, str(port), spec.protocol.transport)

@@ -6,10 +6,11 @@ checked for shape here and looked up by fdlaunch.sock.
 
 # The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
 import _socket as socket
+import os
 import re
 from collections import namedtuple
 
-from fdlaunch.errors import UsageError
+from fdlaunch.errors import UsageError, shown
 
 # transport: 'tcp', 'udp' or 'unix', the word printed after the address;
 # type: 'stream', 'dgram' or 'seqpacket'; family: 'any', '4', '6' or 'unix'.
@@ -37,9 +38,10 @@ LABEL = r"[A-Za-z0-9._-]{1,255}"
 VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
 SERVICE = r"[A-Za-z][A-Za-z0-9_+.-]*"
 HOSTNAME = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
-ACCOUNT_NAME = r"[^,:/@\s]+"
+ACCOUNT_NAME = r"[^,:/@\s\x00-\x1f\x7f]+"
 # The variables fdlaunch-listen writes itself; var= may not take them over.
 RESERVED_VARIABLES = {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID"}
+ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one kept for the terminating NUL (unix(7))
 IFNAMSIZ = 16  # netdevice(7): interface names are at most 15 bytes
 
@@ -93,7 +95,7 @@ class Spec(namedtuple("Spec", _SPEC_FIELDS, defaults=list(_SPEC_FIELDS.values())
     def address(self):
         """The address as CONVENTIONS.md prints it: '127.0.0.1:8080/tcp', '[::]:53/udp', '/run/x'."""
         if self.is_unix:
-            return self.path
+            return shown(self.path)
         return format_inet(self.host, self.port, self.protocol.transport)
 
 
@@ -128,7 +130,7 @@ def _variable(text):
 
 
 def _number(text, what):
-    if not text.isdigit() or not text.isascii() or int(text) > 2**31 - 1:
+    if not text.isdigit() or not text.isascii() or len(text) > 10 or int(text) > 2**31 - 1:
         raise ValueError(f"{what} must be a whole number from 0 to {2**31 - 1}")
     return int(text)
 
@@ -136,13 +138,13 @@ def _number(text, what):
 def _size(text):
     multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
     digits = text[:-1] if multiplier > 1 else text
-    if not digits.isdigit() or not digits.isascii() or not 0 < int(digits) * multiplier <= 2**31 - 1:
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 10 or not 0 < int(digits) * multiplier <= 2**31 - 1:
         raise ValueError("a buffer size is a number of bytes, optionally with K, M or G, up to 2G-1")
     return int(digits) * multiplier
 
 
 def _device(text):
-    if not 0 < len(text.encode()) < IFNAMSIZ or "/" in text or text in (".", "..") or not text.isprintable() or " " in text:
+    if not 0 < len(os.fsencode(text)) < IFNAMSIZ or "/" in text or text in (".", "..") or not text.isprintable() or " " in text:
         raise ValueError(f"an interface name is 1 to {IFNAMSIZ - 1} bytes, without '/' or spaces")
     return text
 
@@ -156,6 +158,9 @@ def _mode(text):
 def _owner(text):
     if not re.fullmatch(rf"{ACCOUNT_NAME}(:{ACCOUNT_NAME})?", text):
         raise ValueError("owner is USER or USER:GROUP, names or numbers")
+    for part in text.split(":"):
+        if part.isdigit() and (not part.isascii() or len(part) > 10 or int(part) > ID_MAX):
+            raise ValueError(f"{part} is out of range; uids and gids are 0 to {ID_MAX}")
     return text
 
 
@@ -278,7 +283,8 @@ def _check_placement(spec):
             continue
         where = OPTIONS[name][1]
         if not _applies(where, spec):
-            raise ValueError(f"option {name!r} is only for {WHERE[where]}, not for {spec.proto} {spec.path or ''}".rstrip())
+            shown_path = spec.address() if spec.is_unix else ""
+            raise ValueError(f"option {name!r} is only for {WHERE[where]}, not for {spec.proto} {shown_path}".rstrip())
 
 
 def _applies(where, spec):
@@ -306,8 +312,8 @@ def _unix_path(text):
         raise ValueError("a unix socket needs a path, or @name for the abstract namespace")
     if "\0" in text:
         raise ValueError("a unix socket path cannot contain a NUL byte")
-    if len(text.encode()) > UNIX_PATH_MAX:
-        raise ValueError(f"unix socket path is {len(text.encode())} bytes; the limit is {UNIX_PATH_MAX}")
+    if len(os.fsencode(text)) > UNIX_PATH_MAX:
+        raise ValueError(f"unix socket path is {len(os.fsencode(text))} bytes; the limit is {UNIX_PATH_MAX}")
     return text
 
 
@@ -353,7 +359,7 @@ def _is_ip(family, text):
 
 def _check_port(port):
     if port.isdigit() and port.isascii():
-        if int(port) > 65535:
+        if len(port) > 5 or int(port) > 65535:
             raise ValueError(f"port {port} is out of range; a port is 0 to 65535")
         return
     if not re.fullmatch(SERVICE, port):

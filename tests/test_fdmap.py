@@ -218,16 +218,16 @@ def test_stdin_leaves_no_other_socket_and_no_variables():
             "LISTEN_FDNAMES='a' has 1 names but LISTEN_FDS=2",
         ),
         (["--map", "true"], {"LISTEN_FDS": "x", "LISTEN_PID": "PID"}, "LISTEN_FDS='x' is not a count"),
-        (["--vars=9", "true"], {"LISTEN_FD_MAP": "a=1"}, "gives '9A', which is not a variable name"),
-        (["--systemd", "--order=ghost", "true"], {"LISTEN_FD_MAP": "a=1"}, "no socket labelled 'ghost' was passed"),
-        (["--stdin=ghost", "true"], {"LISTEN_FD_MAP": "a=1"}, "--stdin=ghost: no socket is labelled 'ghost'"),
+        (["--vars=9", "true"], {"LISTEN_FD_MAP": "a=7"}, "gives '9A', which is not a variable name"),
+        (["--systemd", "--order=ghost", "true"], {"LISTEN_FD_MAP": "a=7"}, "no socket labelled 'ghost' was passed"),
+        (["--stdin=ghost", "true"], {"LISTEN_FD_MAP": "a=7"}, "--stdin='ghost': no socket is labelled 'ghost'"),
         (["--map", "--systemd", "true"], {}, "usage: fdlaunch-fdmap"),
         (["--map", "no-such-program-fdl"], {}, "unable to exec no-such-program-fdl"),
     ],
 )
 def test_fdmap_errors(argv, extra_env, message):
-    # fd 1 (stdout) stands in for an open descriptor where the map needs one
-    script = f"exec fdlaunch-fdmap {' '.join(argv)}"
+    # fd 7, open on /dev/null, stands in for an open descriptor where the map needs one
+    script = f"exec 7</dev/null; exec fdlaunch-fdmap {' '.join(argv)}"
     environ = {"PATH": os.environ["PATH"], **{k: v.replace("PID", "$$") for k, v in extra_env.items()}}
     exports = " ".join(f'{k}="{v}"' for k, v in environ.items() if k != "PATH")
     done = run(["sh", "-c", f"{'export ' + exports + ';' if exports else ''} {script}"], env={"PATH": os.environ["PATH"]})
@@ -271,7 +271,7 @@ except ValueError as error:
     done = run([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.splitlines()
-    assert "fd 0 (x) is not an open socket" in first
+    assert "item 'x=0' names stdin, stdout or stderr" in first
     assert "item 'x=y' is not LABEL=FD" in second
 
 

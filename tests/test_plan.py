@@ -37,6 +37,10 @@ def test_inherited(environ, expected):
         ({"LISTEN_FD_MAP": "udp"}, "'udp' is not LABEL=FD"),
         ({"LISTEN_FD_MAP": "udp=x"}, "'udp=x' is not LABEL=FD"),
         ({"LISTEN_FD_MAP": "a=3,b=3"}, "names fd 3 twice"),
+        ({"LISTEN_FD_MAP": "a=3,b=2"}, "item 'b=2' names stdin, stdout or stderr"),
+        ({"LISTEN_FD_MAP": "a=9999999999"}, "item 'a=9999999999' is beyond the open files limit"),
+        ({"LISTEN_FDS": "9999999999", "LISTEN_PID": str(PID)}, "LISTEN_FDS='9999999999' is more descriptors than"),
+        ({"LISTEN_FDS": "1", "LISTEN_PID": "9" * 5000}, "is not a process id"),
     ],
 )
 def test_malformed_environment_is_a_usage_error(environ, fragment):

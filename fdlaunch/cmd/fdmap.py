@@ -47,7 +47,7 @@ def main(argv, environ):
     options = cli.parse(__doc__, with_default_prefix(argv), match=MATCHABLE)
     pid = os.getpid()
     program = [options["PROG"], *options["ARGS"]]
-    passed = listenenv.inherited(environ, pid)
+    passed = listenenv.inherited(environ, pid, fds.limit())
     open_now = fds.open_fds()
     fds.check_inherited(passed, open_now)
     path = chain.find_program(program[0], environ)
@@ -100,7 +100,7 @@ def as_stdin(passed, label, environ):
     matching = [p for p in passed if p.label == label]
     if len(matching) != 1:
         found = f"{len(matching)} sockets are" if matching else "no socket is"
-        raise UsageError(f"--stdin={label}: {found} labelled {label!r}; it needs exactly one")
+        raise UsageError(f"--stdin={label!r}: {found} labelled {label!r}; it needs exactly one")
     fds.place([(matching[0].fd, 0)])
     os.dup2(0, 1)
     fds.close_all({p.fd for p in passed} - {0, 1})

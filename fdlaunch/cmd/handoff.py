@@ -47,7 +47,7 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
-    passed = listenenv.inherited(environ, os.getpid())
+    passed = listenenv.inherited(environ, os.getpid(), fds.limit())
     fds.check_inherited(passed, fds.open_fds())
     settings["systemd_sockets"] = environ.get("LISTEN_PID") == str(os.getpid())
     if not passed and not options["--listen-from"] and settings["verbose"]:

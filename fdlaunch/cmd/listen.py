@@ -40,7 +40,7 @@ def main(argv, caller):
         raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
     systemd = not options["--map"]
     pid = os.getpid()
-    inherited = listenenv.inherited(caller, pid)
+    inherited = listenenv.inherited(caller, pid, fds.limit())
     open_now = fds.open_fds()
     fds.check_inherited(inherited, open_now)
     layout = fdplan.plan(inherited, wanted, open_now, systemd, fds.limit())

@@ -19,11 +19,12 @@ import os
 
 from fdlaunch import cli, notifyproto, sdnotify
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, unable, warn
+from fdlaunch.errors import UsageError, shown, unable, warn
 
 PROG = "fdlaunch-notify"
 NOT_LISTENING = 1  # NOTIFY_SOCKET unset: nobody to tell, as sd_notify(3) returns 0
 BARRIER_SECONDS = 5  # as systemd-notify waits
+PID_MAX = 2**22  # the highest kernel.pid_max allows (proc(5))
 
 
 @tool(PROG)
@@ -42,9 +43,9 @@ def main(argv, environ):
     try:
         sdnotify.send(data, target, pid=pid)
         if not options["--no-block"] and not sdnotify.barrier(target, BARRIER_SECONDS):
-            warn(PROG, "warning", f"{target} did not confirm the message within {BARRIER_SECONDS} seconds")
+            warn(PROG, "warning", f"{shown(target)} did not confirm the message within {BARRIER_SECONDS} seconds")
     except OSError as error:
-        raise unable(f"send to {target}", error) from None
+        raise unable(f"send to {shown(target)}", error) from None
     if options["--verbose"]:
         warn(PROG, "info", f"sent {data.decode()!r} to {target!r}" + (f" for pid {pid}" if pid is not None else ""))
     return 0
@@ -55,6 +56,6 @@ def read_pid(text):
         return None
     if text == "parent":
         return os.getppid()
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdigit() or not text.isascii() or len(text) > 10 or not 1 <= int(text) <= PID_MAX:
         raise UsageError(f"--pid={text!r} is not a process id or 'parent'")
     return int(text)
