@@ -22,7 +22,7 @@ REQUIRE_PEERS = os.environ.get("FDLAUNCH_REQUIRE_PEERS") == "1"
 
 
 def pytest_configure(config):
-    for tool in ("fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap", "fdlaunch-handoff"):
+    for tool in ("fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap", "fdlaunch-handoff", "fdlaunch-accept"):
         if shutil.which(tool) is None:
             raise pytest.UsageError(f"{tool} is not on PATH: install the package first (make test does)")
 
