@@ -50,8 +50,12 @@ def parse(text, where, lookups=None):
         except ValueError as error:
             raise UsageError(f"{where} line {number}: {line!r}: {error}") from None
         if words:
-            rules.append(_rule(words, number, lookups, lambda fault, n=number, l=line: f"{where} line {n}: {l!r}: {fault}"))
+            rules.append(_rule(words, number, lookups, _fault_in(where, number, line)))
     return rules
+
+
+def _fault_in(where, number, line):
+    return lambda fault: f"{where} line {number}: {line!r}: {fault}"
 
 
 def _rule(words, number, lookups, fault):

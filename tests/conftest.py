@@ -22,7 +22,8 @@ REQUIRE_PEERS = os.environ.get("FDLAUNCH_REQUIRE_PEERS") == "1"
 
 
 def pytest_configure(config):
-    for tool in ("fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap", "fdlaunch-handoff", "fdlaunch-accept"):
+    tools = ("fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap", "fdlaunch-handoff")
+    for tool in (*tools, "fdlaunch-accept"):
         if shutil.which(tool) is None:
             raise pytest.UsageError(f"{tool} is not on PATH: install the package first (make test does)")
 

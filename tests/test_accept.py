@@ -270,7 +270,7 @@ def test_handler_gets_the_signal_state_the_server_was_started_with(server):
 
 def test_handler_connection_is_blocking(server):
     port = free_port()
-    check = "import fcntl,os; print(bool(fcntl.fcntl(0, fcntl.F_GETFL) & os.O_NONBLOCK), bool(fcntl.fcntl(1, fcntl.F_GETFL) & os.O_NONBLOCK))"
+    check = "import fcntl,os; print(*(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK) for fd in (0, 1)))"
     server(f"-tcp:127.0.0.1:{port}", [], [sys.executable, "-c", check])
     assert talk(("127.0.0.1", port))[0].split() == ["False", "False"]
 
@@ -291,7 +291,7 @@ def concurrency_handler(directory):
     """A handler that notes how many handlers run at the same time as it does, in directory/counts."""
     running = directory / "running"
     running.mkdir()
-    script = f'mkdir {running}/$$; ls {running} | wc -l >> {directory}/counts; sleep 0.2; rmdir {running}/$$; echo served'
+    script = f"mkdir {running}/$$; ls {running} | wc -l >> {directory}/counts; sleep 0.2; rmdir {running}/$$; echo served"
     return ["sh", "-c", script]
 
 
