@@ -4,7 +4,8 @@
 #   make lint      man pages (mandoc -Tlint) and Python (ruff)
 #   make install   console scripts, man pages and examples under $(DESTDIR)$(PREFIX)
 #   make demo      the README demo: a daemon started through fdlaunch-listen
-#   make bench     start-up cost, readiness relay latency, handoffs under load
+#   make bench     start-up cost, readiness relay latency, handoffs under load,
+#                  connections per second of fdlaunch-accept
 
 # Debian's interpreter, so that the tests that drop to nobody can still run
 # it (a pyenv under /root cannot be read by other users).
@@ -51,6 +52,7 @@ bench: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/startup.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/handoff.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/accept.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache
