@@ -13,7 +13,6 @@ Every server runs the same handler, sh -c 'echo "$TCPREMOTEIP"', on
     python benchmarks/accept.py [SEQUENTIAL] [CONCURRENT_TOTAL]
 """
 
-import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import sys
 import threading
 import time
 
+LISTEN = ["fdlaunch-listen", "-tcp:127.0.0.1:PORT", "--"]
 HANDLER = ["sh", "-c", 'echo "$TCPREMOTEIP"']
 SEQUENTIAL = int(sys.argv[1]) if len(sys.argv) > 1 else 500
 CONCURRENT_TOTAL = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
@@ -51,17 +51,15 @@ def one_connection(port, timeout=60):
 def servers():
     """name -> argv template (PORT replaced) and the reply its handler gives."""
     table = {
-        "fdlaunch-accept -q": (["fdlaunch-listen", "-tcp:127.0.0.1:PORT", "--", "fdlaunch-accept", "-q", "-c", "100", "--", *HANDLER], b"127.0.0.1\n"),
-        "fdlaunch-accept (logging)": (
-            ["fdlaunch-listen", "-tcp:127.0.0.1:PORT", "--", "fdlaunch-accept", "-c", "100", "--", *HANDLER],
-            b"127.0.0.1\n",
-        ),
+        "fdlaunch-accept -q": ([*LISTEN, "fdlaunch-accept", "-q", "-c", "100", "--", *HANDLER], b"127.0.0.1\n"),
+        "fdlaunch-accept (logging)": ([*LISTEN, "fdlaunch-accept", "-c", "100", "--", *HANDLER], b"127.0.0.1\n"),
     }
     if shutil.which("tcpserver"):
         table["tcpserver -H -R -l0"] = (["tcpserver", "-H", "-R", "-l0", "-c", "100", "127.0.0.1", "PORT", *HANDLER], b"127.0.0.1\n")
     if shutil.which("systemd-socket-activate"):
         # It sets no TCPREMOTEIP: the same handler echoes an empty line.
-        table["systemd-socket-activate --accept"] = (["systemd-socket-activate", "--accept", "--inetd", "-l", "127.0.0.1:PORT", *HANDLER], b"\n")
+        argv = ["systemd-socket-activate", "--accept", "--inetd", "-l", "127.0.0.1:PORT", *HANDLER]
+        table["systemd-socket-activate --accept"] = (argv, b"\n")
     return table
 
 
@@ -162,7 +160,7 @@ def main():
         if not name.startswith("fdlaunch-accept"):
             print(f"fdlaunch-accept -q / {name}: sequential x{ours[0][0] / seq:.2f}, 64 clients x{ours[1][0] / conc:.2f}")
 
-    argv = ["fdlaunch-listen", "-tcp:127.0.0.1:PORT", "--", "fdlaunch-accept", "-q", "-c", "40", "--", "sh", "-c", 'echo "$TCPREMOTEIP"; sleep 0.2']
+    argv = [*LISTEN, "fdlaunch-accept", "-q", "-c", "40", "--", "sh", "-c", 'echo "$TCPREMOTEIP"; sleep 0.2']
     server = Running(argv, b"127.0.0.1\n")
     try:
         failures = burst(server.port, b"127.0.0.1\n", BURST)
@@ -170,7 +168,7 @@ def main():
         server.stop()
     print(f"{BURST} clients at once, fdlaunch-accept -c 40 (handler sleeps 0.2 s): {failures} failed")
 
-    argv = ["fdlaunch-listen", "-tcp:127.0.0.1:PORT", "--", "fdlaunch-accept", "-q", "--", *HANDLER]
+    argv = [*LISTEN, "fdlaunch-accept", "-q", "--", *HANDLER]
     server = Running(argv, b"127.0.0.1\n")
     try:
         concurrent(server, 8, 100)
