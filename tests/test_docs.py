@@ -10,6 +10,7 @@ from conftest import missing, run
 
 MAN = Path(__file__).resolve().parent.parent / "man"
 TOOLS = ["fdlaunch-listen", "fdlaunch-setuidgid", "fdlaunch-notify-wait", "fdlaunch-notify", "fdlaunch-fdmap", "fdlaunch-handoff"]
+TOOLS.append("fdlaunch-accept")
 
 
 def words(text):
