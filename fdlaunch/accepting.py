@@ -8,6 +8,7 @@ with posix_spawn(3) (glibc's uses CLONE_VFORK: no copy of the interpreter)
 and, since glibc 2.24, that call itself fails with the exec's errno.
 """
 
+import collections
 import errno
 import os
 import select
@@ -24,6 +25,7 @@ RELOAD = signal.SIGHUP
 ACCEPT_BATCH = 64  # accepts per turn, so signals and exits are heard under a flood
 PAUSE_SECONDS = 1  # after EMFILE and the like: the backlog holds clients meanwhile
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+LOOKUP_THREADS = 4
 DONE = b"d"  # the server tells its guard it leaves no handler behind
 
 
@@ -102,9 +104,60 @@ def _others_in_group(group):
     return False
 
 
-class Handler:
-    def __init__(self, pid, pidfd, peer, key):
-        self.pid, self.pidfd, self.peer, self.key = pid, pidfd, peer, key
+class Client:
+    """An accepted connection on its way to a handler, then that handler."""
+
+    def __init__(self, connection, peer, key, count, local, variables):
+        self.connection, self.peer, self.key, self.count, self.local = connection, peer, key, count, local
+        self.variables = variables  # from the rule that allowed it
+        self.local_host = self.remote_host = None  # --lookup's findings
+        self.pid = self.pidfd = None
+
+
+class Resolver:
+    """Reverse DNS for --lookup in worker threads: a slow answer holds up its own client, never the loop."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=LOOKUP_THREADS)
+        self.wakeup, self.write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.done = collections.deque()  # appends and pops are thread-safe
+
+    def submit(self, client):
+        def look_up():
+            try:
+                client.remote_host = host_name(client.peer.ip)
+                client.local_host = host_name(client.local[0])
+            finally:
+                self.done.append(client)
+                try:
+                    os.write(self.write_end, b".")
+                except BlockingIOError:
+                    pass  # the pipe is full, so the loop will look anyway
+
+        self.pool.submit(look_up)
+
+    def finished(self):
+        try:
+            os.read(self.wakeup, 65536)
+        except BlockingIOError:
+            pass
+        while self.done:
+            yield self.done.popleft()
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        os.close(self.wakeup)
+        os.close(self.write_end)
+
+
+def host_name(ip):
+    """The name the address maps back to, lowercased as tcpserver does; None when there is none."""
+    try:
+        return socket.getnameinfo((str(ip), 0), socket.NI_NAMEREQD)[0].lower()
+    except OSError:
+        return None
 
 
 class Server:
@@ -116,7 +169,8 @@ class Server:
         self.local_path = ucspi.unix_path(listener.getsockname()) if self.unix else None
         self.environ = ucspi.base_environment(settings["environ"])
         self.rules = settings["rules"]
-        self.running = {}  # pidfd -> Handler
+        self.running = {}  # pidfd -> Client, once its handler runs
+        self.pending = 0  # clients accepted and waiting for --lookup
         self.per_key = {}  # remote address or uid -> handlers running for it
         self.path = None  # the program, found in PATH on first use and after an exec failure
         self.stopping = False
@@ -129,6 +183,10 @@ class Server:
         self.defaults = {signal.SIGPIPE, signal.SIGXFSZ}  # Python ignores them; handlers get SIG_DFL
         self.wakeup = self.catch_signals()
         self.poller.register(self.wakeup, select.POLLIN)
+        self.resolver = None
+        if settings["lookup"] and not self.unix and not settings["inetd"]:
+            self.resolver = Resolver()
+            self.poller.register(self.resolver.wakeup, select.POLLIN)
         listener.setblocking(False)
 
     def catch_signals(self):
@@ -145,11 +203,13 @@ class Server:
         try:
             self.listen(True)
             self.tell_ready()
-            while self.running or not self.stopping:
+            while self.running or self.pending or not self.stopping:
                 self.turn()
             return 0
         finally:
             self.guard.release()
+            if self.resolver is not None:
+                self.resolver.close()
 
     def turn(self):
         for fd, _ in self.poller.poll(self.timeout()):
@@ -159,6 +219,10 @@ class Server:
                 self.lose_guard()
             elif fd in self.running:
                 self.reap(self.running.pop(fd))
+            elif self.resolver is not None and fd == self.resolver.wakeup:
+                for client in self.resolver.finished():
+                    self.pending -= 1
+                    self.start(client)
             elif fd == self.listener.fileno() and self.listening:
                 self.accept_some()
         now = time.monotonic()
@@ -169,7 +233,10 @@ class Server:
                 _send(handler.pidfd, signal.SIGKILL)
         if self.paused_until is not None and now >= self.paused_until:
             self.paused_until = None
-        self.listen(not self.stopping and self.paused_until is None and len(self.running) < self.settings["max"])
+        self.listen(not self.stopping and self.paused_until is None and self.busy() < self.settings["max"])
+
+    def busy(self):
+        return len(self.running) + self.pending
 
     def timeout(self):
         deadlines = [d for d in (self.kill_at, self.paused_until) if d is not None]
@@ -185,7 +252,7 @@ class Server:
 
     def accept_some(self):
         for _ in range(ACCEPT_BATCH):
-            if len(self.running) >= self.settings["max"]:
+            if self.busy() >= self.settings["max"]:
                 return
             try:
                 connection, address = self.listener.accept()
@@ -194,8 +261,7 @@ class Server:
             except OSError as error:
                 self.take_accept_error(error)
                 return
-            with connection:
-                self.serve(connection, address)
+            self.serve(connection, address)
 
     def take_accept_error(self, error):
         if error.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
@@ -204,31 +270,55 @@ class Server:
         self.paused_until = time.monotonic() + PAUSE_SECONDS
 
     def serve(self, connection, address):
+        client = self.admit(connection, address)
+        if client is None:
+            connection.close()
+        elif self.resolver is not None:
+            self.pending += 1
+            self.resolver.submit(client)
+        else:
+            self.start(client)
+
+    def admit(self, connection, address):
+        """The client, counted, if it may have a handler; None (said why) if not."""
         try:
             peer = self.peer_of(connection, address)
+            local = None if self.unix else connection.getsockname()
         except OSError:
-            return  # gone before we could look at it
+            return None  # gone before we could look at it
         shown = ucspi.describe(peer)
         key = ucspi.key(peer)
         decision = self.decide(peer)
         if not decision.allowed:
             line = f"rules line {decision.line}" if decision.line else "no rule matched"
             self.say("warning", f"deny {shown} ({line})")
-            return
+            return None
         count = self.per_key.get(key, 0) + 1
         if self.settings["max_per"] is not None and count > self.settings["max_per"]:
             whose = f"uid {key}" if self.unix else key
             self.say("warning", f"refused {shown}: {count - 1} connections from {whose} already (-C {self.settings['max_per']})")
-            return
-        environ = {**self.environ, **self.connection_environment(connection, peer, count), **decision.variables}
-        pid = self.spawn(connection.fileno(), environ, shown)
-        if pid is None:
-            return
-        pidfd = os.pidfd_open(pid)
-        self.running[pidfd] = Handler(pid, pidfd, peer, key)
+            return None
         self.per_key[key] = count
-        self.poller.register(pidfd, select.POLLIN)
-        self.say("start", f"pid {pid} for {shown} ({len(self.running)}/{self.settings['max']})")
+        return Client(connection, peer, key, count, local, decision.variables)
+
+    def start(self, client):
+        with client.connection:
+            environ = {**self.environ, **self.connection_environment(client), **client.variables}
+            client.pid = self.spawn(client.connection.fileno(), environ, ucspi.describe(client.peer))
+        if client.pid is None:
+            self.release(client.key)
+            return
+        client.pidfd = os.pidfd_open(client.pid)
+        self.running[client.pidfd] = client
+        self.poller.register(client.pidfd, select.POLLIN)
+        self.say("start", f"pid {client.pid} for {ucspi.describe(client.peer)} ({self.busy()}/{self.settings['max']})")
+
+    def release(self, key):
+        left = self.per_key[key] - 1
+        if left:
+            self.per_key[key] = left
+        else:
+            del self.per_key[key]
 
     def peer_of(self, connection, address):
         if self.unix:
@@ -241,12 +331,13 @@ class Server:
             return rules.Decision(True, {}, None)
         return rules.decide(self.rules, rules.Client(peer.ip, peer.uid, peer.gid))
 
-    def connection_environment(self, connection, peer, count):
+    def connection_environment(self, client):
         if self.settings["inetd"]:
-            return ucspi.inetd_environment(peer)
+            return ucspi.inetd_environment(client.peer)
         if self.unix:
-            return ucspi.ipc_environment(self.local_path, peer, count)
-        return ucspi.tcp_environment(connection.getsockname(), peer, count, self.settings["local_host"])
+            return ucspi.ipc_environment(self.local_path, client.peer, client.count)
+        local_host = self.settings["local_host"] or client.local_host
+        return ucspi.tcp_environment(client.local, client.peer, client.count, local_host, client.remote_host)
 
     def spawn(self, fd, environ, shown):
         """The handler's pid; None, said in one line, if it could not be started."""
@@ -276,12 +367,8 @@ class Server:
         except ChildProcessError:
             how = "ended"  # started with SIGCHLD ignored: the kernel reaped it
         os.close(handler.pidfd)
-        left = self.per_key[handler.key] - 1
-        if left:
-            self.per_key[handler.key] = left
-        else:
-            del self.per_key[handler.key]
-        self.say("end", f"pid {handler.pid} for {ucspi.describe(handler.peer)} {how} ({len(self.running)}/{self.settings['max']})")
+        self.release(handler.key)
+        self.say("end", f"pid {handler.pid} for {ucspi.describe(handler.peer)} {how} ({self.busy()}/{self.settings['max']})")
 
     def take_signals(self):
         try:

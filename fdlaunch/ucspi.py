@@ -1,8 +1,8 @@
 """The environment of a UCSPI handler: who connected, in the names other super-servers use. Pure.
 
 TCP as tcpserver(1) and tcp-environ(5): PROTO=TCP, TCPLOCALIP,
-TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only when given,
-never a DNS lookup; TCPCONNNUM as s6-tcpserver(8). Unix sockets as
+TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, and TCPLOCALHOST and
+TCPREMOTEHOST only when given; TCPCONNNUM as s6-tcpserver(8). Unix sockets as
 s6-ipcserver(8): PROTO=IPC, IPCLOCALPATH, IPCREMOTEEUID, IPCREMOTEEGID,
 IPCCONNNUM, plus IPCREMOTEPID. With inetd=True, what systemd gives an
 Accept=yes service: REMOTE_ADDR and REMOTE_PORT.
@@ -60,7 +60,7 @@ def describe(peer):
     return f"uid {peer.uid} gid {peer.gid} pid {peer.pid}"
 
 
-def tcp_environment(local, peer, count, local_host=None):
+def tcp_environment(local, peer, count, local_host=None, remote_host=None):
     """local: getsockname() of the connection; count: connections from this address, this one included."""
     environ = {
         "PROTO": "TCP",
@@ -72,6 +72,8 @@ def tcp_environment(local, peer, count, local_host=None):
     }
     if local_host is not None:
         environ["TCPLOCALHOST"] = local_host
+    if remote_host is not None:
+        environ["TCPREMOTEHOST"] = remote_host
     return environ
 
 

@@ -32,7 +32,9 @@ class Server:
     """fdlaunch-listen SPEC -- [PREFIX] fdlaunch-accept OPTIONS -- PROGRAM, ready once it said READY=1."""
 
     def __init__(self, directory, spec, options, program, prefix=(), env=None, preexec_fn=None):
-        self.directory, self.marker = directory, f"accept-test-{uuid.uuid4()}"
+        self.marker = f"accept-test-{uuid.uuid4()}"
+        directory = Path(tempfile.mkdtemp(prefix="server-", dir=directory))
+        os.chmod(directory, 0o755)
         self.upstream = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.upstream.bind(str(directory / "upstream"))
         self.upstream.settimeout(TIMEOUT)
@@ -242,6 +244,21 @@ def test_handler_gets_the_connection_stderr_and_nothing_else(server, tmp_path):
         "TCPCONNNUM": "1",
     }
     assert report["env"] == expected  # no LISTEN_*, no NOTIFY_SOCKET, no stale TCPREMOTEHOST
+
+
+def test_host_names_only_when_asked(server):
+    if socket.getnameinfo(("127.0.0.1", 0), socket.NI_NAMEREQD)[0] != "localhost":
+        pytest.skip("127.0.0.1 is not localhost in this host's resolver")
+    port = free_port()
+    script = 'echo "${TCPREMOTEHOST-unset} ${TCPLOCALHOST-unset}"'
+    server(f"-tcp:127.0.0.1:{port}", ["--lookup"], ["sh", "-c", script])
+    assert talk(("127.0.0.1", port))[0] == "localhost localhost\n"
+    other = free_port()
+    server(f"-tcp:127.0.0.1:{other}", ["--lookup", "-l", "example.org", "-c", "1"], ["sh", "-c", script])
+    assert talk(("127.0.0.1", other))[0] == "localhost example.org\n"
+    third = free_port()
+    server(f"-tcp:127.0.0.1:{third}", [], ["sh", "-c", script])
+    assert talk(("127.0.0.1", third))[0] == "unset unset\n"
 
 
 def test_handler_stderr_is_the_servers(server):
@@ -561,6 +578,29 @@ def test_s6_example_under_s6_supervise(public_dir):
             supervise.wait()
 
 
+def test_under_systemd_socket_activate_without_accept():
+    """The systemd convention: LISTEN_FDS for this pid, the socket at fd 3."""
+    activate = require("systemd-socket-activate")
+    port = free_port()
+    process = subprocess.Popen(
+        [activate, "-l", f"127.0.0.1:{port}", "fdlaunch-accept", "-q", "--", "sh", "-c", ECHO_TCP], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                reply, (ip, client_port) = talk(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.05)
+        assert reply.split() == ["TCP", ip, str(client_port), "127.0.0.1", str(port), "1"]
+    finally:
+        process.terminate()
+        assert process.wait(TIMEOUT) == 0, process.stderr.read()
+        process.stderr.close()
+
+
 # Usage
 
 
@@ -573,6 +613,7 @@ def test_s6_example_under_s6_supervise(public_dir):
         (["--grace=-1"], "--grace='-1' is not a number of seconds"),
         (["--grace=1e400"], "--grace='1e400'"),
         (["--fd=999"], "--fd='999': not an open descriptor"),
+        (["-c", "1000000"], "-c 1000000 needs 1000032 descriptors, but RLIMIT_NOFILE is"),
         (["--label=nope"], "no listening stream socket labelled 'nope' among those passed (tcp)"),
     ],
 )

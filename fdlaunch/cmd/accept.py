@@ -20,6 +20,8 @@ Options:
   --inetd        Set REMOTE_ADDR and REMOTE_PORT, as systemd's Accept=yes,
                  instead of the UCSPI variables.
   -l NAME        Set TCPLOCALHOST=NAME for the handlers.
+  --lookup       Set TCPREMOTEHOST (and TCPLOCALHOST, without -l) by
+                 reverse DNS; none is done without it.
   --grace=SECS   After SIGTERM, how long running handlers may finish
                  before SIGKILL [default: 10].
   --fd=N         Once accepting, write a newline to fd N and close it (s6).
@@ -38,6 +40,7 @@ from fdlaunch.spec import format_inet
 
 PROG = "fdlaunch-accept"
 MAX_HANDLERS = 1_000_000
+SPARE_FDS = 32  # besides one pidfd per handler: stdio, sockets passed, pipes, a connection being accepted
 
 
 @tool(PROG)
@@ -65,6 +68,7 @@ def read_settings(options, environ):
         "max_per": None if options["-C"] is None else count("-C", options["-C"]),
         "inetd": options["--inetd"],
         "local_host": options["-l"],
+        "lookup": options["--lookup"],
         "grace": seconds("--grace", options["--grace"]),
         "quiet": options["--quiet"],
         "verbose": options["--verbose"],
@@ -73,6 +77,11 @@ def read_settings(options, environ):
         "rules": None,
         "ready_fd": None,
     }
+    needed = settings["max"] + SPARE_FDS
+    if needed > fds.limit():
+        raise UsageError(
+            f"-c {settings['max']} needs {needed} descriptors, but RLIMIT_NOFILE is {fds.limit()}: raise it (--limit=nofile=N)"
+        )
     if options["--rules"] is not None:
         settings["rules"] = read_rules(options["--rules"])
     if options["--fd"] is not None:
