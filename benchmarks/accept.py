@@ -3,7 +3,7 @@
 Every server runs the same handler, sh -c 'echo "$TCPREMOTEIP"', on
 127.0.0.1, and one run prints:
 - connections per second with sequential clients and with 64 concurrent
-  clients, for fdlaunch-accept (-q, and with its default log lines),
+  clients (the median of 5 rounds in which the servers take turns), for fdlaunch-accept (-q, and with its default log lines),
   tcpserver -H -R -l0 (ucspi-tcp) and systemd-socket-activate --accept,
   with the ratio of fdlaunch-accept to each;
 - failed connections with 200 concurrent clients against fdlaunch-accept -c 40
@@ -15,6 +15,7 @@ Every server runs the same handler, sh -c 'echo "$TCPREMOTEIP"', on
 
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -22,8 +23,9 @@ import time
 
 LISTEN = ["fdlaunch-listen", "-tcp:127.0.0.1:PORT", "--"]
 HANDLER = ["sh", "-c", 'echo "$TCPREMOTEIP"']
-SEQUENTIAL = int(sys.argv[1]) if len(sys.argv) > 1 else 500
-CONCURRENT_TOTAL = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
+SEQUENTIAL = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+CONCURRENT_TOTAL = int(sys.argv[2]) if len(sys.argv) > 2 else 1500
+ROUNDS = 5
 CLIENTS = 64
 BURST = 200
 RSS_CONNECTIONS = 10_000
@@ -144,29 +146,39 @@ def rss_kib(pid):
 
 
 def main():
-    rows = {}
-    for name, (argv, expected) in servers().items():
-        server = Running(argv, expected)
-        try:
-            rows[name] = (sequential(server, SEQUENTIAL), concurrent(server, CLIENTS, CONCURRENT_TOTAL))
-        finally:
-            server.stop()
-    print(f"handler: {' '.join(HANDLER[:2])} {HANDLER[2]!r}; {SEQUENTIAL} sequential connections, {CONCURRENT_TOTAL} by {CLIENTS} clients")
+    # The machine may be shared: the servers take turns, ROUNDS times, and each figure is the median of its rounds.
+    table = servers()
+    failures = {}
+    results = {name: ([], []) for name in table}
+    for _ in range(ROUNDS):
+        for name, (argv, expected) in table.items():
+            server = Running(argv, expected)
+            try:
+                sequential_rate, sequential_failed = sequential(server, SEQUENTIAL)
+                concurrent_rate, concurrent_failed = concurrent(server, CLIENTS, CONCURRENT_TOTAL)
+            finally:
+                server.stop()
+            results[name][0].append(sequential_rate)
+            results[name][1].append(concurrent_rate)
+            failures[name] = failures.get(name, 0) + sequential_failed + concurrent_failed
+    rows = {name: (statistics.median(seq), statistics.median(conc)) for name, (seq, conc) in results.items()}
+    print(f"handler: {' '.join(HANDLER[:2])} {HANDLER[2]!r}; median of {ROUNDS} rounds of {SEQUENTIAL} sequential connections")
+    print(f"and {CONCURRENT_TOTAL} by {CLIENTS} clients, the servers taking turns")
     print(f"{'server':34} {'sequential/s':>13} {'64 clients/s':>13} {'failed':>7}")
-    for name, ((seq, seq_failed), (conc, conc_failed)) in rows.items():
-        print(f"{name:34} {seq:13.0f} {conc:13.0f} {seq_failed + conc_failed:7d}")
+    for name, (seq, conc) in rows.items():
+        print(f"{name:34} {seq:13.0f} {conc:13.0f} {failures[name]:7d}")
     ours = rows["fdlaunch-accept -q"]
-    for name, ((seq, _), (conc, _)) in rows.items():
+    for name, (seq, conc) in rows.items():
         if not name.startswith("fdlaunch-accept"):
-            print(f"fdlaunch-accept -q / {name}: sequential x{ours[0][0] / seq:.2f}, 64 clients x{ours[1][0] / conc:.2f}")
+            print(f"fdlaunch-accept -q / {name}: sequential x{ours[0] / seq:.2f}, 64 clients x{ours[1] / conc:.2f}")
 
     argv = [*LISTEN, "fdlaunch-accept", "-q", "-c", "40", "--", "sh", "-c", 'echo "$TCPREMOTEIP"; sleep 0.2']
     server = Running(argv, b"127.0.0.1\n")
     try:
-        failures = burst(server.port, b"127.0.0.1\n", BURST)
+        burst_failed = burst(server.port, b"127.0.0.1\n", BURST)
     finally:
         server.stop()
-    print(f"{BURST} clients at once, fdlaunch-accept -c 40 (handler sleeps 0.2 s): {failures} failed")
+    print(f"{BURST} clients at once, fdlaunch-accept -c 40 (handler sleeps 0.2 s): {burst_failed} failed")
 
     argv = [*LISTEN, "fdlaunch-accept", "-q", "--", *HANDLER]
     server = Running(argv, b"127.0.0.1\n")
