@@ -122,7 +122,10 @@ def choose(passed, label):
         raise UsageError("no socket was passed in (LISTEN_FD_MAP, or LISTEN_FDS for this pid): run it after fdlaunch-listen")
     candidates = []
     for p in passed:
-        sock = socket.socket(fileno=p.fd)
+        try:
+            sock = socket.socket(fileno=p.fd)
+        except OSError as error:
+            raise UsageError(f"LISTEN_FDS/LISTEN_FD_MAP: fd {p.fd} ({p.label}) is not a socket: {error.strerror}") from None
         if sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             if label is None or p.label == label:
                 candidates.append((p, sock))
