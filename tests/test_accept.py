@@ -502,6 +502,22 @@ def test_handlers_never_outlive_a_killed_server(server):
     client.close()
 
 
+def test_losing_the_guard_stops_the_server_and_its_handlers(server):
+    port = free_port()
+    one = server(f"-tcp:127.0.0.1:{port}", [], ["sleep", "60"])
+    client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    one.wait_for_line("start pid")
+    pid = one.process.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        kids = [int(word) for word in children.read().split()]
+    guard = next(kid for kid in kids if os.getpgid(kid) == kid)
+    os.kill(guard, signal.SIGKILL)
+    assert one.process.wait(TIMEOUT) == 111
+    assert f"fatal: the guard of the handlers (pid {guard}) is gone" in one.stderr()
+    assert client.recv(10) == b""
+    client.close()
+
+
 def test_a_missing_handler_is_one_line_per_connection_and_the_server_goes_on(server, tmp_path):
     port = free_port()
     handler = tmp_path / "handler"
