@@ -26,7 +26,8 @@ ACCEPT_BATCH = 64  # accepts per turn, so signals and exits are heard under a fl
 PAUSE_SECONDS = 1  # after EMFILE and the like: the backlog holds clients meanwhile
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 LOOKUP_THREADS = 4
-DONE = b"d"  # the server tells its guard it leaves no handler behind
+DONE = b"d"
+PR_SET_NAME = 15  # the server tells its guard it leaves no handler behind
 
 
 class Guard:
@@ -71,6 +72,7 @@ class Guard:
 
 def _guard(alive, grace):
     os.setpgid(0, 0)
+    _name_self(b"accept (guard)")
     for fd in os.listdir("/proc/self/fd"):
         if int(fd) not in (2, alive):
             try:
@@ -89,6 +91,13 @@ def _guard(alive, grace):
     while time.monotonic() < deadline and _others_in_group(group):
         time.sleep(0.05)
     os.killpg(group, signal.SIGKILL)  # and the guard with them
+
+
+def _name_self(name):
+    """The name ps(1) and top(1) show (prctl PR_SET_NAME), so the guard is told from the server."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def _others_in_group(group):
@@ -188,6 +197,7 @@ class Server:
             self.resolver = Resolver()
             self.poller.register(self.resolver.wakeup, select.POLLIN)
         listener.setblocking(False)
+        self.say("info", f"guard pid {self.guard.pid} leads the handlers' process group")
 
     def catch_signals(self):
         """Signals arrive as bytes on a pipe; one the server was started with ignored stays ignored."""
