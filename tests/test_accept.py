@@ -645,6 +645,9 @@ def test_nothing_passed_or_too_many_sockets(tmp_path):
     two = ["fdlaunch-listen", f"-tcp:127.0.0.1:{free_port()}", f"-unix:{tmp_path / 's'}", "--", "fdlaunch-accept", "true"]
     done = run(two)
     assert done.returncode == 100 and "2 listening stream sockets among those passed (tcp, unix); say which with --label" in done.stderr
+    same = ["fdlaunch-listen", f"-tcp:label=x:127.0.0.1:{free_port()}", f"-tcp:label=x:127.0.0.1:{free_port()}", "--"]
+    done = run([*same, "fdlaunch-accept", "--label=x", "true"])
+    assert done.returncode == 100 and "2 listening stream sockets labelled 'x' among those passed (x, x)" in done.stderr
     udp_only = run(["fdlaunch-listen", f"-udp:127.0.0.1:{free_port()}", "--", "fdlaunch-accept", "true"])
     assert udp_only.returncode == 100 and "no listening stream socket among those passed (udp)" in udp_only.stderr
 

@@ -135,9 +135,10 @@ def choose(passed, label):
         for _, sock in candidates:
             sock.detach()
         labels = ", ".join(p.label for p in passed)
-        wanted = "listening stream socket" + (f" labelled {label!r}" if label is not None else "")
+        found = f"{len(candidates) or 'no'} listening stream socket{'s' if len(candidates) > 1 else ''}"
+        labelled = f" labelled {label!r}" if label is not None else ""
         hint = "" if label is not None or not candidates else "; say which with --label"
-        raise UsageError(f"{len(candidates) or 'no'} {wanted}{'s' if len(candidates) > 1 else ''} among those passed ({labels}){hint}")
+        raise UsageError(f"{found}{labelled} among those passed ({labels}){hint}")
     p, sock = candidates[0]
     return sock, f"{p.label}={p.fd} ({describe(sock)})"
 
