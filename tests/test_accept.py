@@ -356,7 +356,7 @@ def test_c_limits_handlers_and_keeps_clients_waiting(server, tmp_path):
 
 def test_C_limits_handlers_per_address(server, tmp_path):
     port = free_port()
-    one = server(f"-tcp:127.0.0.1:{port}", ["-C", "2"], ["sh", "-c", "echo served; sleep 1"])
+    one = server(f"-tcp:127.0.0.1:{port}", ["-C", "2"], ["sh", "-c", "echo served; sleep 2"])
     replies, errors = many_clients(port, 6, source="127.0.0.5")
     assert not errors
     assert sorted(replies) == ["", "", "", "", "served\n", "served\n"]
@@ -369,7 +369,7 @@ def test_C_limits_handlers_per_address(server, tmp_path):
 def test_C_counts_by_uid_on_a_unix_socket(server, public_dir):
     require_root()
     path = public_dir / "sock"
-    one = server(f"-unix:mode=0666:{path}", ["-C", "1"], ["sh", "-c", "echo served; sleep 1"])
+    one = server(f"-unix:mode=0666:{path}", ["-C", "1"], ["sh", "-c", "echo served; sleep 3"])
     holder = threading.Thread(target=unix_client, args=(path,))
     holder.start()
     one.wait_for_line("start pid")
