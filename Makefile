@@ -5,7 +5,8 @@
 #   make install   console scripts, man pages and examples under $(DESTDIR)$(PREFIX)
 #   make uninstall removes exactly what make install put there
 #   make demo      the README demo: a daemon started through fdlaunch-listen
-#   make bench     start-up cost, readiness relay latency, handoffs under load
+#   make bench     start-up cost, readiness relay latency, handoffs under load,
+#                  connections per second of fdlaunch-accept
 #
 # make install PREFIX=/usr/local [DESTDIR=/tmp/stage] installs:
 #   $(PREFIX)/lib/fdlaunch/       the package and its dependency docopt-ng (pip install
@@ -64,6 +65,7 @@ bench: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/startup.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/handoff.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/accept.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

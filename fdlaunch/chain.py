@@ -25,6 +25,7 @@ TOOLS = {
     "fdlaunch-fdmap": "fdmap",
     "fdlaunch-handoff": "handoff",
     "fdlaunch-foreground": "foreground",
+    "fdlaunch-accept": "accept",
 }
 FUSE_VARIABLE = "FDLAUNCH_FUSE"
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fdlaunch.chain import TOOLS
+
 HERE = Path(__file__).resolve().parent
 PROBE = str(HERE / "probe.py")
 TIMEOUT = 20
@@ -22,15 +24,7 @@ REQUIRE_PEERS = os.environ.get("FDLAUNCH_REQUIRE_PEERS") == "1"
 
 
 def pytest_configure(config):
-    for tool in (
-        "fdlaunch-listen",
-        "fdlaunch-setuidgid",
-        "fdlaunch-notify-wait",
-        "fdlaunch-notify",
-        "fdlaunch-fdmap",
-        "fdlaunch-handoff",
-        "fdlaunch-foreground",
-    ):
+    for tool in TOOLS:
         if shutil.which(tool) is None:
             raise pytest.UsageError(f"{tool} is not on PATH: install the package first (make test does)")
 

@@ -8,16 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import missing, run
 
+from fdlaunch import chain
+
 MAN = Path(__file__).resolve().parent.parent / "man"
-TOOLS = [
-    "fdlaunch-listen",
-    "fdlaunch-setuidgid",
-    "fdlaunch-notify-wait",
-    "fdlaunch-notify",
-    "fdlaunch-fdmap",
-    "fdlaunch-handoff",
-    "fdlaunch-foreground",
-]
+TOOLS = list(chain.TOOLS)
 
 
 def words(text):
@@ -70,3 +64,10 @@ def test_stdin_says_it_passes_the_listening_socket():
     assert "'wait' style, the program accepts" in words(usage) and "fdlaunch-accept(1)" in usage
     assert "listening socket" in option and ".BR wait :" in option and ".BR fdlaunch-accept (1)" in option
     assert ".BR fdlaunch-accept (1)," in page.split(".SH SEE ALSO", 1)[1]
+
+
+def test_every_console_script_is_a_tool_the_runtime_knows():
+    """chain.TOOLS (what fusion, python -m fdlaunch and these tests go by) lists setup.cfg's console scripts."""
+    text = (MAN.parent / "setup.cfg").read_text()
+    scripts = dict(re.findall(r"^\s+(fdlaunch-[a-z-]+) = fdlaunch\.cmd\.([a-z_]+):main$", text, re.M))
+    assert scripts == chain.TOOLS

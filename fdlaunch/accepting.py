@@ -1,0 +1,448 @@
+"""fdlaunch-accept's loop: one handler process per connection, spawned, counted, reaped.
+
+One poll(2) waits on everything that can happen: a client on the listening
+socket (registered only while below the -c limit, so that a client beyond
+it waits in the kernel's backlog), a signal (Python's wakeup fd), a
+handler's exit (its pidfd), and the guard's exit. Handlers are started
+with posix_spawn(3) (glibc's uses CLONE_VFORK: no copy of the interpreter)
+and, since glibc 2.24, that call itself fails with the exec's errno.
+"""
+
+import collections
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import time
+
+from fdlaunch import chain, readiness, rules, sdnotify, ucspi
+from fdlaunch.errors import Fatal, warn
+
+STOPS = (signal.SIGTERM, signal.SIGINT)
+RELOAD = signal.SIGHUP
+ACCEPT_BATCH = 64  # accepts per turn, so signals and exits are heard under a flood
+PAUSE_SECONDS = 1  # after EMFILE and the like: the backlog holds clients meanwhile
+UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+LOOKUP_THREADS = 4
+DONE = b"d"
+PR_SET_NAME = 15  # the server tells its guard it leaves no handler behind
+
+
+class Guard:
+    """A small process that leads the handlers' process group and ends it if the server dies.
+
+    posix_spawn(3) cannot run prctl(PR_SET_PDEATHSIG) in each handler between
+    fork and exec, so this one process stands in for it: it holds the read
+    end of a pipe only the server can write to, and when that end reads EOF
+    without the server's DONE (the server died, even by SIGKILL), it sends
+    the group SIGTERM and SIGCONT, then SIGKILL after grace seconds.
+    """
+
+    def __init__(self, grace):
+        alive_read, alive_write = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()  # once per server, not per connection: see the class comment
+        if pid == 0:
+            try:
+                os.close(alive_write)
+                _guard(alive_read, grace)
+            finally:
+                os._exit(0)
+        os.close(alive_read)
+        try:
+            os.setpgid(pid, pid)  # also done in the child: whichever runs first
+        except OSError:
+            pass
+        self.pid, self.alive, self.pidfd = pid, alive_write, os.pidfd_open(pid)
+
+    def release(self):
+        """The server leaves cleanly: the guard exits without a signal."""
+        try:
+            os.write(self.alive, DONE)
+        except OSError:
+            pass
+        os.close(self.alive)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.pidfd)
+
+
+def _guard(alive, grace):
+    os.setpgid(0, 0)
+    _name_self(b"accept (guard)")
+    for fd in os.listdir("/proc/self/fd"):
+        if int(fd) not in (2, alive):
+            try:
+                os.close(int(fd))
+            except OSError:
+                pass
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(number, signal.SIG_IGN)  # our own group's signal is not for us
+    if os.read(alive, 1) == DONE:
+        return
+    group = os.getpid()
+    for number in (signal.SIGTERM, signal.SIGCONT):
+        os.killpg(group, number)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _others_in_group(group):
+        time.sleep(0.05)
+    os.killpg(group, signal.SIGKILL)  # and the guard with them
+
+
+def _name_self(name):
+    """The name ps(1) and top(1) show (prctl PR_SET_NAME), so the guard is told from the server."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+def _others_in_group(group):
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != group:
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    state, _, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]
+                if int(pgrp) == group and state != "Z":  # a zombie is dead already
+                    return True
+            except (OSError, ValueError, IndexError):
+                continue
+    return False
+
+
+class Client:
+    """An accepted connection on its way to a handler, then that handler."""
+
+    def __init__(self, connection, peer, key, count, local, variables):
+        self.connection, self.peer, self.key, self.count, self.local = connection, peer, key, count, local
+        self.variables = variables  # from the rule that allowed it
+        self.local_host = self.remote_host = None  # --lookup's findings
+        self.pid = self.pidfd = None
+
+
+class Resolver:
+    """Reverse DNS for --lookup in worker threads: a slow answer holds up its own client, never the loop."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=LOOKUP_THREADS)
+        self.wakeup, self.write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.done = collections.deque()  # appends and pops are thread-safe
+
+    def submit(self, client):
+        def look_up():
+            try:
+                client.remote_host = host_name(client.peer.ip)
+                client.local_host = host_name(client.local[0])
+            finally:
+                self.done.append(client)
+                try:
+                    os.write(self.write_end, b".")
+                except BlockingIOError:
+                    pass  # the pipe is full, so the loop will look anyway
+
+        self.pool.submit(look_up)
+
+    def finished(self):
+        try:
+            os.read(self.wakeup, 65536)
+        except BlockingIOError:
+            pass
+        while self.done:
+            yield self.done.popleft()
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        os.close(self.wakeup)
+        os.close(self.write_end)
+
+
+def host_name(ip):
+    """The name the address maps back to, lowercased as tcpserver does; None when there is none."""
+    try:
+        return socket.getnameinfo((str(ip), 0), socket.NI_NAMEREQD)[0].lower()
+    except OSError:
+        return None
+
+
+class Server:
+    """Serve the listening socket until SIGTERM or SIGINT; run() returns the exit status."""
+
+    def __init__(self, tool, listener, program, settings):
+        self.tool, self.listener, self.program, self.settings = tool, listener, program, settings
+        self.unix = listener.family == socket.AF_UNIX
+        self.local_path = ucspi.unix_path(listener.getsockname()) if self.unix else None
+        self.environ = ucspi.base_environment(settings["environ"])
+        self.rules = settings["rules"]
+        self.running = {}  # pidfd -> Client, once its handler runs
+        self.pending = 0  # clients accepted and waiting for --lookup
+        self.per_key = {}  # remote address or uid -> handlers running for it
+        self.path = None  # the program, found in PATH on first use and after an exec failure
+        self.stopping = False
+        self.kill_at = None
+        self.paused_until = None
+        self.listening = False
+        self.guard = Guard(settings["grace"])
+        self.poller = select.poll()
+        self.poller.register(self.guard.pidfd, select.POLLIN)
+        self.defaults = {signal.SIGPIPE, signal.SIGXFSZ}  # Python ignores them; handlers get SIG_DFL
+        self.wakeup = self.catch_signals()
+        self.poller.register(self.wakeup, select.POLLIN)
+        self.resolver = None
+        if settings["lookup"] and not self.unix and not settings["inetd"]:
+            self.resolver = Resolver()
+            self.poller.register(self.resolver.wakeup, select.POLLIN)
+        listener.setblocking(False)
+        self.say("info", f"guard pid {self.guard.pid} leads the handlers' process group")
+
+    def catch_signals(self):
+        """Signals arrive as bytes on a pipe; one the server was started with ignored stays ignored."""
+        wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
+        for number in (*STOPS, RELOAD):
+            if signal.getsignal(number) != signal.SIG_IGN:
+                signal.signal(number, lambda number, frame: None)
+                self.defaults.add(number)
+        return wakeup_read
+
+    def run(self):
+        try:
+            self.listen(True)
+            self.tell_ready()
+            while self.running or self.pending or not self.stopping:
+                self.turn()
+            return 0
+        finally:
+            self.guard.release()
+            if self.resolver is not None:
+                self.resolver.close()
+
+    def turn(self):
+        for fd, _ in self.poller.poll(self.timeout()):
+            if fd == self.wakeup:
+                self.take_signals()
+            elif fd == self.guard.pidfd:
+                self.lose_guard()
+            elif fd in self.running:
+                self.reap(self.running.pop(fd))
+            elif self.resolver is not None and fd == self.resolver.wakeup:
+                for client in self.resolver.finished():
+                    self.pending -= 1
+                    self.start(client)
+            elif fd == self.listener.fileno() and self.listening:
+                self.accept_some()
+        now = time.monotonic()
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            for handler in self.running.values():
+                self.say("info", f"killing pid {handler.pid} for {ucspi.describe(handler.peer)}: still running after --grace")
+                _send(handler.pidfd, signal.SIGKILL)
+        if self.paused_until is not None and now >= self.paused_until:
+            self.paused_until = None
+        self.listen(not self.stopping and self.paused_until is None and self.busy() < self.settings["max"])
+
+    def busy(self):
+        return len(self.running) + self.pending
+
+    def timeout(self):
+        deadlines = [d for d in (self.kill_at, self.paused_until) if d is not None]
+        return None if not deadlines else max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def listen(self, wanted):
+        if wanted != self.listening:
+            if wanted:
+                self.poller.register(self.listener.fileno(), select.POLLIN)
+            else:
+                self.poller.unregister(self.listener.fileno())
+            self.listening = wanted
+
+    def accept_some(self):
+        for _ in range(ACCEPT_BATCH):
+            if self.busy() >= self.settings["max"]:
+                return
+            try:
+                connection, address = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self.take_accept_error(error)
+                return
+            self.serve(connection, address)
+
+    def take_accept_error(self, error):
+        if error.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
+            return  # that client is gone (or a firewall said no): the next one may come
+        self.say("warning", f"unable to accept: {error.strerror}; trying again in {PAUSE_SECONDS} second(s)")
+        self.paused_until = time.monotonic() + PAUSE_SECONDS
+
+    def serve(self, connection, address):
+        client = self.admit(connection, address)
+        if client is None:
+            connection.close()
+        elif self.resolver is not None:
+            self.pending += 1
+            self.resolver.submit(client)
+        else:
+            self.start(client)
+
+    def admit(self, connection, address):
+        """The client, counted, if it may have a handler; None (said why) if not."""
+        try:
+            peer = self.peer_of(connection, address)
+            local = None if self.unix else connection.getsockname()
+        except OSError:
+            return None  # gone before we could look at it
+        shown = ucspi.describe(peer)
+        key = ucspi.key(peer)
+        decision = self.decide(peer)
+        if not decision.allowed:
+            line = f"rules line {decision.line}" if decision.line else "no rule matched"
+            self.say("warning", f"deny {shown} ({line})")
+            return None
+        count = self.per_key.get(key, 0) + 1
+        if self.settings["max_per"] is not None and count > self.settings["max_per"]:
+            whose = f"uid {key}" if self.unix else key
+            self.say("warning", f"refused {shown}: {count - 1} connections from {whose} already (-C {self.settings['max_per']})")
+            return None
+        self.per_key[key] = count
+        return Client(connection, peer, key, count, local, decision.variables)
+
+    def start(self, client):
+        with client.connection:
+            environ = {**self.environ, **self.connection_environment(client), **client.variables}
+            client.pid = self.spawn(client.connection.fileno(), environ, ucspi.describe(client.peer))
+        if client.pid is None:
+            self.release(client.key)
+            return
+        client.pidfd = os.pidfd_open(client.pid)
+        self.running[client.pidfd] = client
+        self.poller.register(client.pidfd, select.POLLIN)
+        self.say("start", f"pid {client.pid} for {ucspi.describe(client.peer)} ({self.busy()}/{self.settings['max']})")
+
+    def release(self, key):
+        left = self.per_key[key] - 1
+        if left:
+            self.per_key[key] = left
+        else:
+            del self.per_key[key]
+
+    def peer_of(self, connection, address):
+        if self.unix:
+            pid, uid, gid = UCRED.unpack(connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+            return ucspi.unix_peer(pid, uid, gid)
+        return ucspi.inet_peer(address)
+
+    def decide(self, peer):
+        if self.rules is None:
+            return rules.Decision(True, {}, None)
+        return rules.decide(self.rules, rules.Client(peer.ip, peer.uid, peer.gid))
+
+    def connection_environment(self, client):
+        if self.settings["inetd"]:
+            return ucspi.inetd_environment(client.peer)
+        if self.unix:
+            return ucspi.ipc_environment(self.local_path, client.peer, client.count)
+        local_host = self.settings["local_host"] or client.local_host
+        return ucspi.tcp_environment(client.local, client.peer, client.count, local_host, client.remote_host)
+
+    def spawn(self, fd, environ, shown):
+        """The handler's pid; None, said in one line, if it could not be started."""
+        try:
+            if self.path is None:
+                self.path = chain.find_program(self.program[0], self.environ)
+            return os.posix_spawn(
+                self.path,
+                self.program,
+                environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
+                setpgroup=self.guard.pid,
+                setsigdef=self.defaults,
+            )
+        except Fatal as error:
+            self.say("warning", f"{error} (client {shown} dropped)")
+        except OSError as error:
+            self.path = None
+            self.say("warning", f"unable to exec {self.program[0]}: {error.strerror} (client {shown} dropped)")
+        return None
+
+    def reap(self, handler):
+        self.poller.unregister(handler.pidfd)
+        try:
+            _, status = os.waitpid(handler.pid, 0)  # its pidfd is readable: it has exited
+            how = chain.describe_exit(status)
+        except ChildProcessError:
+            how = "ended"  # started with SIGCHLD ignored: the kernel reaped it
+        os.close(handler.pidfd)
+        self.release(handler.key)
+        self.say("end", f"pid {handler.pid} for {ucspi.describe(handler.peer)} {how} ({self.busy()}/{self.settings['max']})")
+
+    def take_signals(self):
+        try:
+            numbers = os.read(self.wakeup, 1024)
+        except BlockingIOError:
+            return
+        for number in numbers:
+            if number in STOPS and not self.stopping:
+                self.stop(number)
+            elif number == RELOAD:
+                self.reload()
+
+    def stop(self, number):
+        self.stopping = True
+        self.listen(False)
+        self.listener.close()
+        self.kill_at = time.monotonic() + self.settings["grace"]
+        self.say("info", f"{signal.Signals(number).name}: no new connections; waiting for {len(self.running)} handler(s)")
+        self.notify(b"STOPPING=1")
+
+    def reload(self):
+        path = self.settings["rules_path"]
+        if path is None:
+            self.say("info", "SIGHUP: no --rules file to read again")
+            return
+        try:
+            self.rules = self.settings["read_rules"](path)
+        except Fatal as error:
+            warn(self.tool, "warning", f"kept the old rules: {error}")
+            return
+        self.say("info", f"SIGHUP: read {len(self.rules)} rule(s) from {path}")
+
+    def lose_guard(self):
+        for handler in self.running.values():
+            _send(handler.pidfd, signal.SIGTERM)
+        raise Fatal(f"the guard of the handlers (pid {self.guard.pid}) is gone; stopping, the handlers with it")
+
+    def tell_ready(self):
+        self.notify(b"READY=1")
+        if self.settings["ready_fd"] is not None:
+            readiness.tell_s6(self.settings["ready_fd"])
+            self.settings["ready_fd"] = None
+
+    def notify(self, message):
+        target = self.settings["notify_socket"]
+        if target:
+            try:
+                sdnotify.send(message, target)
+            except OSError as error:
+                warn(self.tool, "warning", f"unable to notify {target}: {error.strerror}")
+
+    def say(self, kind, text):
+        """start and end lines unless -q; info only with -v; warnings always."""
+        if kind in ("start", "end") and self.settings["quiet"]:
+            return
+        if kind == "info" and not self.settings["verbose"]:
+            return
+        if kind in ("start", "end"):
+            kind, text = "info", f"{kind} {text}"
+        warn(self.tool, kind, text)
+
+
+def _send(pidfd, number):
+    try:
+        signal.pidfd_send_signal(pidfd, number)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,119 @@
+"""fdlaunch-accept's access rules: a text file in, a decision per client out. Pure.
+
+One rule a line, the first that matches decides (as tcprules(1) and
+s6-tcpserver-access(8) do), and a client no rule matches is denied:
+
+    # comment
+    allow 127.0.0.0/8 GREETING=hi "MOTD=hello there"
+    deny  10.1.2.3
+    allow uid:1000
+    allow gid:staff ROLE=staff
+    deny  all
+
+Words are split as a POSIX shell splits them (quotes keep spaces in a
+value); the variables after the address are added to the handler's
+environment for a client the rule allows.
+"""
+
+import ipaddress
+import re
+import shlex
+from collections import namedtuple
+
+from fdlaunch.errors import UsageError
+
+ACTIONS = ("allow", "deny")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# kind: 'ip' (value an ip_network), 'uid', 'gid' (value a number) or 'all'.
+Rule = namedtuple("Rule", "line action kind value variables")
+Rule.__doc__ = "One line of a rules file: what it matches, allow or deny, the variables it adds."
+
+# The client, as the rules see it: ip an ip_address (None on a unix socket),
+# uid and gid numbers (None on TCP).
+Client = namedtuple("Client", "ip uid gid")
+
+Decision = namedtuple("Decision", "allowed variables line")
+Decision.__doc__ = "allowed or not; variables to add; the line that decided (None: no rule matched)."
+
+
+def parse(text, where, lookups=None):
+    """The rules in text, in order; UsageError naming where, the line number and the fault.
+
+    lookups resolves uid:NAME and gid:NAME (getpwnam, getgrnam); without it
+    only numbers are accepted.
+    """
+    rules = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as error:
+            raise UsageError(f"{where} line {number}: {line!r}: {error}") from None
+        if words:
+            rules.append(_rule(words, number, lookups, _fault_in(where, number, line)))
+    return rules
+
+
+def _fault_in(where, number, line):
+    return lambda fault: f"{where} line {number}: {line!r}: {fault}"
+
+
+def _rule(words, number, lookups, fault):
+    action, *rest = words
+    if action not in ACTIONS:
+        raise UsageError(fault(f"{action!r} is not allow or deny"))
+    if not rest:
+        raise UsageError(fault("an address, uid:ID, gid:ID or 'all' must follow the action"))
+    kind, value = _match(rest[0], lookups, fault)
+    variables = {}
+    for word in rest[1:]:
+        name, equals, text = word.partition("=")
+        if not equals or not NAME.fullmatch(name) or "\0" in text:
+            raise UsageError(fault(f"{word!r} is not NAME=VALUE"))
+        variables[name] = text
+    if variables and action == "deny":
+        raise UsageError(fault("a deny rule cannot add variables"))
+    return Rule(number, action, kind, value, variables)
+
+
+def _match(word, lookups, fault):
+    if word == "all":
+        return "all", None
+    kind, colon, ident = word.partition(":")
+    if colon and kind in ("uid", "gid"):
+        return kind, _id(kind, ident, lookups, fault)
+    try:
+        return "ip", ipaddress.ip_network(word, strict=True)
+    except ValueError as error:
+        raise UsageError(fault(f"{word!r} is not an address, a network (10.0.0.0/8, fd00::/8), uid:ID, gid:ID or 'all': {error}")) from None
+
+
+def _id(kind, ident, lookups, fault):
+    if ident.isdigit() and ident.isascii() and len(ident) <= 10 and int(ident) < 2**32 - 1:
+        return int(ident)
+    if lookups is not None and ident:
+        find = lookups.getpwnam if kind == "uid" else lookups.getgrnam
+        try:
+            entry = find(ident)
+        except KeyError:
+            pass
+        else:
+            return entry.pw_uid if kind == "uid" else entry.gr_gid
+    what = "user" if kind == "uid" else "group"
+    raise UsageError(fault(f"{ident!r} is not a {what} name or number"))
+
+
+def decide(rules, client):
+    """The first rule that matches client decides; no match denies."""
+    for rule in rules:
+        if _matches(rule, client):
+            return Decision(rule.action == "allow", rule.variables, rule.line)
+    return Decision(False, {}, None)
+
+
+def _matches(rule, client):
+    if rule.kind == "all":
+        return True
+    if rule.kind == "ip":
+        return client.ip is not None and client.ip.version == rule.value.version and client.ip in rule.value
+    return (client.uid if rule.kind == "uid" else client.gid) == rule.value
