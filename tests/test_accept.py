@@ -653,10 +653,17 @@ def test_nothing_passed_or_too_many_sockets(tmp_path):
     assert udp_only.returncode == 100 and "no listening stream socket among those passed (udp)" in udp_only.stderr
 
 
-def test_a_passed_descriptor_that_is_not_a_socket():
-    done = run(["fdlaunch-accept", "true"], env={**os.environ, "LISTEN_FD_MAP": "web=0"}, stdin=subprocess.DEVNULL)
+def test_a_passed_descriptor_that_is_not_a_socket(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    fd = os.open(plain, os.O_RDONLY)
+    try:
+        env = {**os.environ, "LISTEN_FD_MAP": f"web={fd}"}
+        done = run(["fdlaunch-accept", "true"], env=env, stdin=subprocess.DEVNULL, pass_fds=[fd])
+    finally:
+        os.close(fd)
     assert (done.returncode, done.stderr.count("\n")) == (100, 1)
-    assert "fd 0 (web) is not a socket" in done.stderr
+    assert f"fd {fd} (web) is not a socket" in done.stderr
 
 
 def test_help_is_the_usage():

@@ -106,7 +106,7 @@ def test_a_failing_later_link_speaks_under_its_own_name_and_leaves_nothing(tmp_p
         assert done.returncode == 100
         lines = done.stderr.splitlines()
         assert lines[0].startswith("fdlaunch-listen: info: fd 3: unix")
-        assert lines[1:] == ["fdlaunch-fdmap: fatal: --stdin=nosuch: no socket is labelled 'nosuch'; it needs exactly one"]
+        assert lines[1:] == ["fdlaunch-fdmap: fatal: --stdin='nosuch': no socket is labelled 'nosuch'; it needs exactly one"]
         if fuse:
             assert not path.exists(), "the fused chain takes back the socket file its first link made"
         path.unlink(missing_ok=True)
