@@ -174,18 +174,15 @@ class Handoff:
                 self.tell_ready_first()
 
     def sender_of(self, message):
-        """The instance a notification came from, by the sender's ancestry; None for a stranger.
+        """The instance a notification came from, by the sender's lineage; None for anyone else.
 
-        A sender already gone is credited to the instance awaited: the
-        candidate during a handoff, else the current one.
+        A sender gone before its datagram was read has no lineage and counts
+        for nobody (issue 10): the socket is abstract, anyone could have sent
+        it. An instance's pid cannot be reused: it is our child, not yet reaped.
         """
-        below_us = sdnotify.descends_from(message.pid, os.getpid())  # every instance is our child
-        if below_us is None:
-            return (self.candidate or self.current) if message.uid == os.getuid() else None
-        if below_us:
-            for instance in (self.candidate, self.current):
-                if instance is not None and sdnotify.descends_from(message.pid, instance.pid):
-                    return instance
+        for instance in (self.candidate, self.current):
+            if instance is not None and instance.pid in message.lineage:
+                return instance
         return None
 
     def take_candidate_exit(self):

@@ -60,11 +60,14 @@ class Relays:
 
 
 class Program:
-    """The process whose readiness is awaited: its pid, a pidfd on it, its uid."""
+    """The process whose readiness is awaited: its pid, a pidfd on it."""
 
     def __init__(self, pid, pidfd):
         self.pid, self.pidfd = pid, pidfd
-        self.uid = os.stat(f"/proc/{pid}").st_uid
+
+    def heads(self, lineage):
+        """True if lineage (a process and its ancestors) runs through the program, not through a reuse of its pid."""
+        return self.pid in lineage and sdnotify.pid_of(self.pidfd) == self.pid
 
 
 class Watcher:
@@ -131,10 +134,10 @@ class Watcher:
                 ("truncated", message.pid), f"ignored a notification from pid {message.pid}: longer than {notifyproto.DATAGRAM_MAX} bytes"
             )
             return
-        if not self.believes(message):
-            self.warn_once(
-                ("stranger", message.pid), f"ignored a notification from pid {message.pid}, not pid {self.program.pid} or below it"
-            )
+        if not self.program.heads(message.lineage):
+            # A sender gone before its datagram is read has no lineage: it could have been anyone (issue 10).
+            why = f"not pid {self.program.pid} or below it" if message.lineage else "gone before it could be checked"
+            self.warn_once(("stranger", message.pid), f"ignored a notification from pid {message.pid}, {why}")
             return
         fields = message.fields
         if notifyproto.is_ready(fields) and not self.ready:
@@ -148,17 +151,6 @@ class Watcher:
 
     def fds_to_store(self, message):
         return message.fds if notifyproto.value(message.fields, "FDSTORE") == "1" else ()
-
-    def believes(self, message):
-        """The program and its descendants; a sender already gone only if it ran as the program's user.
-
-        Nobody else can reach the socket in its 0700 directory, and a process of
-        the program's own user could ptrace it anyway.
-        """
-        family = sdnotify.descends_from(message.pid, self.program.pid)
-        if family is None:
-            return message.uid == self.program.uid
-        return family
 
     def warn_once(self, key, text):
         if key not in self.warned:

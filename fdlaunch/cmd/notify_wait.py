@@ -86,7 +86,7 @@ def start_watcher(inbox, relays, settings):
             os._exit(0)
     os.waitpid(middle, 0)
     os.close(program.pidfd)
-    inbox.sock.close()  # the watcher removes the socket file and directory
+    inbox.sock.close()  # the watcher's now
     if relays.fd is not None:
         os.close(relays.fd)  # PROG does not inherit the notification fd
 
