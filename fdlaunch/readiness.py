@@ -50,6 +50,7 @@ class Relays:
         os.waitpid(pid, 0)
 
     def relay(self, fields, main_pid, fds=()):
+        """Pass fields upstream, sent as main_pid: one the watcher checked is the program or below it, or None."""
         if self.upstream is None:
             return
         message = notifyproto.relay_message(fields, main_pid)
@@ -139,7 +140,7 @@ class Watcher:
             why = f"not pid {self.program.pid} or below it" if message.lineage else "gone before it could be checked"
             self.warn_once(("stranger", message.pid), f"ignored a notification from pid {message.pid}, {why}")
             return
-        fields = message.fields
+        fields = self.checked_main_pid(message.fields)
         if notifyproto.is_ready(fields) and not self.ready:
             self.ready = True
             self.ready_sender = message.pid
@@ -147,10 +148,26 @@ class Watcher:
             self.relays.ready(self.program, self.main_pid, fields)
         else:
             self.main_pid = notifyproto.main_pid(fields, self.main_pid)
-            self.relays.relay(fields, self.main_pid, fds=self.fds_to_store(message))
+            self.relays.relay(fields, self.speaker(), fds=self.fds_to_store(message))
 
     def fds_to_store(self, message):
         return message.fds if notifyproto.value(message.fields, "FDSTORE") == "1" else ()
+
+    def checked_main_pid(self, fields):
+        """fields with one MAINPID, if it names the program or a live process below it; else none (issue 10)."""
+        text = notifyproto.value(fields, "MAINPID")
+        if text is None:
+            return fields
+        kept = [(name, value) for name, value in fields if name != "MAINPID"]
+        pid = notifyproto.pid_number(text)
+        if pid is not None and self.program.heads(sdnotify.lineage_of(pid)):
+            return [*kept, ("MAINPID", str(pid))]
+        self.warn_once(("mainpid", text), f"ignored MAINPID={text[:40]!r}: not pid {self.program.pid} or a live process below it")
+        return kept
+
+    def speaker(self):
+        """The main pid, to send as, while it is still the program or below it; else None: we speak as ourselves."""
+        return self.main_pid if self.program.heads(sdnotify.lineage_of(self.main_pid)) else None
 
     def warn_once(self, key, text):
         if key not in self.warned:

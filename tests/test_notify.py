@@ -5,6 +5,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -156,11 +157,14 @@ class Upstream:
         self.sock.settimeout(TIMEOUT)
 
     def receive(self):
+        """The next datagram's text; the pid its credentials claim is left in self.sender."""
         data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(64))
         for _level, kind, payload in ancillary:
             if kind == socket.SCM_RIGHTS:
                 for fd in array.array("i", payload):
                     os.close(fd)
+            elif kind == socket.SCM_CREDENTIALS:
+                self.sender = struct.unpack("iII", payload[:12])[0]
         return data.decode()
 
 
@@ -513,6 +517,66 @@ def test_short_lived_senders_are_believed_though_the_watcher_is_slow(sender, mod
         os.kill(waiting.watcher, signal.SIGCONT)
     assert waiting.is_ready(TIMEOUT), waiting.errors.read_text()
     assert "ignored" not in waiting.errors.read_text()
+
+
+@pytest.mark.parametrize("mainpid", ["1", "99999999999999999999", "2147483648", "0", "-5", "12x", "١٢"])
+def test_fork_mode_does_not_believe_a_mainpid_outside_the_program(mainpid, env, tmp_path):
+    """Issue 10.3: MAINPID=1 or a number that is no pid: the program's pid is printed, with one warning."""
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; fdlaunch-notify READY=1 MAINPID={mainpid}; exec sleep 30"
+    done = run_fork(["fdlaunch-notify-wait", "--fork", "--timeout=20", "--", "sh", "-c", script], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == pidfile.read_text()
+        assert done.stderr == (
+            f"fdlaunch-notify-wait: warning: ignored MAINPID={mainpid!r}: not pid {done.stdout.strip()} or a live process below it\n"
+        )
+    finally:
+        kill_quietly(int(pidfile.read_text()))
+
+
+@pytest.mark.parametrize("mainpid", ["2147483648", "1", "unrelated"])
+def test_forward_drops_a_bad_mainpid_and_goes_on_relaying(mainpid, env, tmp_path):
+    """Issues 10.2 and 10.3: the message still counts, the credentials and MAINPID= sent up name the program."""
+    upstream = Upstream(tmp_path)
+    unrelated = subprocess.Popen(["sleep", "30"])
+    claimed = str(unrelated.pid) if mainpid == "unrelated" else mainpid
+    script = f"fdlaunch-notify READY=1 MAINPID={claimed} STATUS=up; fdlaunch-notify STATUS=later; fdlaunch-notify STOPPING=1"
+    errors = tmp_path / "stderr"
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--forward", "--", "sh", "-c", script],
+        env={**env, "NOTIFY_SOCKET": upstream.path},
+        stderr=errors.open("w"),
+    )
+    try:
+        assert upstream.receive() == f"READY=1\nSTATUS=up\nMAINPID={program.pid}"
+        assert upstream.sender == program.pid
+        assert upstream.receive() == "STATUS=later"
+        assert upstream.receive() == "STOPPING=1"
+        assert program.wait(TIMEOUT) == 0
+    finally:
+        for process in (program, unrelated):
+            process.kill()
+            process.wait()
+    assert errors.read_text().count("\n") == 1 and f"ignored MAINPID={claimed!r}" in errors.read_text()
+
+
+def test_forward_believes_a_mainpid_below_the_program(env, tmp_path):
+    upstream = Upstream(tmp_path)
+    script = "sleep 30 & fdlaunch-notify READY=1 MAINPID=$!; echo $! > child; wait"
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--forward", "--", "sh", "-c", script], env={**env, "NOTIFY_SOCKET": upstream.path}, cwd=tmp_path
+    )
+    try:
+        message = upstream.receive()
+        child = int(Path(tmp_path / "child").read_text()) if (tmp_path / "child").exists() else None
+        assert message == f"READY=1\nMAINPID={upstream.sender}"
+        assert child in (None, upstream.sender)
+        assert Path(f"/proc/{upstream.sender}/cmdline").read_bytes().startswith(b"sleep")
+    finally:
+        program.kill()
+        program.wait()
+        kill_quietly(upstream.sender)
 
 
 def abstract_sockets():
