@@ -579,6 +579,24 @@ def test_forward_believes_a_mainpid_below_the_program(env, tmp_path):
         kill_quietly(upstream.sender)
 
 
+def test_command_sees_the_callers_environment(env):
+    """Issue 9.5: --command gets the caller's NOTIFY_SOCKET (and the rest), plus MAINPID; not the private socket."""
+    command = 'echo "NOTIFY_SOCKET=${NOTIFY_SOCKET-unset} KEEP=$KEEP MAINPID=$MAINPID"'
+    for caller in ({}, {"NOTIFY_SOCKET": "@the-callers-own"}):
+        program = subprocess.Popen(
+            ["fdlaunch-notify-wait", f"--command={command}", "--", "sh", "-c", "fdlaunch-notify READY=1; sleep 30"],
+            env={**env, "KEEP": "me", **caller},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            expected = caller.get("NOTIFY_SOCKET", "unset")
+            assert program.stderr.readline() == f"NOTIFY_SOCKET={expected} KEEP=me MAINPID={program.pid}\n"
+        finally:
+            program.kill()
+            program.wait()
+
+
 def abstract_sockets():
     with open("/proc/net/unix") as table:
         return {line.split()[-1] for line in table if line.split()[-1].startswith("@")}

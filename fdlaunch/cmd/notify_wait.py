@@ -47,7 +47,7 @@ def main(argv):
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
-    environ["NOTIFY_SOCKET"] = inbox.path
+    environ = {**environ, "NOTIFY_SOCKET": inbox.path}  # PROG's; --command keeps the caller's (issue 9)
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
     start_watcher(inbox, relays, settings)
