@@ -166,6 +166,8 @@ class Handoff:
             if message.truncated:
                 continue
             sender = self.sender_of(message)
+            if sender is None:
+                continue  # not an instance: None would pass for "no candidate" below
             ready = notifyproto.is_ready(message.fields)
             if sender is self.candidate and ready and not self.candidate.ready:
                 self.complete_handoff()
