@@ -73,7 +73,9 @@ def notify(*lines, pid=None, environ=None, wait=False):
     Returns False when NOTIFY_SOCKET is unset (nobody listens: not an error),
     True once sent; raises OSError if sending failed. pid sends on behalf of
     another process and adds MAINPID=pid; wait=True also waits (5 s at most)
-    for the receiver to handle it, as systemd-notify does by default.
+    for the receiver to handle it, as systemd-notify does by default: a
+    process that exits right after must, for a receiver that checks who
+    sent it (fdlaunch-notify-wait) to find it still there.
     """
     environ = os.environ if environ is None else environ
     target = environ.get("NOTIFY_SOCKET")
@@ -175,8 +177,7 @@ def lineage(pid, pidfd):
         if pid == 1:
             break
         try:
-            with open(f"/proc/{pid}/stat") as stat:
-                pid = notifyproto.parent_of(stat.read())
+            pid = notifyproto.parent_of(read_proc(f"/proc/{pid}/stat"))
         except (OSError, ValueError, IndexError):
             return ()  # gone, or an ancestor went away under us
     if not chain or (pidfd is not None and pid_of(pidfd) != chain[0]):
@@ -198,8 +199,16 @@ def lineage_of(pid):
 
 def pid_of(pidfd):
     """The pid of the process behind a pidfd, or -1 once it has been reaped (pidfd_open(2), fdinfo)."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as info:
-        for line in info:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
+    for line in read_proc(f"/proc/self/fdinfo/{pidfd}").splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
     return -1
+
+
+def read_proc(path):
+    """A small /proc file, read with two system calls: a watcher reads several per datagram."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).decode(errors="replace")
+    finally:
+        os.close(fd)
