@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TIMEOUT, free_port, python_systemd, require, run
-from test_notify import abstract_sockets, send_and_exit_at_once
+from test_notify import abstract_sockets, send, send_and_exit_at_once
 
 HERE = Path(__file__).resolve().parent
 HELLO = str(HERE.parent / "examples" / "hello_httpd.py")
@@ -364,3 +364,24 @@ def test_nothing_is_left_when_handoff_is_killed(tmp_path):
         handoff.kill()
     assert os.listdir(tmpdir) == []
     assert notify_socket not in abstract_sockets()
+
+
+def test_a_live_strangers_ready_is_ignored(tmp_path):
+    """A READY=1 from outside the instances (here, this test) while no handoff is under way: ignored, handoff goes on."""
+    go, told, pidfile = tmp_path / "go", tmp_path / "told", tmp_path / "pid"
+    script = (
+        f'echo $$ > {pidfile}; echo "$NOTIFY_SOCKET" > {told}; '
+        f"while [ ! -e {go} ]; do sleep 0.02; done; fdlaunch-notify READY=1; exec sleep 60"
+    )
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{free_port()}", ["sh", "-c", script])
+    try:
+        send(told_notify_socket(told), b"READY=1")
+        handoff.upstream.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            handoff.upstream.wait_ready()
+        assert handoff.process.poll() is None, handoff.stderr.read_text()
+        go.touch()
+        handoff.upstream.sock.settimeout(TIMEOUT)
+        assert handoff.upstream.wait_ready()["MAINPID"] == pidfile.read_text().strip()
+    finally:
+        handoff.kill()
