@@ -159,9 +159,10 @@ def test_a_new_instance_that_is_never_ready_is_stopped(tmp_path):
         handoff.reload()
         assert int(handoff.upstream.wait_ready()["MAINPID"]) == old
         assert "was not ready after 0.5 seconds" in handoff.stderr.read_text()
+        # its own pid, not every "sleep 60" on the machine: other tests run at the same time
+        failed = int(handoff.stderr.read_text().split("the new instance (pid ")[1].split(")")[0])
         time.sleep(1)
-        sleepers = [p for p in os.listdir("/proc") if p.isdigit() and Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep\x0060")]
-        assert sleepers == [], "the failed instance was killed after its grace"
+        assert not Path(f"/proc/{failed}").exists(), "the failed instance was killed after its grace"
     finally:
         handoff.kill()
 
