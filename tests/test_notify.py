@@ -15,6 +15,7 @@ import pytest
 from conftest import TIMEOUT, python_systemd, require, run
 
 import fdlaunch
+from fdlaunch import sdnotify
 
 
 @pytest.fixture
@@ -624,3 +625,23 @@ def test_nothing_is_left_when_killed(killed, mode, waiting, env, tmp_path):
         waiting.process.wait(TIMEOUT)
     assert_nothing_left(env)
     assert waiting.notify_socket not in abstract_sockets()
+
+
+def test_lineage_is_known_only_while_the_process_is_there():
+    """A pidfd on a process reaped since is never taken for whoever has its pid now (issue 10)."""
+    ours = os.pidfd_open(os.getpid())
+    try:
+        family = sdnotify.lineage(os.getpid(), ours)
+        assert family[0] == os.getpid() and family[1] == os.getppid()
+    finally:
+        os.close(ours)
+    child = subprocess.Popen(["sleep", "30"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        assert sdnotify.lineage(child.pid, pidfd)[:2] == (child.pid, os.getpid())
+        child.kill()
+        child.wait()
+        assert sdnotify.lineage(child.pid, pidfd) == ()
+    finally:
+        os.close(pidfd)
+    assert sdnotify.lineage(os.getpid(), -3) == ()  # the kernel's errno instead of a pidfd: gone already
