@@ -154,7 +154,7 @@ def test_notify_wait_watcher_survives_hostile_datagrams(mode, tmp_path, unrelate
         assert waiting.is_ready(TIMEOUT), "the program's own READY=1 no longer counts"
         errors = waiting.errors.read_text()
         assert "ignored a notification:" not in errors, errors  # what an exception while handling would say
-        assert "Traceback" not in errors and "fatal" not in errors
+        assert "Traceback" not in errors and "fdlaunch-notify-wait: fatal" not in errors
     finally:
         waiting.close()
 
@@ -188,7 +188,7 @@ def test_handoff_survives_hostile_datagrams(tmp_path, unrelated):
         assert b"READY=1" in upstream.recv(4096)
         handoff.send_signal(signal.SIGTERM)
         assert handoff.wait(TIMEOUT) == -signal.SIGTERM  # as its instance ended
-        assert "Traceback" not in errors.read_text() and "fatal" not in errors.read_text()
+        assert "Traceback" not in errors.read_text() and "fdlaunch-handoff: fatal" not in errors.read_text()
     finally:
         handoff.kill()
         handoff.wait()
