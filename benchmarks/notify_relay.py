@@ -28,8 +28,10 @@ SENDER = """
 import os, socket, sys, time
 time.sleep(0.15)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+target = os.environ["NOTIFY_SOCKET"]
+target = "\\0" + target[1:] if target.startswith("@") else target  # abstract
 stamp = time.monotonic()
-s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+s.sendto(b"READY=1", target)
 open(sys.argv[1], "w").write(repr(stamp))
 time.sleep(30)
 """

@@ -12,6 +12,8 @@ DATAGRAM_MAX = 4096
 FDS_MAX = 253
 # BARRIER is answered here by closing its fd; MAINPID the relay sets itself.
 NOT_RELAYED = ("BARRIER",)
+# the kernel's largest pid_max (include/linux/threads.h, 64-bit)
+PID_MAX_LIMIT = 4 * 1024 * 1024
 
 
 def parse(data):
@@ -40,20 +42,28 @@ def is_ready(fields):
 
 def main_pid(fields, default):
     """The MAINPID= a daemon reported (it may have forked), or default."""
-    reported = value(fields, "MAINPID")
-    return int(reported) if reported and reported.isdigit() and int(reported) > 0 else default
+    return pid_number(value(fields, "MAINPID") or "") or default
+
+
+def pid_number(text):
+    """A process id written in decimal, or None: nothing above PID_MAX_LIMIT (2^22) is one."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 7):
+        return None
+    number = int(text)
+    return number if 0 < number <= PID_MAX_LIMIT else None
 
 
 def relay_message(fields, pid):
     """The datagram to send upstream for these fields, or None if nothing is left to say.
 
     Everything but BARRIER is passed on; READY=1 and RELOADING=1 carry
-    MAINPID so that the supervisor knows the real main process.
+    MAINPID=pid (unless pid is None) so that the supervisor knows the real
+    main process.
     """
     kept = [(name, text) for name, text in fields if name not in NOT_RELAYED]
     if not kept:
         return None
-    if (is_ready(kept) or value(kept, "RELOADING") == "1") and value(kept, "MAINPID") is None:
+    if (is_ready(kept) or value(kept, "RELOADING") == "1") and value(kept, "MAINPID") is None and pid is not None:
         kept.append(("MAINPID", str(pid)))
     return "\n".join(f"{name}={text}" for name, text in kept).encode()
 

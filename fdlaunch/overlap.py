@@ -187,6 +187,8 @@ class Handoff:
             if message.truncated:
                 continue
             sender = self.sender_of(message)
+            if sender is None:
+                continue  # not an instance: None would pass for "no candidate" below
             ready = notifyproto.is_ready(message.fields)
             if sender is self.candidate and ready and not self.candidate.ready:
                 self.complete_handoff()
@@ -195,18 +197,15 @@ class Handoff:
                 self.tell_ready_first()
 
     def sender_of(self, message):
-        """The instance a notification came from, by the sender's ancestry; None for a stranger.
+        """The instance a notification came from, by the sender's lineage; None for anyone else.
 
-        A sender already gone is credited to the instance awaited: the
-        candidate during a handoff, else the current one.
+        A sender gone before its datagram was read has no lineage and counts
+        for nobody (issue 10): the socket is abstract, anyone could have sent
+        it. An instance's pid cannot be reused: it is our child, not yet reaped.
         """
-        below_us = sdnotify.descends_from(message.pid, os.getpid())  # every instance is our child
-        if below_us is None:
-            return (self.candidate or self.current) if message.uid == os.getuid() else None
-        if below_us:
-            for instance in (self.candidate, self.current):
-                if instance is not None and sdnotify.descends_from(message.pid, instance.pid):
-                    return instance
+        for instance in (self.candidate, self.current):
+            if instance is not None and instance.pid in message.lineage:
+                return instance
         return None
 
     def take_candidate_exit(self):

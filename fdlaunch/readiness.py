@@ -61,6 +61,7 @@ class Relays:
         os.waitpid(pid, 0)
 
     def relay(self, fields, main_pid, fds=()):
+        """Pass fields upstream, sent as main_pid: one the watcher checked is the program or below it, or None."""
         if self.upstream is None:
             return
         message = notifyproto.relay_message(fields, main_pid)
@@ -71,11 +72,14 @@ class Relays:
 
 
 class Program:
-    """The process whose readiness is awaited: its pid, a pidfd on it, its uid."""
+    """The process whose readiness is awaited: its pid, a pidfd on it."""
 
     def __init__(self, pid, pidfd):
         self.pid, self.pidfd = pid, pidfd
-        self.uid = os.stat(f"/proc/{pid}").st_uid
+
+    def heads(self, lineage):
+        """True if lineage (a process and its ancestors) runs through the program, not through a reuse of its pid."""
+        return self.pid in lineage and sdnotify.pid_of(self.pidfd) == self.pid
 
 
 class Watcher:
@@ -166,12 +170,12 @@ class Watcher:
                 ("truncated", message.pid), f"ignored a notification from pid {message.pid}: longer than {notifyproto.DATAGRAM_MAX} bytes"
             )
             return
-        if not self.believes(message):
-            self.warn_once(
-                ("stranger", message.pid), f"ignored a notification from pid {message.pid}, not pid {self.program.pid} or below it"
-            )
+        if not self.program.heads(message.lineage):
+            # A sender gone before its datagram is read has no lineage: it could have been anyone (issue 10).
+            why = f"not pid {self.program.pid} or below it" if message.lineage else "gone before it could be checked"
+            self.warn_once(("stranger", message.pid), f"ignored a notification from pid {message.pid}, {why}")
             return
-        fields = message.fields
+        fields = self.checked_main_pid(message.fields)
         if notifyproto.is_ready(fields) and not self.ready:
             self.ready = True
             self.ready_sender = message.pid
@@ -181,21 +185,26 @@ class Watcher:
             self.say(f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
         else:
             self.main_pid = notifyproto.main_pid(fields, self.main_pid)
-            self.relays.relay(fields, self.main_pid, fds=self.fds_to_store(message))
+            self.relays.relay(fields, self.speaker(), fds=self.fds_to_store(message))
 
     def fds_to_store(self, message):
         return message.fds if notifyproto.value(message.fields, "FDSTORE") == "1" else ()
 
-    def believes(self, message):
-        """The program and its descendants; a sender already gone only if it ran as the program's user.
+    def checked_main_pid(self, fields):
+        """fields with one MAINPID, if it names the program or a live process below it; else none (issue 10)."""
+        text = notifyproto.value(fields, "MAINPID")
+        if text is None:
+            return fields
+        kept = [(name, value) for name, value in fields if name != "MAINPID"]
+        pid = notifyproto.pid_number(text)
+        if pid is not None and self.program.heads(sdnotify.lineage_of(pid)):
+            return [*kept, ("MAINPID", str(pid))]
+        self.warn_once(("mainpid", text), f"ignored MAINPID={text[:40]!r}: not pid {self.program.pid} or a live process below it")
+        return kept
 
-        Nobody else can reach the socket in its 0700 directory, and a process of
-        the program's own user could ptrace it anyway.
-        """
-        family = sdnotify.descends_from(message.pid, self.program.pid)
-        if family is None:
-            return message.uid == self.program.uid
-        return family
+    def speaker(self):
+        """The main pid, to send as, while it is still the program or below it; else None: we speak as ourselves."""
+        return self.main_pid if self.program.heads(sdnotify.lineage_of(self.main_pid)) else None
 
     def say(self, text):
         if self.verbose:

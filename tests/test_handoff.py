@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, run
+from conftest import TIMEOUT, free_port, python_systemd, require, run
+from test_notify import abstract_sockets, send, send_and_exit_at_once
 
 HERE = Path(__file__).resolve().parent
 HELLO = str(HERE.parent / "examples" / "hello_httpd.py")
@@ -41,11 +42,11 @@ class Upstream:
 class Handoff:
     """fdlaunch-listen ... -- fdlaunch-handoff -- PROG, started and stopped around a test."""
 
-    def __init__(self, tmp_path, spec, program, options=()):
+    def __init__(self, tmp_path, spec, program, options=(), env=()):
         self.upstream = Upstream(tmp_path)
         argv = ["fdlaunch-listen", spec, "--", "fdlaunch-handoff", "-v", *options, "--", *program]
         self.process = subprocess.Popen(
-            argv, env={**os.environ, "NOTIFY_SOCKET": self.upstream.path}, stderr=(tmp_path / "stderr").open("w"), text=True
+            argv, env={**os.environ, "NOTIFY_SOCKET": self.upstream.path, **dict(env)}, stderr=(tmp_path / "stderr").open("w"), text=True
         )
         self.stderr = tmp_path / "stderr"
 
@@ -150,9 +151,7 @@ def test_a_new_instance_that_fails_leaves_the_old_one_serving(tmp_path):
 def test_a_new_instance_that_is_never_ready_is_stopped(tmp_path):
     port = free_port()
     slow = tmp_path / "slow"
-    # A sleep of a length no other test (or concurrent run) uses, to find it in /proc.
-    nap = f"60.{os.getpid()}"
-    program = ["sh", "-c", f"[ -e {slow} ] && exec sleep {nap}; exec {sys.executable} {HELLO} 0"]
+    program = ["sh", "-c", f"[ -e {slow} ] && exec sleep 60; exec {sys.executable} {HELLO} 0"]
     handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", program, ["--ready-timeout=0.5", "--grace=0.5"])
     try:
         old = int(handoff.upstream.wait_ready()["MAINPID"])
@@ -160,9 +159,10 @@ def test_a_new_instance_that_is_never_ready_is_stopped(tmp_path):
         handoff.reload()
         assert int(handoff.upstream.wait_ready()["MAINPID"]) == old
         assert "was not ready after 0.5 seconds" in handoff.stderr.read_text()
+        # its own pid, not every "sleep 60" on the machine: other tests run at the same time
+        failed = int(handoff.stderr.read_text().split("the new instance (pid ")[1].split(")")[0])
         time.sleep(1)
-        sleepers = [p for p in os.listdir("/proc") if p.isdigit() and cmdline(p) == f"sleep\0{nap}\0".encode()]
-        assert sleepers == [], "the failed instance was killed after its grace"
+        assert not Path(f"/proc/{failed}").exists(), "the failed instance was killed after its grace"
     finally:
         handoff.kill()
 
@@ -292,8 +292,97 @@ def test_main_pid_self_lets_execreload_signal_the_reported_pid(tmp_path):
         handoff.kill()
 
 
-def cmdline(pid):
+def told_notify_socket(path, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "the instance did not report its NOTIFY_SOCKET"
+        time.sleep(0.02)
+    return path.read_text().strip()
+
+
+def test_a_sender_gone_before_it_was_read_does_not_complete_a_handoff(tmp_path):
+    """Issue 10.1: with fdlaunch-handoff stopped, a stranger says READY=1 and exits; the candidate never takes over."""
+    port = free_port()
+    slow, told = tmp_path / "slow", tmp_path / "told"
+    program = ["sh", "-c", f'[ -e {slow} ] && {{ echo "$NOTIFY_SOCKET" > {told}; exec sleep 60; }}; exec {sys.executable} {HELLO} 0']
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", program, ["--ready-timeout=2", "--grace=0.5"])
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""  # gone meanwhile
+        old = int(handoff.upstream.wait_ready()["MAINPID"])
+        slow.touch()
+        handoff.reload()
+        notify_socket = told_notify_socket(told)
+        os.kill(handoff.process.pid, signal.SIGSTOP)
+        try:
+            send_and_exit_at_once(notify_socket)
+        finally:
+            os.kill(handoff.process.pid, signal.SIGCONT)
+        after = handoff.upstream.wait_ready()
+        assert int(after["MAINPID"]) == old and "handoff failed" in after["STATUS"]
+        assert "was not ready after 2 seconds" in handoff.stderr.read_text()
+    finally:
+        handoff.kill()
+
+
+SHORT_LIVED = {
+    "systemd-notify": "systemd-notify --ready",
+    "fdlaunch-notify": "fdlaunch-notify READY=1",
+    "python-systemd": "exec /usr/bin/python3 -c 'import time; from systemd import daemon; daemon.notify(\"READY=1\"); time.sleep(60)'",
+}
+
+
+@pytest.mark.parametrize("sender", SHORT_LIVED)
+def test_short_lived_senders_make_an_instance_ready_though_handoff_is_slow(sender, tmp_path):
+    """A sender that waits on its BARRIER (systemd-notify, fdlaunch-notify) is still there when read."""
+    if sender == "python-systemd":
+        python_systemd()
+    else:
+        require(sender)
+    go, pidfile = tmp_path / "go", tmp_path / "pid"
+    program = ["sh", "-c", f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; {SHORT_LIVED[sender]}; exec sleep 60"]
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{free_port()}", program)
+    try:
+        time.sleep(0.5)  # the instance is started and waits for go
+        os.kill(handoff.process.pid, signal.SIGSTOP)
+        try:
+            go.touch()
+            time.sleep(0.5)  # READY=1 is sent and waits unread
+        finally:
+            os.kill(handoff.process.pid, signal.SIGCONT)
+        assert handoff.upstream.wait_ready()["MAINPID"] == pidfile.read_text().strip()
+    finally:
+        handoff.kill()
+
+
+def test_nothing_is_left_when_handoff_is_killed(tmp_path):
+    """Issue 9.6: SIGKILL of fdlaunch-handoff leaves no file in TMPDIR and no socket."""
+    tmpdir, told = tmp_path / "tmpdir", tmp_path / "told"
+    tmpdir.mkdir()
+    program = ["sh", "-c", f'echo "$NOTIFY_SOCKET" > {told}; exec sleep 60']
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{free_port()}", program, env={"TMPDIR": str(tmpdir)})
+    try:
+        notify_socket = told_notify_socket(told)
+    finally:
+        handoff.kill()
+    assert os.listdir(tmpdir) == []
+    assert notify_socket not in abstract_sockets()
+
+
+def test_a_live_strangers_ready_is_ignored(tmp_path):
+    """A READY=1 from outside the instances (here, this test) while no handoff is under way: ignored, handoff goes on."""
+    go, told, pidfile = tmp_path / "go", tmp_path / "told", tmp_path / "pid"
+    script = (
+        f'echo $$ > {pidfile}; echo "$NOTIFY_SOCKET" > {told}; '
+        f"while [ ! -e {go} ]; do sleep 0.02; done; fdlaunch-notify READY=1; exec sleep 60"
+    )
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{free_port()}", ["sh", "-c", script])
+    try:
+        send(told_notify_socket(told), b"READY=1")
+        handoff.upstream.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            handoff.upstream.wait_ready()
+        assert handoff.process.poll() is None, handoff.stderr.read_text()
+        go.touch()
+        handoff.upstream.sock.settimeout(TIMEOUT)
+        assert handoff.upstream.wait_ready()["MAINPID"] == pidfile.read_text().strip()
+    finally:
+        handoff.kill()

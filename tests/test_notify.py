@@ -2,8 +2,10 @@
 
 import array
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import pytest
 from conftest import PROBE, TIMEOUT, python_systemd, read_probe, require, require_root, run
 
 import fdlaunch
+from fdlaunch import sdnotify
 
 
 @pytest.fixture
@@ -155,11 +158,14 @@ class Upstream:
         self.sock.settimeout(TIMEOUT)
 
     def receive(self):
+        """The next datagram's text; the pid its credentials claim is left in self.sender."""
         data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(64))
         for _level, kind, payload in ancillary:
             if kind == socket.SCM_RIGHTS:
                 for fd in array.array("i", payload):
                     os.close(fd)
+            elif kind == socket.SCM_CREDENTIALS:
+                self.sender = struct.unpack("iII", payload[:12])[0]
         return data.decode()
 
 
@@ -241,10 +247,14 @@ def notify_socket_of(program_stdout_file, seconds=5):
     pytest.fail("the program did not report its NOTIFY_SOCKET")
 
 
+def sockaddr(notify_socket):
+    return "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
+
+
 def send(path, data, fds=()):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sock.sendmsg([data], ancillary, 0, path)
+        sock.sendmsg([data], ancillary, 0, sockaddr(path))
 
 
 def test_a_stranger_is_not_believed_and_junk_does_not_stop_the_watcher(env, tmp_path):
@@ -266,7 +276,6 @@ def test_a_stranger_is_not_believed_and_junk_does_not_stop_the_watcher(env, tmp_
     )
     try:
         path = notify_socket_of(told)
-        assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
         send(path, b"READY=1")
         read_end, write_end = os.pipe()
         send(path, b"\xff\xfe\nREADY\n=1\n", fds=[write_end] * 100)
@@ -334,7 +343,7 @@ def test_environment_and_descriptors_in_chain_mode(env, probe):
     done, report = probe(["fdlaunch-notify-wait", "--"], env={**env, "KEEP": "me"})
     assert done.returncode == 0
     assert report["env"]["KEEP"] == "me"
-    assert report["env"]["NOTIFY_SOCKET"].startswith(env["TMPDIR"] + "/fdlaunch-notify.")
+    assert report["env"]["NOTIFY_SOCKET"].startswith("@fdlaunch-notify.")
     assert sorted(report["fds"]) == [0, 1, 2]
 
 
@@ -532,3 +541,249 @@ def test_check_readiness_is_relayed_with_mainpid_and_ready_1_still_counts(env, t
     finally:
         kill_quietly(int(done.stdout))
     assert not Path(f"/proc/{check_pid.read_text().strip()}").exists(), "the check still running was not stopped"
+
+
+def send_and_exit_at_once(notify_socket, data=b"READY=1"):
+    """A process that is not the program nor below it sends data, then is gone before it is read."""
+    code = (
+        "import socket, sys; target = sys.argv[1].replace('@', '\\0', 1) if sys.argv[1][0] == '@' else sys.argv[1];"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(sys.argv[2].encode(), target)"
+    )
+    done = run([sys.executable, "-c", code, notify_socket, data.decode()])
+    assert done.returncode == 0, done.stderr
+
+
+def watcher_of(program_pid, marker):
+    """The detached watcher of chain mode: the other process still running notify-wait's argv."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != program_pid:
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    return int(entry)
+            except OSError:
+                continue
+    pytest.fail("no watcher found")
+
+
+def readable(fd, seconds):
+    return bool(select.select([fd], [], [], seconds)[0])
+
+
+class Waiting:
+    """notify-wait (fork mode, or chain mode with an s6 fd) over a program that says READY=1 once told to.
+
+    The program writes its NOTIFY_SOCKET to a file, waits for the file go,
+    then runs sender (a shell command). self.watcher is the pid that reads
+    the notifications, self.program the program's; self.is_ready(seconds)
+    says whether readiness came out.
+    """
+
+    def __init__(self, mode, tmp_path, env, sender="fdlaunch-notify READY=1", options=()):
+        self.told, self.go, pidfile = tmp_path / "notify-socket", tmp_path / "go", tmp_path / "program-pid"
+        script = (
+            f'echo $$ > {pidfile}; echo "$NOTIFY_SOCKET" > {self.told}; '
+            f"while [ ! -e {self.go} ]; do sleep 0.02; done; {sender}; exec sleep 30"
+        )
+        self.errors = tmp_path / "stderr"
+        argv = ["fdlaunch-notify-wait", *options, "--", "sh", "-c", script]
+        # fork mode prints the pid once ready; chain mode writes a newline on the s6 fd
+        self.ready_fd, write_end = os.pipe()
+        option = "--fork" if mode == "fork" else f"--fd={write_end}"
+        with self.errors.open("w") as errors:
+            self.process = subprocess.Popen([argv[0], option, *argv[1:]], env=env, pass_fds=(write_end,), stdout=write_end, stderr=errors)
+        os.close(write_end)
+        self.watcher = self.process.pid
+        self.notify_socket = notify_socket_of(self.told)
+        self.program = int(pidfile.read_text())
+        if mode == "chain":
+            self.watcher = watcher_of(self.process.pid, str(self.told))
+
+    def is_ready(self, seconds):
+        return readable(self.ready_fd, seconds)
+
+    def close(self):
+        for pid in (self.program, self.watcher):
+            kill_quietly(pid)
+        self.process.wait()
+        os.close(self.ready_fd)
+
+
+@pytest.fixture
+def waiting(tmp_path, env):
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(Waiting(*args, tmp_path, env, **kwargs))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+@pytest.mark.parametrize("mode", ["fork", "chain"])
+def test_a_sender_gone_before_it_was_read_is_not_believed(mode, waiting):
+    """Issue 10.1: the watcher is stopped, a stranger says READY=1 and exits, the watcher goes on."""
+    waiting = waiting(mode)
+    os.kill(waiting.watcher, signal.SIGSTOP)
+    try:
+        send_and_exit_at_once(waiting.notify_socket)
+    finally:
+        os.kill(waiting.watcher, signal.SIGCONT)
+    assert not waiting.is_ready(1), "a sender that was gone counted as the program"
+    assert "ignored a notification from pid " in waiting.errors.read_text()
+    waiting.go.touch()
+    assert waiting.is_ready(TIMEOUT), "the program's own READY=1 no longer counts"
+
+
+SHORT_LIVED = {
+    "systemd-notify": "systemd-notify --ready",
+    "fdlaunch-notify": "fdlaunch-notify READY=1",
+    "python-systemd": "exec /usr/bin/python3 -c 'import time; from systemd import daemon; daemon.notify(\"READY=1\"); time.sleep(60)'",
+}
+
+
+@pytest.mark.parametrize("mode", ["fork", "chain"])
+@pytest.mark.parametrize("sender", SHORT_LIVED)
+def test_short_lived_senders_are_believed_though_the_watcher_is_slow(sender, mode, waiting):
+    """A sender that waits on its BARRIER (or is the program) is still there when its READY=1 is read."""
+    if sender == "python-systemd":
+        python_systemd()
+    else:
+        require(sender)
+    waiting = waiting(mode, sender=SHORT_LIVED[sender])
+    os.kill(waiting.watcher, signal.SIGSTOP)
+    try:
+        waiting.go.touch()
+        time.sleep(0.5)  # READY=1 is sent and waits unread
+    finally:
+        os.kill(waiting.watcher, signal.SIGCONT)
+    assert waiting.is_ready(TIMEOUT), waiting.errors.read_text()
+    assert "ignored" not in waiting.errors.read_text()
+
+
+@pytest.mark.parametrize("mainpid", ["1", "99999999999999999999", "2147483648", "0", "-5", "12x", "١٢"])
+def test_fork_mode_does_not_believe_a_mainpid_outside_the_program(mainpid, env, tmp_path):
+    """Issue 10.3: MAINPID=1 or a number that is no pid: the program's pid is printed, with one warning."""
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; fdlaunch-notify READY=1 MAINPID={mainpid}; exec sleep 30"
+    done = run_fork(["fdlaunch-notify-wait", "--fork", "--timeout=20", "--", "sh", "-c", script], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == pidfile.read_text()
+        assert done.stderr == (
+            f"fdlaunch-notify-wait: warning: ignored MAINPID={mainpid!r}: not pid {done.stdout.strip()} or a live process below it\n"
+        )
+    finally:
+        kill_quietly(int(pidfile.read_text()))
+
+
+@pytest.mark.parametrize("mainpid", ["2147483648", "1", "unrelated"])
+def test_forward_drops_a_bad_mainpid_and_goes_on_relaying(mainpid, env, tmp_path):
+    """Issues 10.2 and 10.3: the message still counts, the credentials and MAINPID= sent up name the program."""
+    upstream = Upstream(tmp_path)
+    unrelated = subprocess.Popen(["sleep", "30"])
+    claimed = str(unrelated.pid) if mainpid == "unrelated" else mainpid
+    script = f"fdlaunch-notify READY=1 MAINPID={claimed} STATUS=up; fdlaunch-notify STATUS=later; fdlaunch-notify STOPPING=1"
+    errors = tmp_path / "stderr"
+    program = subprocess.Popen(
+        ["fdlaunch-notify-wait", "--forward", "--", "sh", "-c", script],
+        env={**env, "NOTIFY_SOCKET": upstream.path},
+        stderr=errors.open("w"),
+    )
+    try:
+        assert upstream.receive() == f"READY=1\nSTATUS=up\nMAINPID={program.pid}"
+        assert upstream.sender == program.pid
+        assert upstream.receive() == "STATUS=later"
+        assert upstream.receive() == "STOPPING=1"
+        assert program.wait(TIMEOUT) == 0
+    finally:
+        for process in (program, unrelated):
+            process.kill()
+            process.wait()
+    assert errors.read_text().count("\n") == 1 and f"ignored MAINPID={claimed!r}" in errors.read_text()
+
+
+def test_forward_believes_a_mainpid_below_the_program(env, tmp_path):
+    """The daemon's own child as MAINPID: relayed, and the credentials sent up claim it."""
+    upstream = Upstream(tmp_path)
+    childfile = tmp_path / "child"
+    script = f"sleep 30 & echo $! > {childfile}; fdlaunch-notify READY=1 MAINPID=$!; wait"
+    program = subprocess.Popen(["fdlaunch-notify-wait", "--forward", "--", "sh", "-c", script], env={**env, "NOTIFY_SOCKET": upstream.path})
+    try:
+        message = upstream.receive()
+        child = int(childfile.read_text())
+        assert message == f"READY=1\nMAINPID={child}"
+        assert upstream.sender == child
+    finally:
+        program.kill()
+        program.wait()
+        if childfile.exists():
+            kill_quietly(int(childfile.read_text()))
+
+
+def test_command_sees_the_callers_environment(env):
+    """Issue 9.5: --command gets the caller's NOTIFY_SOCKET (and the rest), plus MAINPID; not the private socket."""
+    command = 'echo "NOTIFY_SOCKET=${NOTIFY_SOCKET-unset} KEEP=$KEEP MAINPID=$MAINPID"'
+    for caller in ({}, {"NOTIFY_SOCKET": "@the-callers-own"}):
+        program = subprocess.Popen(
+            ["fdlaunch-notify-wait", f"--command={command}", "--", "sh", "-c", "fdlaunch-notify READY=1; sleep 30"],
+            env={**env, "KEEP": "me", **caller},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            expected = caller.get("NOTIFY_SOCKET", "unset")
+            assert program.stderr.readline() == f"NOTIFY_SOCKET={expected} KEEP=me MAINPID={program.pid}\n"
+        finally:
+            program.kill()
+            program.wait()
+
+
+def abstract_sockets():
+    with open("/proc/net/unix") as table:
+        return {line.split()[-1] for line in table if line.split()[-1].startswith("@")}
+
+
+def wait_gone(pid, seconds=5):
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and "Z (zombie)" not in Path(f"/proc/{pid}/status").read_text():
+        assert time.monotonic() < deadline, f"pid {pid} is still there"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", ["fork", "chain"])
+@pytest.mark.parametrize("killed", ["program", "watcher"])
+def test_nothing_is_left_when_killed(killed, mode, waiting, env, tmp_path):
+    """Issue 9.6: SIGKILL of the program or of the watcher leaves no file and no socket behind."""
+    waiting = waiting(mode)
+    assert waiting.notify_socket in abstract_sockets() or Path(waiting.notify_socket).exists()
+    victim = waiting.program if killed == "program" else waiting.watcher
+    os.kill(victim, signal.SIGKILL)
+    if victim == waiting.process.pid:
+        waiting.process.wait(TIMEOUT)
+    wait_gone(waiting.watcher)
+    if mode == "fork":
+        waiting.process.wait(TIMEOUT)
+    assert_nothing_left(env)
+    assert waiting.notify_socket not in abstract_sockets()
+
+
+def test_lineage_is_known_only_while_the_process_is_there():
+    """A pidfd on a process reaped since is never taken for whoever has its pid now (issue 10)."""
+    ours = os.pidfd_open(os.getpid())
+    try:
+        family = sdnotify.lineage(os.getpid(), ours)
+        assert family[0] == os.getpid() and family[1] == os.getppid()
+    finally:
+        os.close(ours)
+    child = subprocess.Popen(["sleep", "30"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        assert sdnotify.lineage(child.pid, pidfd)[:2] == (child.pid, os.getpid())
+        child.kill()
+        child.wait()
+        assert sdnotify.lineage(child.pid, pidfd) == ()
+    finally:
+        os.close(pidfd)
+    assert sdnotify.lineage(os.getpid(), -3) == ()  # the kernel's errno instead of a pidfd: gone already

@@ -57,7 +57,7 @@ def main(argv, environ):
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
-    environ["NOTIFY_SOCKET"] = inbox.path
+    environ = {**environ, "NOTIFY_SOCKET": inbox.path}  # PROG's; --command keeps the caller's (issue 9)
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
     start_watcher(inbox, relays, settings)
@@ -123,7 +123,7 @@ def start_watcher(inbox, relays, settings):
             os._exit(0)
     os.waitpid(middle, 0)
     os.close(program.pidfd)
-    inbox.sock.close()  # the watcher removes the socket file and directory
+    inbox.sock.close()  # the watcher's now
     if relays.fd is not None:
         os.close(relays.fd)  # PROG does not inherit the notification fd
 
