@@ -191,7 +191,7 @@ class Keeper:
         except ProcessLookupError:
             self.main_pidfd = None
         # The pidfd pins the process; if it is still ours now, it is the one we found.
-        if self.main_pidfd is None or not sdnotify.descends_from(self.main, os.getpid()):
+        if self.main_pidfd is None or os.getpid() not in sdnotify.lineage(self.main, self.main_pidfd):
             self.fail(f"the daemon (pid {self.main}) exited as soon as it was found", NO_DAEMON)
         return self.main
 
@@ -360,22 +360,28 @@ class Guard:
             except OSError:
                 continue
             try:
-                if sdnotify.descends_from(pid, os.getpid()):  # the pidfd pins it: ours, not a reused pid
+                if os.getpid() in sdnotify.lineage(pid, pidfd):  # the pidfd pins it: ours, not a reused pid
                     self.sock.sendmsg([b"%d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))])
                     self.handed.add(pid)
             finally:
                 os.close(pidfd)
 
     def dismiss(self):
-        self.sock.send(b"done")
+        try:
+            self.sock.send(b"done")
+        except BrokenPipeError:
+            pass  # killed already: nothing to dismiss
         self.sock.close()
 
 
 def watch_over(sock, tool, parent, grace):
     """The guard's life: hold the pidfds handed to it; if the other end closes unannounced, stop them."""
     signal.set_wakeup_fd(-1)
-    for number in (*FORWARDED, signal.SIGCHLD):
-        signal.signal(number, signal.SIG_DFL)
+    # It shares our process group: a stop signal sent to the whole group
+    # (systemd's KillMode, ^C, timeout(1)) is ours to pass on, not its end.
+    for number in FORWARDED:
+        signal.signal(number, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)

@@ -166,6 +166,43 @@ def test_sigkill_to_the_keeper_stops_the_daemon(env, tmp_path):
         kill_quietly(daemon)
 
 
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_the_whole_process_group(number, env, tmp_path):
+    """As systemd's KillMode=control-group, ^C or timeout(1) send it: the guard is not killed by it."""
+    log = tmp_path / "log"
+    upstream = Upstream(tmp_path)
+    keeper = subprocess.Popen(
+        ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)],
+        env={**env, "NOTIFY_SOCKET": upstream.path},
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=0,
+    )
+    daemon = daemon_pid(log)
+    try:
+        assert upstream.receive() == f"READY=1\nMAINPID={daemon}"
+        os.killpg(keeper.pid, number)
+        # the daemon's own status: it exits 0 on SIGTERM, Python's KeyboardInterrupt is 128 + SIGINT
+        assert keeper.wait(TIMEOUT) == (0 if number == signal.SIGTERM else 128 + number)
+        assert "fdlaunch-foreground" not in keeper.stderr.read()
+        wait_for(lambda: not alive(daemon), "the daemon to stop")
+    finally:
+        keeper.kill()
+        keeper.wait()
+        kill_quietly(daemon)
+
+
+def test_an_error_of_ours_after_the_launch_leaves_nothing_running(env, tmp_path):
+    """The relay upward fails once the daemon is up: one line, and the daemon is stopped, not orphaned."""
+    log = tmp_path / "log"
+    done = run(
+        ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)], env={**env, "NOTIFY_SOCKET": str(tmp_path / "none")}
+    )
+    assert done.returncode == 111
+    assert done.stderr.count("\n") == 1 and "fdlaunch-foreground: fatal:" in done.stderr
+    assert not alive(daemon_pid(log)), "the daemon was left running"
+
+
 def test_after_fdlaunch_listen_the_daemon_serves_the_socket(env, tmp_path):
     log, port = tmp_path / "log", free_port()
     upstream = Upstream(tmp_path)

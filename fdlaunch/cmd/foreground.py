@@ -42,9 +42,14 @@ def main(argv, environ):
         del environ["NOTIFY_SOCKET"]  # we speak for the daemon upstream
     forking.become_subreaper()
     keeper = forking.Keeper(PROG, settings)
-    daemon = keeper.launch(path, program, environ)
-    readiness.Relays(settings["fd"], settings["upstream"]).ready(None, daemon, [("READY", "1")])
-    status = keeper.supervise()
+    try:
+        daemon = keeper.launch(path, program, environ)
+        readiness.Relays(settings["fd"], settings["upstream"]).ready(None, daemon, [("READY", "1")])
+        status = keeper.supervise()
+    except BaseException:  # whatever went wrong, nothing we started is left running unsupervised
+        keeper.stop_guard()
+        keeper.stop_all()
+        raise
     if status is None:
         warn(PROG, "warning", f"the daemon (pid {daemon}) was not our child when it exited: its status is unknown")
         return forking.NO_DAEMON

@@ -60,7 +60,6 @@ def main(argv, environ):
         settings["systemd_sockets"] = settings["systemd_sockets"] or systemd
     inbox = sdnotify.Inbox()
     try:
-        reachable_after_a_drop(inbox)
         handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream), become=lambda step: cli.become(PROG, step))
         status = handoff.run()
     finally:
@@ -91,17 +90,6 @@ def read_settings(options, environ):
         settings["ready_fd"] = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
         os.set_inheritable(settings["ready_fd"], False)  # the instances must not hold it
     return settings
-
-
-def reachable_after_a_drop(inbox):
-    """As root, let instances that dropped privileges (the chain's fdlaunch-setuidgid) send to the notify socket.
-
-    Only an instance or its descendant is believed, whoever can reach the
-    socket (as with systemd's own world-writable /run/systemd/notify).
-    """
-    if os.geteuid() == 0 and not inbox.path.startswith("@"):  # an abstract name has no permissions to open
-        os.chmod(os.path.dirname(inbox.path), 0o711)
-        os.chmod(inbox.path, 0o666)
 
 
 def signal_number(option, text):
