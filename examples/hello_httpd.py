@@ -42,10 +42,11 @@ def main():
     described = ", ".join(f"{key.data} on fd {key.fd}" for key in listeners.get_map().values())
     print(f"hello_httpd: pid {os.getpid()} serving {described} ({passed_by})", file=sys.stderr, flush=True)
     time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
-    # SIGTERM: finish the request in hand, accept no more, exit. Under
+    # SIGTERM (or ^C): finish the request in hand, accept no more, exit. Under
     # fdlaunch-handoff the next instance is already serving the same sockets.
     stopping = []
-    signal.signal(signal.SIGTERM, lambda number, frame: stopping.append(number))
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda number, frame: stopping.append(number))
     fdlaunch.notify("READY=1", f"STATUS=serving {described}")
     while not stopping:
         for key, _ in listeners.select(timeout=0.1):

@@ -18,7 +18,7 @@ import sys
 from docopt import DocoptExit, docopt
 
 from fdlaunch import __version__, chain
-from fdlaunch.errors import SYSTEM, Fatal, Finished, UsageError, report
+from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, report
 
 
 def tool(name):
@@ -108,7 +108,7 @@ def attempt(name, function, *args):
     except Finished as done:
         return done.status, False
     except Fatal as error:
-        return report(name, "fatal", error, error.status), True
+        return report(name, error.kind, error, error.status), True
     except KeyboardInterrupt:
         return report(name, "fatal", "interrupted", 130), True
     except OSError as error:
@@ -127,7 +127,10 @@ def parse(doc, argv, match=None):
     try:
         options = docopt(match or doc, argv=argv, default_help=False, options_first=True)
     except DocoptExit as error:
-        raise UsageError(f"{explain(error, argv)} (usage: {synopsis(doc)})") from None
+        reason = explain(error)
+        if reason is None:
+            raise BadCall(synopsis(doc)) from None
+        raise UsageError(f"{reason} (usage: {synopsis(doc)})") from None
     if options.get("--help"):
         sys.stdout.write(doc.strip() + "\n")
         raise Finished(0)
@@ -138,13 +141,12 @@ def parse(doc, argv, match=None):
 
 
 def synopsis(doc):
-    """The usage lines of doc, joined on one line."""
-    lines = doc.split("Usage:", 1)[1].strip().split("\n\n", 1)[0].splitlines()
-    return " | ".join(line.strip() for line in lines)
+    """The first form of doc's usage, as one line."""
+    return doc.split("Usage:", 1)[1].strip().splitlines()[0].strip()
 
 
-def explain(error, argv):
-    """Say what docopt disliked in one phrase."""
+def explain(error):
+    """Say what docopt disliked in one phrase, or None when it is only that no form matched."""
     first = str(error).splitlines()[0] if str(error) else ""
     # docopt-ng accepts an unknown option while reading argv and only
     # reports it as left unmatched; its repr is the one place that names it.
@@ -154,4 +156,4 @@ def explain(error, argv):
         return f"unknown or repeated option {long or short!r}"
     if first and not first.startswith("Usage:") and "unmatched" not in first:
         return first.rstrip(".")
-    return f"cannot make sense of {' '.join(argv)!r}"
+    return None

@@ -17,6 +17,7 @@ class Fatal(Exception):
     """An error that ends a tool: its message and the status it exits with."""
 
     status = SYSTEM
+    kind = "fatal"  # the word after the tool's name on stderr
 
     def __init__(self, message, status=None):
         super().__init__(message)
@@ -40,6 +41,12 @@ class UsageError(Fatal, ValueError):
     """
 
     status = USAGE
+
+
+class BadCall(UsageError):
+    """Arguments that match no form of the usage: said as 'PROG: usage: FORM', the first form."""
+
+    kind = "usage"
 
 
 def shown(text):

@@ -202,6 +202,11 @@ def _call(function, what, *args):
 def _bind(sock, endpoint):
     try:
         sock.bind(endpoint.sockaddr)
+    except FileNotFoundError:
+        directory = os.path.dirname(endpoint.spec.path)
+        raise Fatal(
+            f"unable to bind {endpoint.spec.address()}: directory {shown(directory)} does not exist (the mkdir option makes it)"
+        ) from None
     except OSError as error:
         raise unable(f"bind {endpoint.spec.address()}", error) from None
 

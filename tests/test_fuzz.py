@@ -90,7 +90,7 @@ def check(done, tool, caller_fds, before, directory, statuses=STATUSES, probe=Tr
     if done.returncode != 0:
         lines = done.stderr.splitlines()
         assert len(lines) == 1 and done.stderr.endswith("\n"), done.stderr
-        assert lines[0].startswith(f"{tool}: fatal: "), done.stderr
+        assert lines[0].startswith((f"{tool}: fatal: ", f"{tool}: usage: {tool} ")), done.stderr
     if done.returncode != 0 or leaves_nothing:
         after = snapshot(directory)
         assert after == before, f"left behind: {set(after) - set(before)}"

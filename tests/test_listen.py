@@ -334,7 +334,8 @@ def test_missing_directory_without_mkdir(probe, tmp_path):
     path = tmp_path / "no" / "such.sock"
     done, _ = probe(["fdlaunch-listen", f"-unix:{path}"])
     assert done.returncode == 111
-    assert done.stderr == f"fdlaunch-listen: fatal: unable to bind {path}: No such file or directory\n"
+    expected = f"unable to bind {path}: directory {path.parent} does not exist (the mkdir option makes it)"
+    assert done.stderr == f"fdlaunch-listen: fatal: {expected}\n"
 
 
 def test_failure_leaves_nothing_behind(probe, tmp_path):

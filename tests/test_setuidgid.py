@@ -241,7 +241,7 @@ def shared_libraries(binary):
         (["--from-env", "--env", "true"], 100, "--from-env: UID is not set"),
         (["--export", "--chroot=/", "nobody", "true"], 100, "--export only sets UID, GID and GIDLIST; give --chroot to the --from-env"),
         (["--bogus", "nobody", "true"], 100, "unknown or repeated option '--bogus'"),
-        (["nobody"], 100, "usage: fdlaunch-setuidgid"),
+        (["nobody"], 100, "fdlaunch-setuidgid: usage: fdlaunch-setuidgid [options]"),
         (["--chroot=/no/such/dir", "nobody", "true"], 111, "unable to chroot to /no/such/dir: No such file or directory"),
         (["--chdir=/no/such/dir", "nobody", "true"], 111, "unable to chdir to /no/such/dir: No such file or directory"),
         (["nobody", "no-such-program-fdl"], 127, "unable to exec no-such-program-fdl: No such file or directory"),
@@ -251,7 +251,7 @@ def shared_libraries(binary):
 def test_errors(argv, status, message):
     done = run(["fdlaunch-setuidgid", *argv])
     assert done.returncode == status, done.stderr
-    assert done.stderr.startswith("fdlaunch-setuidgid: fatal: ") and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(("fdlaunch-setuidgid: fatal: ", "fdlaunch-setuidgid: usage: ")) and done.stderr.count("\n") == 1
     assert message in done.stderr
 
 

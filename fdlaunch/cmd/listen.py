@@ -23,7 +23,7 @@ import sys
 
 from fdlaunch import chain, cli, fdplan, fds, listenenv, sock, spec
 from fdlaunch.cli import tool
-from fdlaunch.errors import Finished, UsageError, warn
+from fdlaunch.errors import BadCall, Finished, UsageError, warn
 
 PROG = "fdlaunch-listen"
 # docopt matches the options alone: it cannot match 'SPEC... PROG' (see cli.parse).
@@ -36,6 +36,8 @@ def main(argv, caller):
     options = cli.parse(__doc__, option_words, match=OPTIONS_ONLY)
     wanted = [spec.parse(word) for word in spec_words]
     if not wanted or not (program or options["--dry-run"]):
+        if not wanted and not program:
+            raise BadCall(cli.synopsis(__doc__))
         missing = "socket spec" if not wanted else "program"
         raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
     systemd = not options["--map"]
