@@ -140,6 +140,17 @@ def parse(doc, argv, match=None):
     return options
 
 
+def seconds(option, text, zero=False):
+    """A number of seconds given to option: above 0 (or 0 too, if zero), below 10**9, never nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value if zero else 0 < value) or not value < 10**9:
+        raise UsageError(f"{option}={text!r} is not a number of seconds {'(0 or more)' if zero else 'above 0'}")
+    return value
+
+
 def synopsis(doc):
     """The first form of doc's usage, as one line."""
     return doc.split("Usage:", 1)[1].strip().splitlines()[0].strip()

@@ -69,7 +69,7 @@ def read_settings(options, environ):
         "inetd": options["--inetd"],
         "local_host": options["-l"],
         "lookup": options["--lookup"],
-        "grace": seconds("--grace", options["--grace"]),
+        "grace": cli.seconds("--grace", options["--grace"], zero=True),
         "quiet": options["--quiet"],
         "verbose": options["--verbose"],
         "rules_path": options["--rules"],
@@ -93,16 +93,6 @@ def count(option, text):
     if not (text.isdigit() and text.isascii() and 0 < int(text) <= MAX_HANDLERS):
         raise UsageError(f"{option} {text!r}: not a number of handlers from 1 to {MAX_HANDLERS}")
     return int(text)
-
-
-def seconds(option, text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 10**9:
-        raise UsageError(f"{option}={text!r} is not a number of seconds")
-    return value
 
 
 def read_rules(path):

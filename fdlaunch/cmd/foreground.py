@@ -71,16 +71,6 @@ def read_settings(options, environ):
         "pidfile": options["--pidfile"],
         "fd": fd,
         "upstream": upstream,
-        "timeout": seconds("--timeout", options["--timeout"]),
-        "grace": seconds("--grace", options["--grace"]),
+        "timeout": cli.seconds("--timeout", options["--timeout"]),
+        "grace": cli.seconds("--grace", options["--grace"]),
     }
-
-
-def seconds(option, text):
-    try:
-        number = float(text)
-    except ValueError:
-        number = -1
-    if not 0 < number < 10**9:
-        raise UsageError(f"{option}={text!r} is not a number of seconds above 0")
-    return number

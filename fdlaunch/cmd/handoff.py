@@ -74,8 +74,8 @@ def read_settings(options, environ):
         "environ": environ,
         "reload": signal_number("--signal", options["--signal"]),
         "stop": signal_number("--stop-signal", options["--stop-signal"]),
-        "ready_timeout": seconds("--ready-timeout", options["--ready-timeout"]),
-        "grace": seconds("--grace", options["--grace"]),
+        "ready_timeout": cli.seconds("--ready-timeout", options["--ready-timeout"], zero=True),
+        "grace": cli.seconds("--grace", options["--grace"], zero=True),
         "verbose": options["--verbose"],
         "ready_fd": None,
         "main_pid_self": options["--main-pid"] == "self",
@@ -98,16 +98,6 @@ def signal_number(option, text):
         return signal.Signals(int(text)) if text.isdigit() else signal.Signals[name]
     except (KeyError, ValueError):
         raise UsageError(f"{option}={text!r} is not a signal name or number, e.g. HUP") from None
-
-
-def seconds(option, text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 10**9:
-        raise UsageError(f"{option}={text!r} is not a number of seconds")
-    return value
 
 
 def tell(upstream):

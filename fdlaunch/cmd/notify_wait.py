@@ -70,14 +70,7 @@ def read_settings(options, environ):
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
         raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
-    timeout = None
-    if options["--timeout"] is not None:
-        try:
-            timeout = float(options["--timeout"])
-        except ValueError:
-            timeout = -1
-        if not 0 < timeout < 10**9:
-            raise UsageError(f"--timeout={options['--timeout']!r} is not a number of seconds above 0")
+    timeout = None if options["--timeout"] is None else cli.seconds("--timeout", options["--timeout"])
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
     return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"], "verbose": options["--verbose"]}
@@ -92,22 +85,12 @@ def read_check(options, environ):
         return None
     if not options["--check"].strip():
         raise UsageError("--check needs a command, for instance --check='nc -z 127.0.0.1 80'")
-    interval = seconds("--interval", options["--interval"] or "1")
-    timeout = seconds("--check-timeout", options["--check-timeout"] or "10")
+    interval = cli.seconds("--interval", options["--interval"] or "1")
+    timeout = cli.seconds("--check-timeout", options["--check-timeout"] or "10")
     text = options["--tries"] or "0"
     if not (text.isascii() and text.isdigit() and int(text) < 10**9):
         raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
     return readiness.Check(PROG, options["--check"], interval, timeout, int(text), environ)
-
-
-def seconds(option, text):
-    try:
-        number = float(text)
-    except ValueError:
-        number = -1
-    if not 0 < number < 10**9:
-        raise UsageError(f"{option}={text!r} is not a number of seconds above 0")
-    return number
 
 
 def start_watcher(inbox, relays, settings):
