@@ -19,6 +19,7 @@ import time
 
 from fdlaunch import chain, readiness, rules, sdnotify, ucspi
 from fdlaunch.errors import Fatal, warn
+from fdlaunch.numbers import is_decimal
 
 STOPS = (signal.SIGTERM, signal.SIGINT)
 RELOAD = signal.SIGHUP
@@ -102,7 +103,7 @@ def _name_self(name):
 
 def _others_in_group(group):
     for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != group:
+        if is_decimal(name) and int(name) != group:
             try:
                 with open(f"/proc/{name}/stat") as stat:
                     state, _, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]

@@ -8,6 +8,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
+from fdlaunch.numbers import is_decimal
 
 # groups is the complete supplementary list, sorted, without repeats.
 Credentials = namedtuple("Credentials", "uid gid groups")
@@ -42,7 +43,7 @@ def resolve_account(text, lookups):
     user, colon, group = text.partition(":")
     if not user or (colon and not group) or not all(re.fullmatch(NAME, part) for part in (user, group) if part):
         raise UsageError(f"account {text!r} is not USER, USER:GROUP, UID or UID:GID")
-    if user.isdigit():
+    if is_decimal(user):
         if not _is_id(user):
             raise UsageError(f"account {text!r}: uid {user} is out of range; ids are 0 to {ID_MAX}")
         uid = int(user)
@@ -69,7 +70,7 @@ def parse_group_list(text, lookups):
 
 
 def _group_id(text, lookups):
-    if text.isdigit():
+    if is_decimal(text):
         if not _is_id(text):
             raise UsageError(f"gid {text} is out of range; ids are 0 to {ID_MAX}")
         return int(text)
@@ -124,7 +125,7 @@ def describe(credentials, capabilities=()):
 
 
 def _is_id(text):
-    return text.isdigit() and text.isascii() and len(text) <= 10 and int(text) <= ID_MAX
+    return is_decimal(text) and text.isascii() and len(text) <= 10 and int(text) <= ID_MAX
 
 
 def account_environment(account):

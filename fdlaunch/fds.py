@@ -5,6 +5,7 @@ import os
 import resource
 
 from fdlaunch.errors import UsageError, unable
+from fdlaunch.numbers import is_decimal
 
 
 def open_fds():
@@ -89,7 +90,7 @@ def open_fd_option(option, text, passed=()):
     them is never a notification fd: the program would lose it and the
     readiness newline would go into the socket (issue 9).
     """
-    fd = int(text) if text.isdigit() and len(text) <= 10 else -1
+    fd = int(text) if is_decimal(text) and len(text) <= 10 else -1
     for p in passed:
         if p.fd == fd:
             raise UsageError(

@@ -18,6 +18,7 @@ import time
 
 from fdlaunch import chain, fds, overlap, sdnotify
 from fdlaunch.errors import Fatal, warn
+from fdlaunch.numbers import is_decimal
 
 PR_SET_CHILD_SUBREAPER = 36
 FORWARDED = (
@@ -100,7 +101,7 @@ def state_of(pid):
 def descendants_by_scan(root):
     table = {}
     for name in os.listdir("/proc"):
-        if name.isdigit():
+        if is_decimal(name):
             try:
                 with open(f"/proc/{name}/stat") as stat:
                     fields = stat.read().rsplit(")", 1)[1].split()
@@ -144,7 +145,7 @@ def read_pidfile(path):
     except OSError as error:
         return None, f"cannot be read: {error.strerror}"
     number = text.strip()
-    if not number.isdigit() or not 0 < int(number) < 2**22 + 1:
+    if not is_decimal(number) or not 0 < int(number) < 2**22 + 1:
         return None, f"holds {text.decode(errors='replace')!r}, not a pid"
     return int(number), None
 

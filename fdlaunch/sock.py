@@ -15,6 +15,7 @@ from collections import namedtuple
 
 from fdlaunch import spec as specs
 from fdlaunch.errors import Fatal, UsageError, shown, unable
+from fdlaunch.numbers import is_decimal
 
 TYPES = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
 # Linux values (in.h, in6.h, socket.h); not every Python build names them.
@@ -72,7 +73,7 @@ def resolve(spec, ipv6):
 
 
 def _port(spec):
-    if spec.port.isdigit():
+    if is_decimal(spec.port):
         return int(spec.port)
     try:
         return socket.getservbyname(spec.port, spec.protocol.transport)
@@ -86,15 +87,15 @@ def _owner(text):
 
     user, _, group = text.partition(":")
     try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        entry = pwd.getpwuid(int(user)) if is_decimal(user) else pwd.getpwnam(user)
         uid, gid = entry.pw_uid, entry.pw_gid
     except KeyError:
-        if not user.isdigit():
+        if not is_decimal(user):
             raise UsageError(f"owner={text!r}: unknown user {user!r}") from None
         uid, gid = int(user), None
     if group:
         try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = int(group) if is_decimal(group) else grp.getgrnam(group).gr_gid
         except KeyError:
             raise UsageError(f"owner={text!r}: unknown group {group!r}") from None
     return uid, -1 if gid is None else gid

@@ -296,3 +296,11 @@ def test_a_message_that_does_not_quote_is_still_one_line(tmp_path):
     done = run(["fdlaunch-notify-wait", "--fork", "--", str(program)])
     assert done.returncode == 1
     assert re.fullmatch(r"fdlaunch-notify-wait: fatal: .*odd\\nname \(pid \d+\) exited with status 0 before it was ready", one_line(done))
+
+
+def test_digits_of_other_scripts_are_not_numbers():
+    """int('٥') is 5: an fd or a uid written so must be refused, not taken as 5."""
+    done = run(["sh", "-c", "exec 5>/dev/null; exec fdlaunch-notify-wait --fd=٥ -- true"])
+    assert done.returncode == 100 and done.stderr.count("\n") == 1, done.stderr
+    done = run(["fdlaunch-setuidgid", "٦٥٥٣٤", "true"])
+    assert done.returncode == 100 and done.stderr.count("\n") == 1, done.stderr

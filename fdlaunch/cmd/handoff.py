@@ -38,6 +38,7 @@ import signal
 from fdlaunch import cli, fds, listenenv, listenfrom, overlap, sdnotify
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, warn
+from fdlaunch.numbers import is_decimal
 
 PROG = "fdlaunch-handoff"
 
@@ -95,7 +96,7 @@ def read_settings(options, environ):
 def signal_number(option, text):
     name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
     try:
-        return signal.Signals(int(text)) if text.isdigit() else signal.Signals[name]
+        return signal.Signals(int(text)) if is_decimal(text) else signal.Signals[name]
     except (KeyError, ValueError):
         raise UsageError(f"{option}={text!r} is not a signal name or number, e.g. HUP") from None
 
