@@ -8,12 +8,14 @@ in this process, when it is a tool of this installation (fusion), or execs it.
 
 import contextlib
 import errno
+import fcntl
 import functools
 import os
 import signal
 import sys
 from collections import namedtuple
 
+from fdlaunch import fds
 from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, shown
 
 # The console scripts of this installation: name -> module under fdlaunch.cmd.
@@ -129,6 +131,50 @@ def installation():
 def _root_identity():
     info = os.stat("/")
     return info.st_dev, info.st_ino
+
+
+def spawn(path, argv, environ, setup=None, moves=(), become=None):
+    """Fork, and run argv in the child: exec'd, or fused through become. Returns the child's pid.
+
+    The one exec-failure path of a forked child: it reports errno over a
+    close-on-exec pipe and the parent raises Fatal (127 not found, 126 not
+    executable), so only the parent speaks. In the child, first: the report
+    pipe goes above the fds of moves, moves (fd now, fd wanted) are made,
+    setup() runs, and a LISTEN_PID that named us names the child.
+    """
+    report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_read)
+            if moves:
+                floor = max(fd for move in moves for fd in move) + 1
+                report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
+                fds.place(moves)
+            if setup is not None:
+                setup()
+            child_environ = dict(environ)
+            if environ.get("LISTEN_PID") == str(parent):
+                child_environ["LISTEN_PID"] = str(os.getpid())
+                child_environ.pop("LISTEN_PIDFDID", None)
+            if become is not None and fusable(path, child_environ):
+                os._exit(become(Exec(path, argv, child_environ)))
+            restore_signals()
+            os.execve(path, argv, child_environ)
+        except OSError as error:
+            os.write(report_write, str(error.errno).encode())
+        finally:
+            os._exit(NOT_FOUND)
+    os.close(report_write)
+    with os.fdopen(report_read, "rb") as report:
+        failure = report.read()
+    if failure:
+        os.waitpid(pid, 0)
+        number = int(failure)
+        status = NOT_FOUND if number in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
+        raise Fatal(f"unable to exec {shown(argv[0])}: {os.strerror(number)}", status)
+    return pid
 
 
 def restore_signals():

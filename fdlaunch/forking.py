@@ -168,10 +168,9 @@ class Keeper:
     def launch(self, path, argv, environ):
         """Run PROG until its launching process exits and the daemon is known; its pid, or Fatal."""
         deadline = time.monotonic() + self.settings["timeout"]
-        sockets = environ.get("LISTEN_PID") == str(os.getpid())
         self.guard = Guard(self.tool, self.settings["grace"])
         try:
-            launcher = overlap.spawn(path, argv, environ, None, sockets, self.dispositions)
+            launcher = overlap.spawn(path, argv, environ, self.dispositions)
         except Fatal:
             self.stop_guard()
             raise

@@ -6,15 +6,13 @@ lost between a check and the wait), a notification, an instance's exit (a
 pidfd), a deadline. Each turn it takes in what happened, then acts.
 """
 
-import errno
-import fcntl
 import os
 import select
 import signal
 import time
 
-from fdlaunch import chain, fds, notifyproto, readiness, sdnotify
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, warn
+from fdlaunch import chain, notifyproto, readiness, sdnotify
+from fdlaunch.errors import NOT_EXECUTABLE, Fatal, warn
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
@@ -50,50 +48,21 @@ def received_dispositions(numbers):
     return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
 
 
-def spawn(path, argv, environ, notify_socket, systemd_sockets, dispositions, moves=(), become=None):
-    """Fork and exec one instance; Fatal (126/127) if the exec fails, as the child reports it.
+def spawn(path, argv, environ, dispositions, moves=(), become=None):
+    """Start one instance (chain.spawn): it dies with us, with the signal dispositions we received.
 
-    notify_socket None leaves NOTIFY_SOCKET as environ has it. become, if
-    given, runs in the child a program that is one of our own tools in that
-    process (fusion) and returns the status it failed with.
+    Fatal (126/127) if the exec fails. become, if given, runs in the child a
+    program that is one of our own tools in that process (fusion).
     """
-    report_read, report_write = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(report_read)
-            signal.set_wakeup_fd(-1)
-            if moves:
-                # (our fd, its fd) for each socket, placed here in the child so that
-                # ours never move; the report pipe first goes above them all.
-                floor = max(fd for move in moves for fd in move) + 1
-                report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
-                fds.place(moves)
-            for number, disposition in dispositions.items():
-                signal.signal(number, disposition)
-            die_with(parent)
-            child_environ = dict(environ) if notify_socket is None else {**environ, "NOTIFY_SOCKET": notify_socket}
-            if systemd_sockets:
-                child_environ["LISTEN_PID"] = str(os.getpid())
-                child_environ.pop("LISTEN_PIDFDID", None)
-            if become is not None and chain.fusable(path, child_environ):
-                os._exit(become(chain.Exec(path, argv, child_environ)))
-            chain.restore_signals()
-            os.execve(path, argv, child_environ)
-        except OSError as error:
-            os.write(report_write, str(error.errno).encode())
-        finally:
-            os._exit(NOT_FOUND)
-    os.close(report_write)
-    with os.fdopen(report_read, "rb") as report:
-        failure = report.read()
-    if failure:
-        os.waitpid(pid, 0)
-        number = int(failure)
-        status = NOT_FOUND if number in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
-        raise Fatal(f"unable to exec {argv[0]}: {os.strerror(number)}", status)
-    return Instance(pid)
+
+    def setup():
+        signal.set_wakeup_fd(-1)
+        for number, disposition in dispositions.items():
+            signal.signal(number, disposition)
+        die_with(parent)
+
+    return Instance(chain.spawn(path, argv, environ, setup, moves, become))
 
 
 def die_with(parent):
@@ -150,8 +119,8 @@ class Handoff:
 
     def start(self, offer):
         path = chain.find_program(self.program[0], offer.environ)
-        systemd = self.settings["systemd_sockets"]
-        instance = spawn(path, self.program, offer.environ, self.inbox.path, systemd, self.dispositions, offer.moves, self.become)
+        environ = {**offer.environ, "NOTIFY_SOCKET": self.inbox.path}
+        instance = spawn(path, self.program, environ, self.dispositions, offer.moves, self.become)
         instance.offer = offer
         return instance
 

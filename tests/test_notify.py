@@ -787,3 +787,14 @@ def test_lineage_is_known_only_while_the_process_is_there():
     finally:
         os.close(pidfd)
     assert sdnotify.lineage(os.getpid(), -3) == ()  # the kernel's errno instead of a pidfd: gone already
+
+
+def test_fork_mode_says_once_that_a_program_cannot_be_executed(tmp_path):
+    """One spawn path: the parent says it, 126 or 127 as for an exec, never a second line from the child."""
+    script = tmp_path / "not-a-binary"
+    script.write_text("not a program\n")
+    script.chmod(0o755)
+    done = run(["fdlaunch-notify-wait", "--fork", "--", str(script)])
+    assert (done.returncode, done.stderr) == (126, f"fdlaunch-notify-wait: fatal: unable to exec {script}: Exec format error\n")
+    done = run(["fdlaunch-notify-wait", "--fork", "--", str(tmp_path / "missing")])
+    assert (done.returncode, done.stderr.count("\n")) == (127, 1)

@@ -50,7 +50,6 @@ def main(argv, environ):
     settings = read_settings(options, environ)
     passed = listenenv.inherited(environ, os.getpid(), fds.limit())
     fds.check_inherited(passed, fds.open_fds())
-    settings["systemd_sockets"] = environ.get("LISTEN_PID") == str(os.getpid())
     if not passed and not options["--listen-from"] and settings["verbose"]:
         warn(PROG, "info", "no sockets were passed in; instances still overlap, each with its own")
     upstream = environ.pop("NOTIFY_SOCKET", None)
@@ -58,7 +57,6 @@ def main(argv, environ):
     if options["--listen-from"]:
         systemd = not options["--map"]
         settings["sockets"] = listenfrom.FromFile(options["--listen-from"], environ, passed, fds.open_fds(), systemd)
-        settings["systemd_sockets"] = settings["systemd_sockets"] or systemd
     inbox = sdnotify.Inbox()
     try:
         handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream), become=lambda step: cli.become(PROG, step))

@@ -39,7 +39,7 @@ import time
 
 from fdlaunch import chain, cli, fds, listenenv, readiness, sdnotify
 from fdlaunch.cli import tool
-from fdlaunch.errors import SYSTEM, Fatal, UsageError, warn
+from fdlaunch.errors import Fatal, UsageError, warn
 
 PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md
@@ -159,10 +159,9 @@ def isolate(keep):
 
 
 def fork_and_wait(inbox, relays, settings, path, program, environ):
-    parent_pid = os.getpid()
-    child = os.fork()
-    if child == 0:
-        run_child(path, program, environ, parent_pid)
+    # PROG's stdout is our stderr: our stdout carries the one line a script reads
+    # with $(...), which would wait forever while a daemon held it open.
+    child = chain.spawn(path, program, environ, setup=lambda: os.dup2(2, 1), become=lambda step: cli.become(PROG, step))
     pidfd = os.pidfd_open(child)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
@@ -194,23 +193,6 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         )
     status = reap(child, pidfd, None)
     raise Fatal(f"{program[0]} (pid {child}) {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
-
-
-def run_child(path, program, environ, parent_pid):
-    """In the fork: become PROG; sockets passed to the parent are passed to us.
-
-    PROG's stdout is our stderr: our stdout carries the one line a script reads
-    with $(...), which would wait forever while a daemon held it open.
-    """
-    status = SYSTEM
-    try:
-        os.dup2(2, 1)
-        if environ.get("LISTEN_PID") == str(parent_pid):
-            environ["LISTEN_PID"] = str(os.getpid())
-            environ.pop("LISTEN_PIDFDID", None)
-        status = cli.become(PROG, chain.Exec(path, program, environ))
-    finally:
-        os._exit(status)
 
 
 def reap(child, pidfd, grace):
