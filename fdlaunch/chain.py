@@ -16,7 +16,7 @@ import sys
 from collections import namedtuple
 
 from fdlaunch import fds
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, shown
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, shown, unable
 
 # The console scripts of this installation: name -> module under fdlaunch.cmd.
 TOOLS = {
@@ -142,9 +142,17 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
     pipe goes above the fds of moves, moves (fd now, fd wanted) are made,
     setup() runs, and a LISTEN_PID that named us names the child.
     """
-    report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    try:
+        report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    except OSError as error:
+        raise unable(f"start {shown(argv[0])}", error) from None
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as error:
+        os.close(report_read)
+        os.close(report_write)
+        raise unable(f"start {shown(argv[0])}", error) from None
     if pid == 0:
         try:
             os.close(report_read)
@@ -159,6 +167,9 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
                 child_environ["LISTEN_PID"] = str(os.getpid())
                 child_environ.pop("LISTEN_PIDFDID", None)
             if become is not None and fusable(path, child_environ):
+                # What the exec would close: our report pipe (the fused tool speaks
+                # for itself) and every other close-on-exec descriptor of the parent's.
+                fds.close_all(fds.close_on_exec())
                 os._exit(become(Exec(path, argv, child_environ)))
             restore_signals()
             os.execve(path, argv, child_environ)

@@ -70,6 +70,11 @@ def _dup2(now, wanted):
         raise unable(f"move fd {now} to fd {wanted}", error) from None
 
 
+def close_on_exec():
+    """The open descriptors that an exec would close."""
+    return {fd for fd in open_fds() if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC}
+
+
 def close_all(fds):
     for fd in fds:
         try:

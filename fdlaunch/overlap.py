@@ -12,7 +12,7 @@ import signal
 import time
 
 from fdlaunch import chain, notifyproto, readiness, sdnotify
-from fdlaunch.errors import NOT_EXECUTABLE, Fatal, warn
+from fdlaunch.errors import NOT_EXECUTABLE, Fatal, shown, unable, warn
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
@@ -62,7 +62,13 @@ def spawn(path, argv, environ, dispositions, moves=(), become=None):
             signal.signal(number, disposition)
         die_with(parent)
 
-    return Instance(chain.spawn(path, argv, environ, setup, moves, become))
+    pid = chain.spawn(path, argv, environ, setup, moves, become)
+    try:
+        return Instance(pid)
+    except OSError as error:  # no pidfd (out of descriptors): an instance we cannot watch is stopped
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise unable(f"watch {shown(argv[0])} (pid {pid})", error) from None
 
 
 def die_with(parent):
@@ -113,7 +119,8 @@ class Handoff:
             self.take_deadlines()
             self.retiring = [old for old in self.retiring if not old.reap()]
             self.release()
-            if self.reload_pending and self.candidate is None and self.current.ready and not self.stopping:
+            settled = self.candidate is None and not self.releasing  # sockets of the last one given back
+            if self.reload_pending and settled and self.current.ready and not self.stopping:
                 self.reload_pending = False
                 self.begin_handoff()
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ CHAINS = {
     "notify-wait, setuidgid": ["fdlaunch-notify-wait", "--", "fdlaunch-setuidgid", "nobody", "--"],
     "fdmap, listen": ["fdlaunch-fdmap", "--vars", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--"],
     "handoff, setuidgid": ["fdlaunch-handoff", "--", "fdlaunch-setuidgid", "nobody", "--"],
+    "handoff, listen": ["fdlaunch-handoff", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--"],
+    "notify-wait --fork, listen": ["fdlaunch-notify-wait", "--fork", "--", "fdlaunch-listen", "-udp:127.0.0.1:0", "--"],
     "listen, setuidgid, notify-wait": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--"]
     + ["fdlaunch-notify-wait", "--"],
 }
@@ -185,3 +188,17 @@ def test_a_chain_goes_on_after_dropping_to_a_user_who_cannot_read_the_interprete
     done = run(argv, env={**env, "FDLAUNCH_FUSE": "0"})
     assert done.returncode == 127
     assert done.stderr == "fdlaunch-setuidgid: fatal: unable to exec fdlaunch-notify-wait: No such file or directory\n"
+
+
+def test_handoff_stops_an_instance_that_is_a_fused_long_running_tool(public):
+    """The instance is fdlaunch-accept run in handoff's child: handoff still acts on SIGTERM at once."""
+    argv = ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-handoff", "--", "fdlaunch-accept", "-q", "--", "true"]
+    handoff = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)  # started, and its instance accepting
+        assert handoff.poll() is None, handoff.stderr.read()
+        handoff.terminate()
+        assert handoff.wait(10) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    finally:
+        handoff.kill()
+        handoff.wait()
