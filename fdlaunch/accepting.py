@@ -58,7 +58,7 @@ class Guard:
         self.pid, self.alive, self.pidfd = pid, alive_write, os.pidfd_open(pid)
 
     def release(self):
-        """The server leaves cleanly: the guard exits without a signal."""
+        """The server leaves cleanly: the guard kills what handlers left in the group, and exits."""
         try:
             os.write(self.alive, DONE)
         except OSError:
@@ -83,9 +83,11 @@ def _guard(alive, grace):
     signal.set_wakeup_fd(-1)
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(number, signal.SIG_IGN)  # our own group's signal is not for us
-    if os.read(alive, 1) == DONE:
-        return
     group = os.getpid()
+    if os.read(alive, 1) == DONE:
+        if _others_in_group(group):  # what handlers left behind still holds clients' connections
+            os.killpg(group, signal.SIGKILL)
+        return
     for number in (signal.SIGTERM, signal.SIGCONT):
         os.killpg(group, number)
     deadline = time.monotonic() + grace
@@ -319,7 +321,12 @@ class Server:
         if client.pid is None:
             self.release(client.key)
             return
-        client.pidfd = os.pidfd_open(client.pid)
+        try:
+            client.pidfd = os.pidfd_open(client.pid)
+        except ProcessLookupError:  # started with SIGCHLD ignored: the kernel has reaped it already
+            self.say("end", f"pid {client.pid} for {ucspi.describe(client.peer)} ended (status unknown: SIGCHLD is ignored)")
+            self.release(client.key)
+            return
         self.running[client.pidfd] = client
         self.poller.register(client.pidfd, select.POLLIN)
         self.say("start", f"pid {client.pid} for {ucspi.describe(client.peer)} ({self.busy()}/{self.settings['max']})")

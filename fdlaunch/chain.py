@@ -16,7 +16,7 @@ import sys
 from collections import namedtuple
 
 from fdlaunch import fds
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, shown, unable
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, flush_output, shown, unable
 
 # The console scripts of this installation: name -> module under fdlaunch.cmd.
 TOOLS = {
@@ -213,8 +213,7 @@ def signals_as_after_exec():
 
 def exec_program(path, argv, environ):
     """Replace this process with the program; only returns by raising Fatal."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_output()
     restore_signals()
     try:
         os.execve(path, argv, environ)

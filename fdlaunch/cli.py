@@ -18,7 +18,7 @@ import sys
 from docopt import DocoptExit, docopt
 
 from fdlaunch import __version__, chain
-from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, report
+from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report
 
 
 def tool(name):
@@ -74,8 +74,7 @@ def fused_module(step):
     if module is None:
         return None
     # What exec would have done: flush what this link wrote, reset its signal handlers.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_output()
     chain.signals_as_after_exec()
     return load(module)
 

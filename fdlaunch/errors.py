@@ -76,5 +76,17 @@ def warn(name, kind, message):
     Messages quote what they echo; escaping here too keeps any that did not
     to one line.
     """
-    sys.stderr.write(f"{name}: {kind}: {one_line(str(message))}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"{name}: {kind}: {one_line(str(message))}\n")
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass  # stderr closed (2>&-) or its reader gone: nobody to tell, and no reason to stop
+
+
+def flush_output():
+    """Flush stdout and stderr before an exec or a fused link, whatever state they are in."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # closed (>&-) or a reader gone: what could not be written is lost either way

@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import time
 
 from fdlaunch import chain, fds, overlap, sdnotify
@@ -21,6 +22,7 @@ from fdlaunch.errors import Fatal, warn
 from fdlaunch.numbers import is_decimal
 
 PR_SET_CHILD_SUBREAPER = 36
+GUARD_ROUND = 1.0  # seconds between looks for processes newly below us
 FORWARDED = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -138,12 +140,18 @@ def send(pid, number):
 def read_pidfile(path):
     """(pid, None) or (None, why not): a PID file is one decimal number, a newline allowed."""
     try:
-        with open(path, "rb") as pidfile:
-            text = pidfile.read(64)
+        # O_NONBLOCK: a FIFO put there must not hold us past --timeout
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         return None, "was not written"
     except OSError as error:
         return None, f"cannot be read: {error.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "is not a regular file"
+        text = os.read(fd, 64)
+    finally:
+        os.close(fd)
     number = text.strip()
     if not is_decimal(number) or not 0 < int(number) < 2**22 + 1:
         return None, f"holds {text.decode(errors='replace')!r}, not a pid"
@@ -243,14 +251,17 @@ class Keeper:
         for number in self.pending:
             self.send_main(number)
         while self.main not in self.statuses:
-            events = self.wait([self.main_pidfd], None)
+            # Wakes every GUARD_ROUND seconds too: a process the daemon double-forks later
+            # is re-parented to us without a word, and the guard must hold it as well.
+            events = self.wait([self.main_pidfd], time.monotonic() + GUARD_ROUND)
             for number in self.signals():
                 self.send_main(number)
             self.reap()
             if self.main_pidfd in events and self.main not in self.statuses and self.reap_one(self.main) is None:
                 break  # not our child when it died: its own parent had its status
-        self.stop_guard()
+            self.guard.hand(descendants(os.getpid()))
         self.stop_all()
+        self.stop_guard()
         return self.statuses.get(self.main)
 
     def send_main(self, number):
@@ -263,13 +274,18 @@ class Keeper:
             self.guard = None
 
     def fail(self, message, status):
-        self.stop_guard()
         self.stop_all()
+        self.stop_guard()
         raise Fatal(message, status)
 
     def stop_all(self):
-        """SIGTERM to every process left below us, SIGKILL after the grace period; all reaped."""
+        """SIGTERM to every process left below us, SIGKILL after the grace period; all reaped.
+
+        The guard holds them all meanwhile: were we killed during the grace period, it finishes the job.
+        """
         below = descendants(os.getpid())
+        if self.guard is not None:
+            self.guard.hand(below)
         for pid in below:
             send(pid, signal.SIGTERM)
             send(pid, signal.SIGCONT)  # a stopped process could not act on it
@@ -342,11 +358,16 @@ class Guard:
         self.pid = os.fork()
         if self.pid == 0:
             try:
+                os.setpgid(0, 0)  # a signal to our whole group (kill -KILL -PGID) must not reach it
                 ours.close()
                 watch_over(its, tool, parent, grace)
             finally:
                 os._exit(0)
         its.close()
+        try:
+            os.setpgid(self.pid, self.pid)  # also done in the child: whichever runs first
+        except OSError:
+            pass
         self.sock = ours
         self.handed = set()
 

@@ -44,7 +44,8 @@ def parse(text, where, lookups=None):
     only numbers are accepted.
     """
     rules = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at newlines only: str.splitlines() would also break at form feeds and U+2028.
+    for number, line in enumerate(text.removesuffix("\n").split("\n"), 1):
         try:
             words = shlex.split(line, comments=True)
         except ValueError as error:

@@ -33,10 +33,11 @@ Options:
 
 import os
 import socket
+import stat
 
 from fdlaunch import accepting, cli, creds, fds, listenenv, rules, ucspi
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, unable, warn
+from fdlaunch.errors import UsageError, shown, unable, warn
 from fdlaunch.spec import format_inet
 
 PROG = "fdlaunch-accept"
@@ -97,7 +98,11 @@ def count(option, text):
 
 def read_rules(path):
     try:
-        with open(path, encoding="utf-8") as file:
+        # O_NONBLOCK: a FIFO in its place must not stop the server at SIGHUP
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        with open(fd, encoding="utf-8") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"rules file {shown(path)}: not a regular file")
             text = file.read()
     except UnicodeDecodeError:
         raise UsageError(f"rules file {path}: not UTF-8 text") from None

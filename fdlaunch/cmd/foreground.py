@@ -47,8 +47,8 @@ def main(argv, environ):
         readiness.Relays(settings["fd"], settings["upstream"]).ready(None, daemon, [("READY", "1")])
         status = keeper.supervise()
     except BaseException:  # whatever went wrong, nothing we started is left running unsupervised
-        keeper.stop_guard()
         keeper.stop_all()
+        keeper.stop_guard()
         raise
     if status is None:
         warn(PROG, "warning", f"the daemon (pid {daemon}) was not our child when it exited: its status is unknown")
