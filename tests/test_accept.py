@@ -669,3 +669,45 @@ def test_a_passed_descriptor_that_is_not_a_socket(tmp_path):
 def test_help_is_the_usage():
     done = run(["fdlaunch-accept", "--help"])
     assert done.returncode == 0 and "fdlaunch-accept [options] [--] PROG [ARGS...]" in done.stdout
+
+
+def test_a_clean_stop_leaves_nothing_a_handler_started(server):
+    """After SIGTERM and --grace, what a handler left in its group is killed too, as a SIGKILLed server's guard does."""
+    port = free_port()
+    one = server(f"-tcp:127.0.0.1:{port}", ["--grace=0.5"], ["sh", "-c", "sleep 300 & echo started; wait"])
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
+        assert client.makefile().readline() == "started\n"
+        assert one.stop() == 0  # and Server.stop checks that nothing of the server's is left
+
+
+def test_serving_goes_on_with_sigchld_ignored(server):
+    """Started with SIGCHLD ignored, the kernel reaps fast handlers before we look: still served, one after another."""
+    port = free_port()
+    server(f"-tcp:127.0.0.1:{port}", [], ["echo", "hi"], preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    for _ in range(5):
+        assert talk(("127.0.0.1", port))[0] == b"hi\n"
+
+
+def test_a_closed_stderr_stops_nothing(tmp_path):
+    """The log's reader goes away: the server keeps serving, and no handler outlives it."""
+    port = free_port()
+    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", "fdlaunch-accept", "--", "echo", "hi"]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                assert talk(("127.0.0.1", port))[0] == b"hi\n"
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        process.stderr.close()  # the next log line meets EPIPE
+        for _ in range(3):
+            assert talk(("127.0.0.1", port))[0] == b"hi\n"
+        assert process.poll() is None
+        process.terminate()
+        assert process.wait(TIMEOUT) == 0
+    finally:
+        process.kill()
+        process.wait()

@@ -350,3 +350,36 @@ def test_what_the_launching_process_is_handed(env, tmp_path):
     assert ignored & (1 << (signal.SIGHUP - 1))
     assert not ignored & ((1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1)))
     assert blocked == 1 << (signal.SIGUSR2 - 1)
+
+
+def test_sigkill_to_the_whole_process_group_still_stops_the_daemon(env, tmp_path):
+    """kill -KILL -PGID (timeout -s KILL, a supervisor's last resort): the guard has a group of its own."""
+    log = tmp_path / "log"
+    upstream = Upstream(tmp_path)
+    keeper = subprocess.Popen(
+        ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)],
+        env={**env, "NOTIFY_SOCKET": upstream.path},
+        stderr=subprocess.DEVNULL,
+        process_group=0,
+    )
+    daemon = daemon_pid(log)
+    try:
+        assert upstream.receive() == f"READY=1\nMAINPID={daemon}"
+        os.killpg(keeper.pid, signal.SIGKILL)
+        keeper.wait()
+        wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's group was SIGKILLed", 10)
+    finally:
+        keeper.kill()
+        keeper.wait()
+        kill_quietly(daemon)
+
+
+def test_a_fifo_as_pid_file_is_refused_in_time(env, tmp_path):
+    """A FIFO at the PID file's path never holds fdlaunch-foreground past --timeout."""
+    fifo, log = tmp_path / "daemon.pid", tmp_path / "log"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    done = run(["fdlaunch-foreground", "--timeout=2", "--grace=1", f"--pidfile={fifo}", "--", *DAEMON, str(log)], env=env)
+    assert time.monotonic() - started < 10
+    assert done.returncode != 0 and "not a regular file" in done.stderr, done.stderr
+    assert not alive(daemon_pid(log)), "the daemon was left running"

@@ -128,3 +128,9 @@ def test_base_environment_drops_what_no_handler_inherits():
     given_environ = {"PATH": "/bin", "LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FD_MAP": "tcp=3", "NOTIFY_SOCKET": "/n"}
     given_environ.update({"TCPREMOTEHOST": "stale", "PROTO": "TCP", "REMOTE_ADDR": "x", "KEEP": ""})
     assert ucspi.base_environment(given_environ) == {"PATH": "/bin", "KEEP": ""}
+
+
+def test_lines_end_at_newlines_only():
+    """A form feed or U+2028 in a comment is no line break: line numbers are the file's own."""
+    found = rules.parse("# page one\x0c still a comment\u2028 too\ndeny 127.0.0.1\nallow all\n", "r", Lookups())
+    assert [rule.line for rule in found] == [2, 3]
