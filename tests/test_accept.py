@@ -685,7 +685,7 @@ def test_serving_goes_on_with_sigchld_ignored(server):
     port = free_port()
     server(f"-tcp:127.0.0.1:{port}", [], ["echo", "hi"], preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
     for _ in range(5):
-        assert talk(("127.0.0.1", port))[0] == b"hi\n"
+        assert talk(("127.0.0.1", port))[0] == "hi\n"
 
 
 def test_a_closed_stderr_stops_nothing(tmp_path):
@@ -697,14 +697,14 @@ def test_a_closed_stderr_stops_nothing(tmp_path):
         deadline = time.monotonic() + TIMEOUT
         while True:
             try:
-                assert talk(("127.0.0.1", port))[0] == b"hi\n"
+                assert talk(("127.0.0.1", port))[0] == "hi\n"
                 break
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         process.stderr.close()  # the next log line meets EPIPE
         for _ in range(3):
-            assert talk(("127.0.0.1", port))[0] == b"hi\n"
+            assert talk(("127.0.0.1", port))[0] == "hi\n"
         assert process.poll() is None
         process.terminate()
         assert process.wait(TIMEOUT) == 0
