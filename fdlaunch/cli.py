@@ -17,7 +17,7 @@ import sys
 
 from docopt import DocoptExit, docopt
 
-from fdlaunch import __version__, chain
+from fdlaunch import __version__, chain, fds
 from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report
 
 
@@ -28,6 +28,7 @@ def tool(name):
         @functools.wraps(body)
         def main(argv=None):
             argv = sys.argv[1:] if argv is None else list(argv)
+            fds.hold_closed_standard_fds()
             environ = chain.received_environment()
             load_chain(argv, environ)
             outcome, failed = attempt(name, body, argv, environ)

@@ -8,7 +8,7 @@ from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError
 from fdlaunch.listenenv import SYSTEMD_FIRST_FD, Passed
-from fdlaunch.spec import LABEL, VARIABLE
+from fdlaunch.spec import LABEL, RESERVED_VARIABLES, VARIABLE
 
 # passed: Passed, in the order the environment lists them;
 # inherited_moves: (fd now, fd wanted) for each inherited socket;
@@ -135,6 +135,8 @@ def variables(passed, prefix):
         name = prefix + re.sub(r"[^A-Za-z0-9]", "_", p.label).upper()
         if not re.fullmatch(VARIABLE, name):
             raise UsageError(f"label {p.label!r} with prefix {prefix!r} gives {name!r}, which is not a variable name")
+        if name in RESERVED_VARIABLES or name == "NOTIFY_SOCKET":
+            raise UsageError(f"label {p.label!r} with prefix {prefix!r} gives {name}, which the program needs for itself")
         if source.setdefault(name, p.label) != p.label:
             raise UsageError(f"labels {source[name]!r} and {p.label!r} both give the variable {name}")
         found[name] = f"{found[name]},{p.fd}" if name in found else str(p.fd)

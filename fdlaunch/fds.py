@@ -70,6 +70,22 @@ def _dup2(now, wanted):
         raise unable(f"move fd {now} to fd {wanted}", error) from None
 
 
+def hold_closed_standard_fds():
+    """Put /dev/null, close-on-exec, on whichever of fds 0, 1, 2 the caller left closed.
+
+    Otherwise our own descriptors (a notify socket, a pipe) would land there
+    and be overwritten by the first dup2 onto stdin or stdout; the program
+    still finds them closed, since the exec closes these.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            held = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # the lowest free number: fd itself
+            if held != fd:
+                os.close(held)
+
+
 def close_on_exec():
     """The open descriptors that an exec would close."""
     return {fd for fd in open_fds() if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC}

@@ -279,3 +279,10 @@ def test_listen_sockets_unsets_the_variables(probe):
     code = "import os, fdlaunch; found = fdlaunch.listen_sockets(); print(sorted(found), [k for k in os.environ if k.startswith('LISTEN')])"
     done = run(["fdlaunch-listen", "-tcp:label=web:127.0.0.1:0", "--", sys.executable, "-c", code])
     assert done.stdout == "['web'] []\n"
+
+
+@pytest.mark.parametrize("label, prefix", [("FDS", "LISTEN_"), ("FD_MAP", "LISTEN_"), ("SOCKET", "NOTIFY_")])
+def test_vars_never_overwrite_what_the_program_needs(label, prefix):
+    done = run(["fdlaunch-listen", f"-tcp:label={label}:127.0.0.1:0", "--", "fdlaunch-fdmap", f"--vars={prefix}", "--", "env"])
+    assert done.returncode == 100 and done.stderr.count("\n") == 1
+    assert "which the program needs for itself" in done.stderr

@@ -798,3 +798,33 @@ def test_fork_mode_says_once_that_a_program_cannot_be_executed(tmp_path):
     assert (done.returncode, done.stderr) == (126, f"fdlaunch-notify-wait: fatal: unable to exec {script}: Exec format error\n")
     done = run(["fdlaunch-notify-wait", "--fork", "--", str(tmp_path / "missing")])
     assert (done.returncode, done.stderr.count("\n")) == (127, 1)
+
+
+def test_closed_stdin_at_start_takes_nothing_from_the_watcher():
+    """fd 0 closed by the caller: our notify socket must not land there and be lost to the watcher's /dev/null."""
+    done = run(["sh", "-c", "exec 0<&-; exec fdlaunch-notify-wait --fd=1 --timeout=5 -- fdlaunch-notify READY=1"])
+    assert (done.returncode, done.stdout, done.stderr) == (0, "\n", "")
+
+
+def test_fork_mode_with_stdout_and_stderr_closed(tmp_path):
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; fdlaunch-notify READY=1; exec sleep 30"
+    done = run(["sh", "-c", 'exec fdlaunch-notify-wait --fork --timeout=5 -- sh -c "$0" >&- 2>&-', script])
+    try:
+        assert done.returncode == 0
+        assert Path(f"/proc/{pidfile.read_text().strip()}").exists()
+    finally:
+        kill_quietly(int(pidfile.read_text()))
+
+
+def test_fork_mode_that_cannot_tell_the_pid_stops_the_daemon(tmp_path):
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; fdlaunch-notify READY=1; exec sleep 30"
+    done = run(["sh", "-c", 'exec fdlaunch-notify-wait --fork --timeout=5 -- sh -c "$0" >/dev/full', script])
+    pid = int(pidfile.read_text())
+    try:
+        assert done.returncode == 111 and done.stderr.count("\n") == 1, done.stderr
+        assert f"unable to write pid {pid} on stdout (so stopped it): No space left on device" in done.stderr
+        assert not Path(f"/proc/{pid}").exists(), "the daemon nobody knows of was left running"
+    finally:
+        kill_quietly(pid)

@@ -34,12 +34,11 @@ Options:
 import os
 import select
 import signal
-import sys
 import time
 
 from fdlaunch import chain, cli, fds, listenenv, readiness, sdnotify
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, warn
+from fdlaunch.errors import Fatal, UsageError, unable, warn
 
 PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md
@@ -171,8 +170,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
         outcome = watcher.run(deadline)
         if outcome == readiness.READY:
-            sys.stdout.write(f"{watcher.main_pid}\n")
-            sys.stdout.flush()
+            tell_pid(watcher.main_pid, child, pidfd)
             watcher.linger()
             return 0
     finally:
@@ -193,6 +191,16 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         )
     status = reap(child, pidfd, None)
     raise Fatal(f"{program[0]} (pid {child}) {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
+
+
+def tell_pid(pid, child, pidfd):
+    """The one line a script reads; a daemon whose pid nobody could learn is stopped, not left behind."""
+    try:
+        os.write(1, f"{pid}\n".encode())
+    except OSError as error:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        reap(child, pidfd, GRACE_SECONDS)
+        raise unable(f"write pid {pid} on stdout (so stopped it)", error) from None
 
 
 def reap(child, pidfd, grace):
