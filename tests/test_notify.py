@@ -802,7 +802,7 @@ def test_fork_mode_says_once_that_a_program_cannot_be_executed(tmp_path):
 
 def test_closed_stdin_at_start_takes_nothing_from_the_watcher():
     """fd 0 closed by the caller: our notify socket must not land there and be lost to the watcher's /dev/null."""
-    done = run(["sh", "-c", "exec 0<&-; exec fdlaunch-notify-wait --fd=1 --timeout=5 -- fdlaunch-notify READY=1"])
+    done = run(["sh", "-c", "exec 5>&1 0<&-; exec fdlaunch-notify-wait --fd=5 --timeout=5 -- fdlaunch-notify READY=1"])
     assert (done.returncode, done.stdout, done.stderr) == (0, "\n", "")
 
 
