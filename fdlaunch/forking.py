@@ -208,8 +208,7 @@ class Keeper:
         candidate, since, why = None, None, None
         while True:
             self.reap()
-            below = descendants(os.getpid())
-            below.pop(self.guard.pid, None)
+            below = self.below()
             self.guard.hand(below)
             if not below:
                 self.fail(f"{name} exited 0 and left no process running: no daemon to keep", NO_DAEMON)
@@ -246,6 +245,13 @@ class Keeper:
             return None, f"names pid {pid}, which is not running (a stale file?)"
         return None, f"names pid {pid}, which is not a process this daemon started: refused, and never signalled"
 
+    def below(self):
+        """descendants() of ours, our own guard left out: it is not the daemon's, and ignores stop signals."""
+        found = descendants(os.getpid())
+        if self.guard is not None:
+            found.pop(self.guard.pid, None)
+        return found
+
     def supervise(self):
         """Until the daemon exits: pass it the signals we get; then stop what is left. Its wait status."""
         for number in self.pending:
@@ -259,7 +265,7 @@ class Keeper:
             self.reap()
             if self.main_pidfd in events and self.main not in self.statuses and self.reap_one(self.main) is None:
                 break  # not our child when it died: its own parent had its status
-            self.guard.hand(descendants(os.getpid()))
+            self.guard.hand(self.below())
         self.stop_all()
         self.stop_guard()
         return self.statuses.get(self.main)
@@ -283,7 +289,7 @@ class Keeper:
 
         The guard holds them all meanwhile: were we killed during the grace period, it finishes the job.
         """
-        below = descendants(os.getpid())
+        below = self.below()
         if self.guard is not None:
             self.guard.hand(below)
         for pid in below:
@@ -295,7 +301,7 @@ class Keeper:
             self.wait([], min(deadline, time.monotonic() + 0.05))
             self.signals()  # the stop is under way; more signals change nothing
             self.reap()
-            below = descendants(os.getpid())
+            below = self.below()
             if below and time.monotonic() >= deadline:
                 if killed:
                     warn(self.tool, "warning", f"pids {', '.join(map(str, below))} survived SIGKILL; leaving them")

@@ -383,3 +383,25 @@ def test_a_fifo_as_pid_file_is_refused_in_time(env, tmp_path):
     assert time.monotonic() - started < 10
     assert done.returncode != 0 and "not a regular file" in done.stderr, done.stderr
     assert not alive(daemon_pid(log)), "the daemon was left running"
+
+
+def test_a_stop_waits_no_longer_than_what_is_left_takes(env, tmp_path):
+    """--grace is a bound, not a pause: with nothing left but our own guard, the stop is at once."""
+    log = tmp_path / "log"
+    keeper = subprocess.Popen(
+        ["fdlaunch-foreground", "-v", "--grace=10", "--", *DAEMON, str(log)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    daemon = daemon_pid(log)
+    try:
+        time.sleep(0.5)  # supervised by now
+        started = time.monotonic()
+        keeper.terminate()
+        assert keeper.wait(TIMEOUT) == 0
+        assert time.monotonic() - started < 5, "waited out --grace with nothing left to stop"
+        lines = keeper.stderr.read().splitlines()
+        assert lines[0] == f"fdlaunch-foreground: info: the daemon is pid {daemon}; it is ready: nobody to tell (no --fd or --forward)"
+        assert lines[-1] == f"fdlaunch-foreground: info: the daemon (pid {daemon}) exited with status 0"
+    finally:
+        keeper.kill()
+        keeper.wait()
+        kill_quietly(daemon)

@@ -19,6 +19,7 @@ Options:
   --timeout=SECONDS  How long PROG may take to leave a daemon [default: 60].
   --grace=SECONDS    Once the daemon has exited, how long what it left may
                      take to stop before SIGKILL [default: 5].
+  -v, --verbose      Say on stderr which pid is the daemon, and how it ended.
   -h, --help         Print this help.
   --version          Print the version.
 """
@@ -44,7 +45,11 @@ def main(argv, environ):
     keeper = forking.Keeper(PROG, settings)
     try:
         daemon = keeper.launch(path, program, environ)
-        readiness.Relays(settings["fd"], settings["upstream"]).ready(None, daemon, [("READY", "1")])
+        relays = readiness.Relays(settings["fd"], settings["upstream"])
+        if options["--verbose"]:
+            told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
+            warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
+        relays.ready(None, daemon, [("READY", "1")])
         status = keeper.supervise()
     except BaseException:  # whatever went wrong, nothing we started is left running unsupervised
         keeper.stop_all()
@@ -53,6 +58,8 @@ def main(argv, environ):
     if status is None:
         warn(PROG, "warning", f"the daemon (pid {daemon}) was not our child when it exited: its status is unknown")
         return forking.NO_DAEMON
+    if options["--verbose"]:
+        warn(PROG, "info", f"the daemon (pid {daemon}) {chain.describe_exit(status)}")
     return forking.exit_code(status)
 
 
