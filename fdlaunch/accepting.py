@@ -374,7 +374,7 @@ class Server:
             self.say("warning", f"{error} (client {shown} dropped)")
         except OSError as error:
             self.path = None
-            self.say("warning", f"unable to exec {self.program[0]}: {error.strerror} (client {shown} dropped)")
+            self.say("warning", f"{chain.exec_failed(self.program[0], error.errno)} (client {shown} dropped)")
         return None
 
     def reap(self, handler):

@@ -182,9 +182,7 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
         failure = report.read()
     if failure:
         os.waitpid(pid, 0)
-        number = int(failure)
-        status = NOT_FOUND if number in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
-        raise Fatal(f"unable to exec {shown(argv[0])}: {os.strerror(number)}", status)
+        raise exec_failed(argv[0], int(failure))
     return pid
 
 
@@ -218,8 +216,13 @@ def exec_program(path, argv, environ):
     try:
         os.execve(path, argv, environ)
     except OSError as error:
-        status = NOT_FOUND if error.errno in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
-        raise Fatal(f"unable to exec {shown(argv[0])}: {error.strerror}", status) from None
+        raise exec_failed(argv[0], error.errno) from None
+
+
+def exec_failed(name, number):
+    """The one message and status for an exec that failed with errno number: 127 not found, else 126."""
+    status = NOT_FOUND if number in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
+    return Fatal(f"unable to exec {shown(name)}: {os.strerror(number)}", status)
 
 
 @contextlib.contextmanager

@@ -154,7 +154,7 @@ def parse_limit(text):
 def _limit_value(text, value):
     if value == "unlimited":
         return UNLIMITED
-    if not value.isdigit() or not value.isascii():
+    if not is_decimal(value):
         raise UsageError(f"--limit={text!r}: {value!r} is not a number or 'unlimited'")
     if len(value) > len(str(LIMIT_MAX)) or int(value) > LIMIT_MAX:
         raise UsageError(f"--limit={text!r}: {value} is out of range; the most is {LIMIT_MAX}, or 'unlimited'")

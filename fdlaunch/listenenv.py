@@ -9,6 +9,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
+from fdlaunch.numbers import is_decimal
 from fdlaunch.spec import LABEL
 
 SYSTEMD_FIRST_FD = 3
@@ -107,7 +108,7 @@ def environment(environ, passed, pid, systemd, variables):
 
 
 def _is_fd(text):
-    return text.isdigit() and text.isascii() and len(text) <= 10
+    return is_decimal(text) and len(text) <= 10
 
 
 def _refuse_repeated_fds(variable, text, passed):

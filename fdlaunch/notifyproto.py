@@ -5,6 +5,8 @@ with or without a trailing newline, several fields per datagram, unknown
 fields are ignored.
 """
 
+from fdlaunch.numbers import is_decimal
+
 # systemd reads at most this much of a notification (NOTIFY_BUFFER_MAX in
 # src/core/manager.c); a longer datagram is refused as truncated.
 DATAGRAM_MAX = 4096
@@ -47,7 +49,7 @@ def main_pid(fields, default):
 
 def pid_number(text):
     """A process id written in decimal, or None: nothing above PID_MAX_LIMIT (2^22) is one."""
-    if not (text.isascii() and text.isdigit() and len(text) <= 7):
+    if not (is_decimal(text) and len(text) <= 7):
         return None
     number = int(text)
     return number if 0 < number <= PID_MAX_LIMIT else None

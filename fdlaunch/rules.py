@@ -21,6 +21,7 @@ import shlex
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
+from fdlaunch.numbers import is_decimal
 
 ACTIONS = ("allow", "deny")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -90,7 +91,7 @@ def _match(word, lookups, fault):
 
 
 def _id(kind, ident, lookups, fault):
-    if ident.isdigit() and ident.isascii() and len(ident) <= 10 and int(ident) < 2**32 - 1:
+    if is_decimal(ident) and len(ident) <= 10 and int(ident) < 2**32 - 1:
         return int(ident)
     if lookups is not None and ident:
         find = lookups.getpwnam if kind == "uid" else lookups.getgrnam

@@ -11,6 +11,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError, shown
+from fdlaunch.numbers import is_decimal
 
 # transport: 'tcp', 'udp' or 'unix', the word printed after the address;
 # type: 'stream', 'dgram' or 'seqpacket'; family: 'any', '4', '6' or 'unix'.
@@ -130,7 +131,7 @@ def _variable(text):
 
 
 def _number(text, what):
-    if not text.isdigit() or not text.isascii() or len(text) > 10 or int(text) > 2**31 - 1:
+    if not is_decimal(text) or len(text) > 10 or int(text) > 2**31 - 1:
         raise ValueError(f"{what} must be a whole number from 0 to {2**31 - 1}")
     return int(text)
 
@@ -138,7 +139,7 @@ def _number(text, what):
 def _size(text):
     multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
     digits = text[:-1] if multiplier > 1 else text
-    if not digits.isdigit() or not digits.isascii() or len(digits) > 10 or not 0 < int(digits) * multiplier <= 2**31 - 1:
+    if not is_decimal(digits) or len(digits) > 10 or not 0 < int(digits) * multiplier <= 2**31 - 1:
         raise ValueError("a buffer size is a number of bytes, optionally with K, M or G, up to 2G-1")
     return int(digits) * multiplier
 
@@ -358,7 +359,7 @@ def _is_ip(family, text):
 
 
 def _check_port(port):
-    if port.isdigit() and port.isascii():
+    if is_decimal(port):
         if len(port) > 5 or int(port) > 65535:
             raise ValueError(f"port {port} is out of range; a port is 0 to 65535")
         return

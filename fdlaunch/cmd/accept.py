@@ -38,6 +38,7 @@ import stat
 from fdlaunch import accepting, cli, creds, fds, listenenv, rules, ucspi
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
+from fdlaunch.numbers import is_decimal
 from fdlaunch.spec import format_inet
 
 PROG = "fdlaunch-accept"
@@ -91,7 +92,7 @@ def read_settings(options, environ):
 
 
 def count(option, text):
-    if not (text.isdigit() and text.isascii() and 0 < int(text) <= MAX_HANDLERS):
+    if not (is_decimal(text) and 0 < int(text) <= MAX_HANDLERS):
         raise UsageError(f"{option} {text!r}: not a number of handlers from 1 to {MAX_HANDLERS}")
     return int(text)
 

@@ -20,6 +20,7 @@ import os
 from fdlaunch import cli, notifyproto, sdnotify
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
+from fdlaunch.numbers import is_decimal
 
 PROG = "fdlaunch-notify"
 NOT_LISTENING = 1  # NOTIFY_SOCKET unset: nobody to tell, as sd_notify(3) returns 0
@@ -56,6 +57,6 @@ def read_pid(text):
         return None
     if text == "parent":
         return os.getppid()
-    if not text.isdigit() or not text.isascii() or len(text) > 10 or not 1 <= int(text) <= PID_MAX:
+    if not is_decimal(text) or len(text) > 10 or not 1 <= int(text) <= PID_MAX:
         raise UsageError(f"--pid={text!r} is not a process id or 'parent'")
     return int(text)

@@ -39,6 +39,7 @@ import time
 from fdlaunch import chain, cli, fds, listenenv, readiness, sdnotify
 from fdlaunch.cli import tool
 from fdlaunch.errors import Fatal, UsageError, unable, warn
+from fdlaunch.numbers import is_decimal
 
 PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md
@@ -87,7 +88,7 @@ def read_check(options, environ):
     interval = cli.seconds("--interval", options["--interval"] or "1")
     timeout = cli.seconds("--check-timeout", options["--check-timeout"] or "10")
     text = options["--tries"] or "0"
-    if not (text.isascii() and text.isdigit() and int(text) < 10**9):
+    if not (is_decimal(text) and int(text) < 10**9):
         raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
     return readiness.Check(PROG, options["--check"], interval, timeout, int(text), environ)
 
