@@ -4,12 +4,14 @@ The tests run the console scripts found on PATH (make test installs them in
 a virtualenv), exec real programs and bind real sockets.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,24 @@ def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
 def sockets(report):
     """The probe's socket descriptors above stdio, by fd."""
     return {fd: e for fd, e in report["fds"].items() if e["kind"] == "socket" and fd > 2}
+
+
+@contextlib.contextmanager
+def s6_supervised(service, env=None):
+    """A real s6-supervise on service, once it has made supervise/; at the end s6-svc -xd, and it is waited for."""
+    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
+        require(tool)
+    supervise = subprocess.Popen(["s6-supervise", str(service)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while run(["s6-svok", str(service)]).returncode != 0:  # supervise/ is not made yet
+            assert time.monotonic() < deadline, "s6-supervise did not start"
+            time.sleep(0.05)
+        yield supervise
+    finally:
+        run(["s6-svc", "-xd", str(service)])
+        try:
+            supervise.wait(TIMEOUT)
+        finally:
+            supervise.kill()
+            supervise.wait()

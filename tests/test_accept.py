@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, free_port, parse_probe, require, require_root, run
+from conftest import PROBE, TIMEOUT, free_port, parse_probe, require, require_root, run, s6_supervised
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
@@ -567,32 +567,18 @@ def test_after_setuidgid_nobody(server, public_dir):
 
 def test_s6_example_under_s6_supervise(public_dir):
     require_root()
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svc"):
-        require(tool)
     port = free_port()
     service = public_dir / "greet"
     shutil.copytree(EXAMPLES / "s6" / "greet", service)
     (service / "env").mkdir()
     (service / "env" / "PORT").write_text(f"{port}\n")
-    supervise = subprocess.Popen(["s6-supervise", str(service)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while run(["s6-svok", str(service)]).returncode != 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with s6_supervised(service):
         assert run(["s6-svwait", "-U", "-t", "15000", str(service)]).returncode == 0
         for source in ("127.0.0.1", "127.0.0.7"):
             assert talk(("127.0.0.1", port), source=source)[0] == f"hello {source}, this is nobody\n"
         assert run(["s6-svc", "-wD", "-T", "15000", "-d", str(service)]).returncode == 0
         with pytest.raises(ConnectionRefusedError):
             talk(("127.0.0.1", port))
-    finally:
-        run(["s6-svc", "-xd", str(service)])
-        try:
-            supervise.wait(TIMEOUT)
-        finally:
-            supervise.kill()
-            supervise.wait()
 
 
 def test_under_systemd_socket_activate_without_accept():

@@ -10,11 +10,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import HERE, TIMEOUT, python_systemd, require, require_root, run
+from conftest import HERE, TIMEOUT, python_systemd, require_root, run, s6_supervised
 
 README = HERE.parent / "README.md"
 DAEMON = str(HERE / "label_daemon.py")
@@ -58,33 +57,18 @@ def free_port_both():
 @contextlib.contextmanager
 def s6_service(tmp_path, run_script):
     """A service directory with notification-fd 3 running run_script under s6-supervise, up and ready."""
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
-        require(tool)
     service = tmp_path / "service"
     service.mkdir()
     (service / "notification-fd").write_text("3\n")
     (service / "run").write_text(f"#!/bin/sh\nexec 2>>{tmp_path / 'log'}\n{run_script}\n")
     (service / "run").chmod(0o755)
-    env = {"PATH": os.environ["PATH"]}
-    supervise = subprocess.Popen(["s6-supervise", str(service)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while run(["s6-svok", str(service)]).returncode != 0:  # supervise/ is not made yet
-            assert time.monotonic() < deadline, "s6-supervise did not start"
-            time.sleep(0.05)
+    with s6_supervised(service, env={"PATH": os.environ["PATH"]}):
         waited = run(["s6-svwait", "-U", "-t", "15000", str(service)])
         log = (tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""
         assert waited.returncode == 0, f"s6-svwait -U: {waited.stderr}; the service said: {log}"
         up, ready, pid = run(["s6-svstat", "-o", "up,ready,pid", str(service)]).stdout.split()
         assert (up, ready) == ("true", "true"), log
         yield int(pid)
-    finally:
-        run(["s6-svc", "-xd", str(service)])
-        try:
-            supervise.wait(TIMEOUT)
-        finally:
-            supervise.kill()
-            supervise.wait()
 
 
 def ask_stream(family, address):

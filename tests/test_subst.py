@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, require, require_root, run
+from conftest import TIMEOUT, require, require_root, run, s6_supervised
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -199,29 +199,15 @@ def test_the_kresd_example_under_s6_from_a_copy(tmp_path):
     """examples/s6/kresd copied out of the checkout, started as its run script says: ready, then answering."""
     require_root()
     require("kresd")
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
-        require(tool)
     os.chmod(tmp_path, 0o755)
     service = tmp_path / "kresd"
     assert run(["cp", "-a", str(EXAMPLES / "s6" / "kresd"), str(service)]).returncode == 0
     port = free_port_both()
     (service / "env").mkdir()
     (service / "env" / "PORT").write_text(f"{port}\n")
-    supervise = subprocess.Popen(["s6-supervise", str(service)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while run(["s6-svok", str(service)]).returncode != 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with s6_supervised(service):
         assert run(["s6-svwait", "-U", "-t", "15000", str(service)]).returncode == 0
         pid = int(run(["s6-svstat", "-o", "pid", str(service)]).stdout)
         assert ask_udp(port, "hello.fdlaunch.net", seconds=2) == ask_tcp(port, "hello.fdlaunch.net") == "192.0.2.53"
         assert os.readlink(f"/proc/{pid}/exe") == os.path.realpath(shutil.which("kresd"))
         assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam("knot-resolver").pw_uid
-    finally:
-        run(["s6-svc", "-xd", str(service)])
-        try:
-            supervise.wait(TIMEOUT)
-        finally:
-            supervise.kill()
-            supervise.wait()
