@@ -96,9 +96,11 @@ def fusable_scripts(environ):
     return scripts
 
 
-def fusable(path, environ):
-    """Whether the runtime would run path in this process rather than exec it."""
-    return os.path.basename(path) in TOOLS and os.path.abspath(path) in fusable_scripts(environ)
+def fused_tool(path, environ):
+    """The module (under fdlaunch.cmd) the runtime would run in this process instead of exec'ing path, or None."""
+    if os.path.basename(path) not in TOOLS:
+        return None
+    return fusable_scripts(environ).get(os.path.abspath(path))
 
 
 @functools.cache
@@ -166,7 +168,7 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
             if environ.get("LISTEN_PID") == str(parent):
                 child_environ["LISTEN_PID"] = str(os.getpid())
                 child_environ.pop("LISTEN_PIDFDID", None)
-            if become is not None and fusable(path, child_environ):
+            if become is not None and fused_tool(path, child_environ) is not None:
                 # What the exec would close: our report pipe (the fused tool speaks
                 # for itself) and every other close-on-exec descriptor of the parent's.
                 fds.close_all(fds.close_on_exec())

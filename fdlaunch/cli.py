@@ -69,9 +69,7 @@ def become(name, step):
 
 def fused_module(step):
     """The tool module to run in this process instead of exec'ing step.path, or None."""
-    if os.path.basename(step.path) not in chain.TOOLS:
-        return None
-    module = chain.fusable_scripts(step.environ).get(os.path.abspath(step.path))
+    module = chain.fused_tool(step.path, step.environ)
     if module is None:
         return None
     # What exec would have done: flush what this link wrote, reset its signal handlers.
