@@ -28,9 +28,9 @@ def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.sock
     process; unnamed systemd sockets under 'unknown'; {} when nothing was
     passed. The descriptors become close-on-exec and, unless
     unset_environment is False, the variables are removed from os.environ.
-    Raises ValueError naming a malformed variable. See fdlaunch.receive.
+    Raises ValueError naming a malformed variable. See fdlaunch.api.
     """
-    from fdlaunch.receive import listen_sockets as receive
+    from fdlaunch.api import listen_sockets as receive
 
     return receive(unset_environment)
 
@@ -41,8 +41,8 @@ def notify(*lines: str, pid: int | None = None, environ: Mapping[str, str] | Non
     False when NOTIFY_SOCKET is unset (nobody listens), True once sent;
     ValueError for a line that is not FIELD=VALUE, OSError if sending
     failed. pid speaks for another process (MAINPID=pid); wait=True waits
-    for the receiver to handle it. See fdlaunch.sdnotify.
+    for the receiver to handle it. See fdlaunch.api.
     """
-    from fdlaunch.sdnotify import notify as send
+    from fdlaunch.api import notify as send
 
     return send(*lines, pid=pid, environ=environ, wait=wait)

@@ -2,7 +2,7 @@
 
 import sys
 
-from fdlaunch.chain import TOOLS
+from fdlaunch.kernel.chain import TOOLS
 
 
 def main(argv=None):

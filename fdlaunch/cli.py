@@ -17,8 +17,9 @@ import sys
 
 from docopt import DocoptExit, docopt
 
-from fdlaunch import __version__, chain, fds
+from fdlaunch import __version__
 from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report
+from fdlaunch.kernel import chain, fds
 
 
 def tool(name):

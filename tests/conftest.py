@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fdlaunch.chain import TOOLS
+from fdlaunch.kernel.chain import TOOLS
 
 HERE = Path(__file__).resolve().parent
 PROBE = str(HERE / "probe.py")

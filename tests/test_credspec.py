@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from fdlaunch import credspec
-from fdlaunch.credspec import Credentials
 from fdlaunch.errors import UsageError
+from fdlaunch.text import credspec
+from fdlaunch.text.credspec import Credentials
 
 Pw = namedtuple("Pw", "pw_name pw_uid pw_gid pw_dir pw_shell")
 Gr = namedtuple("Gr", "gr_name gr_gid")

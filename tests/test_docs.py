@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import missing, run
 
-from fdlaunch import chain
+from fdlaunch.kernel import chain
 
 MAN = Path(__file__).resolve().parent.parent / "man"
 TOOLS = list(chain.TOOLS)

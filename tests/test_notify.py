@@ -15,7 +15,7 @@ import pytest
 from conftest import PROBE, TIMEOUT, python_systemd, read_probe, require, require_root, run
 
 import fdlaunch
-from fdlaunch import sdnotify
+from fdlaunch.kernel import proc
 
 
 @pytest.fixture
@@ -773,20 +773,20 @@ def test_lineage_is_known_only_while_the_process_is_there():
     """A pidfd on a process reaped since is never taken for whoever has its pid now (issue 10)."""
     ours = os.pidfd_open(os.getpid())
     try:
-        family = sdnotify.lineage(os.getpid(), ours)
+        family = proc.lineage(os.getpid(), ours)
         assert family[0] == os.getpid() and family[1] == os.getppid()
     finally:
         os.close(ours)
     child = subprocess.Popen(["sleep", "30"])
     pidfd = os.pidfd_open(child.pid)
     try:
-        assert sdnotify.lineage(child.pid, pidfd)[:2] == (child.pid, os.getpid())
+        assert proc.lineage(child.pid, pidfd)[:2] == (child.pid, os.getpid())
         child.kill()
         child.wait()
-        assert sdnotify.lineage(child.pid, pidfd) == ()
+        assert proc.lineage(child.pid, pidfd) == ()
     finally:
         os.close(pidfd)
-    assert sdnotify.lineage(os.getpid(), -3) == ()  # the kernel's errno instead of a pidfd: gone already
+    assert proc.lineage(os.getpid(), -3) == ()  # the kernel's errno instead of a pidfd: gone already
 
 
 def test_fork_mode_says_once_that_a_program_cannot_be_executed(tmp_path):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from fdlaunch import fdplan, listenenv, spec
 from fdlaunch.errors import Fatal, UsageError
-from fdlaunch.listenenv import Passed
+from fdlaunch.text import fdplan, listenenv, spec
+from fdlaunch.text.listenenv import Passed
 
 PID = 4242
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fdlaunch import rules, ucspi
-from fdlaunch.creds import Lookups
 from fdlaunch.errors import UsageError
+from fdlaunch.kernel.creds import Lookups
+from fdlaunch.text import rules, ucspi
 
 TEXT = """
 # comment line

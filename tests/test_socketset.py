@@ -2,10 +2,10 @@
 
 import pytest
 
-from fdlaunch import socketset, spec
 from fdlaunch.errors import UsageError
-from fdlaunch.listenenv import Passed
-from fdlaunch.socketset import Slot
+from fdlaunch.text import socketset, spec
+from fdlaunch.text.listenenv import Passed
+from fdlaunch.text.socketset import Slot
 
 STDIO = {0, 1, 2}
 

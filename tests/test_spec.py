@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fdlaunch import spec
 from fdlaunch.errors import UsageError
+from fdlaunch.text import spec
 
 ACCEPTED = [
     # text, proto, host, port, path, name

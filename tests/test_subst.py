@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fdlaunch.errors import UsageError
-from fdlaunch.fdplan import substitute
-from fdlaunch.listenenv import Passed
+from fdlaunch.text.fdplan import substitute
+from fdlaunch.text.listenenv import Passed
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PASSED = [Passed("udp", 3), Passed("tcp", 4), Passed("dns", 5), Passed("dns", 6), Passed("my-web.1", 9)]

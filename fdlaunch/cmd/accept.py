@@ -35,11 +35,14 @@ import os
 import socket
 import stat
 
-from fdlaunch import accepting, cli, creds, fds, listenenv, rules, ucspi
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
-from fdlaunch.numbers import is_decimal
-from fdlaunch.spec import format_inet
+from fdlaunch.kernel import creds, fds
+from fdlaunch.loops import accepting
+from fdlaunch.text import listenenv, rules, ucspi
+from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.spec import format_inet
 
 PROG = "fdlaunch-accept"
 MAX_HANDLERS = 1_000_000

@@ -31,9 +31,11 @@ Options:
 
 import os
 
-from fdlaunch import chain, cli, fdplan, fds, listenenv
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, warn
+from fdlaunch.kernel import chain, fds
+from fdlaunch.text import fdplan, listenenv
 
 PROG = "fdlaunch-fdmap"
 DEFAULT_PREFIX = "FD_"

@@ -26,9 +26,11 @@ Options:
 
 import os
 
-from fdlaunch import chain, cli, fds, forking, readiness
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, warn
+from fdlaunch.kernel import chain, fds
+from fdlaunch.loops import forking, readiness
 
 PROG = "fdlaunch-foreground"
 

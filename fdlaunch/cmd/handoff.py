@@ -35,10 +35,13 @@ Options:
 import os
 import signal
 
-from fdlaunch import cli, fds, listenenv, listenfrom, overlap, sdnotify
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, warn
-from fdlaunch.numbers import is_decimal
+from fdlaunch.kernel import fds, sdnotify
+from fdlaunch.loops import listenfrom, overlap
+from fdlaunch.text import listenenv
+from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-handoff"
 

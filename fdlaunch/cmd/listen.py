@@ -21,9 +21,11 @@ Options:
 import os
 import sys
 
-from fdlaunch import chain, cli, fdplan, fds, listenenv, sock, spec
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import BadCall, Finished, UsageError, warn
+from fdlaunch.kernel import chain, fds, sock
+from fdlaunch.text import fdplan, listenenv, spec
 
 PROG = "fdlaunch-listen"
 # docopt matches the options alone: it cannot match 'SPEC... PROG' (see cli.parse).

@@ -17,10 +17,12 @@ Options:
 
 import os
 
-from fdlaunch import cli, notifyproto, sdnotify
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
-from fdlaunch.numbers import is_decimal
+from fdlaunch.kernel import sdnotify
+from fdlaunch.text import notifyproto
+from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-notify"
 NOT_LISTENING = 1  # NOTIFY_SOCKET unset: nobody to tell, as sd_notify(3) returns 0

@@ -36,10 +36,13 @@ import select
 import signal
 import time
 
-from fdlaunch import chain, cli, fds, listenenv, readiness, sdnotify
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import Fatal, UsageError, unable, warn
-from fdlaunch.numbers import is_decimal
+from fdlaunch.kernel import chain, fds, sdnotify
+from fdlaunch.loops import readiness
+from fdlaunch.text import listenenv
+from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md

@@ -32,9 +32,11 @@ Options:
 
 import os
 
-from fdlaunch import chain, cli, creds, credspec
+from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import Fatal, UsageError, warn
+from fdlaunch.kernel import chain, creds
+from fdlaunch.text import credspec
 
 PROG = "fdlaunch-setuidgid"
 PROCESS_OPTIONS = ("--env", "--keep-cap", "--umask", "--chdir", "--chroot", "--limit", "--nice", "--setsid", "--no-new-privs")

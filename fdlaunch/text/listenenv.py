@@ -9,8 +9,8 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
-from fdlaunch.numbers import is_decimal
-from fdlaunch.spec import LABEL
+from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.spec import LABEL
 
 SYSTEMD_FIRST_FD = 3
 SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID")

@@ -15,8 +15,8 @@ import signal
 import sys
 from collections import namedtuple
 
-from fdlaunch import fds
 from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, flush_output, shown, unable
+from fdlaunch.kernel import fds
 
 # The console scripts of this installation: name -> module under fdlaunch.cmd.
 TOOLS = {

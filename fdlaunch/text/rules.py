@@ -21,7 +21,7 @@ import shlex
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
-from fdlaunch.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal
 
 ACTIONS = ("allow", "deny")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

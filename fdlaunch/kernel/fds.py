@@ -5,7 +5,7 @@ import os
 import resource
 
 from fdlaunch.errors import UsageError, unable
-from fdlaunch.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal
 
 
 def open_fds():

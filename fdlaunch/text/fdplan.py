@@ -7,8 +7,8 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError
-from fdlaunch.listenenv import SYSTEMD_FIRST_FD, Passed
-from fdlaunch.spec import LABEL, RESERVED_VARIABLES, VARIABLE
+from fdlaunch.text.listenenv import SYSTEMD_FIRST_FD, Passed
+from fdlaunch.text.spec import LABEL, RESERVED_VARIABLES, VARIABLE
 
 # passed: Passed, in the order the environment lists them;
 # inherited_moves: (fd now, fd wanted) for each inherited socket;

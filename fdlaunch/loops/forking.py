@@ -17,9 +17,10 @@ import socket
 import stat
 import time
 
-from fdlaunch import chain, fds, overlap, sdnotify
 from fdlaunch.errors import Fatal, warn
-from fdlaunch.numbers import is_decimal
+from fdlaunch.kernel import chain, fds, proc
+from fdlaunch.loops import overlap
+from fdlaunch.text.numbers import is_decimal
 
 PR_SET_CHILD_SUBREAPER = 36
 GUARD_ROUND = 1.0  # seconds between looks for processes newly below us
@@ -199,7 +200,7 @@ class Keeper:
         except ProcessLookupError:
             self.main_pidfd = None
         # The pidfd pins the process; if it is still ours now, it is the one we found.
-        if self.main_pidfd is None or os.getpid() not in sdnotify.lineage(self.main, self.main_pidfd):
+        if self.main_pidfd is None or os.getpid() not in proc.lineage(self.main, self.main_pidfd):
             self.fail(f"the daemon (pid {self.main}) exited as soon as it was found", NO_DAEMON)
         return self.main
 
@@ -387,7 +388,7 @@ class Guard:
             except OSError:
                 continue
             try:
-                if os.getpid() in sdnotify.lineage(pid, pidfd):  # the pidfd pins it: ours, not a reused pid
+                if os.getpid() in proc.lineage(pid, pidfd):  # the pidfd pins it: ours, not a reused pid
                     self.sock.sendmsg([b"%d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))])
                     self.handed.add(pid)
             finally:

@@ -8,7 +8,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
-from fdlaunch.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal
 
 # groups is the complete supplementary list, sorted, without repeats.
 Credentials = namedtuple("Credentials", "uid gid groups")

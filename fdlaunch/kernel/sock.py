@@ -13,9 +13,9 @@ import select
 import stat
 from collections import namedtuple
 
-from fdlaunch import spec as specs
 from fdlaunch.errors import Fatal, UsageError, shown, unable
-from fdlaunch.numbers import is_decimal
+from fdlaunch.text import spec as specs
+from fdlaunch.text.numbers import is_decimal
 
 TYPES = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
 # Linux values (in.h, in6.h, socket.h); not every Python build names them.

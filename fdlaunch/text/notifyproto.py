@@ -5,7 +5,7 @@ with or without a trailing newline, several fields per datagram, unknown
 fields are ignored.
 """
 
-from fdlaunch.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal
 
 # systemd reads at most this much of a notification (NOTIFY_BUFFER_MAX in
 # src/core/manager.c); a longer datagram is refused as truncated.

@@ -11,7 +11,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError, shown
-from fdlaunch.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal
 
 # transport: 'tcp', 'udp' or 'unix', the word printed after the address;
 # type: 'stream', 'dgram' or 'seqpacket'; family: 'any', '4', '6' or 'unix'.

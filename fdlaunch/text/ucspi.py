@@ -11,7 +11,7 @@ Accept=yes service: REMOTE_ADDR and REMOTE_PORT.
 import ipaddress
 from collections import namedtuple
 
-from fdlaunch import listenenv
+from fdlaunch.text import listenenv
 
 TCP_NAMES = ("TCPLOCALIP", "TCPLOCALPORT", "TCPLOCALHOST", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPREMOTEHOST", "TCPREMOTEINFO", "TCPCONNNUM")
 IPC_NAMES = ("IPCLOCALPATH", "IPCREMOTEEUID", "IPCREMOTEEGID", "IPCREMOTEPID", "IPCREMOTEPATH", "IPCCONNNUM")

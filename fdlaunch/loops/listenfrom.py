@@ -9,8 +9,9 @@ socketset's; this module reads the file, binds, and closes.
 import os
 from collections import namedtuple
 
-from fdlaunch import fds, listenenv, sock, socketset
 from fdlaunch.errors import Fatal, unable
+from fdlaunch.kernel import fds, sock
+from fdlaunch.text import listenenv, socketset
 
 # environ: the instance's environment (spawn adds NOTIFY_SOCKET, LISTEN_PID);
 # moves: (our fd, the instance's fd) for every socket; held: the FILE's

@@ -1,7 +1,7 @@
 """The sd_notify(3) protocol on sockets: sending, and the private socket a watcher reads.
 
-fdlaunch.notify() is the public sender; Inbox is the receiving end that
-fdlaunch-notify-wait creates for its program.
+send() and barrier() are what fdlaunch.notify() and fdlaunch-notify use; Inbox
+is the receiving end that fdlaunch-notify-wait and fdlaunch-handoff create.
 """
 
 import array
@@ -12,8 +12,9 @@ import socket
 import struct
 from collections import namedtuple
 
-from fdlaunch import notifyproto
 from fdlaunch.errors import unable
+from fdlaunch.kernel import proc
+from fdlaunch.text import notifyproto
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 PIDFD = struct.Struct("i")
@@ -67,31 +68,6 @@ def barrier(notify_socket, timeout):
             os.close(write_end)
 
 
-def notify(*lines, pid=None, environ=None, wait=False):
-    """Send lines such as 'READY=1' or 'STATUS=loading' to $NOTIFY_SOCKET, as sd_notify(3).
-
-    Returns False when NOTIFY_SOCKET is unset (nobody listens: not an error),
-    True once sent; raises OSError if sending failed. pid sends on behalf of
-    another process and adds MAINPID=pid; wait=True also waits (5 s at most)
-    for the receiver to handle it, as systemd-notify does by default: a
-    process that exits right after must, for a receiver that checks who
-    sent it (fdlaunch-notify-wait) to find it still there.
-    """
-    environ = os.environ if environ is None else environ
-    target = environ.get("NOTIFY_SOCKET")
-    if not target:
-        return False
-    texts = [*lines, *([f"MAINPID={pid}"] if pid is not None else [])]
-    try:
-        data = notifyproto.check_fields(texts)
-    except ValueError as error:
-        raise ValueError(str(error)) from None
-    send(data, target, pid=pid)
-    if wait:
-        barrier(target, 5)
-    return True
-
-
 class Inbox:
     """A private notification socket: abstract, so nothing is left behind however we die (issue 9).
 
@@ -131,7 +107,7 @@ class Inbox:
             elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
         try:
-            family = lineage(pid, pidfd if self.pidfds else None)
+            family = proc.lineage(pid, pidfd if self.pidfds else None)
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -151,64 +127,3 @@ def passes_pidfds(sock):
             raise
         return False
     return True
-
-
-def close_fds(fds):
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def lineage(pid, pidfd):
-    """pid and its ancestors up to init, as /proc has them; () if that cannot be known for sure.
-
-    pidfd is a descriptor on the process meant (below 0: it was gone
-    already; None: no pidfd to check with). The walk counts only if that
-    process still has the pid once it is done, so a pid freed and reused
-    meanwhile is never taken for the sender.
-    """
-    if pidfd is not None and pidfd < 0:
-        return ()
-    chain = []
-    while pid > 0 and len(chain) < 4096:
-        chain.append(pid)
-        if pid == 1:
-            break
-        try:
-            pid = notifyproto.parent_of(read_proc(f"/proc/{pid}/stat"))
-        except (OSError, ValueError, IndexError):
-            return ()  # gone, or an ancestor went away under us
-    if not chain or (pidfd is not None and pid_of(pidfd) != chain[0]):
-        return ()
-    return tuple(chain)
-
-
-def lineage_of(pid):
-    """lineage() of a pid read in a message (a MAINPID): () unless it is a process here now."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return ()
-    try:
-        return lineage(pid, pidfd)
-    finally:
-        os.close(pidfd)
-
-
-def pid_of(pidfd):
-    """The pid of the process behind a pidfd, or -1 once it has been reaped (pidfd_open(2), fdinfo)."""
-    for line in read_proc(f"/proc/self/fdinfo/{pidfd}").splitlines():
-        if line.startswith("Pid:"):
-            return int(line.split()[1])
-    return -1
-
-
-def read_proc(path):
-    """A small /proc file, read with two system calls: a watcher reads several per datagram."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096).decode(errors="replace")
-    finally:
-        os.close(fd)

@@ -11,8 +11,10 @@ import select
 import signal
 import time
 
-from fdlaunch import chain, notifyproto, readiness, sdnotify
 from fdlaunch.errors import NOT_EXECUTABLE, Fatal, shown, unable, warn
+from fdlaunch.kernel import chain, fds
+from fdlaunch.loops import readiness
+from fdlaunch.text import notifyproto
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
@@ -159,7 +161,7 @@ class Handoff:
 
     def take_notifications(self):
         while (message := self.inbox.receive()) is not None:
-            sdnotify.close_fds(message.fds)
+            fds.close_all(message.fds)
             if message.truncated:
                 continue
             sender = self.sender_of(message)

@@ -17,9 +17,11 @@ import socket
 import struct
 import time
 
-from fdlaunch import chain, readiness, rules, sdnotify, ucspi
 from fdlaunch.errors import Fatal, warn
-from fdlaunch.numbers import is_decimal
+from fdlaunch.kernel import chain, sdnotify
+from fdlaunch.loops import readiness
+from fdlaunch.text import rules, ucspi
+from fdlaunch.text.numbers import is_decimal
 
 STOPS = (signal.SIGTERM, signal.SIGINT)
 RELOAD = signal.SIGHUP

@@ -1,10 +1,11 @@
-"""The daemon's side of the handover: the sockets passed to this process, as Python objects."""
+"""The daemon's side: the sockets passed to this process as Python objects, and notify() to tell readiness."""
 
 import os
 import socket
 
-from fdlaunch import fds, listenenv
 from fdlaunch.errors import UsageError
+from fdlaunch.kernel import fds, sdnotify
+from fdlaunch.text import listenenv, notifyproto
 
 PASSING_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID")
 
@@ -48,3 +49,28 @@ def _socket_at(fd, label):
     except OSError as error:
         raise UsageError(f"LISTEN_FDS/LISTEN_FD_MAP: fd {fd} ({label}) is not an open socket: {error.strerror}") from None
     return sock
+
+
+def notify(*lines, pid=None, environ=None, wait=False):
+    """Send lines such as 'READY=1' or 'STATUS=loading' to $NOTIFY_SOCKET, as sd_notify(3).
+
+    Returns False when NOTIFY_SOCKET is unset (nobody listens: not an error),
+    True once sent; raises OSError if sending failed. pid sends on behalf of
+    another process and adds MAINPID=pid; wait=True also waits (5 s at most)
+    for the receiver to handle it, as systemd-notify does by default: a
+    process that exits right after must, for a receiver that checks who
+    sent it (fdlaunch-notify-wait) to find it still there.
+    """
+    environ = os.environ if environ is None else environ
+    target = environ.get("NOTIFY_SOCKET")
+    if not target:
+        return False
+    texts = [*lines, *([f"MAINPID={pid}"] if pid is not None else [])]
+    try:
+        data = notifyproto.check_fields(texts)
+    except ValueError as error:
+        raise ValueError(str(error)) from None
+    sdnotify.send(data, target, pid=pid)
+    if wait:
+        sdnotify.barrier(target, 5)
+    return True

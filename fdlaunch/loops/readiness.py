@@ -10,8 +10,9 @@ import select
 import signal
 import time
 
-from fdlaunch import notifyproto, sdnotify
 from fdlaunch.errors import warn
+from fdlaunch.kernel import fds, proc, sdnotify
+from fdlaunch.text import notifyproto
 
 READY, EXITED, LATE, GAVE_UP = "ready", "exited", "late", "gave up"
 LINGER_SECONDS = 0.1
@@ -79,7 +80,7 @@ class Program:
 
     def heads(self, lineage):
         """True if lineage (a process and its ancestors) runs through the program, not through a reuse of its pid."""
-        return self.pid in lineage and sdnotify.pid_of(self.pidfd) == self.pid
+        return self.pid in lineage and proc.pid_of(self.pidfd) == self.pid
 
 
 class Watcher:
@@ -162,7 +163,7 @@ class Watcher:
             except Exception as error:  # no datagram may stop the watcher
                 self.warn_once(("error", type(error)), f"ignored a notification: {error}")
             finally:
-                sdnotify.close_fds(message.fds)
+                fds.close_all(message.fds)
 
     def handle(self, message):
         if message.truncated:
@@ -197,14 +198,14 @@ class Watcher:
             return fields
         kept = [(name, value) for name, value in fields if name != "MAINPID"]
         pid = notifyproto.pid_number(text)
-        if pid is not None and self.program.heads(sdnotify.lineage_of(pid)):
+        if pid is not None and self.program.heads(proc.lineage_of(pid)):
             return [*kept, ("MAINPID", str(pid))]
         self.warn_once(("mainpid", text), f"ignored MAINPID={text[:40]!r}: not pid {self.program.pid} or a live process below it")
         return kept
 
     def speaker(self):
         """The main pid, to send as, while it is still the program or below it; else None: we speak as ourselves."""
-        return self.main_pid if self.program.heads(sdnotify.lineage_of(self.main_pid)) else None
+        return self.main_pid if self.program.heads(proc.lineage_of(self.main_pid)) else None
 
     def say(self, text):
         if self.verbose:

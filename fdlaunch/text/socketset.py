@@ -9,9 +9,9 @@ descriptors, keeping each socket that stays on the fd it had where it can.
 import re
 from collections import namedtuple
 
-from fdlaunch import fdplan, spec
 from fdlaunch.errors import UsageError
-from fdlaunch.listenenv import SYSTEMD_FIRST_FD
+from fdlaunch.text import fdplan, spec
+from fdlaunch.text.listenenv import SYSTEMD_FIRST_FD
 
 # A socket an instance gets: the spec it was opened for, the fd it is at in the instance.
 Slot = namedtuple("Slot", "spec fd")

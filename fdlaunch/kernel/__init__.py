@@ -1,0 +1,1 @@
+"""Thin system-call layers, one resource each: sockets, credentials, descriptors, the notify socket, exec, processes."""

@@ -1,0 +1,76 @@
+"""The package's layers, as its folders promise: imports go down only.
+
+cmd -> loops -> kernel -> text -> errors. text is pure; only cmd imports the
+runtime (cli); api, the daemon's side, uses kernel and text.
+"""
+
+import ast
+import pathlib
+
+import fdlaunch
+
+PACKAGE = pathlib.Path(fdlaunch.__file__).parent
+
+# What each layer may import of ours, besides its own layer.
+ALLOWED = {
+    "text": {"errors"},
+    "kernel": {"errors", "text"},
+    "loops": {"errors", "text", "kernel"},
+    "api": {"errors", "text", "kernel"},
+    "cli": {"errors", "text", "kernel", "__init__"},
+    "cmd": {"errors", "text", "kernel", "loops", "cli"},
+    "__main__": {"kernel"},
+    "__init__": {"api"},
+    "errors": set(),
+}
+
+
+def layer(module):
+    """'text' for fdlaunch.text.spec, 'cli' for fdlaunch.cli, '__init__' for fdlaunch itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def ours_imported(path):
+    """The fdlaunch modules path imports, at any depth in the file (lazy imports count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fdlaunch":
+            if node.module == "fdlaunch":  # a module of ours, or a name of the package itself (__version__)
+                found.update(f"fdlaunch.{a.name}" if is_module(a.name) else "fdlaunch" for a in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "fdlaunch")
+    return found
+
+
+def is_module(name):
+    return (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE.parent).with_suffix("")
+        yield ".".join(relative.parts).removesuffix(".__init__"), path
+
+
+def test_every_module_is_in_a_known_layer():
+    assert {layer(name) for name, _ in modules()} <= ALLOWED.keys()
+
+
+def test_imports_go_down_only():
+    wrong = []
+    for name, path in modules():
+        own = layer(name)
+        for target in ours_imported(path):
+            if layer(target) not in ALLOWED[own] | {own}:
+                wrong.append(f"{name} imports {target}")
+    assert wrong == []
+
+
+def test_a_lazy_import_inside_a_function_is_seen(tmp_path):
+    source = tmp_path / "loop.py"
+    source.write_text("def run():\n    from fdlaunch import cli\n    import fdlaunch.kernel.fds\n")
+    assert ours_imported(source) == {"fdlaunch.cli", "fdlaunch.kernel.fds"}
+    assert layer("fdlaunch.cli") not in ALLOWED[layer("fdlaunch.loops.overlap")]
