@@ -40,6 +40,7 @@ all: lint
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	rm -rf build/lib  # setuptools would install what an earlier build left there
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --use-pep517 '.[test,lint]'
 	touch $@
 

@@ -102,6 +102,14 @@ def test_layout(stage):
             assert stage.encode() not in target.read_bytes(), f"{path} names the DESTDIR"
 
 
+def test_the_installed_package_is_the_checkout_s_package(stage):
+    # setuptools builds in build/lib and keeps what an earlier build left there:
+    # after a module moves, its old copy would be installed beside the new one.
+    installed = {p for p in listing(f"{stage}{PREFIX}/lib/fdlaunch/fdlaunch") if p.endswith(".py")}
+    checkout = {p for p in listing(ROOT / "fdlaunch") if p.endswith(".py")}
+    assert installed == checkout
+
+
 def test_staged_tools_answer_help_and_version(stage):
     for tool in console_scripts():
         assert shutil.which(tool, path=staged_env(stage)["PATH"]) == f"{stage}{PREFIX}/bin/{tool}"
