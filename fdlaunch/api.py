@@ -7,8 +7,6 @@ from fdlaunch.errors import UsageError
 from fdlaunch.kernel import fds, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
-PASSING_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID")
-
 
 def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.socket]]:
     """The sockets passed to this process, by label: {'http': [<socket>], 'dns': [<udp>, <tcp>]}.
@@ -38,7 +36,7 @@ def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.sock
         sock.set_inheritable(False)
         found.setdefault(p.label, []).append(sock)
     if unset_environment:
-        for name in PASSING_VARIABLES:
+        for name in listenenv.VARIABLES:
             os.environ.pop(name, None)
     return found
 

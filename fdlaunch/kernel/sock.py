@@ -14,6 +14,7 @@ import stat
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError, shown, unable
+from fdlaunch.kernel import fds
 from fdlaunch.text import spec as specs
 from fdlaunch.text.numbers import is_decimal
 
@@ -121,11 +122,7 @@ class Opened:
         self.fds = [where.get(fd, fd) for fd in self.fds]
 
     def discard(self):
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        fds.close_all(self.fds)
         for path, device, inode in self.files:
             try:
                 now = os.lstat(path)

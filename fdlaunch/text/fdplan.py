@@ -7,8 +7,8 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError
-from fdlaunch.text.listenenv import SYSTEMD_FIRST_FD, Passed
-from fdlaunch.text.spec import LABEL, RESERVED_VARIABLES, VARIABLE
+from fdlaunch.text.listenenv import LABEL, SYSTEMD_FIRST_FD, VARIABLES, Passed
+from fdlaunch.text.spec import VARIABLE
 
 # passed: Passed, in the order the environment lists them;
 # inherited_moves: (fd now, fd wanted) for each inherited socket;
@@ -135,7 +135,7 @@ def variables(passed, prefix):
         name = prefix + re.sub(r"[^A-Za-z0-9]", "_", p.label).upper()
         if not re.fullmatch(VARIABLE, name):
             raise UsageError(f"label {p.label!r} with prefix {prefix!r} gives {name!r}, which is not a variable name")
-        if name in RESERVED_VARIABLES or name == "NOTIFY_SOCKET":
+        if name in VARIABLES or name == "NOTIFY_SOCKET":
             raise UsageError(f"label {p.label!r} with prefix {prefix!r} gives {name}, which the program needs for itself")
         if source.setdefault(name, p.label) != p.label:
             raise UsageError(f"labels {source[name]!r} and {p.label!r} both give the variable {name}")

@@ -11,6 +11,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError, shown
+from fdlaunch.text.listenenv import LABEL, VARIABLES
 from fdlaunch.text.numbers import is_decimal
 
 # transport: 'tcp', 'udp' or 'unix', the word printed after the address;
@@ -35,13 +36,10 @@ PROTOCOLS = {
 
 # Patterns are strings, compiled on first use by re's cache: compiling them
 # all at import would cost every chain link a few milliseconds.
-LABEL = r"[A-Za-z0-9._-]{1,255}"
 VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
 SERVICE = r"[A-Za-z][A-Za-z0-9_+.-]*"
 HOSTNAME = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
 ACCOUNT_NAME = r"[^,:/@\s\x00-\x1f\x7f]+"
-# The variables fdlaunch-listen writes itself; var= may not take them over.
-RESERVED_VARIABLES = {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID"}
 ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one kept for the terminating NUL (unix(7))
 IFNAMSIZ = 16  # netdevice(7): interface names are at most 15 bytes
@@ -125,7 +123,7 @@ def _fd(text):
 def _variable(text):
     if not re.fullmatch(VARIABLE, text):
         raise ValueError("a variable name is a letter or _ followed by letters, digits or _")
-    if text in RESERVED_VARIABLES:
+    if text in VARIABLES:
         raise ValueError(f"{text} is set by fdlaunch-listen itself")
     return text
 

@@ -19,7 +19,7 @@ INETD_NAMES = ("REMOTE_ADDR", "REMOTE_PORT")
 # What a handler never inherits from the server's own environment: the
 # sockets the server was handed, its supervisor's notify socket (a handler
 # must not speak for the service), and connection variables of any caller.
-REMOVED = (*listenenv.SYSTEMD_VARIABLES, "LISTEN_FD_MAP", "NOTIFY_SOCKET", "PROTO", *TCP_NAMES, *IPC_NAMES, *INETD_NAMES)
+REMOVED = (*listenenv.VARIABLES, "NOTIFY_SOCKET", "PROTO", *TCP_NAMES, *IPC_NAMES, *INETD_NAMES)
 
 # ip: an ip_address (IPv4-mapped IPv6 shown as IPv4), port: int; or, on a
 # unix socket, uid, gid, pid from SO_PEERCRED.
