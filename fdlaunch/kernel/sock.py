@@ -269,15 +269,13 @@ def _set_buffer(sock, forced, plain, size):
 
 
 def describe(fd, spec):
-    """The address actually bound, as CONVENTIONS.md prints it (the real port when 0 was asked)."""
-    if spec.is_unix:
-        return spec.address()
+    """The address fd is bound to, printed by spec.format_address (the real port when 0 was asked)."""
     sock = socket.socket(fileno=fd)
     try:
-        host, port = sock.getsockname()[:2]
+        name = sock.getsockname()
     finally:
         sock.detach()
-    return specs.format_inet(host, str(port), spec.protocol.transport)
+    return specs.format_address(name, spec.protocol.transport)
 
 
 def wait_for_activity(fds):
@@ -290,9 +288,5 @@ def wait_for_activity(fds):
 
 
 def endpoint_address(endpoint):
-    """The address an endpoint will bind, printed as CONVENTIONS.md prints it."""
-    spec = endpoint.spec
-    if spec.is_unix:
-        return spec.address()
-    host, port = endpoint.sockaddr[:2]
-    return specs.format_inet(host, str(port), spec.protocol.transport)
+    """The address an endpoint will bind, its names looked up, printed by spec.format_address."""
+    return specs.format_address(endpoint.sockaddr, endpoint.spec.protocol.transport)

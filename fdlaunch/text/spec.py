@@ -92,15 +92,29 @@ class Spec(namedtuple("Spec", _SPEC_FIELDS, defaults=list(_SPEC_FIELDS.values())
         return self.is_unix and self.path.startswith("@")
 
     def address(self):
-        """The address as CONVENTIONS.md prints it: '127.0.0.1:8080/tcp', '[::]:53/udp', '/run/x'."""
-        if self.is_unix:
-            return shown(self.path)
-        return format_inet(self.host, self.port, self.protocol.transport)
+        """The address as asked, printed by format_address: ':8080/tcp' for the wildcard."""
+        return format_address(self.path if self.is_unix else (self.host, self.port), self.protocol.transport)
 
 
-def format_inet(host, port, transport):
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port}/{transport}"
+def format_address(where, transport=None):
+    """An address as fdlaunch(7), DIAGNOSTICS, prints it: '127.0.0.1:8080/tcp', '[::1]:53/udp', '/run/x', '@name'.
+
+    where: (host, port, ...) as a spec or a sockaddr has them, or a unix
+    socket's name, str or bytes as getsockname() gives it. Without
+    transport, an inet address is printed bare, as a peer: '[::1]:4711'.
+    """
+    if isinstance(where, (str, bytes)):
+        return shown(unix_name(where))
+    host, port = str(where[0]), where[1]
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"{bracketed}:{port}" + (f"/{transport}" if transport else "")
+
+
+def unix_name(name):
+    """getsockname() of a unix socket as text: the path, '@name' for the abstract namespace."""
+    if isinstance(name, bytes):
+        return "@" + name[1:].decode(errors="surrogateescape") if name[:1] == b"\0" else name.decode(errors="surrogateescape")
+    return name
 
 
 # Option values: each parser takes the text after '=' and returns the value
