@@ -236,7 +236,7 @@ def shared_libraries(binary):
         (["--limit=files=10", "nobody", "true"], 100, "unknown resource 'files'"),
         (["--limit=nofile=ten", "nobody", "true"], 100, "'ten' is not a number"),
         (["--limit=nofile=20:10", "nobody", "true"], 100, "soft limit is above the hard limit"),
-        (["--umask=999", "nobody", "true"], 100, "--umask='999' is not an octal mode"),
+        (["--umask=999", "nobody", "true"], 100, "--umask='999': an octal mode is 1 to 4 digits 0-7, from 0000 to 0777"),
         (["--nice=fast", "nobody", "true"], 100, "--nice='fast'"),
         (["--from-env", "--env", "true"], 100, "--from-env: UID is not set"),
         (["--export", "--chroot=/", "nobody", "true"], 100, "--export only sets UID, GID and GIDLIST; give --chroot to the --from-env"),

@@ -94,7 +94,7 @@ def read_setup(options):
     return {
         "limits": [credspec.parse_limit(text) for text in options["--limit"]],
         "nice": None if options["--nice"] is None else credspec.parse_nice(options["--nice"]),
-        "umask": None if options["--umask"] is None else credspec.parse_octal("--umask", options["--umask"], 0o777),
+        "umask": None if options["--umask"] is None else credspec.parse_octal("--umask", options["--umask"]),
         "capabilities": credspec.parse_capabilities(options["--keep-cap"]) if options["--keep-cap"] else (),
     }
 

@@ -8,7 +8,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal, octal_mode
 
 # groups is the complete supplementary list, sorted, without repeats.
 Credentials = namedtuple("Credentials", "uid gid groups")
@@ -176,10 +176,11 @@ def capability_names(numbers):
     return ",".join("cap_" + CAPABILITIES[n] for n in numbers)
 
 
-def parse_octal(option, text, top):
-    if not re.fullmatch(r"[0-7]{1,4}", text) or int(text, 8) > top:
-        raise UsageError(f"{option}={text!r} is not an octal mode from 0 to {top:o}")
-    return int(text, 8)
+def parse_octal(option, text):
+    try:
+        return octal_mode(text)
+    except ValueError as error:
+        raise UsageError(f"{option}={text!r}: {error}") from None
 
 
 def parse_nice(text):

@@ -12,7 +12,7 @@ from collections import namedtuple
 
 from fdlaunch.errors import UsageError, shown
 from fdlaunch.text.listenenv import LABEL, VARIABLES
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal, octal_mode
 
 # transport: 'tcp', 'udp' or 'unix', the word printed after the address;
 # type: 'stream', 'dgram' or 'seqpacket'; family: 'any', '4', '6' or 'unix'.
@@ -162,12 +162,6 @@ def _device(text):
     return text
 
 
-def _mode(text):
-    if not re.fullmatch(r"[0-7]{1,4}", text) or int(text, 8) > 0o777:
-        raise ValueError("mode is octal permission bits from 0000 to 0777, e.g. mode=0660")
-    return int(text, 8)
-
-
 def _owner(text):
     if not re.fullmatch(rf"{ACCOUNT_NAME}(:{ACCOUNT_NAME})?", text):
         raise ValueError("owner is USER or USER:GROUP, names or numbers")
@@ -196,7 +190,7 @@ OPTIONS = {
     "rcvbuf": (_size, ANY),
     "sndbuf": (_size, ANY),
     "device": (_device, INET),
-    "mode": (_mode, UNIX_PATH),
+    "mode": (octal_mode, UNIX_PATH),
     "owner": (_owner, UNIX_PATH),
     "mkdir": (None, UNIX_PATH),
 }
