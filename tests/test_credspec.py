@@ -49,10 +49,10 @@ def test_resolve_account(text, credentials):
         ("nobody-here", "unknown user 'nobody-here'"),
         ("www:nogroup", "unknown group 'nogroup'"),
         ("4242", "uid 4242 has no passwd entry"),
-        (":33", "is not USER, USER:GROUP, UID or UID:GID"),
-        ("www:", "is not USER"),
-        ("a:b:c", "is not USER"),
-        ("", "is not USER"),
+        (":33", "account ':33': not USER, USER:GROUP, UID or UID:GID"),
+        ("www:", "account 'www:': not USER"),
+        ("a:b:c", "account 'a:b:c': not USER"),
+        ("", "account '': not USER"),
     ],
 )
 def test_bad_accounts(text, message):

@@ -416,3 +416,41 @@ def test_python_m_fdlaunch(probe):
     done, report = probe([sys.executable, "-m", "fdlaunch", "listen", "-tcp:127.0.0.1:0"])
     assert done.returncode == 0, done.stderr
     assert report["env"]["LISTEN_FDNAMES"] == "tcp"
+
+
+def unused_id(database):
+    """An id above the usual ranges that the database (pwd.getpwuid or grp.getgrgid) has no entry for."""
+    for candidate in range(4242420, 4242520):
+        try:
+            database(candidate)
+        except KeyError:
+            return candidate
+    pytest.skip("no unused id found")
+
+
+@pytest.mark.parametrize("case", ["name", "number with entry", "number without entry", "uid:gid without entries", "unknown name", "bad group"])
+def test_owner_follows_the_accounts_rule(probe, tmp_path, case):
+    """fdlaunch(7), ACCOUNTS: the one USER[:GROUP] rule of owner= and fdlaunch-setuidgid."""
+    import grp
+    import pwd
+
+    require_root()
+    nobody = pwd.getpwnam("nobody")
+    stranger, strange_group = unused_id(pwd.getpwuid), unused_id(grp.getgrgid)
+    owner, expected = {
+        "name": ("nobody", (nobody.pw_uid, nobody.pw_gid)),
+        "number with entry": (str(nobody.pw_uid), (nobody.pw_uid, nobody.pw_gid)),
+        "number without entry": (str(stranger), (stranger, os.getgid())),  # the group left as bound, as chown(1)
+        "uid:gid without entries": (f"{stranger}:{strange_group}", (stranger, strange_group)),
+        "unknown name": ("no-such-user-fdl", "owner='no-such-user-fdl': unknown user 'no-such-user-fdl'"),
+        "bad group": ("nobody:no-such-group-fdl", "owner='nobody:no-such-group-fdl': unknown group 'no-such-group-fdl'"),
+    }[case]
+    path = tmp_path / "owned.sock"
+    done, _ = probe(["fdlaunch-listen", f"-unix:owner={owner}:{path}"])
+    if isinstance(expected, str):
+        assert (done.returncode, done.stderr) == (100, f"fdlaunch-listen: fatal: {expected}\n")
+        assert not path.exists()
+    else:
+        assert done.returncode == 0, done.stderr
+        info = os.stat(path)
+        assert (info.st_uid, info.st_gid) == expected

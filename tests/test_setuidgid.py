@@ -228,8 +228,8 @@ def shared_libraries(binary):
     [
         (["no-such-user-fdl", "true"], 100, "unknown user 'no-such-user-fdl'"),
         (["nobody:no-such-group-fdl", "true"], 100, "unknown group 'no-such-group-fdl'"),
-        (["nobody:", "true"], 100, "account 'nobody:' is not USER, USER:GROUP, UID or UID:GID"),
-        (["bad name", "true"], 100, "is not USER, USER:GROUP"),
+        (["nobody:", "true"], 100, "account 'nobody:': not USER, USER:GROUP, UID or UID:GID"),
+        (["bad name", "true"], 100, "account 'bad name': not USER, USER:GROUP"),
         (["987654", "true"], 100, "uid 987654 has no passwd entry"),
         (["--groups=wheel,,1", "nobody", "true"], 100, "has an empty item"),
         (["--keep-cap=net_bind", "nobody", "true"], 100, "unknown capability 'net_bind'"),

@@ -15,6 +15,7 @@ from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError, shown, unable
 from fdlaunch.kernel import fds
+from fdlaunch.text import credspec
 from fdlaunch.text import spec as specs
 from fdlaunch.text.numbers import is_decimal
 
@@ -83,23 +84,11 @@ def _port(spec):
 
 
 def _owner(text):
-    import grp
-    import pwd
+    """(uid, gid) for chown; gid -1 (left as bound) for a bare uid without a passwd entry, as chown(1)."""
+    from fdlaunch.kernel.creds import Lookups  # the user databases, only when a spec has owner=
 
-    user, _, group = text.partition(":")
-    try:
-        entry = pwd.getpwuid(int(user)) if is_decimal(user) else pwd.getpwnam(user)
-        uid, gid = entry.pw_uid, entry.pw_gid
-    except KeyError:
-        if not is_decimal(user):
-            raise UsageError(f"owner={text!r}: unknown user {user!r}") from None
-        uid, gid = int(user), None
-    if group:
-        try:
-            gid = int(group) if is_decimal(group) else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise UsageError(f"owner={text!r}: unknown group {group!r}") from None
-    return uid, -1 if gid is None else gid
+    found = credspec.resolve_user(text, Lookups(), f"owner={text!r}")
+    return found.uid, -1 if found.gid is None else found.gid
 
 
 class Opened:

@@ -11,6 +11,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError, shown
+from fdlaunch.text import credspec
 from fdlaunch.text.listenenv import LABEL, VARIABLES
 from fdlaunch.text.numbers import is_decimal, octal_mode
 
@@ -40,7 +41,6 @@ VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
 SERVICE = r"[A-Za-z][A-Za-z0-9_+.-]*"
 HOSTNAME = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
 ACCOUNT_NAME = r"[^,:/@\s\x00-\x1f\x7f]+"
-ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one kept for the terminating NUL (unix(7))
 IFNAMSIZ = 16  # netdevice(7): interface names are at most 15 bytes
 
@@ -163,11 +163,7 @@ def _device(text):
 
 
 def _owner(text):
-    if not re.fullmatch(rf"{ACCOUNT_NAME}(:{ACCOUNT_NAME})?", text):
-        raise ValueError("owner is USER or USER:GROUP, names or numbers")
-    for part in text.split(":"):
-        if part.isdigit() and (not part.isascii() or len(part) > 10 or int(part) > ID_MAX):
-            raise ValueError(f"{part} is out of range; uids and gids are 0 to {ID_MAX}")
+    credspec.split_user(text)
     return text
 
 
