@@ -428,7 +428,10 @@ def unused_id(database):
     pytest.skip("no unused id found")
 
 
-@pytest.mark.parametrize("case", ["name", "number with entry", "number without entry", "uid:gid without entries", "unknown name", "bad group"])
+OWNER_CASES = ["name", "number with entry", "number without entry", "uid:gid without entries", "unknown name", "bad group"]
+
+
+@pytest.mark.parametrize("case", OWNER_CASES)
 def test_owner_follows_the_accounts_rule(probe, tmp_path, case):
     """fdlaunch(7), ACCOUNTS: the one USER[:GROUP] rule of owner= and fdlaunch-setuidgid."""
     import grp
