@@ -133,3 +133,12 @@ def test_every_convention_variable_is_kept_out_of_the_same_places(name):
     with pytest.raises(UsageError, match="which the program needs for itself"):
         fdplan.variables([Passed(label, 3)], "LISTEN_")
     assert ucspi.base_environment({name: "3", "PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_plan_carries_one_record_per_new_socket():
+    """fdlaunch-listen's plan: each new socket's spec and fd together, found by fd, never zipped by position."""
+    udp, tcp = specs("-udp::53", "-tcp:fd=4:53")
+    layout = fdplan.plan([Passed("web", 3)], [udp, tcp], {0, 1, 2, 3}, True, 1024)
+    assert layout.new == [fdplan.Socket(udp, 5), fdplan.Socket(tcp, 4)]
+    assert (layout.new_at(4).spec, layout.new_at(5).spec, layout.new_at(3)) == (tcp, udp, None)
+    assert layout.new_at(4).endpoint is None and layout.new_at(4).opened is None

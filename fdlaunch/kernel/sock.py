@@ -43,6 +43,11 @@ def ipv6_available():
     return True
 
 
+def wildcard_is_dual_stack(specs):
+    """Whether an empty HOST among specs means '::' (this host has IPv6) rather than 0.0.0.0: resolve's ipv6."""
+    return any(not s.host and s.protocol.family == "any" for s in specs) and ipv6_available()
+
+
 def resolve(spec, ipv6):
     """Look up the spec's host, service, interface and owner; a missing name is a usage error."""
     kind = TYPES[spec.protocol.type]
