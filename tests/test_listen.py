@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import TIMEOUT, free_port, probe_argv, read_probe, require_root, run, sockets
+from conftest import PROBE, TIMEOUT, free_port, probe_argv, read_probe, require_root, run, sockets
 
 FAMILY = {4: "AF_INET", 6: "AF_INET6", "unix": "AF_UNIX"}
 
@@ -85,9 +85,22 @@ def test_the_program_keeps_the_pid(tmp_path):
 
 
 def test_without_the_double_dash(probe):
-    done, report = probe(["fdlaunch-listen", "-udp:127.0.0.1:0"])
+    """The first word that is not a spec starts the program: its argv is its own, fd 3 is the one UDP socket."""
+    port = free_port(socket.SOCK_DGRAM)
+    done, report = probe(["fdlaunch-listen", f"-udp:127.0.0.1:{port}"])
     assert done.returncode == 0, done.stderr
-    assert report["argv"][1:] == [str(report["argv"][1])]
+    assert report["argv"] == [PROBE, "-"]
+    assert sorted(report["fds"]) == [0, 1, 2, 3]
+    udp = report["fds"][3]
+    assert (udp["family"], udp["type"], udp["address"], udp["listening"], udp["cloexec"]) == (
+        "AF_INET",
+        "SOCK_DGRAM",
+        ["127.0.0.1", port],
+        False,
+        False,
+    )
+    passing = {name: report["env"].get(name) for name in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PID")}
+    assert passing == {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "udp", "LISTEN_FD_MAP": "udp=3", "LISTEN_PID": str(report["pid"])}
 
 
 def test_program_options_are_not_ours(tmp_path):
