@@ -5,9 +5,7 @@ import socket
 
 from fdlaunch.errors import UsageError
 from fdlaunch.kernel import fds, sdnotify
-from fdlaunch.text import listenenv, notifyproto
-
-PASSING_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID")
+from fdlaunch.text import listenenv
 
 
 def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.socket]]:
@@ -38,7 +36,7 @@ def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.sock
         sock.set_inheritable(False)
         found.setdefault(p.label, []).append(sock)
     if unset_environment:
-        for name in PASSING_VARIABLES:
+        for name in listenenv.VARIABLES:
             os.environ.pop(name, None)
     return found
 
@@ -55,22 +53,14 @@ def notify(*lines, pid=None, environ=None, wait=False):
     """Send lines such as 'READY=1' or 'STATUS=loading' to $NOTIFY_SOCKET, as sd_notify(3).
 
     Returns False when NOTIFY_SOCKET is unset (nobody listens: not an error),
-    True once sent; raises OSError if sending failed. pid sends on behalf of
-    another process and adds MAINPID=pid; wait=True also waits (5 s at most)
-    for the receiver to handle it, as systemd-notify does by default: a
-    process that exits right after must, for a receiver that checks who
-    sent it (fdlaunch-notify-wait) to find it still there.
+    True once sent; raises ValueError for a line that is not FIELD=VALUE,
+    whether or not anyone listens (as fdlaunch-notify refuses it), and
+    OSError if sending failed. pid sends on behalf of another process and
+    adds MAINPID=pid; wait=True also waits (5 s at most) for the receiver to
+    handle it, as systemd-notify does by default: a process that exits right
+    after must, for a receiver that checks who sent it (fdlaunch-notify-wait)
+    to find it still there.
     """
     environ = os.environ if environ is None else environ
-    target = environ.get("NOTIFY_SOCKET")
-    if not target:
-        return False
-    texts = [*lines, *([f"MAINPID={pid}"] if pid is not None else [])]
-    try:
-        data = notifyproto.check_fields(texts)
-    except ValueError as error:
-        raise ValueError(str(error)) from None
-    sdnotify.send(data, target, pid=pid)
-    if wait:
-        sdnotify.barrier(target, 5)
-    return True
+    _, confirmed = sdnotify.notify(lines, environ.get("NOTIFY_SOCKET"), pid, 5 if wait else 0)
+    return confirmed is not None

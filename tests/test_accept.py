@@ -697,3 +697,12 @@ def test_a_closed_stderr_stops_nothing(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_unix_path_with_a_newline_is_logged_on_one_line(server, public_dir):
+    """The serving line prints its address through spec.format_address: quoted, never two lines."""
+    path = public_dir / "a\nb"
+    one = server(f"-unix:{path}", ["-v"], ["true"])
+    one.wait_for_line("serving unix=")
+    line = next(line for line in one.stderr().splitlines() if "serving unix=" in line)
+    assert repr(str(path)) in line, one.stderr()

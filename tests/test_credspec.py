@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from fdlaunch.errors import UsageError
-from fdlaunch.text import credspec
+from fdlaunch.text import credspec, spec
 from fdlaunch.text.credspec import Credentials
 
 Pw = namedtuple("Pw", "pw_name pw_uid pw_gid pw_dir pw_shell")
@@ -49,10 +49,10 @@ def test_resolve_account(text, credentials):
         ("nobody-here", "unknown user 'nobody-here'"),
         ("www:nogroup", "unknown group 'nogroup'"),
         ("4242", "uid 4242 has no passwd entry"),
-        (":33", "is not USER, USER:GROUP, UID or UID:GID"),
-        ("www:", "is not USER"),
-        ("a:b:c", "is not USER"),
-        ("", "is not USER"),
+        (":33", "account ':33': not USER, USER:GROUP, UID or UID:GID"),
+        ("www:", "account 'www:': not USER"),
+        ("a:b:c", "account 'a:b:c': not USER"),
+        ("", "account '': not USER"),
     ],
 )
 def test_bad_accounts(text, message):
@@ -123,3 +123,21 @@ WANTED = Credentials(33, 33, (33, 110))
 def test_mismatches(kernel, capabilities, complaint):
     found = credspec.mismatches(WANTED, capabilities, kernel)
     assert found == ([] if complaint is None else [complaint])
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("7", 7), ("027", 0o27), ("0660", 0o660), ("0777", 0o777), ("777", 0o777)])
+def test_octal_modes_accepted(text, value):
+    assert credspec.parse_octal("--umask", text) == value
+    assert spec.parse(f"-unix:mode={text}:/run/x").mode == value
+
+
+@pytest.mark.parametrize("text", ["", "8", "0800", "1777", "00777", "-1", "+7", " 7", "\u0667", "0x1f", "99999999999"])
+def test_octal_modes_refused_with_one_message_by_umask_and_mode(text):
+    """One parser (numbers.octal_mode) and one rule for --umask= and mode=: 1 to 4 octal digits, at most 0777."""
+    reason = "an octal mode is 1 to 4 digits 0-7, from 0000 to 0777, e.g. 0660"
+    with pytest.raises(UsageError) as umask:
+        credspec.parse_octal("--umask", text)
+    assert str(umask.value) == f"--umask={text!r}: {reason}"
+    with pytest.raises(UsageError) as mode:
+        spec.parse(f"-unix:mode={text}:/run/x")
+    assert str(mode.value).endswith(f"mode={text!r}: {reason}")

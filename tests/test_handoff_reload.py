@@ -267,7 +267,7 @@ def test_map_leaves_an_open_descriptor_alone(tmp_path):
 
 
 def test_an_instance_gets_its_sockets_and_nothing_of_ours(tmp_path):
-    """CONVENTIONS.md section 1, with --listen-from: no descriptor of handoff's own, only documented variables."""
+    """fdlaunch(7), CHAIN LOADING, with --listen-from: no descriptor of handoff's own, only documented variables."""
     from test_hygiene import REPORT
 
     file = tmp_path / "sockets"

@@ -271,7 +271,7 @@ def test_keeping_setgid_is_still_a_way_back_to_root():
     [
         (["fdlaunch-listen", "-unix::/nonexistent-fdl/a\nb", "true"], "unable to bind '/nonexistent-fdl/a\\nb'"),
         (["fdlaunch-listen", "-unix:mode=0600:@a\nb", "true"], "not for unix '@a\\nb'"),
-        (["fdlaunch-listen", "-unix:owner=a\x01b:/nonexistent-fdl/x", "true"], "owner is USER or USER:GROUP"),
+        (["fdlaunch-listen", "-unix:owner=a\x01b:/nonexistent-fdl/x", "true"], "owner='a\\x01b': not USER, USER:GROUP, UID or UID:GID"),
         (["fdlaunch-listen", "-tcp:127.0.0.1:0", "no\nsuch"], "unable to exec 'no\\nsuch'"),
         (["fdlaunch-setuidgid", "--chdir=/no\nsuch", "65534", "true"], "chdir to '/no\\nsuch'"),
         (["fdlaunch-setuidgid", "--chroot=/no\nsuch", "65534", "true"], "chroot to '/no\\nsuch'"),

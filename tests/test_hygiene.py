@@ -1,4 +1,4 @@
-"""CONVENTIONS.md section 1, for every tool that runs a program: what the program is handed.
+"""fdlaunch(7), CHAIN LOADING, for every tool that runs a program: what the program is handed.
 
 The environment it was started with (plus only the documented variables),
 SIGPIPE and SIGXFSZ at their defaults, the caller's ignored signals and

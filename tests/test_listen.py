@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import TIMEOUT, free_port, probe_argv, read_probe, require_root, run, sockets
+from conftest import PROBE, TIMEOUT, free_port, probe_argv, read_probe, require_root, run, sockets
 
 FAMILY = {4: "AF_INET", 6: "AF_INET6", "unix": "AF_UNIX"}
 
@@ -85,9 +85,22 @@ def test_the_program_keeps_the_pid(tmp_path):
 
 
 def test_without_the_double_dash(probe):
-    done, report = probe(["fdlaunch-listen", "-udp:127.0.0.1:0"])
+    """The first word that is not a spec starts the program: its argv is its own, fd 3 is the one UDP socket."""
+    port = free_port(socket.SOCK_DGRAM)
+    done, report = probe(["fdlaunch-listen", f"-udp:127.0.0.1:{port}"])
     assert done.returncode == 0, done.stderr
-    assert report["argv"][1:] == [str(report["argv"][1])]
+    assert report["argv"] == [PROBE, "-"]
+    assert sorted(report["fds"]) == [0, 1, 2, 3]
+    udp = report["fds"][3]
+    assert (udp["family"], udp["type"], udp["address"], udp["listening"], udp["cloexec"]) == (
+        "AF_INET",
+        "SOCK_DGRAM",
+        ["127.0.0.1", port],
+        False,
+        False,
+    )
+    passing = {name: report["env"].get(name) for name in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PID")}
+    assert passing == {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "udp", "LISTEN_FD_MAP": "udp=3", "LISTEN_PID": str(report["pid"])}
 
 
 def test_program_options_are_not_ours(tmp_path):
@@ -416,3 +429,44 @@ def test_python_m_fdlaunch(probe):
     done, report = probe([sys.executable, "-m", "fdlaunch", "listen", "-tcp:127.0.0.1:0"])
     assert done.returncode == 0, done.stderr
     assert report["env"]["LISTEN_FDNAMES"] == "tcp"
+
+
+def unused_id(database):
+    """An id above the usual ranges that the database (pwd.getpwuid or grp.getgrgid) has no entry for."""
+    for candidate in range(4242420, 4242520):
+        try:
+            database(candidate)
+        except KeyError:
+            return candidate
+    pytest.skip("no unused id found")
+
+
+OWNER_CASES = ["name", "number with entry", "number without entry", "uid:gid without entries", "unknown name", "bad group"]
+
+
+@pytest.mark.parametrize("case", OWNER_CASES)
+def test_owner_follows_the_accounts_rule(probe, tmp_path, case):
+    """fdlaunch(7), ACCOUNTS: the one USER[:GROUP] rule of owner= and fdlaunch-setuidgid."""
+    import grp
+    import pwd
+
+    require_root()
+    nobody = pwd.getpwnam("nobody")
+    stranger, strange_group = unused_id(pwd.getpwuid), unused_id(grp.getgrgid)
+    owner, expected = {
+        "name": ("nobody", (nobody.pw_uid, nobody.pw_gid)),
+        "number with entry": (str(nobody.pw_uid), (nobody.pw_uid, nobody.pw_gid)),
+        "number without entry": (str(stranger), (stranger, os.getgid())),  # the group left as bound, as chown(1)
+        "uid:gid without entries": (f"{stranger}:{strange_group}", (stranger, strange_group)),
+        "unknown name": ("no-such-user-fdl", "owner='no-such-user-fdl': unknown user 'no-such-user-fdl'"),
+        "bad group": ("nobody:no-such-group-fdl", "owner='nobody:no-such-group-fdl': unknown group 'no-such-group-fdl'"),
+    }[case]
+    path = tmp_path / "owned.sock"
+    done, _ = probe(["fdlaunch-listen", f"-unix:owner={owner}:{path}"])
+    if isinstance(expected, str):
+        assert (done.returncode, done.stderr) == (100, f"fdlaunch-listen: fatal: {expected}\n")
+        assert not path.exists()
+    else:
+        assert done.returncode == 0, done.stderr
+        info = os.stat(path)
+        assert (info.st_uid, info.st_gid) == expected

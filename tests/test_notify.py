@@ -404,6 +404,19 @@ def test_python_api(tmp_path):
         fdlaunch.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "gone")})
 
 
+def test_one_sender_refuses_a_bad_line_whether_or_not_anyone_listens(env):
+    """fdlaunch.notify() and fdlaunch-notify send through sdnotify.notify: both refuse 'READY' before looking for a listener."""
+    with pytest.raises(ValueError, match="'READY' is not FIELD=VALUE"):
+        fdlaunch.notify("READY", environ={})
+    with pytest.raises(ValueError, match="the protocol allows 4096"):
+        fdlaunch.notify("STATUS=" + "x" * 4096, environ={})
+    done = run(["fdlaunch-notify", "READY"], env={k: v for k, v in env.items() if k != "NOTIFY_SOCKET"})
+    assert (done.returncode, done.stderr) == (
+        100,
+        "fdlaunch-notify: fatal: 'READY' is not FIELD=VALUE (e.g. READY=1, STATUS=loading zones)\n",
+    )
+
+
 def s6_service(tmp_path, run_script, env):
     """A service directory with notification-fd 3 under a real s6-supervise; returns (directory, supervise)."""
     for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):

@@ -3,7 +3,7 @@
 import pytest
 
 from fdlaunch.errors import Fatal, UsageError
-from fdlaunch.text import fdplan, listenenv, spec
+from fdlaunch.text import fdplan, listenenv, spec, ucspi
 from fdlaunch.text.listenenv import Passed
 
 PID = 4242
@@ -121,3 +121,24 @@ def test_fd_beyond_the_limit_is_a_system_limit():
 def test_variables():
     layout = fdplan.plan([], specs("-udp:var=DNS_UDP:53", "-tcp::53"), {0, 1, 2}, True, 1024)
     assert layout.variables == {"DNS_UDP": 3}
+
+
+@pytest.mark.parametrize("name", listenenv.VARIABLES)
+def test_every_convention_variable_is_kept_out_of_the_same_places(name):
+    """One list (listenenv.VARIABLES): var= may not take it, --vars may not make it, no handler inherits it."""
+    assert set(listenenv.VARIABLES) >= {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID", "LISTEN_FD_MAP"}
+    with pytest.raises(UsageError, match=f"{name} is set by fdlaunch-listen itself"):
+        spec.parse(f"-tcp:var={name}:80")
+    label = name.removeprefix("LISTEN_").lower()
+    with pytest.raises(UsageError, match="which the program needs for itself"):
+        fdplan.variables([Passed(label, 3)], "LISTEN_")
+    assert ucspi.base_environment({name: "3", "PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_plan_carries_one_record_per_new_socket():
+    """fdlaunch-listen's plan: each new socket's spec and fd together, found by fd, never zipped by position."""
+    udp, tcp = specs("-udp::53", "-tcp:fd=4:53")
+    layout = fdplan.plan([Passed("web", 3)], [udp, tcp], {0, 1, 2, 3}, True, 1024)
+    assert layout.new == [fdplan.Socket(udp, 5), fdplan.Socket(tcp, 4)]
+    assert (layout.new_at(4).spec, layout.new_at(5).spec, layout.new_at(3)) == (tcp, udp, None)
+    assert layout.new_at(4).endpoint is None and layout.new_at(4).opened is None

@@ -1,11 +1,13 @@
 """The spec grammar: tables of accepted and refused specs, and properties."""
 
+import ipaddress
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fdlaunch.errors import UsageError
-from fdlaunch.text import spec
+from fdlaunch.text import spec, ucspi
 
 ACCEPTED = [
     # text, proto, host, port, path, name
@@ -166,3 +168,27 @@ def test_well_formed_specs_round_trip(text):
     parsed = spec.parse(text)
     assert spec.parse(spec.format_spec(parsed)) == parsed
     assert spec.format_spec(spec.parse(spec.format_spec(parsed))) == spec.format_spec(parsed)
+
+
+@pytest.mark.parametrize(
+    "where, transport, printed",
+    [
+        (("127.0.0.1", 8080), "tcp", "127.0.0.1:8080/tcp"),
+        (("::1", 53, 0, 0), "udp", "[::1]:53/udp"),
+        (("", "http"), "tcp", ":http/tcp"),
+        ("/run/x", "unix", "/run/x"),
+        (b"\0abstract", "unix", "@abstract"),
+        ("/run/a\nb", "unix", "'/run/a\\nb'"),
+        ((ipaddress.ip_address("::1"), 4711), None, "[::1]:4711"),
+    ],
+)
+def test_one_address_printer(where, transport, printed):
+    """fdlaunch(7), DIAGNOSTICS: specs, bound sockets, endpoints and peers all print through format_address."""
+    assert spec.format_address(where, transport) == printed
+
+
+def test_specs_and_peers_print_alike():
+    assert spec.parse("-udp6:[::1]:53").address() == "[::1]:53/udp"
+    assert spec.parse("-unix-dgram:@ctl").address() == "@ctl"
+    assert ucspi.describe(ucspi.inet_peer(("::ffff:127.0.0.1", 4711, 0, 0))) == "127.0.0.1:4711"
+    assert ucspi.describe(ucspi.inet_peer(("::1", 4711, 0, 0))) == "[::1]:4711"

@@ -40,9 +40,9 @@ from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
 from fdlaunch.kernel import creds, fds
 from fdlaunch.loops import accepting
-from fdlaunch.text import listenenv, rules, ucspi
+from fdlaunch.text import listenenv, rules
 from fdlaunch.text.numbers import is_decimal
-from fdlaunch.text.spec import format_inet
+from fdlaunch.text.spec import format_address
 
 PROG = "fdlaunch-accept"
 MAX_HANDLERS = 1_000_000
@@ -143,10 +143,8 @@ def choose(passed, label):
 
 
 def describe(sock):
-    name = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return ucspi.unix_path(name) or "an unnamed unix socket"
-    return format_inet(name[0], name[1], "tcp")
+    transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
+    return format_address(sock.getsockname(), transport) or "an unnamed unix socket"
 
 
 def hide_descriptors():

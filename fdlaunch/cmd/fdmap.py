@@ -108,4 +108,4 @@ def as_stdin(passed, label, environ):
     fds.close_all({p.fd for p in passed} - {0, 1})
     others = [p for p in passed if p != matching[0] and p.fd not in (0, 1)]
     done = [f"fd {matching[0].fd} ({label}) on fd 0 and fd 1"] + [f"fd {p.fd} ({p.label}) closed" for p in others]
-    return {name: value for name, value in environ.items() if name not in listenenv.SYSTEMD_VARIABLES + ("LISTEN_FD_MAP",)}, done
+    return {name: value for name, value in environ.items() if name not in listenenv.VARIABLES}, done

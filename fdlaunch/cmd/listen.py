@@ -37,31 +37,22 @@ def main(argv, caller):
     option_words, spec_words, program = spec.split_words(argv)
     options = cli.parse(__doc__, option_words, match=OPTIONS_ONLY)
     wanted = [spec.parse(word) for word in spec_words]
-    if not wanted or not (program or options["--dry-run"]):
-        if not wanted and not program:
-            raise BadCall(cli.synopsis(__doc__))
-        missing = "socket spec" if not wanted else "program"
-        raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
+    refuse_missing(wanted, program, options["--dry-run"])
     systemd = not options["--map"]
     pid = os.getpid()
-    inherited = listenenv.inherited(caller, pid, fds.limit())
-    open_now = fds.open_fds()
-    fds.check_inherited(inherited, open_now)
-    layout = fdplan.plan(inherited, wanted, open_now, systemd, fds.limit())
-    ipv6 = any(not s.host and s.protocol.family == "any" for s in wanted) and sock.ipv6_available()
-    endpoints = [sock.resolve(s, ipv6) for s in wanted]
+    layout = plan(caller, pid, wanted, systemd)
     environ = listenenv.environment(caller, layout.passed, pid, systemd, layout.variables)
     if options["--dry-run"]:
-        print_plan(layout, endpoints, caller, environ, program)
+        print_plan(layout, caller, environ, program)
         raise Finished(0)
     path = chain.find_program(program[0], environ)
     with sock.Opened() as opened:
-        new = [opened.open(endpoint) for endpoint in endpoints]
-        moves = layout.inherited_moves + list(zip(new, layout.new_fds, strict=True))
+        layout = layout._replace(new=[s._replace(opened=opened.open(s.endpoint)) for s in layout.new])
+        moves = layout.inherited_moves + [(s.opened, s.fd) for s in layout.new]
         fds.place(moves)
         opened.moved(moves)
         if options["--verbose"]:
-            for line in describe(layout, wanted):
+            for line in describe(layout):
                 warn(PROG, "info", line)
         if options["--lazy"]:
             with chain.stopping_signals_raise():
@@ -69,22 +60,36 @@ def main(argv, caller):
         return chain.Exec(path, program, environ, undo=opened.discard)
 
 
-def describe(layout, wanted):
+def refuse_missing(wanted, program, dry_run):
+    if not wanted and not program:
+        raise BadCall(cli.synopsis(__doc__))
+    if not wanted or not (program or dry_run):
+        missing = "socket spec" if not wanted else "program"
+        raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
+
+
+def plan(caller, pid, wanted, systemd):
+    """Where every socket goes, each new one with its names looked up: all that can be refused, before any bind."""
+    inherited = listenenv.inherited(caller, pid, fds.limit())
+    open_now = fds.open_fds()
+    fds.check_inherited(inherited, open_now)
+    layout = fdplan.plan(inherited, wanted, open_now, systemd, fds.limit())
+    ipv6 = sock.wildcard_is_dual_stack(wanted)
+    return layout._replace(new=[s._replace(endpoint=sock.resolve(s.spec, ipv6)) for s in layout.new])
+
+
+def describe(layout):
     """One line per passed socket: fd, protocol, address actually bound, label."""
-    by_fd = {fd: s for s, fd in zip(wanted, layout.new_fds, strict=True)}
     for passed in layout.passed:
-        s = by_fd.get(passed.fd)
-        if s is None:
-            yield f"fd {passed.fd}: inherited, label {passed.label}"
-        else:
-            yield f"fd {passed.fd}: {s.proto} {sock.describe(passed.fd, s)}, label {passed.label}"
+        s = layout.new_at(passed.fd)
+        where = "inherited" if s is None else f"{s.spec.proto} {sock.describe(passed.fd, s.spec)}"
+        yield f"fd {passed.fd}: {where}, label {passed.label}"
 
 
-def print_plan(layout, endpoints, before, after, program):
-    by_fd = {fd: e for e, fd in zip(endpoints, layout.new_fds, strict=True)}
+def print_plan(layout, before, after, program):
     for passed in layout.passed:
-        e = by_fd.get(passed.fd)
-        where = "inherited" if e is None else f"{e.spec.proto} {sock.endpoint_address(e)}"
+        s = layout.new_at(passed.fd)
+        where = "inherited" if s is None else f"{s.spec.proto} {sock.endpoint_address(s.endpoint)}"
         print(f"fd {passed.fd}: {where}, label {passed.label}")
     for name in sorted(after):
         if before.get(name) != after[name]:

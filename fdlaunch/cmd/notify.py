@@ -21,7 +21,6 @@ from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
 from fdlaunch.kernel import sdnotify
-from fdlaunch.text import notifyproto
 from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-notify"
@@ -34,21 +33,19 @@ PID_MAX = 2**22  # the highest kernel.pid_max allows (proc(5))
 def main(argv, environ):
     options = cli.parse(__doc__, argv)
     pid = read_pid(options["--pid"])
-    texts = [*options["FIELD=VALUE"], *([f"MAINPID={pid}"] if pid is not None else [])]
+    target = environ.get("NOTIFY_SOCKET")
+    wait = 0 if options["--no-block"] else BARRIER_SECONDS
     try:
-        data = notifyproto.check_fields(texts)
+        data, confirmed = sdnotify.notify(options["FIELD=VALUE"], target, pid, wait)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    target = environ.get("NOTIFY_SOCKET")
-    if not target:
-        warn(PROG, "warning", "NOTIFY_SOCKET is not set; nobody to tell")
-        return NOT_LISTENING
-    try:
-        sdnotify.send(data, target, pid=pid)
-        if not options["--no-block"] and not sdnotify.barrier(target, BARRIER_SECONDS):
-            warn(PROG, "warning", f"{shown(target)} did not confirm the message within {BARRIER_SECONDS} seconds")
     except OSError as error:
         raise unable(f"send to {shown(target)}", error) from None
+    if confirmed is None:
+        warn(PROG, "warning", "NOTIFY_SOCKET is not set; nobody to tell")
+        return NOT_LISTENING
+    if not confirmed:
+        warn(PROG, "warning", f"{shown(target)} did not confirm the message within {BARRIER_SECONDS} seconds")
     if options["--verbose"]:
         warn(PROG, "info", f"sent {data.decode()!r} to {target!r}" + (f" for pid {pid}" if pid is not None else ""))
     return 0

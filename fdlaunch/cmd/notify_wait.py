@@ -45,7 +45,7 @@ from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-notify-wait"
-# --fork exit statuses, besides 0 (ready) and those of CONVENTIONS.md
+# --fork exit statuses, besides 0 (ready) and those of fdlaunch(7), EXIT STATUS
 EXITED_BEFORE_READY = 1
 NOT_READY_IN_TIME = 2
 GRACE_SECONDS = 5  # after SIGTERM at --timeout in --fork mode, before SIGKILL

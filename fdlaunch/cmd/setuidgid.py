@@ -52,30 +52,12 @@ def main(argv, environ):
     if options["--groups"] is not None:
         wanted = wanted._replace(groups=credspec.parse_group_list(options["--groups"], lookups))
     if options["--export"]:
-        refuse_with_export(options)
-        environ.update(credspec.to_environment(wanted))
-        if options["--verbose"]:
-            exported = " ".join(f"{k}={v}" for k, v in credspec.to_environment(wanted).items())
-            warn(PROG, "info", f"set {exported}; credentials unchanged")
-        return chain.Exec(chain.find_program(program[0], environ), program, environ)
+        return export(options, wanted, environ, program)
     setup = read_setup(options)
     if options["--env"]:
-        if account is None:
-            raise UsageError("--env needs an ACCOUNT to take HOME and SHELL from, not --from-env")
-        environ.update(credspec.account_environment(account))
-
+        environ.update(account_environment(account))
     status = creds.open_status()
-    creds.set_limits(setup["limits"])
-    if setup["nice"] is not None:
-        creds.change_nice(setup["nice"])
-    if options["--setsid"]:
-        creds.new_session()
-    if options["--chroot"]:
-        creds.change_root(options["--chroot"])
-    if setup["umask"] is not None:
-        os.umask(setup["umask"])
-    if setup["capabilities"] and not creds.has_capabilities(status, setup["capabilities"]):
-        raise Fatal(f"unable to keep {credspec.capability_names(setup['capabilities'])}: not in this process's permitted set")
+    change_process(options, setup, status)
     creds.drop(wanted, setup["capabilities"])
     verify(status, wanted, setup["capabilities"])
     if options["--no-new-privs"]:
@@ -89,12 +71,43 @@ def main(argv, environ):
     return chain.Exec(path, program, environ)
 
 
+def export(options, wanted, environ, program):
+    """--export: UID, GID and GIDLIST for a later --from-env, credentials unchanged."""
+    refuse_with_export(options)
+    exported = credspec.to_environment(wanted)
+    environ.update(exported)
+    if options["--verbose"]:
+        warn(PROG, "info", f"set {' '.join(f'{k}={v}' for k, v in exported.items())}; credentials unchanged")
+    return chain.Exec(chain.find_program(program[0], environ), program, environ)
+
+
+def account_environment(account):
+    if account is None:
+        raise UsageError("--env needs an ACCOUNT to take HOME and SHELL from, not --from-env")
+    return credspec.account_environment(account)
+
+
+def change_process(options, setup, status):
+    """What is changed while still privileged, in the order of fdlaunch-setuidgid(1): limits, nice, setsid, chroot, umask."""
+    creds.set_limits(setup["limits"])
+    if setup["nice"] is not None:
+        creds.change_nice(setup["nice"])
+    if options["--setsid"]:
+        creds.new_session()
+    if options["--chroot"]:
+        creds.change_root(options["--chroot"])
+    if setup["umask"] is not None:
+        os.umask(setup["umask"])
+    if setup["capabilities"] and not creds.has_capabilities(status, setup["capabilities"]):
+        raise Fatal(f"unable to keep {credspec.capability_names(setup['capabilities'])}: not in this process's permitted set")
+
+
 def read_setup(options):
     """Every option value parsed before anything is changed."""
     return {
         "limits": [credspec.parse_limit(text) for text in options["--limit"]],
         "nice": None if options["--nice"] is None else credspec.parse_nice(options["--nice"]),
-        "umask": None if options["--umask"] is None else credspec.parse_octal("--umask", options["--umask"], 0o777),
+        "umask": None if options["--umask"] is None else credspec.parse_octal("--umask", options["--umask"]),
         "capabilities": credspec.parse_capabilities(options["--keep-cap"]) if options["--keep-cap"] else (),
     }
 

@@ -92,6 +92,7 @@ def close_on_exec():
 
 
 def close_all(fds):
+    """Close each fd, ignoring one already closed: used on the way out, where nothing else can be done."""
     for fd in fds:
         try:
             os.close(fd)

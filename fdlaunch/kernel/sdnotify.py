@@ -1,6 +1,6 @@
 """The sd_notify(3) protocol on sockets: sending, and the private socket a watcher reads.
 
-send() and barrier() are what fdlaunch.notify() and fdlaunch-notify use; Inbox
+notify() is what fdlaunch.notify() and fdlaunch-notify use; Inbox
 is the receiving end that fdlaunch-notify-wait and fdlaunch-handoff create.
 """
 
@@ -50,6 +50,23 @@ def send(data, notify_socket, pid=None, fds=()):
             except (PermissionError, ProcessLookupError):
                 pass  # as sd_pid_notify(3): not allowed to speak for pid (or it is gone), so speak for ourselves
         sock.sendmsg([data], ancillary, 0, target)
+
+
+def notify(lines, notify_socket, pid=None, wait=0):
+    """The one sender of sd_notify(3) messages, for fdlaunch.notify() and fdlaunch-notify.
+
+    lines: 'FIELD=VALUE' texts; with pid, also MAINPID=pid, sent on pid's
+    behalf. They are checked first, even when nobody listens, so a bad line
+    shows without a supervisor too (ValueError). Returns the bytes sent and
+    whether the receiver confirmed them within wait seconds (BARRIER=1; no
+    wait: True), or (data, None) when notify_socket is empty: nobody to tell.
+    Raises OSError when sending fails.
+    """
+    data = notifyproto.check_fields([*lines, *([f"MAINPID={pid}"] if pid is not None else [])])
+    if not notify_socket:
+        return data, None
+    send(data, notify_socket, pid=pid)
+    return data, barrier(notify_socket, wait) if wait else True
 
 
 def barrier(notify_socket, timeout):

@@ -14,6 +14,8 @@ import stat
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError, shown, unable
+from fdlaunch.kernel import fds
+from fdlaunch.text import credspec
 from fdlaunch.text import spec as specs
 from fdlaunch.text.numbers import is_decimal
 
@@ -39,6 +41,11 @@ def ipv6_available():
     except OSError:
         return False
     return True
+
+
+def wildcard_is_dual_stack(specs):
+    """Whether an empty HOST among specs means '::' (this host has IPv6) rather than 0.0.0.0: resolve's ipv6."""
+    return any(not s.host and s.protocol.family == "any" for s in specs) and ipv6_available()
 
 
 def resolve(spec, ipv6):
@@ -82,23 +89,11 @@ def _port(spec):
 
 
 def _owner(text):
-    import grp
-    import pwd
+    """(uid, gid) for chown; gid -1 (left as bound) for a bare uid without a passwd entry, as chown(1)."""
+    from fdlaunch.kernel.creds import Lookups  # the user databases, only when a spec has owner=
 
-    user, _, group = text.partition(":")
-    try:
-        entry = pwd.getpwuid(int(user)) if is_decimal(user) else pwd.getpwnam(user)
-        uid, gid = entry.pw_uid, entry.pw_gid
-    except KeyError:
-        if not is_decimal(user):
-            raise UsageError(f"owner={text!r}: unknown user {user!r}") from None
-        uid, gid = int(user), None
-    if group:
-        try:
-            gid = int(group) if is_decimal(group) else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise UsageError(f"owner={text!r}: unknown group {group!r}") from None
-    return uid, -1 if gid is None else gid
+    found = credspec.resolve_user(text, Lookups(), f"owner={text!r}")
+    return found.uid, -1 if found.gid is None else found.gid
 
 
 class Opened:
@@ -121,11 +116,7 @@ class Opened:
         self.fds = [where.get(fd, fd) for fd in self.fds]
 
     def discard(self):
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        fds.close_all(self.fds)
         for path, device, inode in self.files:
             try:
                 now = os.lstat(path)
@@ -272,15 +263,13 @@ def _set_buffer(sock, forced, plain, size):
 
 
 def describe(fd, spec):
-    """The address actually bound, as CONVENTIONS.md prints it (the real port when 0 was asked)."""
-    if spec.is_unix:
-        return spec.address()
+    """The address fd is bound to, printed by spec.format_address (the real port when 0 was asked)."""
     sock = socket.socket(fileno=fd)
     try:
-        host, port = sock.getsockname()[:2]
+        name = sock.getsockname()
     finally:
         sock.detach()
-    return specs.format_inet(host, str(port), spec.protocol.transport)
+    return specs.format_address(name, spec.protocol.transport)
 
 
 def wait_for_activity(fds):
@@ -293,9 +282,5 @@ def wait_for_activity(fds):
 
 
 def endpoint_address(endpoint):
-    """The address an endpoint will bind, printed as CONVENTIONS.md prints it."""
-    spec = endpoint.spec
-    if spec.is_unix:
-        return spec.address()
-    host, port = endpoint.sockaddr[:2]
-    return specs.format_inet(host, str(port), spec.protocol.transport)
+    """The address an endpoint will bind, its names looked up, printed by spec.format_address."""
+    return specs.format_address(endpoint.sockaddr, endpoint.spec.protocol.transport)

@@ -12,12 +12,12 @@ import time
 
 from fdlaunch.errors import warn
 from fdlaunch.kernel import fds, proc, sdnotify
-from fdlaunch.text import notifyproto
+from fdlaunch.text import listenenv, notifyproto
 
 READY, EXITED, LATE, GAVE_UP = "ready", "exited", "late", "gave up"
 LINGER_SECONDS = 0.1
 # What a check must not be handed: the program's notify socket and sockets are not its own.
-NOT_FOR_CHECKS = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDNAMES", "LISTEN_FD_MAP")
+NOT_FOR_CHECKS = ("NOTIFY_SOCKET", *listenenv.VARIABLES)
 # /bin/sh's statuses for a command it could not run (POSIX 2.8.2): retrying cannot help.
 CANNOT_RUN = {126: "found but not executable", 127: "not found"}
 

@@ -8,12 +8,14 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.numbers import is_decimal, octal_mode
 
 # groups is the complete supplementary list, sorted, without repeats.
 Credentials = namedtuple("Credentials", "uid gid groups")
 # passwd is the pwd entry (for --env), or None for a uid without one.
 Account = namedtuple("Account", "credentials passwd")
+# USER[:GROUP] looked up: gid is None for a bare uid without a passwd entry.
+User = namedtuple("User", "uid gid passwd")
 
 NAME = r"[A-Za-z0-9._][A-Za-z0-9._-]*\$?"  # useradd(8)'s rule, loosely
 
@@ -33,6 +35,46 @@ ID_MAX = 2**32 - 2  # (uid_t)-1 is not an id: setresuid(2) reads it as "leave un
 LIMIT_MAX = 2**63 - 1  # the largest rlim_t Python's resource module passes
 
 
+def split_user(text):
+    """'www:ssl' -> ('www', 'ssl'), '4242' -> ('4242', ''): the shape of USER[:GROUP], ids in range.
+
+    Raises ValueError saying what is wrong; the caller names the option.
+    """
+    user, colon, group = text.partition(":")
+    if not user or (colon and not group) or not all(re.fullmatch(NAME, part) for part in (user, group) if part):
+        raise ValueError("not USER, USER:GROUP, UID or UID:GID")
+    for kind, part in (("uid", user), ("gid", group)):
+        if is_decimal(part) and not _is_id(part):
+            raise ValueError(f"{kind} {part} is out of range; ids are 0 to {ID_MAX}")
+    return user, group
+
+
+def resolve_user(text, lookups, quoted):
+    """USER[:GROUP] -> User, by the one rule of fdlaunch(7), ACCOUNTS, for owner= and fdlaunch-setuidgid.
+
+    A name must be in its database; a number is the id itself, with or
+    without an entry, as chown(1) and chpst -u :UID:GID take it. Without
+    GROUP the gid is the user's primary one, None for a uid without a
+    passwd entry. quoted names the input in messages: "owner='x'".
+    """
+    try:
+        user, group = split_user(text)
+    except ValueError as error:
+        raise UsageError(f"{quoted}: {error}") from None
+    if is_decimal(user):
+        uid, passwd = int(user), _lookup(lookups.getpwuid, int(user))
+    else:
+        passwd = _lookup(lookups.getpwnam, user)
+        if passwd is None:
+            raise UsageError(f"{quoted}: unknown user {user!r}")
+        uid = passwd.pw_uid
+    try:
+        gid = _group_id(group, lookups) if group else (passwd.pw_gid if passwd else None)
+    except UsageError as error:
+        raise UsageError(f"{quoted}: {error}") from None
+    return User(uid, gid, passwd)
+
+
 def resolve_account(text, lookups):
     """ACCOUNT -> Account. lookups has getpwnam, getpwuid, getgrnam, getgrouplist.
 
@@ -40,25 +82,12 @@ def resolve_account(text, lookups):
     user:group: the same with that group as gid; uid:gid: exactly those,
     no supplementary groups; uid alone: its passwd entry's gid.
     """
-    user, colon, group = text.partition(":")
-    if not user or (colon and not group) or not all(re.fullmatch(NAME, part) for part in (user, group) if part):
-        raise UsageError(f"account {text!r} is not USER, USER:GROUP, UID or UID:GID")
-    if is_decimal(user):
-        if not _is_id(user):
-            raise UsageError(f"account {text!r}: uid {user} is out of range; ids are 0 to {ID_MAX}")
-        uid = int(user)
-        passwd = _lookup(lookups.getpwuid, uid)
-        if group:
-            return Account(Credentials(uid, _group_id(group, lookups), ()), passwd)
-        if passwd is None:
-            raise UsageError(f"account {text!r}: uid {uid} has no passwd entry to take a group from; write {uid}:GID")
-        return Account(Credentials(uid, passwd.pw_gid, ()), passwd)
-    passwd = _lookup(lookups.getpwnam, user)
-    if passwd is None:
-        raise UsageError(f"unknown user {user!r}")
-    gid = _group_id(group, lookups) if group else passwd.pw_gid
-    groups = tuple(sorted(set(lookups.getgrouplist(user, gid))))
-    return Account(Credentials(passwd.pw_uid, gid, groups), passwd)
+    found = resolve_user(text, lookups, f"account {text!r}")
+    if found.gid is None:
+        raise UsageError(f"account {text!r}: uid {found.uid} has no passwd entry to take a group from; write {found.uid}:GID")
+    user = text.partition(":")[0]
+    groups = () if is_decimal(user) else tuple(sorted(set(lookups.getgrouplist(user, found.gid))))
+    return Account(Credentials(found.uid, found.gid, groups), found.passwd)
 
 
 def parse_group_list(text, lookups):
@@ -176,10 +205,11 @@ def capability_names(numbers):
     return ",".join("cap_" + CAPABILITIES[n] for n in numbers)
 
 
-def parse_octal(option, text, top):
-    if not re.fullmatch(r"[0-7]{1,4}", text) or int(text, 8) > top:
-        raise UsageError(f"{option}={text!r} is not an octal mode from 0 to {top:o}")
-    return int(text, 8)
+def parse_octal(option, text):
+    try:
+        return octal_mode(text)
+    except ValueError as error:
+        raise UsageError(f"{option}={text!r}: {error}") from None
 
 
 def parse_nice(text):

@@ -7,16 +7,32 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError
-from fdlaunch.text.listenenv import SYSTEMD_FIRST_FD, Passed
-from fdlaunch.text.spec import LABEL, RESERVED_VARIABLES, VARIABLE
+from fdlaunch.text.listenenv import LABEL, SYSTEMD_FIRST_FD, VARIABLES, Passed
+from fdlaunch.text.spec import VARIABLE
 
-# passed: Passed, in the order the environment lists them;
-# inherited_moves: (fd now, fd wanted) for each inherited socket;
-# new_fds: the fd wanted for each new spec, in spec order;
-# variables: var= name -> fd.
 # The chain for a daemon that reads only LISTEN_FDS under s6 with notification-fd 3 (issue 9).
 S6_SYSTEMD_RECIPE = "fdlaunch-listen --map SPEC... -- fdlaunch-notify-wait --fd=3 -- fdlaunch-fdmap --systemd -- PROG"
-Plan = namedtuple("Plan", "passed inherited_moves new_fds variables")
+
+# One socket this run opens: its spec, the fd it is passed at, and, as the
+# run gets to them, its endpoint (the spec with its names looked up) and
+# the descriptor it was opened on, before it moves to fd.
+Socket = namedtuple("Socket", "spec fd endpoint opened", defaults=(None, None))
+
+
+class Plan(namedtuple("Plan", "passed inherited_moves new variables")):
+    """passed: Passed, in the order the environment lists them; inherited_moves:
+    (fd now, fd wanted) for each inherited socket; new: a Socket per spec, in
+    spec order; variables: var= name -> fd."""
+
+    __slots__ = ()
+
+    @property
+    def new_fds(self):
+        return [s.fd for s in self.new]
+
+    def new_at(self, fd):
+        """The Socket this run puts at fd, or None for an inherited one."""
+        return next((s for s in self.new if s.fd == fd), None)
 
 
 def plan(inherited, specs, open_fds, systemd, fd_limit):
@@ -33,15 +49,16 @@ def plan(inherited, specs, open_fds, systemd, fd_limit):
         moves, new_fds = _systemd_slots(inherited, specs, open_fds)
     else:
         moves, new_fds = [], _free_slots(inherited, specs, open_fds)
-    for spec, fd in zip(specs, new_fds, strict=True):
+    new = [Socket(spec, fd) for spec, fd in zip(specs, new_fds, strict=True)]
+    for spec, fd, _, _ in new:
         if fd >= fd_limit:
             raise Fatal(f"unable to place {spec.address()} at fd {fd}: beyond the open files limit ({fd_limit}); raise it with ulimit -n")
     passed = [Passed(p.label, to) for p, (_, to) in zip(inherited, moves, strict=True)] if systemd else list(inherited)
-    passed += [Passed(spec.name, fd) for spec, fd in zip(specs, new_fds, strict=True)]
+    passed += [Passed(s.spec.name, s.fd) for s in new]
     if systemd:
         passed.sort(key=lambda p: p.fd)
-    variables = {spec.var: fd for spec, fd in zip(specs, new_fds, strict=True) if spec.var}
-    return Plan(passed, moves, new_fds, variables)
+    variables = {s.spec.var: s.fd for s in new if s.spec.var}
+    return Plan(passed, moves, new, variables)
 
 
 def _systemd_slots(inherited, specs, open_fds):
@@ -135,7 +152,7 @@ def variables(passed, prefix):
         name = prefix + re.sub(r"[^A-Za-z0-9]", "_", p.label).upper()
         if not re.fullmatch(VARIABLE, name):
             raise UsageError(f"label {p.label!r} with prefix {prefix!r} gives {name!r}, which is not a variable name")
-        if name in RESERVED_VARIABLES or name == "NOTIFY_SOCKET":
+        if name in VARIABLES or name == "NOTIFY_SOCKET":
             raise UsageError(f"label {p.label!r} with prefix {prefix!r} gives {name}, which the program needs for itself")
         if source.setdefault(name, p.label) != p.label:
             raise UsageError(f"labels {source[name]!r} and {p.label!r} both give the variable {name}")

@@ -10,10 +10,14 @@ from collections import namedtuple
 
 from fdlaunch.errors import UsageError
 from fdlaunch.text.numbers import is_decimal
-from fdlaunch.text.spec import LABEL
 
 SYSTEMD_FIRST_FD = 3
-SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
+# Every variable of the two conventions (fdlaunch(7), DESCRIPTOR PASSING),
+# with LISTEN_PIDFDID, which systemd sets beside LISTEN_PID: what a reader
+# unsets, what no handler inherits, what var= may not take over.
+VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID", "LISTEN_FD_MAP")
+# Patterns are strings, compiled on first use by re's cache (see spec).
+LABEL = r"[A-Za-z0-9._-]{1,255}"
 UNNAMED = "unknown"  # what sd_listen_fds_with_names(3) reports for a socket without a name
 # The most descriptors any Linux process can have (fs.nr_open's ceiling,
 # proc(5)); callers pass their own, lower, RLIMIT_NOFILE.

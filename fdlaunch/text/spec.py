@@ -11,7 +11,9 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError, shown
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text import credspec
+from fdlaunch.text.listenenv import LABEL, VARIABLES
+from fdlaunch.text.numbers import is_decimal, octal_mode
 
 # transport: 'tcp', 'udp' or 'unix', the word printed after the address;
 # type: 'stream', 'dgram' or 'seqpacket'; family: 'any', '4', '6' or 'unix'.
@@ -35,14 +37,10 @@ PROTOCOLS = {
 
 # Patterns are strings, compiled on first use by re's cache: compiling them
 # all at import would cost every chain link a few milliseconds.
-LABEL = r"[A-Za-z0-9._-]{1,255}"
 VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
 SERVICE = r"[A-Za-z][A-Za-z0-9_+.-]*"
 HOSTNAME = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
 ACCOUNT_NAME = r"[^,:/@\s\x00-\x1f\x7f]+"
-# The variables fdlaunch-listen writes itself; var= may not take them over.
-RESERVED_VARIABLES = {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP", "LISTEN_PIDFDID"}
-ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one kept for the terminating NUL (unix(7))
 IFNAMSIZ = 16  # netdevice(7): interface names are at most 15 bytes
 
@@ -94,15 +92,29 @@ class Spec(namedtuple("Spec", _SPEC_FIELDS, defaults=list(_SPEC_FIELDS.values())
         return self.is_unix and self.path.startswith("@")
 
     def address(self):
-        """The address as CONVENTIONS.md prints it: '127.0.0.1:8080/tcp', '[::]:53/udp', '/run/x'."""
-        if self.is_unix:
-            return shown(self.path)
-        return format_inet(self.host, self.port, self.protocol.transport)
+        """The address as asked, printed by format_address: ':8080/tcp' for the wildcard."""
+        return format_address(self.path if self.is_unix else (self.host, self.port), self.protocol.transport)
 
 
-def format_inet(host, port, transport):
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port}/{transport}"
+def format_address(where, transport=None):
+    """An address as fdlaunch(7), DIAGNOSTICS, prints it: '127.0.0.1:8080/tcp', '[::1]:53/udp', '/run/x', '@name'.
+
+    where: (host, port, ...) as a spec or a sockaddr has them, or a unix
+    socket's name, str or bytes as getsockname() gives it. Without
+    transport, an inet address is printed bare, as a peer: '[::1]:4711'.
+    """
+    if isinstance(where, (str, bytes)):
+        return shown(unix_name(where))
+    host, port = str(where[0]), where[1]
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"{bracketed}:{port}" + (f"/{transport}" if transport else "")
+
+
+def unix_name(name):
+    """getsockname() of a unix socket as text: the path, '@name' for the abstract namespace."""
+    if isinstance(name, bytes):
+        return "@" + name[1:].decode(errors="surrogateescape") if name[:1] == b"\0" else name.decode(errors="surrogateescape")
+    return name
 
 
 # Option values: each parser takes the text after '=' and returns the value
@@ -125,7 +137,7 @@ def _fd(text):
 def _variable(text):
     if not re.fullmatch(VARIABLE, text):
         raise ValueError("a variable name is a letter or _ followed by letters, digits or _")
-    if text in RESERVED_VARIABLES:
+    if text in VARIABLES:
         raise ValueError(f"{text} is set by fdlaunch-listen itself")
     return text
 
@@ -150,18 +162,8 @@ def _device(text):
     return text
 
 
-def _mode(text):
-    if not re.fullmatch(r"[0-7]{1,4}", text) or int(text, 8) > 0o777:
-        raise ValueError("mode is octal permission bits from 0000 to 0777, e.g. mode=0660")
-    return int(text, 8)
-
-
 def _owner(text):
-    if not re.fullmatch(rf"{ACCOUNT_NAME}(:{ACCOUNT_NAME})?", text):
-        raise ValueError("owner is USER or USER:GROUP, names or numbers")
-    for part in text.split(":"):
-        if part.isdigit() and (not part.isascii() or len(part) > 10 or int(part) > ID_MAX):
-            raise ValueError(f"{part} is out of range; uids and gids are 0 to {ID_MAX}")
+    credspec.split_user(text)
     return text
 
 
@@ -184,7 +186,7 @@ OPTIONS = {
     "rcvbuf": (_size, ANY),
     "sndbuf": (_size, ANY),
     "device": (_device, INET),
-    "mode": (_mode, UNIX_PATH),
+    "mode": (octal_mode, UNIX_PATH),
     "owner": (_owner, UNIX_PATH),
     "mkdir": (None, UNIX_PATH),
 }

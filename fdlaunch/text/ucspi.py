@@ -11,7 +11,7 @@ Accept=yes service: REMOTE_ADDR and REMOTE_PORT.
 import ipaddress
 from collections import namedtuple
 
-from fdlaunch.text import listenenv
+from fdlaunch.text import listenenv, spec
 
 TCP_NAMES = ("TCPLOCALIP", "TCPLOCALPORT", "TCPLOCALHOST", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPREMOTEHOST", "TCPREMOTEINFO", "TCPCONNNUM")
 IPC_NAMES = ("IPCLOCALPATH", "IPCREMOTEEUID", "IPCREMOTEEGID", "IPCREMOTEPID", "IPCREMOTEPATH", "IPCCONNNUM")
@@ -19,7 +19,7 @@ INETD_NAMES = ("REMOTE_ADDR", "REMOTE_PORT")
 # What a handler never inherits from the server's own environment: the
 # sockets the server was handed, its supervisor's notify socket (a handler
 # must not speak for the service), and connection variables of any caller.
-REMOVED = (*listenenv.SYSTEMD_VARIABLES, "LISTEN_FD_MAP", "NOTIFY_SOCKET", "PROTO", *TCP_NAMES, *IPC_NAMES, *INETD_NAMES)
+REMOVED = (*listenenv.VARIABLES, "NOTIFY_SOCKET", "PROTO", *TCP_NAMES, *IPC_NAMES, *INETD_NAMES)
 
 # ip: an ip_address (IPv4-mapped IPv6 shown as IPv4), port: int; or, on a
 # unix socket, uid, gid, pid from SO_PEERCRED.
@@ -56,7 +56,7 @@ def key(peer):
 def describe(peer):
     """The peer in a log line: 127.0.0.1:4711, [::1]:4711, uid 1000 pid 42."""
     if peer.ip is not None:
-        return f"[{peer.ip}]:{peer.port}" if peer.ip.version == 6 else f"{peer.ip}:{peer.port}"
+        return spec.format_address((peer.ip, peer.port))
     return f"uid {peer.uid} gid {peer.gid} pid {peer.pid}"
 
 
@@ -96,8 +96,4 @@ def inetd_environment(peer):
     return {"REMOTE_ADDR": str(peer.ip), "REMOTE_PORT": str(peer.port)}
 
 
-def unix_path(name):
-    """getsockname() of a unix socket as text: the path, '@name' for the abstract namespace."""
-    if isinstance(name, bytes):
-        return "@" + name[1:].decode(errors="surrogateescape") if name[:1] == b"\0" else name.decode(errors="surrogateescape")
-    return name
+unix_path = spec.unix_name  # one decoder of unix socket names, kept under the name the accept loop uses
