@@ -173,13 +173,44 @@ def end_within(pidfds, grace):
 def running(pidfds, deadline):
     """Wait until every process behind pidfds has exited or deadline passes; the pidfds still running."""
     left = list(pidfds)
-    while left and (wait := deadline - time.monotonic()) > 0:
+    while left and time.monotonic() < deadline:
         poller = select.poll()
         for pidfd in left:
             poller.register(pidfd, select.POLLIN)
-        exited = {fd for fd, _ in poller.poll(int(wait * 1000) + 1)}
+        exited = {fd for fd, _ in poller.poll(poll_timeout(deadline))}
         left = [pidfd for pidfd in left if pidfd not in exited]
     return left
+
+
+def poll_timeout(*deadlines):
+    """poll(2)'s timeout for the earliest of deadlines (time.monotonic(), None for none): ms, rounded up; None: no limit."""
+    due = [deadline for deadline in deadlines if deadline is not None]
+    return None if not due else max(0, int((min(due) - time.monotonic()) * 1000) + 1)
+
+
+def catch_signals(numbers):
+    """Have these signals written to a pipe (Python's wakeup fd) instead of acting; the read end, for poll(2).
+
+    Nothing is lost between a look and the wait: a signal that comes
+    meanwhile is already in the pipe.
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    for number in numbers:
+        signal.signal(number, _written)
+    return read_end
+
+
+def _written(number, frame):
+    pass  # the wakeup fd carries it
+
+
+def caught_signals(read_end):
+    """The numbers of the signals caught since the last call, in order."""
+    try:
+        return list(os.read(read_end, 1024))
+    except BlockingIOError:
+        return []
 
 
 # prctl(2) options (linux/prctl.h)

@@ -188,23 +188,16 @@ class Server:
         """The guard, the signals, the resolver's threads: made when the server runs, not when it is built."""
         self.guard = Guard(self.settings.grace)
         self.poller.register(self.guard.pidfd, select.POLLIN)
-        self.wakeup = self.catch_signals()
+        # A signal the server was started with ignored stays ignored; the handlers get the others at SIG_DFL.
+        caught = [number for number in (*STOPS, RELOAD) if signal.getsignal(number) != signal.SIG_IGN]
+        self.defaults.update(caught)
+        self.wakeup = proc.catch_signals(caught)
         self.poller.register(self.wakeup, select.POLLIN)
         if self.settings.lookup and not self.unix and not self.settings.inetd:
             self.resolver = Resolver()
             self.poller.register(self.resolver.wakeup, select.POLLIN)
         self.listener.setblocking(False)
         self.say("info", f"guard pid {self.guard.pid} leads the handlers' process group")
-
-    def catch_signals(self):
-        """Signals arrive as bytes on a pipe; one the server was started with ignored stays ignored."""
-        wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
-        for number in (*STOPS, RELOAD):
-            if signal.getsignal(number) != signal.SIG_IGN:
-                signal.signal(number, lambda number, frame: None)
-                self.defaults.add(number)
-        return wakeup_read
 
     def run(self):
         try:
@@ -248,8 +241,7 @@ class Server:
         return len(self.running) + self.pending
 
     def timeout(self):
-        deadlines = [d for d in (self.kill_at, self.paused_until) if d is not None]
-        return None if not deadlines else max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+        return proc.poll_timeout(self.kill_at, self.paused_until)
 
     def listen(self, wanted):
         if wanted != self.listening:
@@ -385,11 +377,7 @@ class Server:
         self.say("end", f"pid {handler.pid} for {ucspi.describe(handler.peer)} {how} ({self.busy()}/{self.settings.max})")
 
     def take_signals(self):
-        try:
-            numbers = os.read(self.wakeup, 1024)
-        except BlockingIOError:
-            return
-        for number in numbers:
+        for number in proc.caught_signals(self.wakeup):
             if number in STOPS and not self.stopping:
                 self.stop(number)
             elif number == RELOAD:

@@ -92,10 +92,7 @@ class Keeper:
         """Become the subreaper, and have every signal to pass on, SIGCHLD too, written to a wakeup pipe."""
         proc.become_subreaper()
         self.dispositions = overlap.received_dispositions(FORWARDED)
-        self.wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
-        for number in (*FORWARDED, signal.SIGCHLD):
-            signal.signal(number, lambda number, frame: None)  # the wakeup fd carries it
+        self.wakeup_read = proc.catch_signals((*FORWARDED, signal.SIGCHLD))
 
     def launch(self, path, argv, environ):
         """Run PROG until its launching process exits and the daemon is known; its pid, or Fatal."""
@@ -262,16 +259,11 @@ class Keeper:
         poller = select.poll()
         for fd in (self.wakeup_read, *fds):
             poller.register(fd, select.POLLIN)
-        timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-        return dict(poller.poll(timeout))
+        return dict(poller.poll(proc.poll_timeout(deadline)))
 
     def signals(self):
         """The forwardable signals received since last asked, in order."""
-        try:
-            numbers = os.read(self.wakeup_read, 1024)
-        except BlockingIOError:
-            return []
-        return [n for n in numbers if n in FORWARDED]
+        return [n for n in proc.caught_signals(self.wakeup_read) if n in FORWARDED]
 
 
 class Guard:

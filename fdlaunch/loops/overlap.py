@@ -94,15 +94,9 @@ class Handoff:
         self.dispositions = received_dispositions((*STOPS, settings.reload))
         self.wakeup_read = None
 
-    def catch_signals(self):
-        self.wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
-        for number in (*STOPS, self.settings.reload):
-            signal.signal(number, lambda number, frame: None)  # the wakeup fd carries it
-
     def run(self):
         """Until the current instance exits; returns its wait status."""
-        self.catch_signals()
+        self.wakeup_read = proc.catch_signals((*STOPS, self.settings.reload))
         self.current = self.start(self.sockets.first())
         while True:
             self.wait()
@@ -130,19 +124,13 @@ class Handoff:
         poller = select.poll()
         for fd in (self.wakeup_read, self.inbox.fileno(), *(i.pidfd for i in self.instances())):
             poller.register(fd, select.POLLIN)
-        deadlines = [d for d in (self.candidate_deadline, *(old.kill_at for old in self.retiring)) if d is not None]
-        timeout = None if not deadlines else max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
-        poller.poll(timeout)
+        poller.poll(proc.poll_timeout(self.candidate_deadline, *(old.kill_at for old in self.retiring)))
 
     def instances(self):
         return [i for i in (self.current, self.candidate, *self.retiring) if i is not None and i.status is None]
 
     def take_signals(self):
-        try:
-            numbers = os.read(self.wakeup_read, 1024)
-        except BlockingIOError:
-            return
-        for number in numbers:
+        for number in proc.caught_signals(self.wakeup_read):
             if number == self.settings.reload:
                 if self.reload_pending or self.candidate is not None:
                     self.say("info", "reload signal during a handoff: one more handoff follows it")

@@ -54,11 +54,8 @@ class Relays:
             self.run_command(main_pid)
 
     def run_command(self, main_pid):
-        """CMD under /bin/sh, its stdout on our stderr, waited for."""
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
-        environ = {**self.environ, "MAINPID": str(main_pid)}
-        pid = os.posix_spawn("/bin/sh", ["sh", "-c", self.command], environ, file_actions=actions)
-        os.waitpid(pid, 0)
+        """CMD under /bin/sh, waited for."""
+        os.waitpid(shell(self.command, self.environ, main_pid), 0)
 
     def relay(self, fields, main_pid, fds=()):
         """Pass fields upstream, sent as main_pid: one the watcher checked is the program or below it, or None."""
@@ -90,7 +87,7 @@ class Watcher:
         self.keep_relaying = keep_relaying
         self.ready = False
         self.main_pid = program.pid
-        self.warned = set()
+        self.warn_once = once(say)
         self.check = None  # a Check, polled alongside the inbox (--check)
         self.ready_sender = None
         self.started = time.monotonic()
@@ -102,9 +99,7 @@ class Watcher:
             poller = select.poll()
             for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds()):
                 poller.register(fd, select.POLLIN)
-            wakes = [d for d in (deadline, self.check_due()) if d is not None]
-            wait_ms = None if not wakes else max(0, int((min(wakes) - time.monotonic()) * 1000) + 1)
-            events = dict(poller.poll(wait_ms))
+            events = dict(poller.poll(proc.poll_timeout(deadline, self.check_due())))
             self.drain()  # before looking at an exit: a last datagram may be queued
             self.take_check()
             if self.ready and not self.keep_relaying:
@@ -206,11 +201,6 @@ class Watcher:
         """The main pid, to send as, while it is still the program or below it; else None: we speak as ourselves."""
         return self.main_pid if self.program.heads(proc.lineage_of(self.main_pid)) else None
 
-    def warn_once(self, key, text):
-        if key not in self.warned:
-            self.warned.add(key)
-            self.say("warning", text)
-
 
 class Check:
     """CMD run with /bin/sh until it exits 0: readiness polled from outside (s6-notifyoncheck(8)).
@@ -227,7 +217,7 @@ class Check:
         self.pid = self.pidfd = self.kill_at = None
         self.failures = 0
         self.passed = self.gave_up = self.stopped = False
-        self.warned = set()
+        self.warn_once = once(say)
 
     def fds(self):
         return [] if self.pidfd is None else [self.pidfd]
@@ -254,12 +244,10 @@ class Check:
         return False
 
     def start(self, main_pid):
-        # stdin /dev/null, stdout to our stderr, and no descriptor of the program's (its sockets).
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in sorted(inheritable_fds()) if fd > 2]
-        environ = {**self.environ, "MAINPID": str(main_pid)}
+        # No descriptor of the program's (its sockets); a session of its own, so that a hung run is killed whole.
+        closed = [fd for fd in sorted(inheritable_fds()) if fd > 2]
         try:
-            self.pid = os.posix_spawn("/bin/sh", ["sh", "-c", self.command], environ, file_actions=actions, setsid=True)
+            self.pid = shell(self.command, self.environ, main_pid, closed, setsid=True)
             self.pidfd = os.pidfd_open(self.pid)
         except OSError as error:
             self.give_up(f"unable to run the check {self.command!r}: {error.strerror}{link_order_hint()}")
@@ -307,10 +295,25 @@ class Check:
     def over(self):
         return self.passed or self.gave_up or self.stopped
 
-    def warn_once(self, key, text):
-        if key not in self.warned:
-            self.warned.add(key)
-            self.say("warning", text)
+
+def shell(command, environ, main_pid, closed=(), setsid=False):
+    """Start CMD with /bin/sh, MAINPID in its environment, stdin /dev/null and stdout on our stderr; its pid."""
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in closed]
+    environ = {**environ, "MAINPID": str(main_pid)}
+    return os.posix_spawn("/bin/sh", ["sh", "-c", command], environ, file_actions=actions, setsid=setsid)
+
+
+def once(say):
+    """warn_once(key, text): text as a warning the first time key is given, then never again for that key."""
+    said = set()
+
+    def warn_once(key, text):
+        if key not in said:
+            said.add(key)
+            say("warning", text)
+
+    return warn_once
 
 
 def inheritable_fds():
