@@ -88,7 +88,7 @@ class Keeper:
         self.dispositions = None  # what PROG gets: the dispositions we were started with
         self.wakeup_read = None
 
-    def catch_signals(self):
+    def start_up(self):
         """Become the subreaper, and have every signal to pass on, SIGCHLD too, written to a wakeup pipe."""
         proc.become_subreaper()
         self.dispositions = overlap.received_dispositions(FORWARDED)
@@ -97,7 +97,7 @@ class Keeper:
     def launch(self, path, argv, environ):
         """Run PROG until its launching process exits and the daemon is known; its pid, or Fatal."""
         deadline = time.monotonic() + self.settings.timeout
-        self.catch_signals()
+        self.start_up()
         self.guard = Guard(self.guard_say, self.settings.grace)
         try:
             launcher = overlap.spawn(path, argv, environ, self.dispositions)
