@@ -81,15 +81,15 @@ def test_handoff_settings_stay_as_built():
     """Telling s6 once is the loop's state: the settings it was handed stay as the tool built them."""
     read_end, write_end = os.pipe()
     child = subprocess.Popen(["sleep", str(TIMEOUT)])
+    instance = overlap.Instance(child.pid)
     told = []
     try:
         settings = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, write_end, False)
         with pytest.raises(AttributeError):
             settings.ready_fd = None
-        offer = listenfrom.Handed({}).offer()
         handoff = overlap.Handoff(["sleep"], settings, listenfrom.Handed({}), None, lambda message, pid: told.append((message, pid)), None)
-        handoff.current = overlap.Instance(child.pid)
-        handoff.current.offer = offer
+        handoff.current = instance
+        instance.offer = listenfrom.Handed({}).offer()
         handoff.tell_ready_first()
         handoff.tell_ready_first()  # a second READY=1 writes nothing more to the closed fd
         assert os.read(read_end, 16) == b"\n"
@@ -98,7 +98,7 @@ def test_handoff_settings_stay_as_built():
     finally:
         child.kill()
         child.wait()
-        os.close(handoff.current.pidfd)
+        os.close(instance.pidfd)
         os.close(read_end)
 
 
