@@ -83,6 +83,16 @@ def warn(name, kind, message):
         pass  # stderr closed (2>&-) or its reader gone: nobody to tell, and no reason to stop
 
 
+def say_as(name, verbose=False):
+    """The say(kind, text) a loop is handed: one line on stderr under name; info lines only if verbose."""
+
+    def say(kind, text):
+        if kind != "info" or verbose:
+            warn(name, kind, text)
+
+    return say
+
+
 def flush_output():
     """Flush stdout and stderr before an exec or a fused link, whatever state they are in."""
     for stream in (sys.stdout, sys.stderr):

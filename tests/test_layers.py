@@ -74,3 +74,35 @@ def test_a_lazy_import_inside_a_function_is_seen(tmp_path):
     source.write_text("def run():\n    from fdlaunch import cli\n    import fdlaunch.kernel.fds\n")
     assert ours_imported(source) == {"fdlaunch.cli", "fdlaunch.kernel.fds"}
     assert layer("fdlaunch.cli") not in ALLOWED[layer("fdlaunch.loops.overlap")]
+
+
+def speaking(path):
+    """Where path's code prints by itself: imports warn, calls print, touches sys.stderr or sys.stdout."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "warn" for alias in node.names):
+            found.append(f"{path.name}:{node.lineno} imports warn")
+        elif isinstance(node, ast.Attribute) and node.attr == "warn" and isinstance(node.value, ast.Name) and node.value.id == "errors":
+            found.append(f"{path.name}:{node.lineno} uses errors.warn")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            found.append(f"{path.name}:{node.lineno} calls print")
+        elif isinstance(node, ast.Attribute) and node.attr in ("stderr", "stdout") and isinstance(node.value, ast.Name):
+            if node.value.id == "sys":
+                found.append(f"{path.name}:{node.lineno} touches sys.{node.attr}")
+    return found
+
+
+def test_loops_never_print():
+    """A loop is handed a say(kind, text): what it says, and under which name, is its tool's to decide."""
+    wrong = [place for name, path in modules() if layer(name) == "loops" for place in speaking(path)]
+    assert wrong == []
+
+
+def test_speaking_is_seen(tmp_path):
+    source = tmp_path / "loop.py"
+    source.write_text(
+        "import sys\nfrom fdlaunch.errors import Fatal, warn\nfrom fdlaunch import errors\n"
+        "def run():\n    print('x')\n    sys.stderr.write('y')\n    sys.stdout.flush()\n    errors.warn('t', 'info', 'z')\n"
+    )
+    said = sorted(place.split(" ", 1)[1] for place in speaking(source))
+    assert said == ["calls print", "imports warn", "touches sys.stderr", "touches sys.stdout", "uses errors.warn"]

@@ -53,7 +53,7 @@ def test_notify_wait_says_where_readiness_goes_and_when(tmp_path):
         # the watcher's last line comes from another process: read until it is there, bounded
         for _ in range(100):
             err.seek(0)
-            lines = info_lines(err.read(), "fdlaunch-notify-wait")
+            lines = info_lines(err.read(), "fdlaunch-notify-wait (watcher)")  # the forked watcher names itself
             if len(lines) == 2:
                 break
             time.sleep(0.05)

@@ -37,7 +37,7 @@ import stat
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, shown, unable, warn
+from fdlaunch.errors import UsageError, say_as, shown, unable, warn
 from fdlaunch.kernel import creds, fds
 from fdlaunch.loops import accepting
 from fdlaunch.text import listenenv, rules
@@ -54,44 +54,54 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
+    say = speaker(options["--quiet"], options["--verbose"])
     passed = listenenv.inherited(environ, os.getpid())
     fds.check_inherited(passed, fds.open_fds())
     listener, served = choose(passed, options["--label"])
-    if settings["verbose"]:
-        warn(PROG, "info", f"serving {served}; the handlers get no other descriptor of ours")
+    say("info", f"serving {served}; the handlers get no other descriptor of ours")
     hide_descriptors()
-    server = accepting.Server(PROG, listener, program, settings)
+    server = accepting.Server(listener, program, settings, say)
     return server.run()
 
 
 def read_settings(options, environ):
-    """Every option checked, and the rules file read, before anything starts."""
-    settings = {
-        "environ": environ,
-        "notify_socket": environ.get("NOTIFY_SOCKET"),
-        "max": count("-c", options["-c"]),
-        "max_per": None if options["-C"] is None else count("-C", options["-C"]),
-        "inetd": options["--inetd"],
-        "local_host": options["-l"],
-        "lookup": options["--lookup"],
-        "grace": cli.seconds("--grace", options["--grace"], zero=True),
-        "quiet": options["--quiet"],
-        "verbose": options["--verbose"],
-        "rules_path": options["--rules"],
-        "read_rules": read_rules,
-        "rules": None,
-        "ready_fd": None,
-    }
-    needed = settings["max"] + SPARE_FDS
+    """Every option checked, and the rules file read, before anything starts; the server's settings."""
+    most = count("-c", options["-c"])
+    most_per = None if options["-C"] is None else count("-C", options["-C"])
+    grace = cli.seconds("--grace", options["--grace"], zero=True)
+    needed = most + SPARE_FDS
     if needed > fds.limit():
-        raise UsageError(
-            f"-c {settings['max']} needs {needed} descriptors, but RLIMIT_NOFILE is {fds.limit()}: raise it (--limit=nofile=N)"
-        )
-    if options["--rules"] is not None:
-        settings["rules"] = read_rules(options["--rules"])
-    if options["--fd"] is not None:
-        settings["ready_fd"] = fds.open_fd_option("--fd", options["--fd"])
-    return settings
+        raise UsageError(f"-c {most} needs {needed} descriptors, but RLIMIT_NOFILE is {fds.limit()}: raise it (--limit=nofile=N)")
+    path = options["--rules"]
+    found = None if path is None else read_rules(path)
+    ready_fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"])
+    return accepting.Settings(
+        environ=environ,
+        notify_socket=environ.get("NOTIFY_SOCKET"),
+        max=most,
+        max_per=most_per,
+        inetd=options["--inetd"],
+        local_host=options["-l"],
+        lookup=options["--lookup"],
+        grace=grace,
+        rules_path=path,
+        rules=found,
+        read_rules=read_rules,
+        ready_fd=ready_fd,
+    )
+
+
+def speaker(quiet, verbose):
+    """The server's say(kind, text): start and end lines unless -q; info only with -v; warnings always."""
+    said = say_as(PROG, verbose)
+
+    def say(kind, text):
+        if kind not in ("start", "end"):
+            said(kind, text)
+        elif not quiet:
+            warn(PROG, "info", f"{kind} {text}")
+
+    return say
 
 
 def count(option, text):

@@ -28,7 +28,7 @@ import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, warn
+from fdlaunch.errors import UsageError, say_as, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
 
@@ -39,15 +39,13 @@ PROG = "fdlaunch-foreground"
 def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
-    settings = read_settings(options, environ)
+    settings, relays = read_settings(options, environ)
     path = chain.find_program(program[0], environ)
-    if settings["upstream"] is not None:
+    if relays.upstream is not None:
         del environ["NOTIFY_SOCKET"]  # we speak for the daemon upstream
-    forking.become_subreaper()
-    keeper = forking.Keeper(PROG, settings)
+    keeper = forking.Keeper(settings, say_as(PROG), say_as(f"{PROG} (guard)"))
     try:
         daemon = keeper.launch(path, program, environ)
-        relays = readiness.Relays(settings["fd"], settings["upstream"])
         if options["--verbose"]:
             told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
             warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
@@ -66,7 +64,7 @@ def main(argv, environ):
 
 
 def read_settings(options, environ):
-    """Every option checked before anything starts."""
+    """Every option checked before anything starts: the keeper's settings, and where readiness goes."""
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
         raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
@@ -76,10 +74,5 @@ def read_settings(options, environ):
     if options["--fd"] is not None:
         fd = fds.open_fd_option("--fd", options["--fd"])
         os.set_inheritable(fd, False)  # the daemon must not hold it
-    return {
-        "pidfile": options["--pidfile"],
-        "fd": fd,
-        "upstream": upstream,
-        "timeout": cli.seconds("--timeout", options["--timeout"]),
-        "grace": cli.seconds("--grace", options["--grace"]),
-    }
+    timeout, grace = cli.seconds("--timeout", options["--timeout"]), cli.seconds("--grace", options["--grace"])
+    return forking.Settings(options["--pidfile"], timeout, grace), readiness.Relays(fd, upstream)

@@ -37,7 +37,7 @@ import signal
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, warn
+from fdlaunch.errors import UsageError, say_as, warn
 from fdlaunch.kernel import fds, sdnotify
 from fdlaunch.loops import listenfrom, overlap
 from fdlaunch.text import listenenv
@@ -51,47 +51,42 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     settings = read_settings(options, environ)
+    say = say_as(PROG, options["--verbose"])
     passed = listenenv.inherited(environ, os.getpid(), fds.limit())
     fds.check_inherited(passed, fds.open_fds())
-    if not passed and not options["--listen-from"] and settings["verbose"]:
-        warn(PROG, "info", "no sockets were passed in; instances still overlap, each with its own")
+    if not passed and not options["--listen-from"]:
+        say("info", "no sockets were passed in; instances still overlap, each with its own")
     upstream = environ.pop("NOTIFY_SOCKET", None)
-    settings["sockets"] = listenfrom.Handed(environ)
+    sockets = listenfrom.Handed(environ)
     if options["--listen-from"]:
-        systemd = not options["--map"]
-        settings["sockets"] = listenfrom.FromFile(options["--listen-from"], environ, passed, fds.open_fds(), systemd)
+        sockets = listenfrom.FromFile(options["--listen-from"], environ, passed, fds.open_fds(), not options["--map"])
     inbox = sdnotify.Inbox()
     try:
-        handoff = overlap.Handoff(PROG, program, settings, inbox, tell(upstream), become=lambda step: cli.become(PROG, step))
+        handoff = overlap.Handoff(program, settings, sockets, inbox, tell(upstream), say, become=lambda step: cli.become(PROG, step))
         status = handoff.run()
     finally:
         inbox.close()
-        settings["sockets"].close()
+        sockets.close()
     return exit_like(status)
 
 
 def read_settings(options, environ):
-    """Every option checked before anything starts."""
-    settings = {
-        "environ": environ,
-        "reload": signal_number("--signal", options["--signal"]),
-        "stop": signal_number("--stop-signal", options["--stop-signal"]),
-        "ready_timeout": cli.seconds("--ready-timeout", options["--ready-timeout"], zero=True),
-        "grace": cli.seconds("--grace", options["--grace"], zero=True),
-        "verbose": options["--verbose"],
-        "ready_fd": None,
-        "main_pid_self": options["--main-pid"] == "self",
-    }
+    """Every option checked before anything starts; the loop's settings."""
+    reload = signal_number("--signal", options["--signal"])
+    stop = signal_number("--stop-signal", options["--stop-signal"])
+    ready_timeout = cli.seconds("--ready-timeout", options["--ready-timeout"], zero=True)
+    grace = cli.seconds("--grace", options["--grace"], zero=True)
     if options["--map"] and not options["--listen-from"]:
         raise UsageError("--map places the sockets of --listen-from; without it the instances get what was handed in, where it is")
     if options["--main-pid"] not in ("instance", "self"):
         raise UsageError(f"--main-pid={options['--main-pid']!r} is not 'instance' or 'self'")
-    if settings["reload"] in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+    if reload in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
         raise UsageError(f"--signal={options['--signal']}: that signal stops fdlaunch-handoff or cannot be caught; use HUP, USR1 or USR2")
+    ready_fd = None
     if options["--fd"] is not None:
-        settings["ready_fd"] = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
-        os.set_inheritable(settings["ready_fd"], False)  # the instances must not hold it
-    return settings
+        ready_fd = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
+        os.set_inheritable(ready_fd, False)  # the instances must not hold it
+    return overlap.Settings(reload, stop, ready_timeout, grace, ready_fd, options["--main-pid"] == "self")
 
 
 def signal_number(option, text):

@@ -32,14 +32,13 @@ Options:
 """
 
 import os
-import select
 import signal
 import time
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, unable, warn
-from fdlaunch.kernel import chain, fds, sdnotify
+from fdlaunch.errors import Fatal, UsageError, say_as, unable
+from fdlaunch.kernel import chain, fds, proc, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
@@ -55,8 +54,9 @@ GRACE_SECONDS = 5  # after SIGTERM at --timeout in --fork mode, before SIGKILL
 def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
-    settings = read_settings(options, environ)
-    settings["check"] = read_check(options, environ)
+    # Without --fork the watching is done by a process forked for it, and it says so (s6-notifyoncheck's "(child)").
+    say = say_as(PROG if options["--fork"] else f"{PROG} (watcher)", options["--verbose"])
+    settings = read_settings(options, environ, say)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
@@ -67,8 +67,8 @@ def main(argv, environ):
     return chain.Exec(path, program, environ)
 
 
-def read_settings(options, environ):
-    """Every option checked before anything is created."""
+def read_settings(options, environ, say):
+    """Every option checked before anything is created; say(kind, text) speaks for the watcher."""
     fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
@@ -76,10 +76,11 @@ def read_settings(options, environ):
     timeout = None if options["--timeout"] is None else cli.seconds("--timeout", options["--timeout"])
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
-    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"], "verbose": options["--verbose"]}
+    check = read_check(options, environ, say)
+    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"], "say": say, "check": check}
 
 
-def read_check(options, environ):
+def read_check(options, environ, say):
     """--check and its settings; --interval, --check-timeout and --tries only with it."""
     if options["--check"] is None:
         for option in ("--interval", "--check-timeout", "--tries"):
@@ -93,7 +94,7 @@ def read_check(options, environ):
     text = options["--tries"] or "0"
     if not (is_decimal(text) and int(text) < 10**9):
         raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
-    return readiness.Check(PROG, options["--check"], interval, timeout, int(text), environ)
+    return readiness.Check(options["--check"], interval, timeout, int(text), environ, say)
 
 
 def start_watcher(inbox, relays, settings):
@@ -117,7 +118,8 @@ def start_watcher(inbox, relays, settings):
 def watch(inbox, relays, settings, program, keep):
     """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
     isolate(keep)
-    watcher = readiness.Watcher(PROG, inbox, program, relays, relays.upstream is not None, settings["verbose"])
+    say = settings["say"]
+    watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say)
     watcher.check = settings["check"]
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
@@ -125,18 +127,14 @@ def watch(inbox, relays, settings, program, keep):
         if outcome == readiness.GAVE_UP:
             watcher.check = None  # a READY=1 from PROG still counts
             if settings["kill"]:
-                warn(PROG, "warning", f"pid {program.pid} is not ready; sending it SIGTERM")
+                say("warning", f"pid {program.pid} is not ready; sending it SIGTERM")
                 signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
             outcome = watcher.run(deadline)
         if outcome == readiness.READY and not watcher.keep_relaying:
             watcher.linger()
         if outcome == readiness.LATE:
-            warn(
-                PROG,
-                "warning",
-                f"pid {program.pid} was not ready after {settings['timeout']:g} seconds"
-                + ("; sending it SIGTERM" if settings["kill"] else ""),
-            )
+            kill = "; sending it SIGTERM" if settings["kill"] else ""
+            say("warning", f"pid {program.pid} was not ready after {settings['timeout']:g} seconds{kill}")
             if settings["kill"]:
                 signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
             watcher.run()
@@ -168,7 +166,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     pidfd = os.pidfd_open(child)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
-    watcher = readiness.Watcher(PROG, inbox, readiness.Program(child, pidfd), relays, False, settings["verbose"])
+    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings["say"])
     watcher.check = settings["check"]
     try:
         deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
@@ -210,8 +208,7 @@ def tell_pid(pid, child, pidfd):
 def reap(child, pidfd, grace):
     """Wait for the child; after grace seconds, SIGKILL it. Returns its wait status."""
     if grace is not None:
-        if not select.select([pidfd], [], [], grace)[0]:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        proc.end_within([pidfd], grace)
     while True:
         try:
             return os.waitpid(child, 0)[1]

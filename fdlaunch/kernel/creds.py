@@ -167,14 +167,16 @@ class _Kernel:
     def __init__(self):
         import ctypes
 
-        self.ctypes = ctypes
-        self.libc = ctypes.CDLL(None, use_errno=True)
+        from fdlaunch.kernel import proc  # here: fdlaunch-setuidgid without capabilities never needs it
+
+        self.ctypes, self.proc = ctypes, proc
+        self.libc = proc.libc()
 
     def prctl(self, *arguments):
-        padded = [self.ctypes.c_ulong(a) for a in (*arguments, 0, 0, 0, 0)[:5]]
-        if self.libc.prctl(*padded) != 0:
-            number = self.ctypes.get_errno()
-            raise Fatal(f"unable to prctl {arguments[0]}: {os.strerror(number)}")
+        try:
+            self.proc.prctl(*arguments)
+        except OSError as error:
+            raise Fatal(f"unable to prctl {arguments[0]}: {error.strerror}") from None
 
     def keep_only(self, capabilities):
         """Permitted, effective and inheritable = capabilities, then raise them as ambient."""

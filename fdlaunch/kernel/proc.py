@@ -1,8 +1,14 @@
-"""Processes as /proc shows them: who descends from whom, and which pid a pidfd holds."""
+"""Processes: who descends from whom as /proc shows them, which pid a pidfd holds, signalling, prctl(2)."""
 
+import functools
 import os
+import select
+import signal
+import time
 
+from fdlaunch.errors import unable
 from fdlaunch.text import notifyproto
+from fdlaunch.text.numbers import is_decimal
 
 
 def lineage(pid, pidfd):
@@ -56,3 +62,202 @@ def read_proc(path):
         return os.read(fd, 4096).decode(errors="replace")
     finally:
         os.close(fd)
+
+
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or None if it is gone."""
+    try:
+        return read_proc(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def state_of(pid):
+    """The one-letter state in /proc/PID/stat (Z: a zombie), or None if it is gone."""
+    fields = stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def children_of(pid):
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found  # gone meanwhile
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as children:  # may be longer than read_proc reads
+                found.extend(int(child) for child in children.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def descendants(root):
+    """The live (not zombie) processes below root, as {pid: ppid}.
+
+    Walked down through /proc/PID/task/TID/children (proc(5)), which costs
+    a few reads per process below us rather than one per process on the
+    system; where the kernel lacks those files, the whole of /proc is read.
+    """
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        return descendants_by_scan(root)
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid in children_of(parent):
+            if pid not in found:
+                todo.append(pid)
+                if state_of(pid) not in ("Z", None):
+                    found[pid] = parent
+    return found
+
+
+def descendants_by_scan(root):
+    table = {pid: (int(fields[1]), fields[0]) for pid, fields in all_stats()}
+    children = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, [root]
+    while todo:
+        for pid in children.get(todo.pop(), ()):
+            if pid not in found:
+                todo.append(pid)
+                if table[pid][1] != "Z":
+                    found[pid] = table[pid][0]
+    return found
+
+
+def others_in_group(group):
+    """True while a live process other than group's leader is in process group group."""
+    return any(pid != group and int(fields[2]) == group and fields[0] != "Z" for pid, fields in all_stats())
+
+
+def all_stats():
+    """(pid, stat_fields(pid)) for every process on the system that is still there."""
+    for name in os.listdir("/proc"):
+        if is_decimal(name):
+            fields = stat_fields(name)
+            if fields is not None:
+                yield int(name), fields
+
+
+def send(pid, number):
+    """Signal pid through a pidfd: never a process that took over a number already reaped."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        send_pidfd(pidfd, number)
+    finally:
+        os.close(pidfd)
+
+
+def send_pidfd(pidfd, number):
+    """Signal the process behind pidfd; nothing if it has exited already."""
+    try:
+        signal.pidfd_send_signal(pidfd, number)
+    except ProcessLookupError:
+        pass
+
+
+def end_within(pidfds, grace):
+    """Give the processes behind pidfds grace seconds to exit, then SIGKILL those left; the pidfds killed."""
+    left = running(pidfds, time.monotonic() + grace)
+    for pidfd in left:
+        send_pidfd(pidfd, signal.SIGKILL)
+    return left
+
+
+def running(pidfds, deadline):
+    """Wait until every process behind pidfds has exited or deadline passes; the pidfds still running."""
+    left = list(pidfds)
+    while left and time.monotonic() < deadline:
+        poller = select.poll()
+        for pidfd in left:
+            poller.register(pidfd, select.POLLIN)
+        exited = {fd for fd, _ in poller.poll(poll_timeout(deadline))}
+        left = [pidfd for pidfd in left if pidfd not in exited]
+    return left
+
+
+def poll_timeout(*deadlines):
+    """poll(2)'s timeout for the earliest of deadlines (time.monotonic(), None for none): ms, rounded up; None: no limit."""
+    due = [deadline for deadline in deadlines if deadline is not None]
+    return None if not due else max(0, int((min(due) - time.monotonic()) * 1000) + 1)
+
+
+def catch_signals(numbers):
+    """Have these signals written to a pipe (Python's wakeup fd) instead of acting; the read end, for poll(2).
+
+    Nothing is lost between a look and the wait: a signal that comes
+    meanwhile is already in the pipe.
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    for number in numbers:
+        signal.signal(number, _written)
+    return read_end
+
+
+def _written(number, frame):
+    pass  # the wakeup fd carries it
+
+
+def caught_signals(read_end):
+    """The numbers of the signals caught since the last call, in order."""
+    try:
+        return list(os.read(read_end, 1024))
+    except BlockingIOError:
+        return []
+
+
+# prctl(2) options (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def prctl(option, *arguments):
+    """prctl(2) through libc; OSError if the kernel refuses. bytes arguments are passed as char *."""
+    import ctypes
+
+    padded = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_ulong(a) for a in (*arguments, 0, 0, 0, 0)[:4]]
+    if libc().prctl(ctypes.c_int(option), *padded) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+
+
+@functools.cache
+def libc():
+    """The C library, loaded on first use: ctypes is slow to import, and most links never need it."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def become_subreaper():
+    """Inherit the orphans of every process below us (PR_SET_CHILD_SUBREAPER)."""
+    try:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    except OSError as error:
+        raise unable("become a child subreaper", error) from None
+
+
+def die_with(parent):
+    """SIGTERM when parent dies, even by SIGKILL; False if it was gone already.
+
+    The setting survives execve(2) (prctl(2), PR_SET_PDEATHSIG); a parent
+    already gone before it was made is caught by the getppid() check.
+    """
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent
+
+
+def name_self(name):
+    """The name ps(1) and top(1) show (PR_SET_NAME, 15 bytes at most); nothing if the kernel refuses."""
+    try:
+        prctl(PR_SET_NAME, name.encode()[:15])
+    except OSError:
+        pass

@@ -23,9 +23,9 @@ SO_PASSPIDFD, SCM_PIDFD = 76, 0x04
 
 # pid, uid and gid from SCM_CREDENTIALS; lineage, the sender's pid and its
 # ancestors' (empty when the sender was gone: nobody knows whose it was);
-# fields parsed; fds received (ours to close); truncated when the datagram
-# was longer than the protocol allows.
-Message = namedtuple("Message", "pid uid gid lineage fields fds truncated")
+# notice, the datagram decoded (notifyproto.Notice); fds received (ours to
+# close); truncated when the datagram was longer than the protocol allows.
+Message = namedtuple("Message", "pid uid gid lineage notice fds truncated")
 
 
 def address(notify_socket):
@@ -129,7 +129,7 @@ class Inbox:
             if pidfd >= 0:
                 os.close(pidfd)
         truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > notifyproto.DATAGRAM_MAX
-        return Message(pid, uid, gid, family, notifyproto.parse(data), fds, truncated)
+        return Message(pid, uid, gid, family, notifyproto.decode(data), fds, truncated)
 
     def close(self):
         self.sock.close()

@@ -17,11 +17,10 @@ import socket
 import struct
 import time
 
-from fdlaunch.errors import Fatal, warn
-from fdlaunch.kernel import chain, sdnotify
+from fdlaunch.errors import Fatal
+from fdlaunch.kernel import chain, proc, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import rules, ucspi
-from fdlaunch.text.numbers import is_decimal
 
 STOPS = (signal.SIGTERM, signal.SIGINT)
 RELOAD = signal.SIGHUP
@@ -29,8 +28,16 @@ ACCEPT_BATCH = 64  # accepts per turn, so signals and exits are heard under a fl
 PAUSE_SECONDS = 1  # after EMFILE and the like: the backlog holds clients meanwhile
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 LOOKUP_THREADS = 4
-DONE = b"d"
-PR_SET_NAME = 15  # the server tells its guard it leaves no handler behind
+DONE = b"d"  # the server tells its guard it leaves no handler behind
+
+# environ: the server's own; notify_socket: where READY=1 and STOPPING=1 go,
+# or None; max, max_per (or None): -c and -C; inetd, local_host, lookup:
+# --inetd, -l, --lookup; grace: seconds before SIGKILL at the stop;
+# rules_path and rules: --rules and what it read (or None), read_rules(path)
+# to read it again on SIGHUP; ready_fd: the s6 notification fd, or None.
+Settings = collections.namedtuple(
+    "Settings", "environ notify_socket max max_per inetd local_host lookup grace rules_path rules read_rules ready_fd"
+)
 
 
 class Guard:
@@ -75,7 +82,7 @@ class Guard:
 
 def _guard(alive, grace):
     os.setpgid(0, 0)
-    _name_self(b"accept (guard)")
+    proc.name_self("accept (guard)")  # so that ps(1) and top(1) tell it from the server
     for fd in os.listdir("/proc/self/fd"):
         if int(fd) not in (2, alive):
             try:
@@ -87,35 +94,15 @@ def _guard(alive, grace):
         signal.signal(number, signal.SIG_IGN)  # our own group's signal is not for us
     group = os.getpid()
     if os.read(alive, 1) == DONE:
-        if _others_in_group(group):  # what handlers left behind still holds clients' connections
+        if proc.others_in_group(group):  # what handlers left behind still holds clients' connections
             os.killpg(group, signal.SIGKILL)
         return
     for number in (signal.SIGTERM, signal.SIGCONT):
         os.killpg(group, number)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _others_in_group(group):
+    while time.monotonic() < deadline and proc.others_in_group(group):
         time.sleep(0.05)
     os.killpg(group, signal.SIGKILL)  # and the guard with them
-
-
-def _name_self(name):
-    """The name ps(1) and top(1) show (prctl PR_SET_NAME), so the guard is told from the server."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-
-
-def _others_in_group(group):
-    for name in os.listdir("/proc"):
-        if is_decimal(name) and int(name) != group:
-            try:
-                with open(f"/proc/{name}/stat") as stat:
-                    state, _, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]
-                if int(pgrp) == group and state != "Z":  # a zombie is dead already
-                    return True
-            except (OSError, ValueError, IndexError):
-                continue
-    return False
 
 
 class Client:
@@ -177,12 +164,14 @@ def host_name(ip):
 class Server:
     """Serve the listening socket until SIGTERM or SIGINT; run() returns the exit status."""
 
-    def __init__(self, tool, listener, program, settings):
-        self.tool, self.listener, self.program, self.settings = tool, listener, program, settings
+    def __init__(self, listener, program, settings, say):
+        """say(kind, text): kind start and end for each handler, info, warning."""
+        self.listener, self.program, self.settings, self.say = listener, program, settings, say
         self.unix = listener.family == socket.AF_UNIX
         self.local_path = ucspi.unix_path(listener.getsockname()) if self.unix else None
-        self.environ = ucspi.base_environment(settings["environ"])
-        self.rules = settings["rules"]
+        self.environ = ucspi.base_environment(settings.environ)
+        self.rules = settings.rules
+        self.ready_fd = settings.ready_fd  # None once told
         self.running = {}  # pidfd -> Client, once its handler runs
         self.pending = 0  # clients accepted and waiting for --lookup
         self.per_key = {}  # remote address or uid -> handlers running for it
@@ -191,38 +180,36 @@ class Server:
         self.kill_at = None
         self.paused_until = None
         self.listening = False
-        self.guard = Guard(settings["grace"])
         self.poller = select.poll()
-        self.poller.register(self.guard.pidfd, select.POLLIN)
         self.defaults = {signal.SIGPIPE, signal.SIGXFSZ}  # Python ignores them; handlers get SIG_DFL
-        self.wakeup = self.catch_signals()
+        self.guard = self.wakeup = self.resolver = None
+
+    def start_up(self):
+        """The guard, the signals, the resolver's threads: made when the server runs, not when it is built."""
+        self.guard = Guard(self.settings.grace)
+        self.poller.register(self.guard.pidfd, select.POLLIN)
+        # A signal the server was started with ignored stays ignored; the handlers get the others at SIG_DFL.
+        caught = [number for number in (*STOPS, RELOAD) if signal.getsignal(number) != signal.SIG_IGN]
+        self.defaults.update(caught)
+        self.wakeup = proc.catch_signals(caught)
         self.poller.register(self.wakeup, select.POLLIN)
-        self.resolver = None
-        if settings["lookup"] and not self.unix and not settings["inetd"]:
+        if self.settings.lookup and not self.unix and not self.settings.inetd:
             self.resolver = Resolver()
             self.poller.register(self.resolver.wakeup, select.POLLIN)
-        listener.setblocking(False)
+        self.listener.setblocking(False)
         self.say("info", f"guard pid {self.guard.pid} leads the handlers' process group")
-
-    def catch_signals(self):
-        """Signals arrive as bytes on a pipe; one the server was started with ignored stays ignored."""
-        wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
-        for number in (*STOPS, RELOAD):
-            if signal.getsignal(number) != signal.SIG_IGN:
-                signal.signal(number, lambda number, frame: None)
-                self.defaults.add(number)
-        return wakeup_read
 
     def run(self):
         try:
+            self.start_up()
             self.listen(True)
             self.tell_ready()
             while self.running or self.pending or not self.stopping:
                 self.turn()
             return 0
         finally:
-            self.guard.release()
+            if self.guard is not None:
+                self.guard.release()
             if self.resolver is not None:
                 self.resolver.close()
 
@@ -245,17 +232,16 @@ class Server:
             self.kill_at = None
             for handler in self.running.values():
                 self.say("info", f"killing pid {handler.pid} for {ucspi.describe(handler.peer)}: still running after --grace")
-                _send(handler.pidfd, signal.SIGKILL)
+                proc.send_pidfd(handler.pidfd, signal.SIGKILL)
         if self.paused_until is not None and now >= self.paused_until:
             self.paused_until = None
-        self.listen(not self.stopping and self.paused_until is None and self.busy() < self.settings["max"])
+        self.listen(not self.stopping and self.paused_until is None and self.busy() < self.settings.max)
 
     def busy(self):
         return len(self.running) + self.pending
 
     def timeout(self):
-        deadlines = [d for d in (self.kill_at, self.paused_until) if d is not None]
-        return None if not deadlines else max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+        return proc.poll_timeout(self.kill_at, self.paused_until)
 
     def listen(self, wanted):
         if wanted != self.listening:
@@ -267,7 +253,7 @@ class Server:
 
     def accept_some(self):
         for _ in range(ACCEPT_BATCH):
-            if self.busy() >= self.settings["max"]:
+            if self.busy() >= self.settings.max:
                 return
             try:
                 connection, address = self.listener.accept()
@@ -309,9 +295,9 @@ class Server:
             self.say("warning", f"deny {shown} ({line})")
             return None
         count = self.per_key.get(key, 0) + 1
-        if self.settings["max_per"] is not None and count > self.settings["max_per"]:
+        if self.settings.max_per is not None and count > self.settings.max_per:
             whose = f"uid {key}" if self.unix else key
-            self.say("warning", f"refused {shown}: {count - 1} connections from {whose} already (-C {self.settings['max_per']})")
+            self.say("warning", f"refused {shown}: {count - 1} connections from {whose} already (-C {self.settings.max_per})")
             return None
         self.per_key[key] = count
         return Client(connection, peer, key, count, local, decision.variables)
@@ -331,7 +317,7 @@ class Server:
             return
         self.running[client.pidfd] = client
         self.poller.register(client.pidfd, select.POLLIN)
-        self.say("start", f"pid {client.pid} for {ucspi.describe(client.peer)} ({self.busy()}/{self.settings['max']})")
+        self.say("start", f"pid {client.pid} for {ucspi.describe(client.peer)} ({self.busy()}/{self.settings.max})")
 
     def release(self, key):
         left = self.per_key[key] - 1
@@ -352,11 +338,11 @@ class Server:
         return rules.decide(self.rules, rules.Client(peer.ip, peer.uid, peer.gid))
 
     def connection_environment(self, client):
-        if self.settings["inetd"]:
+        if self.settings.inetd:
             return ucspi.inetd_environment(client.peer)
         if self.unix:
             return ucspi.ipc_environment(self.local_path, client.peer, client.count)
-        local_host = self.settings["local_host"] or client.local_host
+        local_host = self.settings.local_host or client.local_host
         return ucspi.tcp_environment(client.local, client.peer, client.count, local_host, client.remote_host)
 
     def spawn(self, fd, environ, shown):
@@ -388,14 +374,10 @@ class Server:
             how = "ended"  # started with SIGCHLD ignored: the kernel reaped it
         os.close(handler.pidfd)
         self.release(handler.key)
-        self.say("end", f"pid {handler.pid} for {ucspi.describe(handler.peer)} {how} ({self.busy()}/{self.settings['max']})")
+        self.say("end", f"pid {handler.pid} for {ucspi.describe(handler.peer)} {how} ({self.busy()}/{self.settings.max})")
 
     def take_signals(self):
-        try:
-            numbers = os.read(self.wakeup, 1024)
-        except BlockingIOError:
-            return
-        for number in numbers:
+        for number in proc.caught_signals(self.wakeup):
             if number in STOPS and not self.stopping:
                 self.stop(number)
             elif number == RELOAD:
@@ -405,54 +387,37 @@ class Server:
         self.stopping = True
         self.listen(False)
         self.listener.close()
-        self.kill_at = time.monotonic() + self.settings["grace"]
+        self.kill_at = time.monotonic() + self.settings.grace
         self.say("info", f"{signal.Signals(number).name}: no new connections; waiting for {len(self.running)} handler(s)")
         self.notify(b"STOPPING=1")
 
     def reload(self):
-        path = self.settings["rules_path"]
+        path = self.settings.rules_path
         if path is None:
             self.say("info", "SIGHUP: no --rules file to read again")
             return
         try:
-            self.rules = self.settings["read_rules"](path)
+            self.rules = self.settings.read_rules(path)
         except Fatal as error:
-            warn(self.tool, "warning", f"kept the old rules: {error}")
+            self.say("warning", f"kept the old rules: {error}")
             return
         self.say("info", f"SIGHUP: read {len(self.rules)} rule(s) from {path}")
 
     def lose_guard(self):
         for handler in self.running.values():
-            _send(handler.pidfd, signal.SIGTERM)
+            proc.send_pidfd(handler.pidfd, signal.SIGTERM)
         raise Fatal(f"the guard of the handlers (pid {self.guard.pid}) is gone; stopping, the handlers with it")
 
     def tell_ready(self):
         self.notify(b"READY=1")
-        if self.settings["ready_fd"] is not None:
-            readiness.tell_s6(self.settings["ready_fd"])
-            self.settings["ready_fd"] = None
+        if self.ready_fd is not None:
+            readiness.tell_s6(self.ready_fd)
+            self.ready_fd = None
 
     def notify(self, message):
-        target = self.settings["notify_socket"]
+        target = self.settings.notify_socket
         if target:
             try:
                 sdnotify.send(message, target)
             except OSError as error:
-                warn(self.tool, "warning", f"unable to notify {target}: {error.strerror}")
-
-    def say(self, kind, text):
-        """start and end lines unless -q; info only with -v; warnings always."""
-        if kind in ("start", "end") and self.settings["quiet"]:
-            return
-        if kind == "info" and not self.settings["verbose"]:
-            return
-        if kind in ("start", "end"):
-            kind, text = "info", f"{kind} {text}"
-        warn(self.tool, kind, text)
-
-
-def _send(pidfd, number):
-    try:
-        signal.pidfd_send_signal(pidfd, number)
-    except ProcessLookupError:
-        pass
+                self.say("warning", f"unable to notify {target}: {error.strerror}")

@@ -16,13 +16,13 @@ import signal
 import socket
 import stat
 import time
+from collections import namedtuple
 
-from fdlaunch.errors import Fatal, warn
+from fdlaunch.errors import Fatal
 from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.loops import overlap
 from fdlaunch.text.numbers import is_decimal
 
-PR_SET_CHILD_SUBREAPER = 36
 GUARD_ROUND = 1.0  # seconds between looks for processes newly below us
 FORWARDED = (
     signal.SIGTERM,
@@ -44,98 +44,14 @@ PIDFILE_POLL_SECONDS = 0.02
 NO_DAEMON = 1
 NOT_UP_IN_TIME = 2
 
-
-def become_subreaper():
-    import ctypes
-
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise Fatal(f"unable to become a child subreaper: {os.strerror(ctypes.get_errno())}")
+# pidfile: where PROG writes the daemon's pid, or None; timeout: seconds PROG
+# may take to leave a daemon; grace: seconds what is left may take to stop.
+Settings = namedtuple("Settings", "pidfile timeout grace")
 
 
 def exit_code(status):
     """A wait status as a shell reports it: the exit status, or 128 + the signal."""
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
-def descendants(root):
-    """The live (not zombie) processes below root, as {pid: ppid}.
-
-    Walked down through /proc/PID/task/TID/children (proc(5)), which costs
-    a few reads per process below us rather than one per process on the
-    system; where the kernel lacks those files, the whole of /proc is read.
-    """
-    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
-        return descendants_by_scan(root)
-    found, todo = {}, [root]
-    while todo:
-        parent = todo.pop()
-        for pid in children_of(parent):
-            if pid not in found:
-                todo.append(pid)
-                if state_of(pid) not in ("Z", None):
-                    found[pid] = parent
-    return found
-
-
-def children_of(pid):
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found  # gone meanwhile
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as children:
-                found.extend(int(child) for child in children.read().split())
-        except OSError:
-            continue
-    return found
-
-
-def state_of(pid):
-    """The one-letter state in /proc/PID/stat (Z: a zombie), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def descendants_by_scan(root):
-    table = {}
-    for name in os.listdir("/proc"):
-        if is_decimal(name):
-            try:
-                with open(f"/proc/{name}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-            table[int(name)] = (int(fields[1]), fields[0])
-    children = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = {}, [root]
-    while todo:
-        for pid in children.get(todo.pop(), ()):
-            if pid not in found:
-                todo.append(pid)
-                if table[pid][1] != "Z":
-                    found[pid] = table[pid][0]
-    return found
-
-
-def send(pid, number):
-    """Signal pid through a pidfd: never a process that took over a number already reaped."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        signal.pidfd_send_signal(pidfd, number)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
 
 
 def read_pidfile(path):
@@ -162,22 +78,27 @@ def read_pidfile(path):
 class Keeper:
     """Runs PROG, finds the daemon it leaves, keeps it: signals in, status out, nothing left behind."""
 
-    def __init__(self, tool, settings):
-        self.tool, self.settings = tool, settings
+    def __init__(self, settings, say, guard_say):
+        """say(kind, text) speaks for us; guard_say for the guard, a process of its own."""
+        self.settings, self.say, self.guard_say = settings, say, guard_say
         self.statuses = {}  # wait statuses of the children reaped so far
         self.pending = []  # signals received while the daemon was not known yet
         self.main = None
         self.guard = None
+        self.dispositions = None  # what PROG gets: the dispositions we were started with
+        self.wakeup_read = None
+
+    def start_up(self):
+        """Become the subreaper, and have every signal to pass on, SIGCHLD too, written to a wakeup pipe."""
+        proc.become_subreaper()
         self.dispositions = overlap.received_dispositions(FORWARDED)
-        self.wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
-        for number in (*FORWARDED, signal.SIGCHLD):
-            signal.signal(number, lambda number, frame: None)  # the wakeup fd carries it
+        self.wakeup_read = proc.catch_signals((*FORWARDED, signal.SIGCHLD))
 
     def launch(self, path, argv, environ):
         """Run PROG until its launching process exits and the daemon is known; its pid, or Fatal."""
-        deadline = time.monotonic() + self.settings["timeout"]
-        self.guard = Guard(self.tool, self.settings["grace"])
+        deadline = time.monotonic() + self.settings.timeout
+        self.start_up()
+        self.guard = Guard(self.guard_say, self.settings.grace)
         try:
             launcher = overlap.spawn(path, argv, environ, self.dispositions)
         except Fatal:
@@ -189,7 +110,7 @@ class Keeper:
                 launcher.send(number)
             self.reap()
             if launcher.pid not in self.statuses and time.monotonic() >= deadline:
-                self.fail(f"{argv[0]} (pid {launcher.pid}) was still starting after {self.settings['timeout']:g} seconds", NOT_UP_IN_TIME)
+                self.fail(f"{argv[0]} (pid {launcher.pid}) was still starting after {self.settings.timeout:g} seconds", NOT_UP_IN_TIME)
         os.close(launcher.pidfd)
         status = self.statuses[launcher.pid]
         if status != 0:
@@ -213,7 +134,7 @@ class Keeper:
             self.guard.hand(below)
             if not below:
                 self.fail(f"{name} exited 0 and left no process running: no daemon to keep", NO_DAEMON)
-            if self.settings["pidfile"] is not None:
+            if self.settings.pidfile is not None:
                 pid, why = self.from_pidfile(below)
                 if pid is not None:
                     return pid
@@ -226,9 +147,9 @@ class Keeper:
                     pids = ", ".join(map(str, direct))
                     why = f"left {len(direct)} processes (pids {pids}), and without --pidfile cannot tell which is the daemon"
             if time.monotonic() >= deadline:
-                where = f"the PID file {self.settings['pidfile']!r} " if self.settings["pidfile"] is not None else f"{name} "
+                where = f"the PID file {self.settings.pidfile!r} " if self.settings.pidfile is not None else f"{name} "
                 self.fail(f"{where}{why}", NO_DAEMON)
-            wait = PIDFILE_POLL_SECONDS if self.settings["pidfile"] is not None else SETTLE_SECONDS
+            wait = PIDFILE_POLL_SECONDS if self.settings.pidfile is not None else SETTLE_SECONDS
             self.wait([], min(deadline, time.monotonic() + wait))
             for number in self.signals():
                 if number in STOPS:
@@ -237,7 +158,7 @@ class Keeper:
 
     def from_pidfile(self, below):
         """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it."""
-        pid, why = read_pidfile(self.settings["pidfile"])
+        pid, why = read_pidfile(self.settings.pidfile)
         if pid is None:
             return None, why
         if pid in below:
@@ -248,7 +169,7 @@ class Keeper:
 
     def below(self):
         """descendants() of ours, our own guard left out: it is not the daemon's, and ignores stop signals."""
-        found = descendants(os.getpid())
+        found = proc.descendants(os.getpid())
         if self.guard is not None:
             found.pop(self.guard.pid, None)
         return found
@@ -272,7 +193,7 @@ class Keeper:
         return self.statuses.get(self.main)
 
     def send_main(self, number):
-        send_pidfd(self.main_pidfd, number)
+        proc.send_pidfd(self.main_pidfd, number)
 
     def stop_guard(self):
         if self.guard is not None:
@@ -290,13 +211,15 @@ class Keeper:
 
         The guard holds them all meanwhile: were we killed during the grace period, it finishes the job.
         """
+        if self.wakeup_read is None:
+            return  # not launched: nothing of ours runs yet
         below = self.below()
         if self.guard is not None:
             self.guard.hand(below)
         for pid in below:
-            send(pid, signal.SIGTERM)
-            send(pid, signal.SIGCONT)  # a stopped process could not act on it
-        deadline = time.monotonic() + self.settings["grace"]
+            proc.send(pid, signal.SIGTERM)
+            proc.send(pid, signal.SIGCONT)  # a stopped process could not act on it
+        deadline = time.monotonic() + self.settings.grace
         killed = False
         while below:
             self.wait([], min(deadline, time.monotonic() + 0.05))
@@ -305,10 +228,10 @@ class Keeper:
             below = self.below()
             if below and time.monotonic() >= deadline:
                 if killed:
-                    warn(self.tool, "warning", f"pids {', '.join(map(str, below))} survived SIGKILL; leaving them")
+                    self.say("warning", f"pids {', '.join(map(str, below))} survived SIGKILL; leaving them")
                     return
                 for pid in below:
-                    send(pid, signal.SIGKILL)
+                    proc.send(pid, signal.SIGKILL)
                 killed, deadline = True, time.monotonic() + 5
 
     def reap(self):
@@ -336,16 +259,11 @@ class Keeper:
         poller = select.poll()
         for fd in (self.wakeup_read, *fds):
             poller.register(fd, select.POLLIN)
-        timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-        return dict(poller.poll(timeout))
+        return dict(poller.poll(proc.poll_timeout(deadline)))
 
     def signals(self):
         """The forwardable signals received since last asked, in order."""
-        try:
-            numbers = os.read(self.wakeup_read, 1024)
-        except BlockingIOError:
-            return []
-        return [n for n in numbers if n in FORWARDED]
+        return [n for n in proc.caught_signals(self.wakeup_read) if n in FORWARDED]
 
 
 class Guard:
@@ -359,7 +277,7 @@ class Guard:
     death; 'done' is a departure in good order.
     """
 
-    def __init__(self, tool, grace):
+    def __init__(self, say, grace):
         ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
         self.pid = os.fork()
@@ -367,7 +285,7 @@ class Guard:
             try:
                 os.setpgid(0, 0)  # a signal to our whole group (kill -KILL -PGID) must not reach it
                 ours.close()
-                watch_over(its, tool, parent, grace)
+                watch_over(its, say, parent, grace)
             finally:
                 os._exit(0)
         its.close()
@@ -402,7 +320,7 @@ class Guard:
         self.sock.close()
 
 
-def watch_over(sock, tool, parent, grace):
+def watch_over(sock, say, parent, grace):
     """The guard's life: hold the pidfds handed to it; if the other end closes unannounced, stop them."""
     signal.set_wakeup_fd(-1)
     # It shares our process group: a stop signal sent to the whole group
@@ -427,22 +345,12 @@ def watch_over(sock, tool, parent, grace):
     live = {pid: pidfd for pid, pidfd in held.items() if not select.select([pidfd], [], [], 0)[0]}
     if not live:
         return
-    warn(f"{tool} (guard)", "warning", f"{tool} (pid {parent}) died; stopping the daemon (pids {', '.join(map(str, live))})")
-    below = {pid for root in live for pid in descendants(root)} - set(live)
+    say("warning", f"its parent (pid {parent}) died; stopping the daemon (pids {', '.join(map(str, live))})")
+    below = {pid for root in live for pid in proc.descendants(root)} - set(live)
     for pidfd in live.values():
-        send_pidfd(pidfd, signal.SIGTERM)
+        proc.send_pidfd(pidfd, signal.SIGTERM)
     for pid in below:
-        send(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for pidfd in live.values():
-        if not select.select([pidfd], [], [], max(0, deadline - time.monotonic()))[0]:
-            send_pidfd(pidfd, signal.SIGKILL)
+        proc.send(pid, signal.SIGTERM)
+    proc.end_within(live.values(), grace)
     for pid in below:
-        send(pid, signal.SIGKILL)
-
-
-def send_pidfd(pidfd, number):
-    try:
-        signal.pidfd_send_signal(pidfd, number)
-    except ProcessLookupError:
-        pass
+        proc.send(pid, signal.SIGKILL)

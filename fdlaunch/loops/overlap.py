@@ -10,14 +10,19 @@ import os
 import select
 import signal
 import time
+from collections import namedtuple
 
-from fdlaunch.errors import NOT_EXECUTABLE, Fatal, shown, unable, warn
-from fdlaunch.kernel import chain, fds
+from fdlaunch.errors import NOT_EXECUTABLE, Fatal, shown, unable
+from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.loops import readiness
-from fdlaunch.text import notifyproto
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-PR_SET_PDEATHSIG = 1
+
+# reload: the signal that starts a handoff; stop: what a replaced instance
+# gets; ready_timeout: seconds a new instance may take to be ready; grace:
+# seconds a stopped one may take before SIGKILL; ready_fd: the s6
+# notification fd, or None; main_pid_self: tell our own pid as MAINPID.
+Settings = namedtuple("Settings", "reload stop ready_timeout grace ready_fd main_pid_self")
 
 
 class Instance:
@@ -30,15 +35,12 @@ class Instance:
         self.offer = None  # the sockets it was started with (listenfrom.Offer)
 
     def send(self, number):
-        try:
-            signal.pidfd_send_signal(self.pidfd, number)
-        except ProcessLookupError:
-            pass
+        proc.send_pidfd(self.pidfd, number)
 
-    def reap(self):
-        """Collect the exit status if it has exited; True once it has."""
+    def reap(self, wait=False):
+        """Collect the exit status if it has exited (with wait, once it has); True once it has."""
         if self.status is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
             if pid == self.pid:
                 self.status = status
                 os.close(self.pidfd)
@@ -62,7 +64,8 @@ def spawn(path, argv, environ, dispositions, moves=(), become=None):
         signal.set_wakeup_fd(-1)
         for number, disposition in dispositions.items():
             signal.signal(number, disposition)
-        die_with(parent)
+        if not proc.die_with(parent):  # an instance left behind would hold the sockets
+            os._exit(NOT_EXECUTABLE)
 
     pid = chain.spawn(path, argv, environ, setup, moves, become)
     try:
@@ -73,43 +76,27 @@ def spawn(path, argv, environ, dispositions, moves=(), become=None):
         raise unable(f"watch {shown(argv[0])} (pid {pid})", error) from None
 
 
-def die_with(parent):
-    """SIGTERM when fdlaunch-handoff dies, even by SIGKILL: an instance left behind would hold the sockets.
-
-    The setting survives execve(2) (prctl(2), PR_SET_PDEATHSIG); a parent
-    already gone before it was made is caught by the getppid() check.
-    """
-    import ctypes
-
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:
-        os._exit(NOT_EXECUTABLE)
-
-
 class Handoff:
     """The loop that runs instances, hands over on the reload signal, and tells the supervisor."""
 
-    def __init__(self, tool, program, settings, inbox, upward, become=None):
-        self.tool, self.program, self.settings, self.inbox, self.upward = tool, program, settings, inbox, upward
-        self.become = become
+    def __init__(self, program, settings, sockets, inbox, upward, say, become=None):
+        """sockets: a listenfrom.Handed or FromFile; upward(message, pid) tells the supervisor; say(kind, text)."""
+        self.program, self.settings, self.sockets, self.inbox, self.upward = program, settings, sockets, inbox, upward
+        self.say, self.become = say, become
         self.current = None
         self.candidate = None
         self.candidate_deadline = None
         self.retiring = []
         self.releasing = []  # (instance, sockets to close once it is gone)
-        self.sockets = settings["sockets"]
         self.reload_pending = False
         self.stopping = False
-        self.dispositions = received_dispositions((*STOPS, settings["reload"]))
-        self.wakeup_read, wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(wakeup_write, False)
-        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
-        for number in (*STOPS, settings["reload"]):
-            signal.signal(number, lambda number, frame: None)  # the wakeup fd carries it
+        self.ready_fd = settings.ready_fd  # None once told
+        self.dispositions = received_dispositions((*STOPS, settings.reload))
+        self.wakeup_read = None
 
     def run(self):
         """Until the current instance exits; returns its wait status."""
+        self.wakeup_read = proc.catch_signals((*STOPS, self.settings.reload))
         self.current = self.start(self.sockets.first())
         while True:
             self.wait()
@@ -137,22 +124,16 @@ class Handoff:
         poller = select.poll()
         for fd in (self.wakeup_read, self.inbox.fileno(), *(i.pidfd for i in self.instances())):
             poller.register(fd, select.POLLIN)
-        deadlines = [d for d in (self.candidate_deadline, *(old.kill_at for old in self.retiring)) if d is not None]
-        timeout = None if not deadlines else max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
-        poller.poll(timeout)
+        poller.poll(proc.poll_timeout(self.candidate_deadline, *(old.kill_at for old in self.retiring)))
 
     def instances(self):
         return [i for i in (self.current, self.candidate, *self.retiring) if i is not None and i.status is None]
 
     def take_signals(self):
-        try:
-            numbers = os.read(self.wakeup_read, 1024)
-        except BlockingIOError:
-            return
-        for number in numbers:
-            if number == self.settings["reload"]:
+        for number in proc.caught_signals(self.wakeup_read):
+            if number == self.settings.reload:
                 if self.reload_pending or self.candidate is not None:
-                    self.note("reload signal during a handoff: one more handoff follows it")
+                    self.say("info", "reload signal during a handoff: one more handoff follows it")
                 self.reload_pending = True
             elif number in STOPS:
                 self.stopping = True
@@ -167,7 +148,7 @@ class Handoff:
             sender = self.sender_of(message)
             if sender is None:
                 continue  # not an instance: None would pass for "no candidate" below
-            ready = notifyproto.is_ready(message.fields)
+            ready = message.notice.ready
             if sender is self.candidate and ready and not self.candidate.ready:
                 self.complete_handoff()
             elif sender is self.current and ready and not self.current.ready:
@@ -196,21 +177,21 @@ class Handoff:
         now = time.monotonic()
         if self.candidate is not None and self.candidate_deadline is not None and now >= self.candidate_deadline:
             self.retire(self.candidate)
-            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {self.settings['ready_timeout']:g} seconds")
+            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {self.settings.ready_timeout:g} seconds")
         for old in self.retiring:
             if old.kill_at is not None and now >= old.kill_at:
                 old.send(signal.SIGKILL)
                 old.kill_at = None
 
     def begin_handoff(self):
-        self.note(f"handing over from pid {self.current.pid}")
+        self.say("info", f"handing over from pid {self.current.pid}")
         self.tell(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance", self.current)
         try:
             offer = self.sockets.offer()
         except Fatal as error:
             self.fail_handoff(str(error))
             return
-        self.note(f"the new instance gets: {offer.status}")
+        self.say("info", f"the new instance gets: {offer.status}")
         try:
             self.candidate = self.start(offer)
         except Fatal as error:
@@ -218,7 +199,7 @@ class Handoff:
             self.candidate = None
             self.fail_handoff(str(error))
             return
-        self.candidate_deadline = time.monotonic() + self.settings["ready_timeout"]
+        self.candidate_deadline = time.monotonic() + self.settings.ready_timeout
 
     def complete_handoff(self):
         old, new = self.current, self.candidate
@@ -228,21 +209,21 @@ class Handoff:
         self.tell(f"READY=1\nMAINPID={self.main_pid(new)}\nSTATUS={new.offer.status} (pid {new.pid}, took over from pid {old.pid})", old)
         self.retire(old)
         self.releasing.append((old, new.offer.removed))
-        self.note(f"pid {new.pid} is ready; pid {old.pid} is stopping")
+        self.say("info", f"pid {new.pid} is ready; pid {old.pid} is stopping")
 
     def fail_handoff(self, reason):
         if self.candidate is not None:
             self.releasing.append((self.candidate, self.candidate.offer.added))
             self.release()
         self.candidate, self.candidate_deadline = None, None
-        warn(self.tool, "warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
+        self.say("warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
         self.tell(
             f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current
         )
 
     def retire(self, instance):
-        instance.send(self.settings["stop"])
-        instance.kill_at = time.monotonic() + self.settings["grace"]
+        instance.send(self.settings.stop)
+        instance.kill_at = time.monotonic() + self.settings.grace
         self.retiring.append(instance)
 
     def release(self):
@@ -258,33 +239,25 @@ class Handoff:
     def tell_ready_first(self):
         current = self.current
         self.tell(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", current)
-        if self.settings["ready_fd"] is not None:
-            readiness.tell_s6(self.settings["ready_fd"])
-            self.settings["ready_fd"] = None
+        if self.ready_fd is not None:
+            readiness.tell_s6(self.ready_fd)
+            self.ready_fd = None
 
     def finish(self):
         """The current instance is gone: stop the others (grace, then SIGKILL) and return its status."""
         for instance in self.instances():
             if instance not in self.retiring:
                 self.retire(instance)
-        deadline = time.monotonic() + self.settings["grace"]
-        while self.instances():
-            if time.monotonic() >= deadline:
-                for instance in self.instances():
-                    instance.send(signal.SIGKILL)
-            time.sleep(0.01)
-            for instance in self.instances():
-                instance.reap()
+        left = self.instances()
+        proc.end_within([instance.pidfd for instance in left], self.settings.grace)
+        for instance in left:
+            instance.reap(wait=True)
         return self.current.status
 
     def main_pid(self, instance):
         """The pid the supervisor should treat as the service's: the serving instance, or us (--main-pid=self)."""
-        return os.getpid() if self.settings["main_pid_self"] else instance.pid
+        return os.getpid() if self.settings.main_pid_self else instance.pid
 
     def tell(self, message, speaker):
         """A notification upward, sent with the credentials of the pid the supervisor knows as main."""
-        self.upward(message, os.getpid() if self.settings["main_pid_self"] else speaker.pid)
-
-    def note(self, text):
-        if self.settings["verbose"]:
-            warn(self.tool, "info", text)
+        self.upward(message, os.getpid() if self.settings.main_pid_self else speaker.pid)

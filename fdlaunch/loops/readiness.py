@@ -10,7 +10,6 @@ import select
 import signal
 import time
 
-from fdlaunch.errors import warn
 from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
@@ -55,11 +54,8 @@ class Relays:
             self.run_command(main_pid)
 
     def run_command(self, main_pid):
-        """CMD under /bin/sh, its stdout on our stderr, waited for."""
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
-        environ = {**self.environ, "MAINPID": str(main_pid)}
-        pid = os.posix_spawn("/bin/sh", ["sh", "-c", self.command], environ, file_actions=actions)
-        os.waitpid(pid, 0)
+        """CMD under /bin/sh, waited for."""
+        os.waitpid(shell(self.command, self.environ, main_pid), 0)
 
     def relay(self, fields, main_pid, fds=()):
         """Pass fields upstream, sent as main_pid: one the watcher checked is the program or below it, or None."""
@@ -84,16 +80,18 @@ class Program:
 
 
 class Watcher:
-    def __init__(self, tool, inbox, program, relays, keep_relaying, verbose=False):
-        self.tool, self.inbox, self.program, self.relays = tool, inbox, program, relays
+    """Reads the inbox for program's notifications and hands them to relays; say(kind, text) speaks for it."""
+
+    def __init__(self, inbox, program, relays, keep_relaying, say):
+        self.inbox, self.program, self.relays, self.say = inbox, program, relays, say
         self.keep_relaying = keep_relaying
         self.ready = False
         self.main_pid = program.pid
-        self.warned = set()
+        self.warn_once = once(say)
         self.check = None  # a Check, polled alongside the inbox (--check)
         self.ready_sender = None
-        self.verbose, self.started = verbose, time.monotonic()
-        self.say(f"watching pid {program.pid}; once it is ready: {relays.describe()}")
+        self.started = time.monotonic()
+        self.say("info", f"watching pid {program.pid}; once it is ready: {relays.describe()}")
 
     def run(self, deadline=None):
         """Until ready (and, with keep_relaying, until the program is gone), gone, or deadline passes."""
@@ -101,9 +99,7 @@ class Watcher:
             poller = select.poll()
             for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds()):
                 poller.register(fd, select.POLLIN)
-            wakes = [d for d in (deadline, self.check_due()) if d is not None]
-            wait_ms = None if not wakes else max(0, int((min(wakes) - time.monotonic()) * 1000) + 1)
-            events = dict(poller.poll(wait_ms))
+            events = dict(poller.poll(proc.poll_timeout(deadline, self.check_due())))
             self.drain()  # before looking at an exit: a last datagram may be queued
             self.take_check()
             if self.ready and not self.keep_relaying:
@@ -127,7 +123,7 @@ class Watcher:
             self.ready = True
             told = self.relays.describe()
             self.relays.ready(self.program, self.main_pid, [("READY", "1")])
-            self.say(f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+            self.say("info", f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
 
     def linger(self):
         """Answer the BARRIER a sender like systemd-notify sends right after READY=1.
@@ -176,45 +172,34 @@ class Watcher:
             why = f"not pid {self.program.pid} or below it" if message.lineage else "gone before it could be checked"
             self.warn_once(("stranger", message.pid), f"ignored a notification from pid {message.pid}, {why}")
             return
-        fields = self.checked_main_pid(message.fields)
-        if notifyproto.is_ready(fields) and not self.ready:
+        notice = message.notice
+        fields, main_pid = self.checked_main_pid(notice)
+        if notice.ready and not self.ready:
             self.ready = True
             self.ready_sender = message.pid
-            self.main_pid = notifyproto.main_pid(fields, self.program.pid)
+            self.main_pid = main_pid or self.program.pid
             told = self.relays.describe()
             self.relays.ready(self.program, self.main_pid, fields)
-            self.say(f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+            self.say("info", f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
         else:
-            self.main_pid = notifyproto.main_pid(fields, self.main_pid)
-            self.relays.relay(fields, self.speaker(), fds=self.fds_to_store(message))
+            self.main_pid = main_pid or self.main_pid
+            self.relays.relay(fields, self.speaker(), fds=message.fds if notice.fdstore else ())
 
-    def fds_to_store(self, message):
-        return message.fds if notifyproto.value(message.fields, "FDSTORE") == "1" else ()
-
-    def checked_main_pid(self, fields):
-        """fields with one MAINPID, if it names the program or a live process below it; else none (issue 10)."""
-        text = notifyproto.value(fields, "MAINPID")
+    def checked_main_pid(self, notice):
+        """(fields with one MAINPID, that pid) if it names the program or a live process below it; else none (issue 10)."""
+        text = notice.main_pid_text
         if text is None:
-            return fields
-        kept = [(name, value) for name, value in fields if name != "MAINPID"]
-        pid = notifyproto.pid_number(text)
+            return notice.fields, None
+        kept = [(name, value) for name, value in notice.fields if name != "MAINPID"]
+        pid = notice.main_pid
         if pid is not None and self.program.heads(proc.lineage_of(pid)):
-            return [*kept, ("MAINPID", str(pid))]
+            return [*kept, ("MAINPID", str(pid))], pid
         self.warn_once(("mainpid", text), f"ignored MAINPID={text[:40]!r}: not pid {self.program.pid} or a live process below it")
-        return kept
+        return kept, None
 
     def speaker(self):
         """The main pid, to send as, while it is still the program or below it; else None: we speak as ourselves."""
         return self.main_pid if self.program.heads(proc.lineage_of(self.main_pid)) else None
-
-    def say(self, text):
-        if self.verbose:
-            warn(self.tool, "info", text)
-
-    def warn_once(self, key, text):
-        if key not in self.warned:
-            self.warned.add(key)
-            warn(self.tool, "warning", text)
 
 
 class Check:
@@ -225,14 +210,14 @@ class Check:
     previous one ended. tries (0: no limit) failing runs make it give up.
     """
 
-    def __init__(self, tool, command, interval, timeout, tries, environ):
-        self.tool, self.command, self.interval, self.timeout, self.tries = tool, command, interval, timeout, tries
+    def __init__(self, command, interval, timeout, tries, environ, say):
+        self.command, self.interval, self.timeout, self.tries, self.say = command, interval, timeout, tries, say
         self.environ = {name: text for name, text in environ.items() if name not in NOT_FOR_CHECKS}
         self.next_at = time.monotonic()
         self.pid = self.pidfd = self.kill_at = None
         self.failures = 0
         self.passed = self.gave_up = self.stopped = False
-        self.warned = set()
+        self.warn_once = once(say)
 
     def fds(self):
         return [] if self.pidfd is None else [self.pidfd]
@@ -259,12 +244,10 @@ class Check:
         return False
 
     def start(self, main_pid):
-        # stdin /dev/null, stdout to our stderr, and no descriptor of the program's (its sockets).
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in sorted(inheritable_fds()) if fd > 2]
-        environ = {**self.environ, "MAINPID": str(main_pid)}
+        # No descriptor of the program's (its sockets); a session of its own, so that a hung run is killed whole.
+        closed = [fd for fd in sorted(inheritable_fds()) if fd > 2]
         try:
-            self.pid = os.posix_spawn("/bin/sh", ["sh", "-c", self.command], environ, file_actions=actions, setsid=True)
+            self.pid = shell(self.command, self.environ, main_pid, closed, setsid=True)
             self.pidfd = os.pidfd_open(self.pid)
         except OSError as error:
             self.give_up(f"unable to run the check {self.command!r}: {error.strerror}{link_order_hint()}")
@@ -301,7 +284,7 @@ class Check:
 
     def give_up(self, text):
         self.gave_up = True
-        warn(self.tool, "warning", text)
+        self.say("warning", text)
 
     def stop(self):
         """No more runs: the program is ready by other means, or gone."""
@@ -312,10 +295,25 @@ class Check:
     def over(self):
         return self.passed or self.gave_up or self.stopped
 
-    def warn_once(self, key, text):
-        if key not in self.warned:
-            self.warned.add(key)
-            warn(self.tool, "warning", text)
+
+def shell(command, environ, main_pid, closed=(), setsid=False):
+    """Start CMD with /bin/sh, MAINPID in its environment, stdin /dev/null and stdout on our stderr; its pid."""
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in closed]
+    environ = {**environ, "MAINPID": str(main_pid)}
+    return os.posix_spawn("/bin/sh", ["sh", "-c", command], environ, file_actions=actions, setsid=setsid)
+
+
+def once(say):
+    """warn_once(key, text): text as a warning the first time key is given, then never again for that key."""
+    said = set()
+
+    def warn_once(key, text):
+        if key not in said:
+            said.add(key)
+            say("warning", text)
+
+    return warn_once
 
 
 def inheritable_fds():

@@ -5,6 +5,8 @@ with or without a trailing newline, several fields per datagram, unknown
 fields are ignored.
 """
 
+from collections import namedtuple
+
 from fdlaunch.text.numbers import is_decimal
 
 # systemd reads at most this much of a notification (NOTIFY_BUFFER_MAX in
@@ -85,3 +87,16 @@ def check_fields(texts):
     if len(data) > DATAGRAM_MAX:
         raise ValueError(f"the message is {len(data)} bytes; the protocol allows {DATAGRAM_MAX}")
     return data
+
+
+# One datagram, questioned once: its fields in order, READY=1 or not, the
+# last MAINPID= as given (main_pid_text) and as a pid (main_pid, None unless
+# it is one), FDSTORE=1 or not.
+Notice = namedtuple("Notice", "fields ready main_pid main_pid_text fdstore")
+
+
+def decode(data):
+    """bytes -> Notice."""
+    fields = parse(data)
+    text = value(fields, "MAINPID")
+    return Notice(fields, is_ready(fields), None if text is None else pid_number(text), text, value(fields, "FDSTORE") == "1")
