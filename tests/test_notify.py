@@ -358,7 +358,7 @@ def test_environment_and_descriptors_in_chain_mode(env, probe):
         (["--interval=1", "true"], {}, 100, "--interval goes with --check"),
         (["--check=true", "--check-timeout=0", "true"], {}, 100, "--check-timeout='0' is not a number of seconds"),
         (["--check=true", "--tries=1e3", "true"], {}, 100, "--tries='1e3' is not a number of runs"),
-        (["--bogus", "true"], {}, 100, "unknown or repeated option '--bogus'"),
+        (["--bogus", "true"], {}, 100, "unknown option '--bogus'"),
         (["no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
         (["--fork", "no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
     ],
@@ -368,6 +368,29 @@ def test_notify_wait_errors(argv, extra_env, status, message, env):
     assert done.returncode == status
     assert done.stderr.startswith("fdlaunch-notify-wait: fatal: ") and message in done.stderr
     assert done.stderr.count("\n") == 1
+    assert_nothing_left(env)
+
+
+@pytest.mark.parametrize("fd", ["0", "1", "2"])
+@pytest.mark.parametrize("tool", ["fdlaunch-notify-wait", "fdlaunch-handoff", "fdlaunch-accept", "fdlaunch-foreground"])
+def test_a_standard_fd_is_not_a_notification_fd(tool, fd, env):
+    """--fd=1 was taken, and the watcher's /dev/null got the newline: stdin, stdout and stderr stay the program's."""
+    listening = socket.socket()
+    with listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        passed = {"LISTEN_FD_MAP": f"tcp={listening.fileno()}"}
+        done = run(
+            [tool, f"--fd={fd}", "--", "sh", "-c", "fdlaunch-notify READY=1; echo ran"],
+            env={**env, **passed},
+            pass_fds=[listening.fileno()],
+        )
+    standard = {"0": "input", "1": "output", "2": "error"}[fd]
+    assert (done.returncode, done.stdout) == (100, "")
+    assert (
+        done.stderr
+        == f"{tool}: fatal: --fd={fd!r}: fd {fd} is standard {standard}, which the program keeps; a notification fd is 3 or more\n"
+    )
     assert_nothing_left(env)
 
 

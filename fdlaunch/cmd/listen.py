@@ -23,25 +23,21 @@ import sys
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Finished, UsageError, warn
+from fdlaunch.errors import BadCall, Finished, warn
 from fdlaunch.kernel import chain, fds, sock
 from fdlaunch.text import fdplan, listenenv, spec
 
 PROG = "fdlaunch-listen"
-# docopt matches the options alone: it cannot match 'SPEC... PROG' (see cli.parse).
-OPTIONS_ONLY = __doc__.replace(" SPEC... [--] PROG [ARGS...]", "")
 
 
 @tool(PROG)
 def main(argv, caller):
     option_words, spec_words, program = spec.split_words(argv)
-    options = cli.parse(__doc__, option_words, match=OPTIONS_ONLY)
+    # docopt cannot read 'SPEC... [--] PROG' (see cli): the specs and the program are ours to check.
+    options = cli.read(__doc__, option_words)
     wanted = [spec.parse(word) for word in spec_words]
-    if not wanted or not (program or options["--dry-run"]):
-        if not wanted and not program:
-            raise BadCall(cli.synopsis(__doc__))
-        missing = "socket spec" if not wanted else "program"
-        raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
+    if not wanted or options["PROG"] or not (program or options["--dry-run"]):
+        raise BadCall(cli.synopsis(__doc__))
     systemd = not options["--map"]
     pid = os.getpid()
     inherited = listenenv.inherited(caller, pid, fds.limit())
