@@ -5,9 +5,9 @@ from conftest import run
 from docopt import DocoptExit, docopt
 
 from fdlaunch import cli
-from fdlaunch.cmd import accept, fdmap, listen, setuidgid
 from fdlaunch.errors import BadCall, UsageError
 from fdlaunch.kernel import chain
+from fdlaunch.text import usage
 
 DOC = """fdlaunch-x: a tool to read.
 
@@ -30,12 +30,12 @@ Options:
 
 
 def test_options_of_reads_every_spelling():
-    table = cli.options_of(DOC)
-    assert table["--map"] == cli.Option("--map", None, None, False)
-    assert table["--fd"] == cli.Option("--fd", "required", "3", False)
-    assert table["-c"] == cli.Option("-c", "required", None, False)
-    assert table["--limit"] == cli.Option("--limit", "required", None, True)
-    assert table["--vars"] == cli.Option("--vars", "optional", None, False)
+    table = usage.options_of(DOC)
+    assert table["--map"] == usage.Option("--map", None, None, False)
+    assert table["--fd"] == usage.Option("--fd", "required", "3", False)
+    assert table["-c"] == usage.Option("-c", "required", None, False)
+    assert table["--limit"] == usage.Option("--limit", "required", None, True)
+    assert table["--vars"] == usage.Option("--vars", "optional", None, False)
     assert table["-v"] is table["--verbose"] and table["-v"].name == "--verbose"
     assert sorted(table) == ["--dry-run", "--fd", "--help", "--limit", "--map", "--vars", "--verbose", "--version", "-c", "-h", "-v"]
 
@@ -57,7 +57,7 @@ def test_options_of_reads_every_spelling():
     ],
 )
 def test_read_options(argv, given, rest):
-    assert cli.read_options(cli.options_of(DOC), argv) == (given, rest)
+    assert usage.read_options(usage.options_of(DOC), argv) == (given, rest)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_read_options(argv, given, rest):
 )
 def test_read_options_refuses(argv, reason):
     with pytest.raises(UsageError) as refused:
-        cli.read_options(cli.options_of(DOC), argv)
+        usage.read_options(usage.options_of(DOC), argv)
     assert str(refused.value) == reason
 
 
@@ -110,13 +110,13 @@ def test_a_refusal_names_the_first_usage_form():
         cli.parse(DOC, ["--map"])
 
 
-@pytest.mark.parametrize("module", [accept, setuidgid, listen, fdmap])
-def test_every_option_of_a_usage_is_in_its_options_section(module):
+@pytest.mark.parametrize("tool", chain.TOOLS)
+def test_every_option_of_a_usage_is_in_its_options_section(tool):
     """The reader knows only the Options section: an option named only in the usage would be refused."""
-    usage = module.__doc__.split("Usage:", 1)[1].split("\n\n", 1)[0]
-    table = cli.options_of(module.__doc__)
-    named = {word.strip("[]().|").partition("=")[0].partition("[")[0] for word in usage.split() if word.strip("[(").startswith("-")}
-    assert named - {"--", ""} <= set(table)
+    doc = cli.load(chain.TOOLS[tool]).__doc__
+    forms = doc.split("Usage:", 1)[1].split("\n\n", 1)[0]
+    named = {word.strip("[]().|").partition("=")[0].partition("[")[0] for word in forms.split() if word.strip("[(").startswith("-")}
+    assert named - {"--", ""} <= set(usage.options_of(doc))
 
 
 # What cli.parse relies on in docopt-ng: if an upgrade changes it, this fails, not a user.
