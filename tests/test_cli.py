@@ -168,7 +168,8 @@ def test_docopt_does_not_print_help_with_default_help_off(capsys):
     assert capsys.readouterr().out == ""
 
 
-# One usage grammar (fdlaunch(7)): a call that fits no form says 'TOOL: usage: FIRST FORM', exit 100.
+# One usage grammar (fdlaunch(7), DIAGNOSTICS): a call that fits no form, a bare one
+# first, says 'TOOL: usage: FIRST FORM' (the first form of --help's usage), exit 100.
 
 
 def first_form(tool):

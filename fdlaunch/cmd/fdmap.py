@@ -44,7 +44,7 @@ MODES = ("--systemd", "--map", "--vars", "--subst", "--stdin")
 
 @tool(PROG)
 def main(argv, environ):
-    options = read_options(argv)
+    options = read_call(argv)
     pid = os.getpid()
     program = [options["PROG"], *options["ARGS"]]
     passed = listenenv.inherited(environ, pid, fds.limit())
@@ -74,7 +74,7 @@ def main(argv, environ):
     return chain.Exec(path, program, environ)
 
 
-def read_options(argv):
+def read_call(argv):
     """argv by the usage: one mode, --order only with --systemd, a program; a bare --vars is --vars=FD_."""
     # docopt cannot read the optional value of '--vars[=PREFIX]' (see cli): the forms are checked here.
     options = cli.read(__doc__, argv)
