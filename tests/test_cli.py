@@ -168,6 +168,16 @@ def test_docopt_does_not_print_help_with_default_help_off(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_docopt_cannot_read_the_two_usages_we_read_ourselves():
+    """Why fdlaunch-listen and fdlaunch-fdmap use cli.read: if a docopt-ng learns these, they can use cli.parse."""
+    listen = "Usage:\n  prog [options] SPEC... [--] PROG [ARGS...]\n\nOptions:\n  -v  Say more.\n"
+    with pytest.raises(DocoptExit):  # SPEC... takes every word and gives none back to PROG
+        docopt(listen, argv=["-tcp::0", "true"], default_help=False, options_first=True)
+    fdmap = "Usage:\n  prog --vars[=PREFIX] [--] PROG\n\nOptions:\n  --vars[=PREFIX]  Variables.\n"
+    with pytest.raises(DocoptExit):  # no optional value: '--vars' is a flag and '=PREFIX' a word
+        docopt(fdmap, argv=["--vars=FD_", "true"], default_help=False, options_first=True)
+
+
 # One usage grammar (fdlaunch(7), DIAGNOSTICS): a call that fits no form, a bare one
 # first, says 'TOOL: usage: FIRST FORM' (the first form of --help's usage), exit 100.
 
