@@ -136,7 +136,9 @@ def attempt(name, function, *args):
 
 def parse(doc, argv):
     """Parse argv against doc's usage, as docopt reads it; doc is what --help prints."""
-    # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it.
+    # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it. Safe
+    # for fusion: fdlaunch-setuidgid, the one link that drops privileges, has
+    # imported it before, so no later link needs to read it as the new user.
     from docopt import DocoptExit, docopt
 
     checked(doc, argv)
