@@ -1,8 +1,28 @@
-"""The tool runtime: docopt with the settings every chain loader needs, and the
-loop that runs a chain's links.
+"""The tool runtime: reading argv against a tool's usage text, and the loop
+that runs a chain's links.
 
-options_first=True keeps the program's own options away from docopt, and a
-DocoptExit (docopt's own exit 1) becomes a one-line UsageError (exit 100).
+A tool's module docstring is its interface as written: --help prints it, the
+man page SYNOPSIS repeats its Usage section (tests/test_docs.py), and nothing
+rewrites it. Reading argv takes two steps:
+
+1. Our own small reader (text/usage.py, pure) takes the option names
+   from the docstring's Options section and checks argv's leading options
+   against them: an unknown option is named in one line, with the option it
+   is near when there is one, as is a missing or unwanted value and an option
+   given twice. docopt never tells a caller which option it did not know (it
+   only fails to match), so this is how we can name it without reading its
+   exception text.
+2. docopt (docopt-ng, its public docopt() and DocoptExit only) then matches
+   the usage forms as written, with options_first=True so the program's own
+   options are never read as ours; its DocoptExit (its own exit 1) means only
+   that no form fits, which is said as 'PROG: usage: FIRST FORM', exit 100.
+   tests/test_cli.py pins the docopt-ng behaviour this relies on.
+
+Two usages say what docopt's language cannot: fdlaunch-listen's
+'SPEC... [--] PROG' (docopt's '...' is greedy and never gives a word back)
+and fdlaunch-fdmap's optional value '--vars[=PREFIX]'. Rather than give
+docopt a second, rewritten usage, those tools take their options from the
+reader alone (read) and check the rest of their form themselves.
 
 A tool's body takes its argv and the environment it was handed, and returns
 an exit status or a chain.Exec. The runtime execs that program, unless it is
@@ -12,14 +32,12 @@ a tool of this installation: then it runs that tool's body in this process
 
 import functools
 import os
-import re
 import sys
-
-from docopt import DocoptExit, docopt
 
 from fdlaunch import __version__
 from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report
 from fdlaunch.kernel import chain, fds
+from fdlaunch.text import usage
 
 
 def tool(name):
@@ -116,20 +134,57 @@ def attempt(name, function, *args):
         return report(name, "fatal", f"internal error, please report: {type(error).__name__}: {error}", SYSTEM), True
 
 
-def parse(doc, argv, match=None):
-    """Parse argv against doc's usage; doc is what --help prints.
+def parse(doc, argv):
+    """Parse argv against doc's usage, as docopt reads it; doc is what --help prints."""
+    # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it. Safe
+    # for fusion: fdlaunch-setuidgid, the one link that drops privileges, has
+    # imported it before, so no later link needs to read it as the new user.
+    from docopt import DocoptExit, docopt
 
-    match, when given, is a docstring with the same Options section and a
-    usage docopt can match; fdlaunch-listen needs one, since docopt cannot
-    match 'SPEC... PROG' (its '...' is greedy and never backtracks).
-    """
+    checked(doc, argv)
     try:
-        options = docopt(match or doc, argv=argv, default_help=False, options_first=True)
-    except DocoptExit as error:
-        reason = explain(error)
-        if reason is None:
-            raise BadCall(synopsis(doc)) from None
-        raise UsageError(f"{reason} (usage: {synopsis(doc)})") from None
+        options = docopt(doc, argv=argv, default_help=False, options_first=True)
+    except DocoptExit:
+        raise BadCall(synopsis(doc)) from None
+    return answer_help(doc, options)
+
+
+def read(doc, argv):
+    """Parse argv by doc's Options section alone, for a usage docopt cannot read.
+
+    Returns the shape docopt returns: every option under its long name (else
+    its short one), False or True for a flag, None, the value or its default
+    for an option that takes one (a list if the usage repeats it); 'PROG' the
+    first word after the options or None, 'ARGS' the words after that. An
+    option with an optional value ('--vars[=PREFIX]') given bare is True.
+    """
+    table = usage.options_of(doc)
+    given, rest = checked(doc, argv, table)
+    options = {}
+    for option in table.values():
+        empty = [] if option.repeatable else None if option.value else False
+        options[option.name] = empty if option.default is None else option.default
+    for name, value in given:
+        if isinstance(options[name], list):
+            options[name].append(value)
+        else:
+            options[name] = value
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    options["PROG"], options["ARGS"] = (rest[0], rest[1:]) if rest else (None, [])
+    return answer_help(doc, options)
+
+
+def checked(doc, argv, table=None):
+    """usage.read_options by doc's Options section, a refusal said with doc's first usage form."""
+    try:
+        return usage.read_options(table or usage.options_of(doc), argv)
+    except UsageError as error:
+        raise UsageError(f"{error} (usage: {synopsis(doc)})") from None
+
+
+def answer_help(doc, options):
+    """options, unless they ask for --help or --version: then that is printed and the tool is done."""
     if options.get("--help"):
         sys.stdout.write(doc.strip() + "\n")
         raise Finished(0)
@@ -153,17 +208,3 @@ def seconds(option, text, zero=False):
 def synopsis(doc):
     """The first form of doc's usage, as one line."""
     return doc.split("Usage:", 1)[1].strip().splitlines()[0].strip()
-
-
-def explain(error):
-    """Say what docopt disliked in one phrase, or None when it is only that no form matched."""
-    first = str(error).splitlines()[0] if str(error) else ""
-    # docopt-ng accepts an unknown option while reading argv and only
-    # reports it as left unmatched; its repr is the one place that names it.
-    unmatched = re.findall(r"Option\((?:'([^']*)'|None), (?:'([^']*)'|None)", first)
-    if unmatched:
-        short, long = unmatched[0]
-        return f"unknown or repeated option {long or short!r}"
-    if first and not first.startswith("Usage:") and "unmatched" not in first:
-        return first.rstrip(".")
-    return None

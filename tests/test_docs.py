@@ -71,11 +71,3 @@ def test_every_console_script_is_a_tool_the_runtime_knows():
     text = (MAN.parent / "setup.cfg").read_text()
     scripts = dict(re.findall(r"^\s+(fdlaunch-[a-z-]+) = fdlaunch\.cmd\.([a-z_]+):main$", text, re.M))
     assert scripts == chain.TOOLS
-
-
-@pytest.mark.parametrize("tool", TOOLS)
-def test_a_bare_call_prints_the_usage_in_one_line(tool):
-    """fdlaunch(7), DIAGNOSTICS: 'TOOL: usage: FORM', the first form of --help's usage, and 100."""
-    done = run([tool])
-    first_form = run([tool, "--help"]).stdout.split("Usage:", 1)[1].strip().splitlines()[0].strip()
-    assert (done.returncode, done.stderr) == (100, f"{tool}: usage: {first_form}\n")

@@ -10,6 +10,8 @@ import time
 import pytest
 from conftest import TIMEOUT, free_port, python_systemd, require, run, sockets
 
+import fdlaunch
+
 # What python-systemd and fdlaunch.listen_sockets() each see, as {fd: label}.
 BOTH_READERS = """
 import json, os, socket
@@ -25,8 +27,6 @@ print(json.dumps({"theirs": theirs, "ours": ours, "kinds": kinds}))
 
 def readers_env():
     """Debian's python (with python-systemd) must import this checkout's fdlaunch too."""
-    import fdlaunch
-
     return {"PATH": os.environ["PATH"], "PYTHONPATH": os.path.dirname(os.path.dirname(fdlaunch.__file__))}
 
 
@@ -221,7 +221,7 @@ def test_stdin_leaves_no_other_socket_and_no_variables():
         (["--vars=9", "true"], {"LISTEN_FD_MAP": "a=7"}, "gives '9A', which is not a variable name"),
         (["--systemd", "--order=ghost", "true"], {"LISTEN_FD_MAP": "a=7"}, "no socket labelled 'ghost' was passed"),
         (["--stdin=ghost", "true"], {"LISTEN_FD_MAP": "a=7"}, "--stdin='ghost': no socket is labelled 'ghost'"),
-        (["--map", "--systemd", "true"], {}, "usage: fdlaunch-fdmap"),
+        (["--map", "--systemd", "true"], {}, "fdlaunch-fdmap: usage: fdlaunch-fdmap [-v] --systemd [--order=LABELS] [--] PROG [ARGS...]\n"),
         (["--map", "no-such-program-fdl"], {}, "unable to exec no-such-program-fdl"),
     ],
 )
@@ -232,7 +232,7 @@ def test_fdmap_errors(argv, extra_env, message):
     exports = " ".join(f'{k}="{v}"' for k, v in environ.items() if k != "PATH")
     done = run(["sh", "-c", f"{'export ' + exports + ';' if exports else ''} {script}"], env={"PATH": os.environ["PATH"]})
     assert done.returncode == (127 if "exec" in message else 100), done.stderr
-    assert done.stderr.startswith("fdlaunch-fdmap: fatal: ") and message in done.stderr
+    assert done.stderr.startswith(("fdlaunch-fdmap: fatal: ", "fdlaunch-fdmap: usage: ")) and message in done.stderr
     assert done.stderr.count("\n") == 1
 
 
@@ -252,27 +252,116 @@ def test_fdmap_refuses_to_overwrite_a_descriptor_it_was_not_handed():
     assert "fd 3 is already open and was not passed in" in done.stderr
 
 
-def test_listen_sockets_errors_and_nothing_passed():
-    code = """
-import os, fdlaunch
-os.environ.update(LISTEN_FDS="1", LISTEN_PID="1")
-assert fdlaunch.listen_sockets() == {}, "another pid's sockets are not ours"
-os.environ["LISTEN_FD_MAP"] = "x=0"
-try:
-    fdlaunch.listen_sockets()
-except ValueError as error:
-    print(error)
-os.environ["LISTEN_FD_MAP"] = "x=y"
-try:
-    fdlaunch.listen_sockets()
-except ValueError as error:
-    print(error)
-"""
-    done = run([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr
-    first, second = done.stdout.splitlines()
-    assert "item 'x=0' names stdin, stdout or stderr" in first
-    assert "item 'x=y' is not LABEL=FD" in second
+# fdlaunch.listen_sockets() in this process: real sockets on real fds, os.environ
+# patched, as python-systemd's own tests do; the test after these runs it in a
+# program that fdlaunch-listen execs.
+
+PASSING = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FD_MAP")
+
+
+@pytest.fixture
+def passing(monkeypatch):
+    """Set the passing variables in os.environ (any left from the caller removed); the pid is this one."""
+    for name in PASSING:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_variables(**variables):
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value.replace("PID", str(os.getpid())))
+
+    return set_variables
+
+
+@pytest.fixture
+def on_fd_3():
+    """Put a socket on fd 3 for the systemd convention; whatever fd 3 was is put back after."""
+    saved = os.dup(3) if fd_is_open(3) else None
+
+    def place(sock):
+        os.dup2(sock.fileno(), 3)
+        sock.close()
+
+    yield place
+    if saved is None:
+        if fd_is_open(3):
+            os.close(3)
+    else:
+        os.dup2(saved, 3)
+        os.close(saved)
+
+
+def fd_is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_listen_sockets_by_the_map_in_process(passing):
+    with socket.create_server(("127.0.0.1", 0)) as web, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dns:
+        passing(LISTEN_FD_MAP=f"web={web.fileno()},dns={dns.fileno()}", LISTEN_FDS="9", LISTEN_PID="1")
+        os.set_inheritable(web.fileno(), True)
+        found = fdlaunch.listen_sockets()
+        assert {label: [(s.fileno(), s.type) for s in group] for label, group in found.items()} == {
+            "web": [(web.fileno(), socket.SOCK_STREAM)],
+            "dns": [(dns.fileno(), socket.SOCK_DGRAM)],
+        }
+        assert not found["web"][0].get_inheritable()
+        assert found["web"][0].getsockname() == web.getsockname()
+        assert [name for name in PASSING if name in os.environ] == []
+        for group in found.values():
+            group[0].detach()  # web and dns close their own fds
+
+
+def test_listen_sockets_keeps_the_variables_when_asked(passing):
+    with socket.create_server(("127.0.0.1", 0)) as web:
+        passing(LISTEN_FD_MAP=f"web={web.fileno()}")
+        found = fdlaunch.listen_sockets(unset_environment=False)
+        found["web"][0].detach()
+        assert os.environ["LISTEN_FD_MAP"] == f"web={web.fileno()}"
+
+
+def test_listen_sockets_by_the_systemd_convention_in_process(passing, on_fd_3):
+    server = socket.create_server(("127.0.0.1", 0))
+    address = server.getsockname()
+    on_fd_3(server)
+    passing(LISTEN_FDS="1", LISTEN_PID="PID", LISTEN_FDNAMES="http")
+    found = fdlaunch.listen_sockets()
+    assert [(label, s.fileno(), s.getsockname()) for label, (s,) in found.items()] == [("http", 3, address)]
+    found["http"][0].detach()  # on_fd_3 puts fd 3 back
+
+
+def test_listen_sockets_of_another_pid_are_not_ours(passing):
+    passing(LISTEN_FDS="1", LISTEN_PID="1")
+    assert fdlaunch.listen_sockets() == {}
+
+
+@pytest.mark.parametrize(
+    "fd_map, reason",
+    [
+        ("x=0", "item 'x=0' names stdin, stdout or stderr"),
+        ("x=y", "item 'x=y' is not LABEL=FD"),
+        ("web=SOCKET,pipe=PIPE", "fd PIPE (pipe) is not an open socket"),
+    ],
+)
+def test_listen_sockets_refuses_and_touches_nothing(fd_map, reason, passing):
+    read_end, write_end = os.pipe()
+    with socket.create_server(("127.0.0.1", 0)) as web:
+        numbers = {"SOCKET": str(web.fileno()), "PIPE": str(read_end)}
+        for word, number in numbers.items():
+            fd_map, reason = fd_map.replace(word, number), reason.replace(word, number)
+        passing(LISTEN_FD_MAP=fd_map)
+        os.set_inheritable(web.fileno(), True)
+        with pytest.raises(ValueError) as refused:
+            fdlaunch.listen_sockets()
+        assert reason in str(refused.value)
+        assert os.environ["LISTEN_FD_MAP"] == fd_map
+        # Not closed, not made close-on-exec: the socket read before the pipe was given back untouched.
+        assert os.get_inheritable(web.fileno()) and web.getsockname()
+        os.fstat(read_end)
+    os.close(read_end)
+    os.close(write_end)
 
 
 def test_listen_sockets_unsets_the_variables(probe):

@@ -1,6 +1,8 @@
 """fdlaunch-foreground: a daemon that forks into the background, kept under a real supervisor."""
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HERE, TIMEOUT, free_port, require, run
-from test_notify import Upstream, s6_service, stop_service
+from test_notify import Upstream, s6_service
 
 DAEMON = [sys.executable, str(HERE / "selfdaemon.py")]
 
@@ -49,27 +51,40 @@ def kill_quietly(pid):
         pass
 
 
+@contextlib.contextmanager
+def keeper_running(argv, env, log=None, **popen):
+    """argv (fdlaunch-foreground, or a chain that ends in it) running; at the end it is
+    killed and reaped, and every daemon that log says came up is killed too."""
+    keeper = subprocess.Popen(argv, env=env, **popen)
+    try:
+        yield keeper
+    finally:
+        keeper.kill()
+        keeper.wait()
+        for pid in re.findall(r"^up (\d+)$", log.read_text() if log is not None and log.exists() else "", re.M):
+            kill_quietly(int(pid))
+
+
 def test_under_s6_supervise_signals_and_status(env, tmp_path):
     log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
     script = f"exec fdlaunch-foreground --fd=3 --pidfile={pidfile} -- {' '.join(DAEMON)} {log} --pidfile={pidfile} --status=7\n"
-    service, supervise = s6_service(tmp_path, script, env)
     try:
-        waited = run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env)
-        assert waited.returncode == 0, waited.stderr
-        daemon = daemon_pid(log)
-        status = run(["s6-svstat", "-o", "up,ready,pid", str(service)], env=env).stdout.split()
-        assert status[:2] == ["true", "true"]
-        keeper = int(status[2])
-        assert keeper != daemon and Path(f"/proc/{daemon}/stat").read_text().split(") ")[1].split()[1] == str(keeper)
-        assert run(["s6-svc", "-h", str(service)], env=env).returncode == 0
-        wait_for(lambda: "SIGHUP" in log.read_text(), "SIGHUP to reach the daemon")
-        assert alive(daemon)
-        assert run(["s6-svc", "-t", str(service)], env=env).returncode == 0
-        wait_for(lambda: not alive(daemon), "the daemon to stop")
-        assert "SIGTERM" in log.read_text()
-        wait_for(lambda: "exitcode 7" in run(["s6-svdt", str(service)], env=env).stdout, "s6 to record exit code 7")
+        with s6_service(tmp_path, script, env) as service:
+            waited = run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env)
+            assert waited.returncode == 0, waited.stderr
+            daemon = daemon_pid(log)
+            status = run(["s6-svstat", "-o", "up,ready,pid", str(service)], env=env).stdout.split()
+            assert status[:2] == ["true", "true"]
+            keeper = int(status[2])
+            assert keeper != daemon and Path(f"/proc/{daemon}/stat").read_text().split(") ")[1].split()[1] == str(keeper)
+            assert run(["s6-svc", "-h", str(service)], env=env).returncode == 0
+            wait_for(lambda: "SIGHUP" in log.read_text(), "SIGHUP to reach the daemon")
+            assert alive(daemon)
+            assert run(["s6-svc", "-t", str(service)], env=env).returncode == 0
+            wait_for(lambda: not alive(daemon), "the daemon to stop")
+            assert "SIGTERM" in log.read_text()
+            wait_for(lambda: "exitcode 7" in run(["s6-svdt", str(service)], env=env).stdout, "s6 to record exit code 7")
     finally:
-        stop_service(service, supervise, env)
         started = log.read_text().split() if log.exists() else []
         wait_for(lambda: not any(alive(int(p)) for p in started if p.isdigit()), "every daemon to stop", 10)
 
@@ -77,11 +92,11 @@ def test_under_s6_supervise_signals_and_status(env, tmp_path):
 def test_forward_tells_the_daemon_pid_as_mainpid(env, tmp_path):
     upstream = Upstream(tmp_path)
     log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
-    keeper = subprocess.Popen(
+    with keeper_running(
         ["fdlaunch-foreground", "--forward", f"--pidfile={pidfile}", "--", *DAEMON, str(log), f"--pidfile={pidfile}"],
-        env={**env, "NOTIFY_SOCKET": upstream.path},
-    )
-    try:
+        {**env, "NOTIFY_SOCKET": upstream.path},
+        log,
+    ) as keeper:
         message = upstream.receive()
         daemon = int(pidfile.read_text())
         assert message == f"READY=1\nMAINPID={daemon}"
@@ -89,9 +104,6 @@ def test_forward_tells_the_daemon_pid_as_mainpid(env, tmp_path):
         keeper.send_signal(signal.SIGTERM)
         assert keeper.wait(TIMEOUT) == 0
         assert not alive(daemon)
-    finally:
-        keeper.kill()
-        keeper.wait()
 
 
 def test_a_pid_file_naming_a_stranger_is_refused_and_it_is_never_signalled(env, tmp_path):
@@ -99,37 +111,24 @@ def test_a_pid_file_naming_a_stranger_is_refused_and_it_is_never_signalled(env, 
     received = []
     numbers = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGCONT)
     previous = {n: signal.signal(n, lambda number, frame: received.append(number)) for n in numbers}
+    argv = ["fdlaunch-foreground", "--timeout=1.5", f"--pidfile={pidfile}", "--", *DAEMON, str(log), f"--pidfile={pidfile}"]
     try:
-        keeper = subprocess.Popen(
-            [
-                "fdlaunch-foreground",
-                "--timeout=1.5",
-                f"--pidfile={pidfile}",
-                "--",
-                *DAEMON,
-                str(log),
-                f"--pidfile={pidfile}",
-                f"--pidfile-pid={os.getpid()}",
-            ],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        daemon = daemon_pid(log)
-        children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
-        # the daemon and the guard, and no longer the launching process
-        wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
-        for number in (signal.SIGHUP, signal.SIGUSR1, signal.SIGCONT):
-            keeper.send_signal(number)  # held for a daemon that is never found
-        assert keeper.wait(TIMEOUT) == 1
-        error = keeper.stderr.read()
-        assert error == (
-            f"fdlaunch-foreground: fatal: the PID file {str(pidfile)!r} names pid {os.getpid()}, "
-            "which is not a process this daemon started: refused, and never signalled\n"
-        )
-        assert not alive(daemon), "the real daemon was left running"
-        time.sleep(0.2)
-        assert received == []
+        with keeper_running([*argv, f"--pidfile-pid={os.getpid()}"], env, log, stderr=subprocess.PIPE, text=True) as keeper:
+            daemon = daemon_pid(log)
+            children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
+            # the daemon and the guard, and no longer the launching process
+            wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
+            for number in (signal.SIGHUP, signal.SIGUSR1, signal.SIGCONT):
+                keeper.send_signal(number)  # held for a daemon that is never found
+            assert keeper.wait(TIMEOUT) == 1
+            error = keeper.stderr.read()
+            assert error == (
+                f"fdlaunch-foreground: fatal: the PID file {str(pidfile)!r} names pid {os.getpid()}, "
+                "which is not a process this daemon started: refused, and never signalled\n"
+            )
+            assert not alive(daemon), "the real daemon was left running"
+            time.sleep(0.2)
+            assert received == []
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -147,24 +146,20 @@ def test_main_process_exits_leaving_a_worker(env, tmp_path):
 def test_sigkill_to_the_keeper_stops_the_daemon(env, tmp_path):
     log = tmp_path / "log"
     upstream = Upstream(tmp_path)
-    keeper = subprocess.Popen(
+    with keeper_running(
         ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)],
-        env={**env, "NOTIFY_SOCKET": upstream.path},
+        {**env, "NOTIFY_SOCKET": upstream.path},
+        log,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    daemon = daemon_pid(log)
-    try:
+    ) as keeper:
+        daemon = daemon_pid(log)
         assert upstream.receive() == f"READY=1\nMAINPID={daemon}"  # the guard is in place once it is up
         keeper.kill()
         keeper.wait()
         wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
         said = f"fdlaunch-foreground (guard): warning: its parent (pid {keeper.pid}) died; stopping the daemon (pids {daemon})\n"
         assert keeper.stderr.read() == said  # the guard, a process of its own, names itself
-    finally:
-        keeper.kill()
-        keeper.wait()
-        kill_quietly(daemon)
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
@@ -172,25 +167,21 @@ def test_a_stop_signal_to_the_whole_process_group(number, env, tmp_path):
     """As systemd's KillMode=control-group, ^C or timeout(1) send it: the guard is not killed by it."""
     log = tmp_path / "log"
     upstream = Upstream(tmp_path)
-    keeper = subprocess.Popen(
+    with keeper_running(
         ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)],
-        env={**env, "NOTIFY_SOCKET": upstream.path},
+        {**env, "NOTIFY_SOCKET": upstream.path},
+        log,
         stderr=subprocess.PIPE,
         text=True,
         process_group=0,
-    )
-    daemon = daemon_pid(log)
-    try:
+    ) as keeper:
+        daemon = daemon_pid(log)
         assert upstream.receive() == f"READY=1\nMAINPID={daemon}"
         os.killpg(keeper.pid, number)
         # the daemon's own status: it exits 0 on SIGTERM, Python's KeyboardInterrupt is 128 + SIGINT
         assert keeper.wait(TIMEOUT) == (0 if number == signal.SIGTERM else 128 + number)
         assert "fdlaunch-foreground" not in keeper.stderr.read()
         wait_for(lambda: not alive(daemon), "the daemon to stop")
-    finally:
-        keeper.kill()
-        keeper.wait()
-        kill_quietly(daemon)
 
 
 def test_an_error_of_ours_after_the_launch_leaves_nothing_running(env, tmp_path):
@@ -207,20 +198,17 @@ def test_an_error_of_ours_after_the_launch_leaves_nothing_running(env, tmp_path)
 def test_after_fdlaunch_listen_the_daemon_serves_the_socket(env, tmp_path):
     log, port = tmp_path / "log", free_port()
     upstream = Upstream(tmp_path)
-    keeper = subprocess.Popen(
+    with keeper_running(
         ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", "fdlaunch-foreground", "--forward", "--", *DAEMON, str(log)],
-        env={**env, "NOTIFY_SOCKET": upstream.path},
-    )
-    try:
+        {**env, "NOTIFY_SOCKET": upstream.path},
+        log,
+    ) as keeper:
         daemon = daemon_pid(log)
         assert upstream.receive() == f"READY=1\nMAINPID={daemon}"
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as connection:
             assert connection.makefile().readline() == f"served by {daemon}\n"
         keeper.send_signal(signal.SIGTERM)
         assert keeper.wait(TIMEOUT) == 0
-    finally:
-        keeper.kill()
-        keeper.wait()
 
 
 def dns_query(port, name):
@@ -256,8 +244,7 @@ def test_dnsmasq_in_its_default_forking_mode(pidfile, env, tmp_path):
     argv += [f"--pid-file={path}", "--conf-file=/dev/null", "--address=/fdlaunch.test/127.0.0.9"]
     upstream = Upstream(tmp_path)
     options = ["--forward", *([f"--pidfile={path}"] if pidfile else [])]
-    keeper = subprocess.Popen(["fdlaunch-foreground", *options, "--", *argv], env={**env, "NOTIFY_SOCKET": upstream.path})
-    try:
+    with keeper_running(["fdlaunch-foreground", *options, "--", *argv], {**env, "NOTIFY_SOCKET": upstream.path}) as keeper:
         message = upstream.receive()
         daemon = int(path.read_text())
         assert message == f"READY=1\nMAINPID={daemon}"
@@ -265,9 +252,6 @@ def test_dnsmasq_in_its_default_forking_mode(pidfile, env, tmp_path):
         keeper.send_signal(signal.SIGTERM)
         assert keeper.wait(TIMEOUT) == 0
         assert not alive(daemon)
-    finally:
-        keeper.kill()
-        keeper.wait()
 
 
 @pytest.mark.parametrize(
@@ -298,14 +282,14 @@ def test_failures(argv, status, message, env, tmp_path):
 def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
     """The launching process has exited; the PID file does not name the daemon yet: the guard already holds it."""
     log, pidfile = tmp_path / "log", tmp_path / "daemon.pid"
-    keeper = subprocess.Popen(
+    with keeper_running(
         ["fdlaunch-foreground", "--timeout=30", f"--pidfile={pidfile}", "--", *DAEMON, str(log), f"--pidfile={pidfile}", "--pidfile-pid=1"],
-        env=env,
+        env,
+        log,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    daemon = daemon_pid(log)
-    try:
+    ) as keeper:
+        daemon = daemon_pid(log)
         children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
         wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
         time.sleep(0.2)  # a few turns of reading the PID file
@@ -313,18 +297,13 @@ def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
         keeper.wait()
         wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
         assert "died; stopping the daemon" in keeper.stderr.read()
-    finally:
-        keeper.kill()
-        keeper.wait()
-        kill_quietly(daemon)
 
 
 def test_what_the_launching_process_is_handed(env, tmp_path):
     """fdlaunch(7), CHAIN LOADING: the caller's environment and descriptors, signal state kept, SIGPIPE at its default."""
     caller = {**env, "TMPDIR": str(tmp_path), "ODD": "a=b c"}
     report = 'find /proc/$$/fd -mindepth 1 -maxdepth 1 -fprintf "$TMPDIR/fds" "%f\\n"; cp /proc/$$/environ "$TMPDIR/environ"; sleep 30 &'
-    keeper = subprocess.Popen(["fdlaunch-foreground", "--timeout=20", "--", "/bin/sh", "-c", report], env=caller)
-    try:
+    with keeper_running(["fdlaunch-foreground", "--timeout=20", "--", "/bin/sh", "-c", report], caller) as keeper:
         wait_for(
             lambda: (
                 (tmp_path / "environ").exists() and len(Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children").read_text().split()) == 2
@@ -336,9 +315,6 @@ def test_what_the_launching_process_is_handed(env, tmp_path):
         assert sorted(int(fd) for fd in (tmp_path / "fds").read_text().split()) == [0, 1, 2]
         keeper.send_signal(signal.SIGTERM)
         assert keeper.wait(TIMEOUT) == 128 + signal.SIGTERM  # sleep was killed by it, as a shell reports
-    finally:
-        keeper.kill()
-        keeper.wait()
 
     def caller_state():
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -357,22 +333,18 @@ def test_sigkill_to_the_whole_process_group_still_stops_the_daemon(env, tmp_path
     """kill -KILL -PGID (timeout -s KILL, a supervisor's last resort): the guard has a group of its own."""
     log = tmp_path / "log"
     upstream = Upstream(tmp_path)
-    keeper = subprocess.Popen(
+    with keeper_running(
         ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)],
-        env={**env, "NOTIFY_SOCKET": upstream.path},
+        {**env, "NOTIFY_SOCKET": upstream.path},
+        log,
         stderr=subprocess.DEVNULL,
         process_group=0,
-    )
-    daemon = daemon_pid(log)
-    try:
+    ) as keeper:
+        daemon = daemon_pid(log)
         assert upstream.receive() == f"READY=1\nMAINPID={daemon}"
         os.killpg(keeper.pid, signal.SIGKILL)
         keeper.wait()
         wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's group was SIGKILLed", 10)
-    finally:
-        keeper.kill()
-        keeper.wait()
-        kill_quietly(daemon)
 
 
 def test_a_fifo_as_pid_file_is_refused_in_time(env, tmp_path):
@@ -389,11 +361,10 @@ def test_a_fifo_as_pid_file_is_refused_in_time(env, tmp_path):
 def test_a_stop_waits_no_longer_than_what_is_left_takes(env, tmp_path):
     """--grace is a bound, not a pause: with nothing left but our own guard, the stop is at once."""
     log = tmp_path / "log"
-    keeper = subprocess.Popen(
-        ["fdlaunch-foreground", "-v", "--grace=10", "--", *DAEMON, str(log)], env=env, stderr=subprocess.PIPE, text=True
-    )
-    daemon = daemon_pid(log)
-    try:
+    with keeper_running(
+        ["fdlaunch-foreground", "-v", "--grace=10", "--", *DAEMON, str(log)], env, log, stderr=subprocess.PIPE, text=True
+    ) as keeper:
+        daemon = daemon_pid(log)
         time.sleep(0.5)  # supervised by now
         started = time.monotonic()
         keeper.terminate()
@@ -402,7 +373,3 @@ def test_a_stop_waits_no_longer_than_what_is_left_takes(env, tmp_path):
         lines = keeper.stderr.read().splitlines()
         assert lines[0] == f"fdlaunch-foreground: info: the daemon is pid {daemon}; it is ready: nobody to tell (no --fd or --forward)"
         assert lines[-1] == f"fdlaunch-foreground: info: the daemon (pid {daemon}) exited with status 0"
-    finally:
-        keeper.kill()
-        keeper.wait()
-        kill_quietly(daemon)

@@ -1,6 +1,7 @@
 """fdlaunch-notify-wait and fdlaunch-notify: real senders, real supervisors, real sockets."""
 
 import array
+import contextlib
 import os
 import select
 import signal
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, python_systemd, read_probe, require, require_root, run
+from conftest import PROBE, TIMEOUT, python_systemd, read_probe, require, require_root, run, s6_supervised
 
 import fdlaunch
 from fdlaunch.kernel import proc
@@ -206,36 +207,17 @@ def test_s6_fd_relay_and_the_program_keeps_the_pid(env, tmp_path):
 
 
 def test_s6_supervise_sees_readiness_and_the_daemon_pid(env, tmp_path):
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
-        require(tool)
-    service = tmp_path / "service"
-    service.mkdir()
-    (service / "notification-fd").write_text("3\n")
-    (service / "run").write_text(
-        "#!/bin/sh\n"
+    script = (
         f"exec fdlaunch-notify-wait --fd=3 -- sh -c 'echo $$ > {tmp_path}/daemon-pid; sleep 1; "
         f'touch {tmp_path}/ready; exec {sys.executable} -c "import fdlaunch, time; fdlaunch.notify(\\"READY=1\\"); time.sleep(60)"\'\n'
     )
-    (service / "run").chmod(0o755)
-    supervise = subprocess.Popen(["s6-supervise", str(service)], env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
-    try:
-        deadline = time.monotonic() + 10
-        while run(["s6-svok", str(service)], env=env).returncode != 0:  # supervise/ is not made yet
-            assert time.monotonic() < deadline, "s6-supervise did not start"
-            time.sleep(0.05)
+    with s6_service(tmp_path, script, env) as service:
         waited = run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env)
         assert waited.returncode == 0, waited.stderr
         assert (tmp_path / "ready").exists(), "s6-svwait -U returned before the daemon was ready"
         status = run(["s6-svstat", str(service)], env=env).stdout
         assert status.startswith(f"up (pid {(tmp_path / 'daemon-pid').read_text().strip()})")
         assert "ready" in status
-    finally:
-        run(["s6-svc", "-xk", str(service)], env=env)
-        try:
-            supervise.wait(TIMEOUT)
-        finally:
-            supervise.kill()
-            supervise.wait()
 
 
 def notify_socket_of(program_stdout_file, seconds=5):
@@ -358,7 +340,7 @@ def test_environment_and_descriptors_in_chain_mode(env, probe):
         (["--interval=1", "true"], {}, 100, "--interval goes with --check"),
         (["--check=true", "--check-timeout=0", "true"], {}, 100, "--check-timeout='0' is not a number of seconds"),
         (["--check=true", "--tries=1e3", "true"], {}, 100, "--tries='1e3' is not a number of runs"),
-        (["--bogus", "true"], {}, 100, "unknown or repeated option '--bogus'"),
+        (["--bogus", "true"], {}, 100, "unknown option '--bogus'"),
         (["no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
         (["--fork", "no-such-program-fdl"], {}, 127, "unable to exec no-such-program-fdl"),
     ],
@@ -368,6 +350,29 @@ def test_notify_wait_errors(argv, extra_env, status, message, env):
     assert done.returncode == status
     assert done.stderr.startswith("fdlaunch-notify-wait: fatal: ") and message in done.stderr
     assert done.stderr.count("\n") == 1
+    assert_nothing_left(env)
+
+
+@pytest.mark.parametrize("fd", ["0", "1", "2"])
+@pytest.mark.parametrize("tool", ["fdlaunch-notify-wait", "fdlaunch-handoff", "fdlaunch-accept", "fdlaunch-foreground"])
+def test_a_standard_fd_is_not_a_notification_fd(tool, fd, env):
+    """--fd=1 was taken, and the watcher's /dev/null got the newline: stdin, stdout and stderr stay the program's."""
+    listening = socket.socket()
+    with listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        passed = {"LISTEN_FD_MAP": f"tcp={listening.fileno()}"}
+        done = run(
+            [tool, f"--fd={fd}", "--", "sh", "-c", "fdlaunch-notify READY=1; echo ran"],
+            env={**env, **passed},
+            pass_fds=[listening.fileno()],
+        )
+    standard = {"0": "input", "1": "output", "2": "error"}[fd]
+    assert (done.returncode, done.stdout) == (100, "")
+    assert (
+        done.stderr
+        == f"{tool}: fatal: --fd={fd!r}: fd {fd} is standard {standard}, which the program keeps; a notification fd is 3 or more\n"
+    )
     assert_nothing_left(env)
 
 
@@ -417,40 +422,23 @@ def test_one_sender_refuses_a_bad_line_whether_or_not_anyone_listens(env):
     )
 
 
+@contextlib.contextmanager
 def s6_service(tmp_path, run_script, env):
-    """A service directory with notification-fd 3 under a real s6-supervise; returns (directory, supervise)."""
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
-        require(tool)
+    """A service directory with notification-fd 3 whose run script is run_script, under a real s6-supervise."""
     service = tmp_path / "service"
     service.mkdir()
     (service / "notification-fd").write_text("3\n")
     (service / "run").write_text("#!/bin/sh\n" + run_script)
     (service / "run").chmod(0o755)
-    supervise = subprocess.Popen(["s6-supervise", str(service)], env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
-    deadline = time.monotonic() + 10
-    while run(["s6-svok", str(service)], env=env).returncode != 0:  # supervise/ is not made yet
-        if time.monotonic() > deadline:
-            stop_service(service, supervise, env)
-            pytest.fail("s6-supervise did not start")
-        time.sleep(0.05)
-    return service, supervise
-
-
-def stop_service(service, supervise, env):
-    run(["s6-svc", "-xk", str(service)], env=env)
-    try:
-        supervise.wait(TIMEOUT)
-    finally:
-        supervise.kill()
-        supervise.wait()
+    with s6_supervised(service, env={**env, "PYTHONPATH": os.pathsep.join(sys.path)}):
+        yield service
 
 
 def test_check_makes_a_silent_daemon_ready_for_s6_svwait(env, tmp_path):
     """The daemon never says READY=1; s6 sees it ready only once the check passes."""
     go = tmp_path / "go"
     script = f"exec fdlaunch-notify-wait --fd=3 --check='test -e {go}' --interval=0.05 -- sh -c 'echo $$ > {tmp_path}/pid; exec sleep 60'\n"
-    service, supervise = s6_service(tmp_path, script, env)
-    try:
+    with s6_service(tmp_path, script, env) as service:
         early = run(["s6-svwait", "-U", "-t", "1000", str(service)], env=env)
         assert early.returncode == 99, "ready before the check passed"
         go.touch()
@@ -458,8 +446,6 @@ def test_check_makes_a_silent_daemon_ready_for_s6_svwait(env, tmp_path):
         assert waited.returncode == 0, waited.stderr
         status = run(["s6-svstat", str(service)], env=env).stdout
         assert status.startswith(f"up (pid {(tmp_path / 'pid').read_text().strip()})") and "ready" in status
-    finally:
-        stop_service(service, supervise, env)
 
 
 def test_check_hanging_run_is_killed_and_retried(env, tmp_path):

@@ -240,7 +240,7 @@ def shared_libraries(binary):
         (["--nice=fast", "nobody", "true"], 100, "--nice='fast'"),
         (["--from-env", "--env", "true"], 100, "--from-env: UID is not set"),
         (["--export", "--chroot=/", "nobody", "true"], 100, "--export only sets UID, GID and GIDLIST; give --chroot to the --from-env"),
-        (["--bogus", "nobody", "true"], 100, "unknown or repeated option '--bogus'"),
+        (["--bogus", "nobody", "true"], 100, "unknown option '--bogus'"),
         (["nobody"], 100, "fdlaunch-setuidgid: usage: fdlaunch-setuidgid [options]"),
         (["--chroot=/no/such/dir", "nobody", "true"], 111, "unable to chroot to /no/such/dir: No such file or directory"),
         (["--chdir=/no/such/dir", "nobody", "true"], 111, "unable to chdir to /no/such/dir: No such file or directory"),

@@ -24,7 +24,8 @@ Options:
                  reverse DNS; none is done without it.
   --grace=SECS   After SIGTERM, how long running handlers may finish
                  before SIGKILL [default: 10].
-  --fd=N         Once accepting, write a newline to fd N and close it (s6).
+  --fd=N         Once accepting, write a newline to fd N (3 or more) and
+                 close it (s6).
   -q, --quiet    No line when a handler starts or ends.
   -v, --verbose  Also say which socket is served, stops and reloads.
   -h, --help     Print this help.

@@ -33,20 +33,18 @@ import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, warn
+from fdlaunch.errors import BadCall, UsageError, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.text import fdplan, listenenv
 
 PROG = "fdlaunch-fdmap"
 DEFAULT_PREFIX = "FD_"
-# docopt has no optional option-arguments: it matches '--vars=PREFIX', and a
-# bare '--vars' in argv becomes '--vars=FD_' first.
-MATCHABLE = __doc__.replace("--vars[=PREFIX]", "--vars=PREFIX")
+MODES = ("--systemd", "--map", "--vars", "--subst", "--stdin")
 
 
 @tool(PROG)
 def main(argv, environ):
-    options = cli.parse(__doc__, with_default_prefix(argv), match=MATCHABLE)
+    options = read_call(argv)
     pid = os.getpid()
     program = [options["PROG"], *options["ARGS"]]
     passed = listenenv.inherited(environ, pid, fds.limit())
@@ -76,14 +74,16 @@ def main(argv, environ):
     return chain.Exec(path, program, environ)
 
 
-def with_default_prefix(argv):
-    words = list(argv)
-    for index, word in enumerate(words):
-        if word == "--" or not word.startswith("-"):
-            break
-        if word == "--vars":
-            words[index] = f"--vars={DEFAULT_PREFIX}"
-    return words
+def read_call(argv):
+    """argv by the usage: one mode, --order only with --systemd, a program; a bare --vars is --vars=FD_."""
+    # docopt cannot read the optional value of '--vars[=PREFIX]' (see cli): the forms are checked here.
+    options = cli.read(__doc__, argv)
+    modes = [mode for mode in MODES if options[mode] not in (None, False)]
+    if len(modes) != 1 or (options["--order"] is not None and modes != ["--systemd"]) or options["PROG"] is None:
+        raise BadCall(cli.synopsis(__doc__))
+    if options["--vars"] is True:
+        options["--vars"] = DEFAULT_PREFIX
+    return options
 
 
 def as_systemd(passed, order, open_now, environ, pid):

@@ -12,8 +12,8 @@ with its status. See fdlaunch-foreground(1).
 Options:
   --pidfile=PATH     The daemon is the pid PROG writes to PATH, accepted only
                      if it is a live process below this one.
-  --fd=N             Once the daemon is up, write a newline to fd N and close
-                     it (s6).
+  --fd=N             Once the daemon is up, write a newline to fd N (3 or
+                     more) and close it (s6).
   --forward          Once the daemon is up, send READY=1 with MAINPID= its pid
                      to the NOTIFY_SOCKET this was started with.
   --timeout=SECONDS  How long PROG may take to leave a daemon [default: 60].

@@ -24,7 +24,7 @@ Options:
   --grace=SECS          How long a stopped instance may finish its work
                         before SIGKILL [default: 10].
   --fd=N                Once the first instance is ready, write a newline
-                        to fd N and close it (s6).
+                        to fd N (3 or more) and close it (s6).
   --main-pid=WHO        The MAINPID= told upward: 'instance' (the serving
                         one) or 'self' [default: instance].
   -v, --verbose         Say on stderr what happens.

@@ -23,21 +23,20 @@ import sys
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Finished, UsageError, warn
+from fdlaunch.errors import BadCall, Finished, warn
 from fdlaunch.kernel import chain, fds, sock
 from fdlaunch.text import fdplan, listenenv, spec
 
 PROG = "fdlaunch-listen"
-# docopt matches the options alone: it cannot match 'SPEC... PROG' (see cli.parse).
-OPTIONS_ONLY = __doc__.replace(" SPEC... [--] PROG [ARGS...]", "")
 
 
 @tool(PROG)
 def main(argv, caller):
     option_words, spec_words, program = spec.split_words(argv)
-    options = cli.parse(__doc__, option_words, match=OPTIONS_ONLY)
+    # docopt cannot read 'SPEC... [--] PROG' (see cli): the specs and the program are ours to check.
+    options = cli.read(__doc__, option_words)
     wanted = [spec.parse(word) for word in spec_words]
-    refuse_missing(wanted, program, options["--dry-run"])
+    refuse_missing(wanted, program, options)
     systemd = not options["--map"]
     pid = os.getpid()
     layout = plan(caller, pid, wanted, systemd)
@@ -60,12 +59,10 @@ def main(argv, caller):
         return chain.Exec(path, program, environ, undo=opened.discard)
 
 
-def refuse_missing(wanted, program, dry_run):
-    if not wanted and not program:
+def refuse_missing(wanted, program, options):
+    """Specs, and a program or --dry-run, with no stray word among the options: else the usage line."""
+    if not wanted or options["PROG"] or not (program or options["--dry-run"]):
         raise BadCall(cli.synopsis(__doc__))
-    if not wanted or not (program or dry_run):
-        missing = "socket spec" if not wanted else "program"
-        raise UsageError(f"no {missing} given (usage: {cli.synopsis(__doc__)})")
 
 
 def plan(caller, pid, wanted, systemd):

@@ -9,7 +9,8 @@ notifications; with --fork, PROG is started as a child and this exits 0 once
 it is ready, printing its pid. See fdlaunch-notify-wait(1).
 
 Options:
-  --fd=N             Once ready, write a newline to fd N and close it (s6).
+  --fd=N             Once ready, write a newline to fd N (3 or more) and
+                     close it (s6).
   --forward          Relay every notification to the NOTIFY_SOCKET this was
                      started with, READY=1 with MAINPID.
   --command=CMD      Once ready, run CMD with /bin/sh, its output to stderr.

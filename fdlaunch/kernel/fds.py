@@ -105,14 +105,21 @@ def make_inheritable(fds):
         os.set_inheritable(fd, True)
 
 
+STANDARD = {0: "input", 1: "output", 2: "error"}
+
+
 def open_fd_option(option, text, passed=()):
-    """--fd=N: N as a number, which must be an open descriptor (s6's notification fd).
+    """--fd=N: N as a number, which must be an open descriptor (s6's notification fd), not 0, 1 or 2.
 
     passed: the sockets handed to this process (listenenv.inherited). One of
     them is never a notification fd: the program would lose it and the
     readiness newline would go into the socket (issue 9).
     """
     fd = int(text) if is_decimal(text) and len(text) <= 10 else -1
+    if fd in STANDARD:
+        # The program keeps its stdin, stdout and stderr: a newline for the
+        # supervisor there would be lost, or any line it prints would say 'ready'.
+        raise UsageError(f"{option}={text!r}: fd {fd} is standard {STANDARD[fd]}, which the program keeps; a notification fd is 3 or more")
     for p in passed:
         if p.fd == fd:
             raise UsageError(
