@@ -362,6 +362,18 @@ def test_failure_leaves_nothing_behind(probe, tmp_path):
     assert not path.exists() and not path.parent.exists()
 
 
+@pytest.mark.parametrize("proto, wildcard", [("tcp4", "0.0.0.0"), ("tcp6", "[::]"), ("tcp", "[::]")])
+def test_bind_error_names_the_wildcard_it_tried(probe, proto, wildcard):
+    """An empty HOST is printed as the address bound, as -v prints it, never as a bare ':PORT'."""
+    if wildcard == "[::]" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    port = free_port()
+    with socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True):
+        done, report = probe(["fdlaunch-listen", f"-{proto}::{port}"])
+    assert done.returncode == 111 and report is None
+    assert done.stderr == f"fdlaunch-listen: fatal: unable to bind {wildcard}:{port}/tcp: Address already in use\n"
+
+
 @pytest.mark.parametrize(
     "argv, status, message",
     [

@@ -136,7 +136,7 @@ class Opened:
         try:
             sock = socket.socket(endpoint.family, endpoint.type)
         except OSError as error:
-            raise unable(f"create a socket for {spec.address()}", error) from None
+            raise unable(f"create a socket for {endpoint_address(endpoint)}", error) from None
         self.fds.append(sock.fileno())
         try:
             _set_options(sock, endpoint)
@@ -147,7 +147,7 @@ class Opened:
             if endpoint.type != socket.SOCK_DGRAM:
                 sock.listen(spec.backlog if spec.backlog is not None else socket.SOMAXCONN)
         except OSError as error:
-            raise unable(f"listen on {spec.address()}", error) from None
+            raise unable(f"listen on {endpoint_address(endpoint)}", error) from None
         finally:
             fd = sock.detach()  # closed by discard(), or passed to the program
         return fd
@@ -200,7 +200,7 @@ def _bind(sock, endpoint):
             f"unable to bind {endpoint.spec.address()}: directory {shown(directory)} does not exist (the mkdir option makes it)"
         ) from None
     except OSError as error:
-        raise unable(f"bind {endpoint.spec.address()}", error) from None
+        raise unable(f"bind {endpoint_address(endpoint)}", error) from None
 
 
 def _remove_stale(endpoint):
