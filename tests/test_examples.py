@@ -181,6 +181,24 @@ def test_s6_service(public_tmp, checkout_unchanged):
     assert (service / "supervise").is_dir() and (service / "event").is_dir(), "s6 wrote into the copy"
 
 
+def test_s6_greet_service_as_written(public_tmp, checkout_unchanged):
+    """The per-connection example, copied and started with the commands at the top of its run script."""
+    require_root()
+    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svc", "nc"):
+        require(tool)
+    port = free_port()
+    service, (start, client, stop) = copy_as_written("s6", "greet", public_tmp, port)
+    assert client == "nc 127.0.0.1 7979" and stop == "s6-svc -xd ."
+    started = Started(start, service)
+    try:
+        assert started.wait() == 0, "s6-svwait -U did not see fdlaunch-accept ready"
+        reply = run(["sh", "-c", client.replace("7979", str(port)) + " </dev/null"]).stdout
+        assert reply == "hello 127.0.0.1, this is nobody\n"
+    finally:
+        started.stop(stop)
+    assert (service / "supervise").is_dir() and (service / "event").is_dir(), "s6 wrote into the copy"
+
+
 def test_runit_service(public_tmp, checkout_unchanged):
     require_root()
     require("runsv"), require("sv")
