@@ -106,3 +106,18 @@ def test_speaking_is_seen(tmp_path):
     )
     said = sorted(place.split(" ", 1)[1] for place in speaking(source))
     assert said == ["calls print", "imports warn", "touches sys.stderr", "touches sys.stdout", "uses errors.warn"]
+
+
+MAIN_LINES = 25
+
+
+def test_every_main_reads_as_a_recipe():
+    """Each tool's main has at most MAIN_LINES lines below its def: the mechanics live in helpers."""
+    long = []
+    for name, path in modules():
+        if layer(name) != "cmd":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name == "main" and node.end_lineno - node.lineno > MAIN_LINES:
+                long.append(f"{name}.main: {node.end_lineno - node.lineno} lines")
+    assert long == []

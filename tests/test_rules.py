@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fdlaunch.errors import UsageError
 from fdlaunch.kernel.creds import Lookups
-from fdlaunch.text import rules, ucspi
+from fdlaunch.text import rules, spec, ucspi
 
 TEXT = """
 # comment line
@@ -121,7 +121,7 @@ def test_environments():
     }
     assert ucspi.inetd_environment(unix) == {}
     assert ucspi.describe(unix) == "uid 1000 gid 100 pid 42"
-    assert ucspi.unix_path(b"\0ctl") == "@ctl"
+    assert spec.unix_name(b"\0ctl") == "@ctl"
 
 
 def test_base_environment_drops_what_no_handler_inherits():

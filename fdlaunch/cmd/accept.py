@@ -162,11 +162,4 @@ def hide_descriptors():
     """Every descriptor above stdio becomes close-on-exec: a handler gets its connection and stderr only."""
     for fd in fds.open_fds() - {0, 1, 2}:
         os.set_inheritable(fd, False)
-    for fd in (0, 1):  # so that a connection never lands on 0 or 1 itself
-        try:
-            os.fstat(fd)
-        except OSError:
-            opened = os.open(os.devnull, os.O_RDWR)
-            if opened != fd:
-                os.dup2(opened, fd)
-                os.close(opened)
+    fds.hold_closed_standard_fds()  # so that a connection never lands on 0, 1 or 2 itself

@@ -53,21 +53,11 @@ def main(argv, environ):
     path = chain.find_program(program[0], environ)
     if options["--systemd"]:
         environ, done = as_systemd(passed, options["--order"], open_now, environ, pid)
-    elif options["--map"]:
-        fds.make_inheritable(p.fd for p in passed)
-        environ["LISTEN_FD_MAP"] = listenenv.format_map(passed)
-        done = [f"LISTEN_FD_MAP={environ['LISTEN_FD_MAP']}"]
-    elif options["--vars"] is not None:
-        fds.make_inheritable(p.fd for p in passed)
-        variables = fdplan.variables(passed, options["--vars"])
-        environ.update(variables)
-        done = [f"{name}={value}" for name, value in variables.items()] or ["no sockets, no variables"]
-    elif options["--subst"]:
-        fds.make_inheritable(p.fd for p in passed)
-        program = [program[0], *fdplan.substitute(program[1:], passed)]
-        done = [f"arguments now {program[1:]!r}"]
-    else:
+    elif options["--stdin"] is not None:
         environ, done = as_stdin(passed, options["--stdin"], environ)
+    else:
+        fds.make_inheritable(p.fd for p in passed)
+        program, done = in_place(options, passed, program, environ)
     if options["--verbose"]:
         for line in done:
             warn(PROG, "info", line)
@@ -84,6 +74,19 @@ def read_call(argv):
     if options["--vars"] is True:
         options["--vars"] = DEFAULT_PREFIX
     return options
+
+
+def in_place(options, passed, program, environ):
+    """--map, --vars, --subst: the sockets stay where they are, environ says where; the program, and what was done."""
+    if options["--map"]:
+        environ["LISTEN_FD_MAP"] = listenenv.format_map(passed)
+        return program, [f"LISTEN_FD_MAP={environ['LISTEN_FD_MAP']}"]
+    if options["--vars"] is not None:
+        variables = fdplan.variables(passed, options["--vars"])
+        environ.update(variables)
+        return program, [f"{name}={value}" for name, value in variables.items()] or ["no sockets, no variables"]
+    program = [program[0], *fdplan.substitute(program[1:], passed)]
+    return program, [f"arguments now {program[1:]!r}"]
 
 
 def as_systemd(passed, order, open_now, environ, pid):

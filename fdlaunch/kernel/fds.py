@@ -91,6 +91,11 @@ def close_on_exec():
     return {fd for fd in open_fds() if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC}
 
 
+def inheritable():
+    """The open descriptors that an exec would pass on."""
+    return open_fds() - close_on_exec()
+
+
 def close_all(fds):
     """Close each fd, ignoring one already closed: used on the way out, where nothing else can be done."""
     for fd in fds:

@@ -4,6 +4,7 @@ import functools
 import os
 import select
 import signal
+import stat
 import time
 
 from fdlaunch.errors import unable
@@ -62,6 +63,27 @@ def read_proc(path):
         return os.read(fd, 4096).decode(errors="replace")
     finally:
         os.close(fd)
+
+
+def read_pidfile(path):
+    """(pid, None) or (None, why not): a PID file is one decimal number, a newline allowed."""
+    try:
+        # O_NONBLOCK: a FIFO put there must not hold us past --timeout
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None, "was not written"
+    except OSError as error:
+        return None, f"cannot be read: {error.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "is not a regular file"
+        text = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    number = text.strip()
+    if not is_decimal(number) or not 0 < int(number) < 2**22 + 1:
+        return None, f"holds {text.decode(errors='replace')!r}, not a pid"
+    return int(number), None
 
 
 def stat_fields(pid):

@@ -1,7 +1,8 @@
 """The sd_notify(3) protocol on sockets: sending, and the private socket a watcher reads.
 
 notify() is what fdlaunch.notify() and fdlaunch-notify use; Inbox
-is the receiving end that fdlaunch-notify-wait and fdlaunch-handoff create.
+is the receiving end that fdlaunch-notify-wait and fdlaunch-handoff create;
+tell_s6() is the other readiness protocol, s6's newline on a notification fd.
 """
 
 import array
@@ -33,6 +34,14 @@ def address(notify_socket):
     if notify_socket.startswith("@"):
         return b"\0" + notify_socket[1:].encode()
     return notify_socket
+
+
+def tell_s6(fd):
+    """s6 readiness: a newline on the notification fd, then close it (s6-supervise(8))."""
+    try:
+        os.write(fd, b"\n")
+    finally:
+        os.close(fd)
 
 
 def send(data, notify_socket, pid=None, fds=()):

@@ -18,9 +18,8 @@ import struct
 import time
 
 from fdlaunch.errors import Fatal
-from fdlaunch.kernel import chain, proc, sdnotify
-from fdlaunch.loops import readiness
-from fdlaunch.text import rules, ucspi
+from fdlaunch.kernel import chain, fds, proc, sdnotify
+from fdlaunch.text import rules, spec, ucspi
 
 STOPS = (signal.SIGTERM, signal.SIGINT)
 RELOAD = signal.SIGHUP
@@ -83,12 +82,7 @@ class Guard:
 def _guard(alive, grace):
     os.setpgid(0, 0)
     proc.name_self("accept (guard)")  # so that ps(1) and top(1) tell it from the server
-    for fd in os.listdir("/proc/self/fd"):
-        if int(fd) not in (2, alive):
-            try:
-                os.close(int(fd))
-            except OSError:
-                pass
+    fds.close_all(fds.open_fds() - {2, alive})
     signal.set_wakeup_fd(-1)
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(number, signal.SIG_IGN)  # our own group's signal is not for us
@@ -168,7 +162,7 @@ class Server:
         """say(kind, text): kind start and end for each handler, info, warning."""
         self.listener, self.program, self.settings, self.say = listener, program, settings, say
         self.unix = listener.family == socket.AF_UNIX
-        self.local_path = ucspi.unix_path(listener.getsockname()) if self.unix else None
+        self.local_path = spec.unix_name(listener.getsockname()) if self.unix else None
         self.environ = ucspi.base_environment(settings.environ)
         self.rules = settings.rules
         self.ready_fd = settings.ready_fd  # None once told
@@ -411,7 +405,7 @@ class Server:
     def tell_ready(self):
         self.notify(b"READY=1")
         if self.ready_fd is not None:
-            readiness.tell_s6(self.ready_fd)
+            sdnotify.tell_s6(self.ready_fd)
             self.ready_fd = None
 
     def notify(self, message):

@@ -14,14 +14,12 @@ import os
 import select
 import signal
 import socket
-import stat
 import time
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal
 from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.loops import overlap
-from fdlaunch.text.numbers import is_decimal
 
 GUARD_ROUND = 1.0  # seconds between looks for processes newly below us
 FORWARDED = (
@@ -52,27 +50,6 @@ Settings = namedtuple("Settings", "pidfile timeout grace")
 def exit_code(status):
     """A wait status as a shell reports it: the exit status, or 128 + the signal."""
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
-def read_pidfile(path):
-    """(pid, None) or (None, why not): a PID file is one decimal number, a newline allowed."""
-    try:
-        # O_NONBLOCK: a FIFO put there must not hold us past --timeout
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except FileNotFoundError:
-        return None, "was not written"
-    except OSError as error:
-        return None, f"cannot be read: {error.strerror}"
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "is not a regular file"
-        text = os.read(fd, 64)
-    finally:
-        os.close(fd)
-    number = text.strip()
-    if not is_decimal(number) or not 0 < int(number) < 2**22 + 1:
-        return None, f"holds {text.decode(errors='replace')!r}, not a pid"
-    return int(number), None
 
 
 class Keeper:
@@ -158,7 +135,7 @@ class Keeper:
 
     def from_pidfile(self, below):
         """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it."""
-        pid, why = read_pidfile(self.settings.pidfile)
+        pid, why = proc.read_pidfile(self.settings.pidfile)
         if pid is None:
             return None, why
         if pid in below:

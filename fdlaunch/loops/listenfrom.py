@@ -63,7 +63,7 @@ class FromFile:
         wanted = socketset.parse_file(self.read(), self.path)
         old = [socketset.Slot(h.spec, h.slot) for h in self.held]
         change = socketset.diff(old, wanted, self.inherited, self.open_fds, self.systemd, fds.limit())
-        ipv6 = any(not wanted[i].host and wanted[i].protocol.family == "any" for i in change.added) and sock.ipv6_available()
+        ipv6 = sock.wildcard_is_dual_stack([wanted[i] for i in change.added])
         endpoints = {i: sock.resolve(wanted[i], ipv6) for i in change.added}  # every lookup before the first bind
         slots = change.layout.new_fds
         added = {}

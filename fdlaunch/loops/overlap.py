@@ -13,8 +13,7 @@ import time
 from collections import namedtuple
 
 from fdlaunch.errors import NOT_EXECUTABLE, Fatal, shown, unable
-from fdlaunch.kernel import chain, fds, proc
-from fdlaunch.loops import readiness
+from fdlaunch.kernel import chain, fds, proc, sdnotify
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
@@ -240,7 +239,7 @@ class Handoff:
         current = self.current
         self.tell(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", current)
         if self.ready_fd is not None:
-            readiness.tell_s6(self.ready_fd)
+            sdnotify.tell_s6(self.ready_fd)
             self.ready_fd = None
 
     def finish(self):

@@ -21,14 +21,6 @@ NOT_FOR_CHECKS = ("NOTIFY_SOCKET", *listenenv.VARIABLES)
 CANNOT_RUN = {126: "found but not executable", 127: "not found"}
 
 
-def tell_s6(fd):
-    """s6 readiness: a newline on the notification fd, then close it (s6-supervise(8))."""
-    try:
-        os.write(fd, b"\n")
-    finally:
-        os.close(fd)
-
-
 class Relays:
     """Where readiness goes: an s6 notification fd, an upstream NOTIFY_SOCKET, a command, SIGSTOP."""
 
@@ -47,7 +39,7 @@ class Relays:
         if self.stop:
             signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
         if self.fd is not None:
-            tell_s6(self.fd)
+            sdnotify.tell_s6(self.fd)
             self.fd = None
         self.relay(fields, main_pid)
         if self.command:
@@ -245,7 +237,7 @@ class Check:
 
     def start(self, main_pid):
         # No descriptor of the program's (its sockets); a session of its own, so that a hung run is killed whole.
-        closed = [fd for fd in sorted(inheritable_fds()) if fd > 2]
+        closed = sorted(fd for fd in fds.inheritable() if fd > 2)
         try:
             self.pid = shell(self.command, self.environ, main_pid, closed, setsid=True)
             self.pidfd = os.pidfd_open(self.pid)
@@ -314,17 +306,6 @@ def once(say):
             say("warning", text)
 
     return warn_once
-
-
-def inheritable_fds():
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.get_inheritable(int(name)):
-                found.add(int(name))
-        except OSError:
-            pass  # the directory listdir had open
-    return found
 
 
 def link_order_hint():

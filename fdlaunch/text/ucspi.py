@@ -94,6 +94,3 @@ def inetd_environment(peer):
     if peer.ip is None:
         return {}
     return {"REMOTE_ADDR": str(peer.ip), "REMOTE_PORT": str(peer.port)}
-
-
-unix_path = spec.unix_name  # one decoder of unix socket names, kept under the name the accept loop uses
