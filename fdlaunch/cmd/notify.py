@@ -21,12 +21,12 @@ from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
 from fdlaunch.kernel import sdnotify
+from fdlaunch.text import notifyproto
 from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-notify"
 NOT_LISTENING = 1  # NOTIFY_SOCKET unset: nobody to tell, as sd_notify(3) returns 0
 BARRIER_SECONDS = 5  # as systemd-notify waits
-PID_MAX = 2**22  # the highest kernel.pid_max allows (proc(5))
 
 
 @tool(PROG)
@@ -56,6 +56,6 @@ def read_pid(text):
         return None
     if text == "parent":
         return os.getppid()
-    if not is_decimal(text) or len(text) > 10 or not 1 <= int(text) <= PID_MAX:
+    if not is_decimal(text) or len(text) > 10 or not 1 <= int(text) <= notifyproto.PID_MAX_LIMIT:
         raise UsageError(f"--pid={text!r} is not a process id or 'parent'")
     return int(text)

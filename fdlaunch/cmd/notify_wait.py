@@ -35,6 +35,7 @@ Options:
 import os
 import signal
 import time
+from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
@@ -50,6 +51,11 @@ EXITED_BEFORE_READY = 1
 NOT_READY_IN_TIME = 2
 GRACE_SECONDS = 5  # after SIGTERM at --timeout in --fork mode, before SIGKILL
 
+# fd: the s6 notification fd, or None; upstream: the NOTIFY_SOCKET to
+# forward to, or None; timeout: seconds, or None; kill: --kill; say: speaks
+# for the watcher; check: a readiness.Check, or None.
+Settings = namedtuple("Settings", "fd upstream timeout kill say check")
+
 
 @tool(PROG)
 def main(argv, environ):
@@ -60,7 +66,7 @@ def main(argv, environ):
     settings = read_settings(options, environ, say)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
-    relays = readiness.Relays(settings["fd"], settings["upstream"], options["--command"], options["--stop"], environ)
+    relays = readiness.Relays(settings.fd, settings.upstream, options["--command"], options["--stop"], environ)
     environ = {**environ, "NOTIFY_SOCKET": inbox.path}  # PROG's; --command keeps the caller's (issue 9)
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
@@ -78,7 +84,7 @@ def read_settings(options, environ, say):
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
     check = read_check(options, environ, say)
-    return {"fd": fd, "upstream": upstream, "timeout": timeout, "kill": options["--kill"], "say": say, "check": check}
+    return Settings(fd, upstream, timeout, options["--kill"], say, check)
 
 
 def read_check(options, environ, say):
@@ -119,24 +125,24 @@ def start_watcher(inbox, relays, settings):
 def watch(inbox, relays, settings, program, keep):
     """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
     isolate(keep)
-    say = settings["say"]
+    say = settings.say
     watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say)
-    watcher.check = settings["check"]
+    watcher.check = settings.check
     try:
-        deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
+        deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
         if outcome == readiness.GAVE_UP:
             watcher.check = None  # a READY=1 from PROG still counts
-            if settings["kill"]:
+            if settings.kill:
                 say("warning", f"pid {program.pid} is not ready; sending it SIGTERM")
                 signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
             outcome = watcher.run(deadline)
         if outcome == readiness.READY and not watcher.keep_relaying:
             watcher.linger()
         if outcome == readiness.LATE:
-            kill = "; sending it SIGTERM" if settings["kill"] else ""
-            say("warning", f"pid {program.pid} was not ready after {settings['timeout']:g} seconds{kill}")
-            if settings["kill"]:
+            kill = "; sending it SIGTERM" if settings.kill else ""
+            say("warning", f"pid {program.pid} was not ready after {settings.timeout:g} seconds{kill}")
+            if settings.kill:
                 signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
             watcher.run()
     finally:
@@ -146,17 +152,13 @@ def watch(inbox, relays, settings, program, keep):
 
 
 def stop_check(settings):
-    if settings["check"] is not None:
-        settings["check"].stop()
+    if settings.check is not None:
+        settings.check.stop()
 
 
 def isolate(keep):
     """The watcher holds nothing of PROG's: not its sockets, not its stdin or stdout."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    fds.close_all(fds.open_fds() - keep - {0, 1, 2})
+    fds.keep_only(keep)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -167,10 +169,10 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     pidfd = os.pidfd_open(child)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
-    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings["say"])
-    watcher.check = settings["check"]
+    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say)
+    watcher.check = settings.check
     try:
-        deadline = None if settings["timeout"] is None else time.monotonic() + settings["timeout"]
+        deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
         if outcome == readiness.READY:
             tell_pid(watcher.main_pid, child, pidfd)
@@ -189,7 +191,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status = reap(child, pidfd, GRACE_SECONDS)
         raise Fatal(
-            f"{program[0]} (pid {child}) was not ready after {settings['timeout']:g} seconds; stopped it: {chain.describe_exit(status)}",
+            f"{program[0]} (pid {child}) was not ready after {settings.timeout:g} seconds; stopped it: {chain.describe_exit(status)}",
             NOT_READY_IN_TIME,
         )
     status = reap(child, pidfd, None)

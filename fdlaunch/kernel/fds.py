@@ -105,6 +105,15 @@ def close_all(fds):
             pass
 
 
+def keep_only(keep):
+    """For a helper process that must hold nothing of the program's: stdin and
+    stdout on /dev/null, every descriptor closed but stderr and those in keep."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    close_all(open_fds() - set(keep) - {0, 1, 2})
+
+
 def make_inheritable(fds):
     for fd in fds:
         os.set_inheritable(fd, True)

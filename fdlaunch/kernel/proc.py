@@ -1,4 +1,4 @@
-"""Processes: who descends from whom as /proc shows them, which pid a pidfd holds, signalling, prctl(2)."""
+"""Processes: who descends from whom as /proc shows them, which pid a pidfd holds, PID files, signalling, prctl(2)."""
 
 import functools
 import os
@@ -68,7 +68,7 @@ def read_proc(path):
 def read_pidfile(path):
     """(pid, None) or (None, why not): a PID file is one decimal number, a newline allowed."""
     try:
-        # O_NONBLOCK: a FIFO put there must not hold us past --timeout
+        # O_NONBLOCK: a FIFO put there must not hold the caller past its deadline
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         return None, "was not written"
@@ -81,7 +81,7 @@ def read_pidfile(path):
     finally:
         os.close(fd)
     number = text.strip()
-    if not is_decimal(number) or not 0 < int(number) < 2**22 + 1:
+    if not is_decimal(number) or not 0 < int(number) <= notifyproto.PID_MAX_LIMIT:
         return None, f"holds {text.decode(errors='replace')!r}, not a pid"
     return int(number), None
 

@@ -305,10 +305,7 @@ def watch_over(sock, say, parent, grace):
     for number in FORWARDED:
         signal.signal(number, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
-    fds.close_all(fds.open_fds() - {0, 1, 2, sock.fileno()})
+    fds.keep_only({sock.fileno()})
     held = {}
     while True:
         data, ancillary, _, _ = sock.recvmsg(32, socket.CMSG_SPACE(4))

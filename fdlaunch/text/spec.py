@@ -1,7 +1,7 @@
 """Socket specs: '-PROTO:OPTIONS:ADDRESS' text in, Spec values out.
 
 Pure: no system calls, no environment. Names (hosts, services, users) are
-checked for shape here and looked up by fdlaunch.sock.
+checked for shape here and looked up by fdlaunch.kernel.sock.
 """
 
 # The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
