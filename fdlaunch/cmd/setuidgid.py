@@ -31,6 +31,7 @@ Options:
 """
 
 import os
+from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
@@ -39,6 +40,9 @@ from fdlaunch.kernel import chain, creds
 from fdlaunch.text import credspec
 
 PROG = "fdlaunch-setuidgid"
+# What the process options ask for, parsed: limits as credspec.parse_limit
+# gives them, nice and umask numbers or None, capabilities numbers (or ()).
+Setup = namedtuple("Setup", "limits nice umask capabilities")
 PROCESS_OPTIONS = ("--env", "--keep-cap", "--umask", "--chdir", "--chroot", "--limit", "--nice", "--setsid", "--no-new-privs")
 
 
@@ -58,8 +62,8 @@ def main(argv, environ):
         environ.update(account_environment(account))
     status = creds.open_status()
     change_process(options, setup, status)
-    creds.drop(wanted, setup["capabilities"])
-    verify(status, wanted, setup["capabilities"])
+    creds.drop(wanted, setup.capabilities)
+    verify(status, wanted, setup.capabilities)
     if options["--no-new-privs"]:
         creds.no_new_privs()
     if options["--chdir"]:
@@ -67,7 +71,7 @@ def main(argv, environ):
     path = chain.find_program(program[0], environ)
     os.close(status)
     if options["--verbose"]:
-        warn(PROG, "info", f"now {credspec.describe(wanted, setup['capabilities'])}")
+        warn(PROG, "info", f"now {credspec.describe(wanted, setup.capabilities)}")
     return chain.Exec(path, program, environ)
 
 
@@ -89,27 +93,27 @@ def account_environment(account):
 
 def change_process(options, setup, status):
     """What is changed while still privileged, in the order of fdlaunch-setuidgid(1): limits, nice, setsid, chroot, umask."""
-    creds.set_limits(setup["limits"])
-    if setup["nice"] is not None:
-        creds.change_nice(setup["nice"])
+    creds.set_limits(setup.limits)
+    if setup.nice is not None:
+        creds.change_nice(setup.nice)
     if options["--setsid"]:
         creds.new_session()
     if options["--chroot"]:
         creds.change_root(options["--chroot"])
-    if setup["umask"] is not None:
-        os.umask(setup["umask"])
-    if setup["capabilities"] and not creds.has_capabilities(status, setup["capabilities"]):
-        raise Fatal(f"unable to keep {credspec.capability_names(setup['capabilities'])}: not in this process's permitted set")
+    if setup.umask is not None:
+        os.umask(setup.umask)
+    if setup.capabilities and not creds.has_capabilities(status, setup.capabilities):
+        raise Fatal(f"unable to keep {credspec.capability_names(setup.capabilities)}: not in this process's permitted set")
 
 
 def read_setup(options):
     """Every option value parsed before anything is changed."""
-    return {
-        "limits": [credspec.parse_limit(text) for text in options["--limit"]],
-        "nice": None if options["--nice"] is None else credspec.parse_nice(options["--nice"]),
-        "umask": None if options["--umask"] is None else credspec.parse_octal("--umask", options["--umask"]),
-        "capabilities": credspec.parse_capabilities(options["--keep-cap"]) if options["--keep-cap"] else (),
-    }
+    return Setup(
+        limits=[credspec.parse_limit(text) for text in options["--limit"]],
+        nice=None if options["--nice"] is None else credspec.parse_nice(options["--nice"]),
+        umask=None if options["--umask"] is None else credspec.parse_octal("--umask", options["--umask"]),
+        capabilities=credspec.parse_capabilities(options["--keep-cap"]) if options["--keep-cap"] else (),
+    )
 
 
 def refuse_with_export(options):
