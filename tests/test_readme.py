@@ -136,7 +136,7 @@ def test_chain_for_a_daemon_that_reads_only_listen_fds_under_s6(tmp_path):
         assert os.stat(f"/proc/{pid}").st_uid == 65534
 
 
-@pytest.mark.parametrize("tool", ["fdlaunch-notify-wait", "fdlaunch-handoff"])
+@pytest.mark.parametrize("tool", ["fdlaunch-notify-wait", "fdlaunch-handoff", "fdlaunch-accept", "fdlaunch-foreground"])
 @pytest.mark.parametrize("convention", ["LISTEN_FDS", "LISTEN_FD_MAP"])
 def test_fd_option_refuses_a_passed_socket(tool, convention, tmp_path):
     """Outside s6, fd 3 of the old headline chain is the UDP socket: not a notification fd."""

@@ -31,6 +31,7 @@ from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, say_as, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
+from fdlaunch.text import listenenv
 
 PROG = "fdlaunch-foreground"
 
@@ -72,7 +73,7 @@ def read_settings(options, environ):
         raise UsageError("--pidfile needs a path")
     fd = None
     if options["--fd"] is not None:
-        fd = fds.open_fd_option("--fd", options["--fd"])
+        fd = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
         os.set_inheritable(fd, False)  # the daemon must not hold it
     timeout, grace = cli.seconds("--timeout", options["--timeout"]), cli.seconds("--grace", options["--grace"])
     return forking.Settings(options["--pidfile"], timeout, grace), readiness.Relays(fd, upstream)
