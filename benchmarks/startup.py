@@ -12,7 +12,7 @@ Targets (issue 12): one link <= 2.0x the floor; the 3-link chain <= 2.5x the
 floor with fusion, shown beside the same chain with FDLAUNCH_FUSE=0 and
 beside its C peers.
 
-    python benchmarks/startup.py [RUNS]
+    make bench, or: PATH=$PWD/.venv/bin:$PATH python3 benchmarks/startup.py [RUNS]
 """
 
 import os
@@ -29,7 +29,10 @@ GNU_TIME = "/usr/bin/time"
 
 def console_interpreter():
     """The interpreter named on the #! line of the installed fdlaunch-listen."""
-    with open(shutil.which("fdlaunch-listen"), "rb") as script:
+    script_path = shutil.which("fdlaunch-listen")
+    if script_path is None:
+        sys.exit("startup.py: fdlaunch-listen is not on PATH: run 'make bench', or put .venv/bin first in PATH after 'make test'")
+    with open(script_path, "rb") as script:
         return script.readline()[2:].decode().split()[0]
 
 
