@@ -480,3 +480,14 @@ def test_owner_follows_the_accounts_rule(probe, tmp_path, case):
         assert done.returncode == 0, done.stderr
         info = os.stat(path)
         assert (info.st_uid, info.st_gid) == expected
+
+
+def test_a_spec_without_its_dash_is_named():
+    # The usual slip: 'tcp::0' is taken for the program, and nothing was asked to listen.
+    done = run(["fdlaunch-listen", "tcp::0", "true"])
+    assert (done.returncode, done.stderr) == (
+        100,
+        "fdlaunch-listen: fatal: 'tcp::0' is not a socket spec: a spec starts with a dash, as '-tcp::0'\n",
+    )
+    done = run(["fdlaunch-listen", "true"])  # no spec and nothing like one: the usage line
+    assert (done.returncode, done.stderr) == (100, "fdlaunch-listen: usage: fdlaunch-listen [options] SPEC... [--] PROG [ARGS...]\n")

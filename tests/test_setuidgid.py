@@ -242,6 +242,7 @@ def shared_libraries(binary):
         (["--export", "--chroot=/", "nobody", "true"], 100, "--export only sets UID, GID and GIDLIST; give --chroot to the --from-env"),
         (["--bogus", "nobody", "true"], 100, "unknown option '--bogus'"),
         (["nobody"], 100, "fdlaunch-setuidgid: usage: fdlaunch-setuidgid [options]"),
+        (["--", "nobody", "true"], 100, "fdlaunch-setuidgid: usage: fdlaunch-setuidgid [options]"),  # '--' before the account
         (["--chroot=/no/such/dir", "nobody", "true"], 111, "unable to chroot to /no/such/dir: No such file or directory"),
         (["--chdir=/no/such/dir", "nobody", "true"], 111, "unable to chdir to /no/such/dir: No such file or directory"),
         (["nobody", "no-such-program-fdl"], 127, "unable to exec no-such-program-fdl: No such file or directory"),

@@ -23,7 +23,7 @@ import sys
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Finished, warn
+from fdlaunch.errors import BadCall, Finished, UsageError, warn
 from fdlaunch.kernel import chain, fds, sock
 from fdlaunch.text import fdplan, listenenv, spec
 
@@ -61,6 +61,8 @@ def main(argv, caller):
 
 def refuse_missing(wanted, program, options):
     """Specs, and a program or --dry-run, with no stray word among the options: else the usage line."""
+    if not wanted and program and spec.looks_like_spec(f"-{program[0]}"):
+        raise UsageError(f"{program[0]!r} is not a socket spec: a spec starts with a dash, as {'-' + program[0]!r}")
     if not wanted or options["PROG"] or not (program or options["--dry-run"]):
         raise BadCall(cli.synopsis(__doc__))
 

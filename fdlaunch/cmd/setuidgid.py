@@ -35,7 +35,7 @@ from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, warn
+from fdlaunch.errors import BadCall, Fatal, UsageError, warn
 from fdlaunch.kernel import chain, creds
 from fdlaunch.text import credspec
 
@@ -51,7 +51,7 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     lookups = creds.Lookups()
-    account = None if options["--from-env"] else credspec.resolve_account(options["ACCOUNT"], lookups)
+    account = account_of(options, lookups)
     wanted = credspec.from_environment(environ) if account is None else account.credentials
     if options["--groups"] is not None:
         wanted = wanted._replace(groups=credspec.parse_group_list(options["--groups"], lookups))
@@ -73,6 +73,15 @@ def main(argv, environ):
     if options["--verbose"]:
         warn(PROG, "info", f"now {credspec.describe(wanted, setup.capabilities)}")
     return chain.Exec(path, program, environ)
+
+
+def account_of(options, lookups):
+    """The account to become, or None with --from-env; a '--' where ACCOUNT goes gets the usage line."""
+    if options["--from-env"]:
+        return None
+    if options["ACCOUNT"] == "--":
+        raise BadCall(cli.synopsis(__doc__))
+    return credspec.resolve_account(options["ACCOUNT"], lookups)
 
 
 def export(options, wanted, environ, program):
