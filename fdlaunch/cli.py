@@ -195,9 +195,13 @@ def answer_help(doc, options):
 
 
 def seconds(option, text, zero=False):
-    """A number of seconds given to option: above 0 (or 0 too, if zero), below 10**9, never nan."""
+    """A number of seconds given to option: above 0 (or 0 too, if zero), below 10**9, never nan.
+
+    Written in ASCII as C's strtod reads it ('1.5', '2e3'): float() alone
+    also takes '٥' (5 in Arabic-Indic digits), '1_0' and ' 1 '.
+    """
     try:
-        value = float(text)
+        value = float(text) if set(text) <= set("0123456789.eE+-") else -1.0
     except ValueError:
         value = -1.0
     if not (0 <= value if zero else 0 < value) or not value < 10**9:

@@ -207,6 +207,7 @@ BIG = "99999999999999999999"
         (["fdlaunch-notify", "--pid=2147483648", "READY=1"], "--pid='2147483648'"),
         (["fdlaunch-notify-wait", f"--fd={BIG}", "true"], f"--fd='{BIG}'"),
         (["fdlaunch-notify-wait", "--timeout=1e999", "true"], "--timeout='1e999'"),
+        (["fdlaunch-notify-wait", "--check=true", f"--tries={'9' * 5000}", "true"], "--tries='9999"),
         (["fdlaunch-handoff", f"--fd={BIG}", "true"], f"--fd='{BIG}'"),
         (["fdlaunch-handoff", "--grace=inf", "true"], "--grace='inf'"),
         (["fdlaunch-handoff", "--ready-timeout=1e999", "true"], "--ready-timeout='1e999'"),
@@ -304,3 +305,11 @@ def test_digits_of_other_scripts_are_not_numbers():
     assert done.returncode == 100 and done.stderr.count("\n") == 1, done.stderr
     done = run(["fdlaunch-setuidgid", "٦٥٥٣٤", "true"])
     assert done.returncode == 100 and done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize("seconds", ["٥", "1_0", " 1", "1 ", "５"])
+def test_seconds_are_ascii_as_strtod_reads_them(seconds):
+    """float() takes all of these; --timeout=٥ once waited 5 seconds."""
+    done = run(["fdlaunch-notify-wait", f"--timeout={seconds}", "true"])
+    assert done.returncode == 100
+    assert f"--timeout={seconds!r} is not a number of seconds above 0" in one_line(done)
