@@ -30,12 +30,13 @@ a tool of this installation: then it runs that tool's body in this process
 (fusion, fdlaunch(7)), so a chain costs one interpreter start, not one per link.
 """
 
+import errno
 import functools
 import os
 import sys
 
 from fdlaunch import __version__
-from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report
+from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report, unable
 from fdlaunch.kernel import chain, fds
 from fdlaunch.text import usage
 
@@ -186,12 +187,23 @@ def checked(doc, argv, table=None):
 def answer_help(doc, options):
     """options, unless they ask for --help or --version: then that is printed and the tool is done."""
     if options.get("--help"):
-        sys.stdout.write(doc.strip() + "\n")
+        output([doc.strip()])
         raise Finished(0)
     if options.get("--version"):
-        sys.stdout.write(f"fdlaunch {__version__}\n")
+        output([f"fdlaunch {__version__}"])
         raise Finished(0)
     return options
+
+
+def output(lines):
+    """lines on stdout, flushed; a write that fails (>&-, a full disk, a reader gone) is a system call that failed."""
+    try:
+        if sys.stdout is None:  # fd 1 was closed when Python started
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+    except OSError as error:
+        raise unable("write to standard output", error) from None
 
 
 def seconds(option, text, zero=False):

@@ -313,3 +313,20 @@ def test_seconds_are_ascii_as_strtod_reads_them(seconds):
     done = run(["fdlaunch-notify-wait", f"--timeout={seconds}", "true"])
     assert done.returncode == 100
     assert f"--timeout={seconds!r} is not a number of seconds above 0" in one_line(done)
+
+
+@pytest.mark.parametrize(
+    "command, reason",
+    [
+        ("fdlaunch-listen --help >&-", "Bad file descriptor"),
+        ("fdlaunch-listen --dry-run -tcp:127.0.0.1:0 true >&-", "Bad file descriptor"),
+        ("fdlaunch-notify-wait --version >&-", "Bad file descriptor"),
+        ("fdlaunch-fdmap --help >/dev/full", "No space left on device"),
+        ("fdlaunch-listen --dry-run -tcp:127.0.0.1:0 true >/dev/full", "No space left on device"),
+    ],
+)
+def test_output_that_cannot_be_written_is_said_in_one_line(command, reason):
+    """With stdout closed these were internal errors ('NoneType' object has no attribute 'write')."""
+    done = run(["sh", "-c", f"exec {command}"])
+    assert done.returncode == 111
+    assert one_line(done).endswith(f": fatal: unable to write to standard output: {reason}")
