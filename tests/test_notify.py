@@ -403,7 +403,9 @@ def test_fdlaunch_notify_sends_bytes_that_are_not_utf8_as_given(env):
         sock.bind(b"\0" + name)
         sock.settimeout(TIMEOUT)
         environ = {**{k.encode(): v.encode() for k, v in env.items()}, b"NOTIFY_SOCKET": b"@" + name}
-        done = subprocess.run([b"fdlaunch-notify", b"-v", b"--no-block", b"STATUS=caf\xe9"], env=environ, capture_output=True, timeout=TIMEOUT)
+        done = subprocess.run(
+            [b"fdlaunch-notify", b"-v", b"--no-block", b"STATUS=caf\xe9"], env=environ, capture_output=True, timeout=TIMEOUT
+        )
         assert done.returncode == 0, done.stderr
         assert sock.recv(4096) == b"STATUS=caf\xe9"
         assert done.stderr.endswith(b"info: sent 'STATUS=caf\\udce9' to '@" + name[:-1] + b"\\udcff'\n")
