@@ -330,3 +330,19 @@ def test_output_that_cannot_be_written_is_said_in_one_line(command, reason):
     done = run(["sh", "-c", f"exec {command}"])
     assert done.returncode == 111
     assert one_line(done).endswith(f": fatal: unable to write to standard output: {reason}")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fdlaunch-listen", "-tcp:127.0.0.1:0"],
+        ["fdlaunch-notify-wait", "--fork", "--"],
+        ["fdlaunch-setuidgid", "65534"],
+        ["fdlaunch-handoff", "--"],
+    ],
+)
+def test_an_empty_program_name_is_not_found(argv):
+    """'' was joined to each PATH directory and found as one: 'unable to exec : Is a directory', 126."""
+    done = run([*argv, ""])
+    assert done.returncode == 127
+    assert one_line(done).endswith(": fatal: unable to exec '': No such file or directory")
