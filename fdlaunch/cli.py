@@ -30,12 +30,13 @@ a tool of this installation: then it runs that tool's body in this process
 (fusion, fdlaunch(7)), so a chain costs one interpreter start, not one per link.
 """
 
+import errno
 import functools
 import os
 import sys
 
 from fdlaunch import __version__
-from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report
+from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report, unable
 from fdlaunch.kernel import chain, fds
 from fdlaunch.text import usage
 
@@ -186,18 +187,33 @@ def checked(doc, argv, table=None):
 def answer_help(doc, options):
     """options, unless they ask for --help or --version: then that is printed and the tool is done."""
     if options.get("--help"):
-        sys.stdout.write(doc.strip() + "\n")
+        output([doc.strip()])
         raise Finished(0)
     if options.get("--version"):
-        sys.stdout.write(f"fdlaunch {__version__}\n")
+        output([f"fdlaunch {__version__}"])
         raise Finished(0)
     return options
 
 
-def seconds(option, text, zero=False):
-    """A number of seconds given to option: above 0 (or 0 too, if zero), below 10**9, never nan."""
+def output(lines):
+    """lines on stdout, flushed; a write that fails (>&-, a full disk, a reader gone) is a system call that failed."""
     try:
-        value = float(text)
+        if sys.stdout is None:  # fd 1 was closed when Python started
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+    except OSError as error:
+        raise unable("write to standard output", error) from None
+
+
+def seconds(option, text, zero=False):
+    """A number of seconds given to option: above 0 (or 0 too, if zero), below 10**9, never nan.
+
+    Written in ASCII as C's strtod reads it ('1.5', '2e3'): float() alone
+    also takes '٥' (5 in Arabic-Indic digits), '1_0' and ' 1 '.
+    """
+    try:
+        value = float(text) if set(text) <= set("0123456789.eE+-") else -1.0
     except ValueError:
         value = -1.0
     if not (0 <= value if zero else 0 < value) or not value < 10**9:

@@ -50,8 +50,8 @@ class BadCall(UsageError):
 
 
 def shown(text):
-    """A name or path as given when it prints on one line, else quoted with %r."""
-    return text if text.isprintable() else repr(text)
+    """A name or path as given when it prints on one line, else quoted with %r (so is '', which would print as nothing)."""
+    return text if text and text.isprintable() else repr(text)
 
 
 def one_line(text):

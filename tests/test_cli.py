@@ -71,6 +71,8 @@ def test_read_options(argv, given, rest):
         (["-x", "prog"], "unknown option '-x'"),
         (["-vx", "prog"], "unknown option '-x' in '-vx'"),
         (["--map=1", "prog"], "option '--map' takes no value"),
+        (["--=1", "prog"], "unknown option '--=1'"),
+        (["--=", "prog"], "unknown option '--='"),
         (["--fd"], "option '--fd' needs a value"),
         (["--fd", "--", "prog"], "option '--fd' needs a value"),
         (["-c"], "option '-c' needs a value"),

@@ -12,7 +12,9 @@ Bounded: a few hundred cases in all, so the file runs in well under a
 minute; each test's max_examples is its share.
 """
 
+import contextlib
 import fcntl
+import io
 import os
 import shutil
 import socket
@@ -27,6 +29,10 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import fdlaunch
+import fdlaunch.errors
+from fdlaunch import cli
+from fdlaunch.errors import BadCall, Finished, UsageError
+from fdlaunch.text import usage
 
 STATUSES = {0, 100, 111, 126, 127}
 # No explain phase: after a failure it reruns the slow case hundreds of times.
@@ -448,3 +454,45 @@ def test_listen_sockets_api(api_fds, environ, unset):
         for name in [name for name in os.environ if name.startswith("LISTEN_")]:
             del os.environ[name]
         os.environ.update(saved)
+
+
+# Every tool's own options, read in-process: the reader in front of docopt
+# (and the only reader for fdlaunch-listen and fdlaunch-fdmap) answers any
+# argv with options, a one-line usage error, or --help/--version.
+
+TOOL_DOCS = {
+    name: __import__(f"fdlaunch.cmd.{name}", fromlist=["main"]).__doc__ for name in ("listen", "fdmap", "notify_wait", "setuidgid")
+}
+
+
+@st.composite
+def option_words(draw, doc):
+    spellings = sorted(usage.options_of(doc))
+    word = st.one_of(
+        st.sampled_from(spellings),
+        st.sampled_from(spellings).flatmap(lambda s: st.sampled_from([s[:3], s[:-1], s + "x", s[1:]])),
+        st.builds(lambda s, v: f"{s}={v}", st.sampled_from(spellings), TEXT),
+        st.sampled_from(["--", "-", "--=", "--=x", "---", "-vv", "-vh", "-hv", "-1", "--\udcff", "-\udcff", "prog"]),
+        TEXT,
+    )
+    return draw(st.lists(word, max_size=6))
+
+
+@settings(FUZZ, max_examples=300)
+@given(st.sampled_from(sorted(TOOL_DOCS)).flatmap(lambda name: st.tuples(st.just(TOOL_DOCS[name]), option_words(TOOL_DOCS[name]))))
+def test_option_reader(case):
+    doc, argv = case
+    read = cli.read if doc.startswith(("fdlaunch-listen", "fdlaunch-fdmap")) else cli.parse  # as each tool reads
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            options = read(doc, argv)
+    except UsageError as error:
+        event("refused")
+        assert "\n" not in fdlaunch.errors.one_line(str(error))
+        assert isinstance(error, BadCall) or "(usage: " in str(error)
+    except Finished as done:
+        event("help or version")
+        assert done.status == 0
+    else:
+        event("read")
+        assert isinstance(options, dict)

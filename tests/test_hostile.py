@@ -207,6 +207,7 @@ BIG = "99999999999999999999"
         (["fdlaunch-notify", "--pid=2147483648", "READY=1"], "--pid='2147483648'"),
         (["fdlaunch-notify-wait", f"--fd={BIG}", "true"], f"--fd='{BIG}'"),
         (["fdlaunch-notify-wait", "--timeout=1e999", "true"], "--timeout='1e999'"),
+        (["fdlaunch-notify-wait", "--check=true", f"--tries={'9' * 5000}", "true"], "--tries='9999"),
         (["fdlaunch-handoff", f"--fd={BIG}", "true"], f"--fd='{BIG}'"),
         (["fdlaunch-handoff", "--grace=inf", "true"], "--grace='inf'"),
         (["fdlaunch-handoff", "--ready-timeout=1e999", "true"], "--ready-timeout='1e999'"),
@@ -304,3 +305,44 @@ def test_digits_of_other_scripts_are_not_numbers():
     assert done.returncode == 100 and done.stderr.count("\n") == 1, done.stderr
     done = run(["fdlaunch-setuidgid", "٦٥٥٣٤", "true"])
     assert done.returncode == 100 and done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize("seconds", ["٥", "1_0", " 1", "1 ", "５"])
+def test_seconds_are_ascii_as_strtod_reads_them(seconds):
+    """float() takes all of these; --timeout=٥ once waited 5 seconds."""
+    done = run(["fdlaunch-notify-wait", f"--timeout={seconds}", "true"])
+    assert done.returncode == 100
+    assert f"--timeout={seconds!r} is not a number of seconds above 0" in one_line(done)
+
+
+@pytest.mark.parametrize(
+    "command, reason",
+    [
+        ("fdlaunch-listen --help >&-", "Bad file descriptor"),
+        ("fdlaunch-listen --dry-run -tcp:127.0.0.1:0 true >&-", "Bad file descriptor"),
+        ("fdlaunch-notify-wait --version >&-", "Bad file descriptor"),
+        ("fdlaunch-fdmap --help >/dev/full", "No space left on device"),
+        ("fdlaunch-listen --dry-run -tcp:127.0.0.1:0 true >/dev/full", "No space left on device"),
+    ],
+)
+def test_output_that_cannot_be_written_is_said_in_one_line(command, reason):
+    """With stdout closed these were internal errors ('NoneType' object has no attribute 'write')."""
+    done = run(["sh", "-c", f"exec {command}"])
+    assert done.returncode == 111
+    assert one_line(done).endswith(f": fatal: unable to write to standard output: {reason}")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fdlaunch-listen", "-tcp:127.0.0.1:0"],
+        ["fdlaunch-notify-wait", "--fork", "--"],
+        ["fdlaunch-setuidgid", "65534"],
+        ["fdlaunch-handoff", "--"],
+    ],
+)
+def test_an_empty_program_name_is_not_found(argv):
+    """'' was joined to each PATH directory and found as one: 'unable to exec : Is a directory', 126."""
+    done = run([*argv, ""])
+    assert done.returncode == 127
+    assert one_line(done).endswith(": fatal: unable to exec '': No such file or directory")

@@ -396,6 +396,21 @@ def test_fdlaunch_notify_to_an_abstract_socket_with_pid(env):
         assert sock.recv(4096) == b"STATUS=hi\nMAINPID=4242"
 
 
+def test_fdlaunch_notify_sends_bytes_that_are_not_utf8_as_given(env):
+    """Non-UTF-8 in a value or in NOTIFY_SOCKET was 'utf-8 codec can't encode', exit 100; systemd-notify sends the bytes."""
+    name = f"fdlaunch-test-{os.getpid()}-".encode() + b"\xff"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(b"\0" + name)
+        sock.settimeout(TIMEOUT)
+        environ = {**{k.encode(): v.encode() for k, v in env.items()}, b"NOTIFY_SOCKET": b"@" + name}
+        done = subprocess.run(
+            [b"fdlaunch-notify", b"-v", b"--no-block", b"STATUS=caf\xe9"], env=environ, capture_output=True, timeout=TIMEOUT
+        )
+        assert done.returncode == 0, done.stderr
+        assert sock.recv(4096) == b"STATUS=caf\xe9"
+        assert done.stderr.endswith(b"info: sent 'STATUS=caf\\udce9' to '@" + name[:-1] + b"\\udcff'\n")
+
+
 def test_python_api(tmp_path):
     assert fdlaunch.notify("READY=1", environ={}) is False
     path = str(tmp_path / "api.sock")

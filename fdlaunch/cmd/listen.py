@@ -19,7 +19,6 @@ Options:
 """
 
 import os
-import sys
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
@@ -86,14 +85,12 @@ def describe(layout):
 
 
 def print_plan(layout, before, after, program):
+    lines = []
     for passed in layout.passed:
         s = layout.new_at(passed.fd)
         where = "inherited" if s is None else f"{s.spec.proto} {sock.endpoint_address(s.endpoint)}"
-        print(f"fd {passed.fd}: {where}, label {passed.label}")
-    for name in sorted(after):
-        if before.get(name) != after[name]:
-            print(f"{name}={after[name]}")
-    for name in sorted(set(before) - set(after)):
-        print(f"unset {name}")
-    print("exec " + " ".join(program) if program else "(no program)")
-    sys.stdout.flush()
+        lines.append(f"fd {passed.fd}: {where}, label {passed.label}")
+    lines += [f"{name}={after[name]}" for name in sorted(after) if before.get(name) != after[name]]
+    lines += [f"unset {name}" for name in sorted(set(before) - set(after))]
+    lines.append("exec " + " ".join(program) if program else "(no program)")
+    cli.output(lines)

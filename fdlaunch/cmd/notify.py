@@ -47,7 +47,7 @@ def main(argv, environ):
     if not confirmed:
         warn(PROG, "warning", f"{shown(target)} did not confirm the message within {BARRIER_SECONDS} seconds")
     if options["--verbose"]:
-        warn(PROG, "info", f"sent {data.decode()!r} to {target!r}" + (f" for pid {pid}" if pid is not None else ""))
+        warn(PROG, "info", f"sent {data.decode(errors='surrogateescape')!r} to {target!r}" + (f" for pid {pid}" if pid is not None else ""))
     return 0
 
 

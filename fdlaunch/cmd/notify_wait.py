@@ -99,7 +99,7 @@ def read_check(options, environ, say):
     interval = cli.seconds("--interval", options["--interval"] or "1")
     timeout = cli.seconds("--check-timeout", options["--check-timeout"] or "10")
     text = options["--tries"] or "0"
-    if not (is_decimal(text) and int(text) < 10**9):
+    if not (is_decimal(text) and len(text) <= 9):
         raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
     return readiness.Check(options["--check"], interval, timeout, int(text), environ, say)
 

@@ -69,7 +69,9 @@ def find_program(name, environ):
     A script of this installation is found without a look at the file, which
     a user we became may no longer be allowed to read (see installation()).
     """
-    if "/" in name:
+    if not name:
+        candidates = []  # execvp(3) finds nothing for '' (os.path.join would make it each PATH directory)
+    elif "/" in name:
         candidates = [name]
     else:
         candidates = [os.path.join(d or ".", name) for d in environ.get("PATH", os.defpath).split(os.pathsep)]

@@ -32,7 +32,7 @@ Message = namedtuple("Message", "pid uid gid lineage notice fds truncated")
 def address(notify_socket):
     """NOTIFY_SOCKET's value as a sockaddr: a path, or '@name' in the abstract namespace."""
     if notify_socket.startswith("@"):
-        return b"\0" + notify_socket[1:].encode()
+        return b"\0" + os.fsencode(notify_socket[1:])  # the bytes the environment held, UTF-8 or not
     return notify_socket
 
 

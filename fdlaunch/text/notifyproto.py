@@ -83,7 +83,7 @@ def check_fields(texts):
         name, equals, _ = text.partition("=")
         if not equals or not name or "\n" in text or not all(c.isalnum() or c == "_" for c in name):
             raise ValueError(f"{text!r} is not FIELD=VALUE (e.g. READY=1, STATUS=loading zones)")
-    data = "\n".join(texts).encode()
+    data = "\n".join(texts).encode(errors="surrogateescape")  # argv's bytes as given, as systemd-notify sends them
     if len(data) > DATAGRAM_MAX:
         raise ValueError(f"the message is {len(data)} bytes; the protocol allows {DATAGRAM_MAX}")
     return data

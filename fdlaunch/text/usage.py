@@ -66,6 +66,8 @@ def read_options(table, argv):
         index += 1
         if word.startswith("--"):
             spelling, equals, value = word.partition("=")
+            if spelling == "--":  # '--=x': no name at all, not a prefix of every option
+                raise UsageError(f"unknown option {word!r}")
             option = long_option(table, spelling)
             if equals and option.value is None:
                 raise UsageError(f"option {spelling!r} takes no value")
