@@ -50,6 +50,21 @@ def test_ipv4_rules_do_not_match_ipv6_clients():
     assert not rules.decide(rules.parse("allow 0.0.0.0/0\n", "t"), client("::1")).allowed
 
 
+@pytest.mark.parametrize(
+    "rule, ip, allowed",
+    [
+        ("allow ::ffff:127.0.0.1", "127.0.0.1", True),
+        ("allow ::ffff:10.0.0.0/104", "10.9.9.9", True),
+        ("allow ::ffff:10.0.0.0/104", "11.0.0.1", False),
+        ("allow ::ffff:0:0/96", "192.0.2.1", True),
+        ("allow ::/0", "192.0.2.1", False),  # not a mapped network: IPv6 clients only
+    ],
+)
+def test_ipv4_mapped_rules_match_the_ipv4_clients_they_map(rule, ip, allowed):
+    # An IPv4 client of a dual-stack socket reaches the rules as IPv4 (ucspi.plain_ip).
+    assert rules.decide(rules.parse(rule + "\n", "t"), client(ip)).allowed is allowed
+
+
 def test_names_are_looked_up():
     root = pwd.getpwuid(0).pw_name
     parsed = rules.parse(f"allow uid:{root}\n", "t", Lookups())

@@ -85,9 +85,17 @@ def _match(word, lookups, fault):
     if colon and kind in ("uid", "gid"):
         return kind, _id(kind, ident, lookups, fault)
     try:
-        return "ip", ipaddress.ip_network(word, strict=True)
+        return "ip", plain_network(ipaddress.ip_network(word, strict=True))
     except ValueError as error:
         raise UsageError(fault(f"{word!r} is not an address, a network (10.0.0.0/8, fd00::/8), uid:ID, gid:ID or 'all': {error}")) from None
+
+
+def plain_network(network):
+    """An IPv4-mapped network (::ffff:10.0.0.0/104) as the IPv4 one it maps: clients are seen as IPv4 (ucspi.plain_ip)."""
+    mapped = network.network_address.ipv4_mapped if network.version == 6 and network.prefixlen >= 96 else None
+    if mapped is None:
+        return network
+    return ipaddress.ip_network((mapped, network.prefixlen - 96))
 
 
 def _id(kind, ident, lookups, fault):
