@@ -172,7 +172,7 @@ def test_a_chain_goes_on_after_dropping_to_a_user_who_cannot_read_the_interprete
     out = public
     argv = [
         str(bindir / "fdlaunch-listen"), "-tcp:127.0.0.1:0", "--",
-        "fdlaunch-setuidgid", "nobody", "--",
+        "fdlaunch-setuidgid", "--no-new-privs", "nobody", "--",  # prctl after the drop: nothing left to import
         "fdlaunch-notify-wait", "--",
         "fdlaunch-fdmap", "--map", "--",
         "/usr/bin/python3", PROBE, str(out / "report.json"),

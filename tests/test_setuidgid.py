@@ -204,15 +204,20 @@ def test_setsid_refuses_a_process_group_leader():
     assert "unable to start a new session: Operation not permitted" in done.stderr and "leads a process group" in done.stderr
 
 
-def test_chroot(tmp_path):
-    """A root holding dash and its libraries: the program runs inside it, as nobody."""
+@pytest.mark.parametrize("asked", [[], ["--no-new-privs"], ["--keep-cap=net_bind_service"]])
+def test_chroot(tmp_path, asked):
+    """A root holding dash and its libraries: the program runs inside it, as nobody.
+
+    prctl(2) and capset(2) come after the chroot, where no Python library is
+    left to import: what they need was loaded before.
+    """
     root = tmp_path / "root"
     for path in ("/bin/sh", "/bin/dash", *shared_libraries("/bin/dash")):
         target = root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(path), target)
     (root / "marker-inside").write_text("")
-    done = run(["fdlaunch-setuidgid", f"--chroot={root}", "nobody", "/bin/sh", "-c", 'cd / && echo * && echo "$(pwd)"'])
+    done = run(["fdlaunch-setuidgid", f"--chroot={root}", *asked, "nobody", "/bin/sh", "-c", 'cd / && echo * && echo "$(pwd)"'])
     assert done.returncode == 0, done.stderr
     entries, cwd = done.stdout.splitlines()
     assert "marker-inside" in entries.split() and cwd == "/"

@@ -102,6 +102,8 @@ def account_environment(account):
 
 def change_process(options, setup, status):
     """What is changed while still privileged, in the order of fdlaunch-setuidgid(1): limits, nice, setsid, chroot, umask."""
+    if setup.capabilities or options["--no-new-privs"]:
+        creds.load_libc()  # ctypes, while the standard library is still there to import: not after --chroot
     creds.set_limits(setup.limits)
     if setup.nice is not None:
         creds.change_nice(setup.nice)

@@ -8,6 +8,7 @@ import os
 import resource
 
 from fdlaunch.errors import Fatal, shown, unable
+from fdlaunch.kernel import proc
 
 # prctl(2) options (linux/prctl.h)
 PR_SET_KEEPCAPS = 8
@@ -153,6 +154,11 @@ def can_regain_root():
     return True
 
 
+def load_libc():
+    """Load libc through ctypes now: after a chroot or the drop, the standard library may not be readable."""
+    proc.libc()
+
+
 def no_new_privs():
     _Kernel().prctl(PR_SET_NO_NEW_PRIVS, 1)
 
@@ -165,16 +171,14 @@ class _Kernel:
     """prctl(2) and capset(2) through libc; loaded only when needed (ctypes is slow to import)."""
 
     def __init__(self):
-        import ctypes
+        import ctypes  # the standard library: still readable after a drop, unlike our own installation may be
 
-        from fdlaunch.kernel import proc  # here: fdlaunch-setuidgid without capabilities never needs it
-
-        self.ctypes, self.proc = ctypes, proc
+        self.ctypes = ctypes
         self.libc = proc.libc()
 
     def prctl(self, *arguments):
         try:
-            self.proc.prctl(*arguments)
+            proc.prctl(*arguments)
         except OSError as error:
             raise Fatal(f"unable to prctl {arguments[0]}: {error.strerror}") from None
 
