@@ -396,6 +396,17 @@ def test_fdlaunch_notify_to_an_abstract_socket_with_pid(env):
         assert sock.recv(4096) == b"STATUS=hi\nMAINPID=4242"
 
 
+def test_fdlaunch_notify_takes_a_double_dash_before_the_fields(env):
+    # As systemd-notify (getopt): '--' ends the options, so a script may always write it.
+    name = f"fdlaunch-test-dd-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(TIMEOUT)
+        done = run(["fdlaunch-notify", "--no-block", "--", "STATUS=--pid=3"], env={**env, "NOTIFY_SOCKET": "@" + name})
+        assert done.returncode == 0, done.stderr
+        assert sock.recv(4096) == b"STATUS=--pid=3"
+
+
 def test_fdlaunch_notify_sends_bytes_that_are_not_utf8_as_given(env):
     """Non-UTF-8 in a value or in NOTIFY_SOCKET was 'utf-8 codec can't encode', exit 100; systemd-notify sends the bytes."""
     name = f"fdlaunch-test-{os.getpid()}-".encode() + b"\xff"

@@ -1,7 +1,7 @@
 """fdlaunch-notify: send one sd_notify message, for shell-script daemons.
 
 Usage:
-  fdlaunch-notify [options] FIELD=VALUE...
+  fdlaunch-notify [options] [--] FIELD=VALUE...
   fdlaunch-notify (-h | --help | --version)
 
 Sends FIELD=VALUE lines (READY=1, STATUS=..., RELOADING=1, STOPPING=1, ...)
