@@ -142,7 +142,8 @@ def parse(doc, argv):
     # imported it before, so no later link needs to read it as the new user.
     from docopt import DocoptExit, docopt
 
-    checked(doc, argv)
+    given, _ = checked(doc, argv)
+    answer_help(doc, dict(given))  # --help among other options is still help, as read() answers it
     try:
         options = docopt(doc, argv=argv, default_help=False, options_first=True)
     except DocoptExit:

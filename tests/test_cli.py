@@ -204,7 +204,6 @@ WRONG_CALLS = [(tool, []) for tool in chain.TOOLS] + [
     ("fdlaunch-accept", ["-q"]),
     ("fdlaunch-notify-wait", ["--fork"]),
     ("fdlaunch-handoff", ["--"]),
-    ("fdlaunch-foreground", ["--help", "true"]),
 ]
 
 
@@ -212,6 +211,15 @@ WRONG_CALLS = [(tool, []) for tool in chain.TOOLS] + [
 def test_a_wrong_call_prints_the_first_usage_form(tool, argv):
     done = run([tool, *argv])
     assert (done.returncode, done.stderr, done.stdout) == (100, f"{tool}: usage: {first_form(tool)}\n", "")
+
+
+@pytest.mark.parametrize("tool", chain.TOOLS)
+def test_help_among_other_words_is_help_for_every_tool(tool):
+    # Whether docopt reads the tool's usage or the tool reads its own (listen, fdmap): the same answer.
+    wanted = run([tool, "--help"])
+    for argv in (["-v", "--help"], ["--help", "true"], ["--version", "--help"]):
+        done = run([tool, *argv])
+        assert (done.returncode, done.stdout, done.stderr) == (0, wanted.stdout, ""), argv
 
 
 @pytest.mark.parametrize("tool", chain.TOOLS)
