@@ -259,6 +259,11 @@ def test_host_names_only_when_asked(server):
     third = free_port()
     server(f"-tcp:127.0.0.1:{third}", [], ["sh", "-c", script])
     assert talk(("127.0.0.1", third))[0] == "unset unset\n"
+    if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+        # An IPv4 client of a dual-stack wildcard: its addresses arrive as ::ffff:127.0.0.1.
+        dual = free_port()
+        server(f"-tcp::{dual}", ["--lookup"], ["sh", "-c", script])
+        assert talk(("127.0.0.1", dual))[0] == "localhost localhost\n"
 
 
 def test_handler_stderr_is_the_servers(server):

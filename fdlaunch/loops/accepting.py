@@ -123,7 +123,7 @@ class Resolver:
         def look_up():
             try:
                 client.remote_host = host_name(client.peer.ip)
-                client.local_host = host_name(client.local[0])
+                client.local_host = host_name(ucspi.plain_ip(client.local[0]))  # ::ffff:a.b.c.d has no name
             finally:
                 self.done.append(client)
                 try:
