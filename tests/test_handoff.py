@@ -126,6 +126,8 @@ def test_reload_messages_go_upward(http):
     reloading = handoff.upstream.next_message()
     assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
     assert handoff.upstream.wait_ready()["READY"] == "1"
+    said = handoff.stderr.read_text()  # -v, without --listen-from: every instance gets the same sockets
+    assert "fdlaunch-handoff: info: handing over from pid" in said and "the new instance gets" not in said
 
 
 def test_a_new_instance_that_fails_leaves_the_old_one_serving(tmp_path):

@@ -129,12 +129,13 @@ def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_o
 def test_inherited_sockets_come_first_and_keep_their_label(tmp_path):
     web, first, second = free_port(), free_port(), free_port()
     head = ["fdlaunch-listen", tcp("web", web), "--"]
-    handoff = ListenFrom(tmp_path, [tcp("a", first)], [sys.executable, HELLO, "0"], head=head)
+    handoff = ListenFrom(tmp_path, [tcp("a", first)], [sys.executable, HELLO, "0"], head=head, options=["-v"])
     try:
         old = int(handoff.upstream.wait_ready()["MAINPID"])
         assert environ_of(old)["LISTEN_FD_MAP"] == "web=3,a=4"
         inherited = socket_inode(old, 3)
         new = int(handoff.reload([tcp("b", second)])["MAINPID"])
+        assert "fdlaunch-handoff: info: the new instance gets: " in handoff.stderr.read_text()
         passed = environ_of(new)
         names = ("LISTEN_FD_MAP", "LISTEN_FDNAMES", "LISTEN_FDS", "LISTEN_PID")
         assert [passed[name] for name in names] == ["web=3,b=4", "web:b", "2", str(new)]

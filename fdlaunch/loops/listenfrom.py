@@ -27,6 +27,8 @@ Held = namedtuple("Held", "spec fd slot address opened")
 class Handed:
     """Without --listen-from: every instance inherits what we were handed, at the same fds."""
 
+    names_the_set = False  # every offer is the same: nothing to say at each handoff
+
     def __init__(self, environ):
         self.environ = environ
 
@@ -47,6 +49,8 @@ class Handed:
 
 class FromFile:
     """The handed sockets followed by FILE's, opened and held here; closed by close()."""
+
+    names_the_set = True  # -v says what each new instance gets
 
     def __init__(self, path, environ, inherited, open_fds, systemd):
         self.path, self.environ, self.inherited, self.open_fds, self.systemd = path, environ, inherited, open_fds, systemd

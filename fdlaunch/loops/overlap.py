@@ -190,7 +190,8 @@ class Handoff:
         except Fatal as error:
             self.fail_handoff(str(error))
             return
-        self.say("info", f"the new instance gets: {offer.status}")
+        if self.sockets.names_the_set:
+            self.say("info", f"the new instance gets: {offer.status}")
         try:
             self.candidate = self.start(offer)
         except Fatal as error:
