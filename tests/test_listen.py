@@ -277,6 +277,33 @@ def test_lazy_execs_on_first_client_and_leaves_it_queued(tmp_path, kind):
         child.wait()
 
 
+def test_a_stop_between_bind_and_exec_removes_the_socket_file(tmp_path):
+    # -v writes to a stderr pipe already full: listen blocks there, after the
+    # bind and before the exec, until SIGTERM comes.
+    path = tmp_path / "stopped.sock"
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 4096)
+    except BlockingIOError:
+        os.set_blocking(write_end, True)
+    child = subprocess.Popen(["fdlaunch-listen", "-v", f"-unix:{path}", "true"], stderr=write_end)
+    os.close(write_end)
+    try:
+        assert wait_for(path.exists)
+        time.sleep(0.2)  # blocked in the write of its -v line
+        child.send_signal(signal.SIGTERM)
+        with os.fdopen(read_end, "rb") as drained:
+            said = drained.read()  # lets the stop be reported, up to EOF
+        assert child.wait(TIMEOUT) == 128 + signal.SIGTERM
+        assert said.endswith(b"fdlaunch-listen: fatal: stopped by SIGTERM before exec\n")
+        assert not path.exists()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_lazy_stopped_by_sigterm_cleans_up(tmp_path):
     path = tmp_path / "lazy.sock"
     child = subprocess.Popen(["fdlaunch-listen", "--lazy", f"-unix:{path}", "true"], stderr=subprocess.PIPE, text=True)

@@ -44,7 +44,7 @@ def main(argv, caller):
         print_plan(layout, caller, environ, program)
         raise Finished(0)
     path = chain.find_program(program[0], environ)
-    with sock.Opened() as opened:
+    with chain.stopping_signals_raise(), sock.Opened() as opened:  # a stop from the first bind on removes what was bound
         layout = layout._replace(new=[s._replace(opened=opened.open(s.endpoint)) for s in layout.new])
         moves = layout.inherited_moves + [(s.opened, s.fd) for s in layout.new]
         fds.place(moves)
@@ -53,8 +53,7 @@ def main(argv, caller):
             for line in describe(layout):
                 warn(PROG, "info", line)
         if options["--lazy"]:
-            with chain.stopping_signals_raise():
-                sock.wait_for_activity([p.fd for p in layout.passed])
+            sock.wait_for_activity([p.fd for p in layout.passed])
         return chain.Exec(path, program, environ, undo=opened.discard)
 
 
