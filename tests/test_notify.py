@@ -842,3 +842,32 @@ def test_fork_mode_that_cannot_tell_the_pid_stops_the_daemon(tmp_path):
         assert not Path(f"/proc/{pid}").exists(), "the daemon nobody knows of was left running"
     finally:
         kill_quietly(pid)
+
+
+def test_fork_mode_ready_by_check_with_the_upstream_gone_is_still_ready(env, tmp_path):
+    env = {**env, "NOTIFY_SOCKET": str(tmp_path / "gone.sock")}
+    done = run_fork(["fdlaunch-notify-wait", "--fork", "--forward", "--check=true", "--", "sleep", "30"], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == f"fdlaunch-notify-wait: warning: unable to notify {env['NOTIFY_SOCKET']!r}: No such file or directory\n"
+        assert Path(f"/proc/{int(done.stdout)}").exists()
+    finally:
+        if done.stdout.strip().isdigit():
+            kill_quietly(int(done.stdout))
+    assert_nothing_left(env)
+
+
+@pytest.mark.parametrize("readiness", ["READY=1", "--check"])
+def test_the_command_runs_though_the_upstream_is_gone(readiness, env, tmp_path):
+    marker = tmp_path / "ran"
+    env = {**env, "NOTIFY_SOCKET": str(tmp_path / "gone.sock")}
+    check = ["--check=true"] if readiness == "--check" else []
+    script = "fdlaunch-notify READY=1; exec sleep 2" if readiness == "READY=1" else "exec sleep 2"
+    argv = ["fdlaunch-notify-wait", "--forward", f"--command=touch {marker}", *check, "--", "sh", "-c", script]
+    done = run_fork(argv, env=env)
+    assert done.returncode == 0
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists():
+        assert time.monotonic() < deadline, "--command never ran"
+        time.sleep(0.02)
+    assert f"(watcher): warning: unable to notify {env['NOTIFY_SOCKET']!r}: No such file or directory" in done.stderr

@@ -10,6 +10,7 @@ import select
 import signal
 import time
 
+from fdlaunch.errors import Fatal, unable
 from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
@@ -41,9 +42,11 @@ class Relays:
         if self.fd is not None:
             sdnotify.tell_s6(self.fd)
             self.fd = None
-        self.relay(fields, main_pid)
-        if self.command:
-            self.run_command(main_pid)
+        try:
+            self.relay(fields, main_pid)
+        finally:
+            if self.command:  # an upstream gone does not cancel the command
+                self.run_command(main_pid)
 
     def run_command(self, main_pid):
         """CMD under /bin/sh, waited for."""
@@ -57,7 +60,10 @@ class Relays:
         if message is not None:
             # Claiming the program's pid lets NotifyAccess=main accept it; without privilege the
             # sender is us and the unit needs NotifyAccess=all.
-            sdnotify.send(message, self.upstream, pid=main_pid, fds=fds)
+            try:
+                sdnotify.send(message, self.upstream, pid=main_pid, fds=fds)
+            except OSError as error:
+                raise unable(f"notify {self.upstream!r}", error) from None
 
 
 class Program:
@@ -114,8 +120,15 @@ class Watcher:
         if self.check is not None and not self.ready and self.check.step(self.program.pid):
             self.ready = True
             told = self.relays.describe()
-            self.relays.ready(self.program, self.main_pid, [("READY", "1")])
+            self.tell_ready([("READY", "1")])
             self.say("info", f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+
+    def tell_ready(self, fields):
+        """Hand readiness to the relays: one that fails is said, and stops neither the others nor the watcher."""
+        try:
+            self.relays.ready(self.program, self.main_pid, fields)
+        except Fatal as error:
+            self.warn_once("relay", str(error))
 
     def linger(self):
         """Answer the BARRIER a sender like systemd-notify sends right after READY=1.
@@ -171,7 +184,7 @@ class Watcher:
             self.ready_sender = message.pid
             self.main_pid = main_pid or self.program.pid
             told = self.relays.describe()
-            self.relays.ready(self.program, self.main_pid, fields)
+            self.tell_ready(fields)
             self.say("info", f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
         else:
             self.main_pid = main_pid or self.main_pid
