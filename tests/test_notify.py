@@ -871,3 +871,21 @@ def test_the_command_runs_though_the_upstream_is_gone(readiness, env, tmp_path):
         assert time.monotonic() < deadline, "--command never ran"
         time.sleep(0.02)
     assert f"(watcher): warning: unable to notify {env['NOTIFY_SOCKET']!r}: No such file or directory" in done.stderr
+
+
+def test_fork_mode_passes_a_sigterm_that_comes_while_the_program_is_being_started(tmp_path):
+    """SIGTERM sent the moment the child exists, before its exec: passed on, never our death with PROG left running."""
+    for _ in range(5):
+        notify_wait = subprocess.Popen(
+            ["fdlaunch-notify-wait", "--fork", "--", "sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        children, deadline = [], time.monotonic() + TIMEOUT
+        while not children and time.monotonic() < deadline and notify_wait.poll() is None:
+            children = Path(f"/proc/{notify_wait.pid}/task/{notify_wait.pid}/children").read_text().split()
+        notify_wait.send_signal(signal.SIGTERM)
+        try:
+            assert notify_wait.wait(TIMEOUT) == 1, "died of the SIGTERM instead of passing it on"
+            assert children and not Path(f"/proc/{children[0]}").exists(), "PROG was left running"
+        finally:
+            for pid in children:
+                kill_quietly(int(pid))
