@@ -203,6 +203,16 @@ def test_a_fifo_at_start_is_one_line_and_leaves_nothing(tmp_path):
     assert done.stderr == f"fdlaunch-handoff: fatal: unable to read {str(file)!r}: not a regular file\n"
 
 
+def test_an_empty_file_passes_no_socket_in_a_form_our_own_tools_read(tmp_path):
+    """LISTEN_FDS=0 and LISTEN_FDNAMES='' (as a file emptied by a reload leaves it) is no socket, not a bad call."""
+    file = tmp_path / "sockets"
+    file.write_text("")
+    script = 'echo "$LISTEN_FDS:$LISTEN_FDNAMES:$LISTEN_FD_MAP" >&2'
+    done = run(["fdlaunch-handoff", f"--listen-from={file}", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "1:tcp:tcp=3\n"
+
+
 def privileged_port_free(port):
     try:
         socket.create_server(("127.0.0.1", port)).close()
