@@ -13,7 +13,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, python_systemd, read_probe, require, require_root, run, s6_supervised
+from conftest import (
+    PROBE,
+    TIMEOUT,
+    python_systemd,
+    read_probe,
+    require,
+    require_root,
+    run,
+    s6_supervised,
+    unread_fd3_started,
+    wait_for_line,
+)
 
 import fdlaunch
 from fdlaunch.kernel import proc
@@ -889,3 +900,17 @@ def test_fork_mode_passes_a_sigterm_that_comes_while_the_program_is_being_starte
         finally:
             for pid in children:
                 kill_quietly(int(pid))
+
+
+def test_a_notification_fd_nobody_reads_stops_no_other_relay(tmp_path):
+    marker, err = tmp_path / "ran", tmp_path / "stderr"
+    argv = ["fdlaunch-notify-wait", "--fd=3", "--check=true", f"--command=touch {marker}", "--", "sleep", "1"]
+    program = unread_fd3_started(argv, err)
+    try:
+        wait_for_line(err, "(watcher): warning: unable to write the readiness newline on fd 3: Broken pipe")
+        deadline = time.monotonic() + TIMEOUT
+        while not marker.exists():
+            assert time.monotonic() < deadline, "--command never ran"
+            time.sleep(0.02)
+    finally:
+        assert program.wait(TIMEOUT) == 0

@@ -28,7 +28,7 @@ import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, say_as, warn
+from fdlaunch.errors import Fatal, UsageError, say_as, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
 from fdlaunch.text import listenenv
@@ -47,10 +47,7 @@ def main(argv, environ):
     keeper = forking.Keeper(settings, say_as(PROG), say_as(f"{PROG} (guard)"))
     try:
         daemon = keeper.launch(path, program, environ)
-        if options["--verbose"]:
-            told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
-            warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
-        relays.ready(None, daemon, [("READY", "1")])
+        tell_ready(relays, daemon, options["--verbose"])
         status = keeper.supervise()
     except BaseException:  # whatever went wrong, nothing we started is left running unsupervised
         keeper.stop_all()
@@ -62,6 +59,16 @@ def main(argv, environ):
     if options["--verbose"]:
         warn(PROG, "info", f"the daemon (pid {daemon}) {chain.describe_exit(status)}")
     return forking.exit_code(status)
+
+
+def tell_ready(relays, daemon, verbose):
+    if verbose:
+        told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
+        warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
+    try:
+        relays.ready(None, daemon, [("READY", "1")])
+    except Fatal as error:  # nobody to tell is no reason to stop the daemon
+        warn(PROG, "warning", str(error))
 
 
 def read_settings(options, environ):

@@ -37,16 +37,18 @@ class Relays:
         return ", ".join(where) or "no relay (no --fd, --forward, --command or --stop)"
 
     def ready(self, program, main_pid, fields):
+        """Tell every relay; one that fails stops none of the others: the first failure (Fatal) once all were tried."""
         if self.stop:
             signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
+        failed = []
         if self.fd is not None:
-            sdnotify.tell_s6(self.fd)
-            self.fd = None
-        try:
-            self.relay(fields, main_pid)
-        finally:
-            if self.command:  # an upstream gone does not cancel the command
-                self.run_command(main_pid)
+            fd, self.fd = self.fd, None
+            failed += tried(sdnotify.tell_s6, fd)
+        failed += tried(self.relay, fields, main_pid)
+        if self.command:
+            self.run_command(main_pid)
+        if failed:
+            raise failed[0]
 
     def run_command(self, main_pid):
         """CMD under /bin/sh, waited for."""
@@ -307,6 +309,15 @@ def shell(command, environ, main_pid, closed=(), setsid=False):
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in closed]
     environ = {**environ, "MAINPID": str(main_pid)}
     return os.posix_spawn("/bin/sh", ["sh", "-c", command], environ, file_actions=actions, setsid=setsid)
+
+
+def tried(function, *arguments):
+    """[] if function(*arguments) did its work, else [the Fatal it raised]."""
+    try:
+        function(*arguments)
+    except Fatal as error:
+        return [error]
+    return []
 
 
 def once(say):
