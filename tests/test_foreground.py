@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HERE, TIMEOUT, free_port, require, run, unread_fd3_started, wait_for_line
+from conftest import HERE, TIMEOUT, free_port, require, run, unread_fd3_started
 from test_notify import Upstream, s6_service
 
 DAEMON = [sys.executable, str(HERE / "selfdaemon.py")]
@@ -375,13 +375,9 @@ def test_a_stop_waits_no_longer_than_what_is_left_takes(env, tmp_path):
         assert lines[-1] == f"fdlaunch-foreground: info: the daemon (pid {daemon}) exited with status 0"
 
 
-def test_a_notification_fd_nobody_reads_is_a_warning_and_the_daemon_is_kept(tmp_path):
-    err = tmp_path / "stderr"
-    keeper = unread_fd3_started(["fdlaunch-foreground", "--fd=3", "--", "sh", "-c", "sleep 30 </dev/null 2>/dev/null & exit 0"], err)
-    try:
-        wait_for_line(err, "fdlaunch-foreground: warning: unable to write the readiness newline on fd 3: Broken pipe")
-        time.sleep(0.2)
-        assert keeper.poll() is None, err.read_text()
-    finally:
-        keeper.terminate()
-        assert keeper.wait(TIMEOUT) == 128 + signal.SIGTERM
+def test_a_notification_fd_nobody_reads_is_one_line_and_stops_the_daemon(tmp_path):
+    err, log = tmp_path / "stderr", tmp_path / "log"
+    keeper = unread_fd3_started(["fdlaunch-foreground", "--fd=3", "--grace=2", "--", *DAEMON, str(log)], err)
+    assert keeper.wait(TIMEOUT) == 111
+    assert err.read_text() == "fdlaunch-foreground: fatal: unable to write the readiness newline on fd 3: Broken pipe\n"
+    assert not alive(daemon_pid(log)), "the daemon was left running"

@@ -28,7 +28,7 @@ import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, say_as, warn
+from fdlaunch.errors import UsageError, say_as, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
 from fdlaunch.text import listenenv
@@ -65,10 +65,7 @@ def tell_ready(relays, daemon, verbose):
     if verbose:
         told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
         warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
-    try:
-        relays.ready(None, daemon, [("READY", "1")])
-    except Fatal as error:  # nobody to tell is no reason to stop the daemon
-        warn(PROG, "warning", str(error))
+    relays.ready(None, daemon, [("READY", "1")])  # Fatal if one fails: the daemon is stopped (main's except)
 
 
 def read_settings(options, environ):
