@@ -125,3 +125,22 @@ def s6_supervised(service, env=None):
         finally:
             supervise.kill()
             supervise.wait()
+
+
+def unread_fd3_started(argv, stderr_path):
+    """argv started with fd 3 a pipe nobody reads any more (s6-supervise gone), stderr to a file; the Popen."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    on_fd3 = "import os, sys; fd = int(sys.argv[1]); fd == 3 or (os.dup2(fd, 3), os.close(fd)); os.execvp(sys.argv[2], sys.argv[2:])"
+    try:
+        with open(stderr_path, "w") as stderr:
+            return subprocess.Popen([sys.executable, "-c", on_fd3, str(write_end), *argv], pass_fds=(write_end,), stderr=stderr)
+    finally:
+        os.close(write_end)
+
+
+def wait_for_line(path, text, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while text not in Path(path).read_text():
+        assert time.monotonic() < deadline, f"{text!r} never said; said: {Path(path).read_text()!r}"
+        time.sleep(0.02)

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, free_port, parse_probe, require, require_root, run, s6_supervised
+from conftest import PROBE, TIMEOUT, free_port, parse_probe, require, require_root, run, s6_supervised, unread_fd3_started, wait_for_line
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
@@ -711,3 +711,17 @@ def test_a_unix_path_with_a_newline_is_logged_on_one_line(server, public_dir):
     one.wait_for_line("serving unix=")
     line = next(line for line in one.stderr().splitlines() if "serving unix=" in line)
     assert repr(str(path)) in line, one.stderr()
+
+
+def test_a_notification_fd_nobody_reads_is_a_warning_and_the_server_serves_on(tmp_path):
+    path, err = tmp_path / "s", tmp_path / "stderr"
+    server = unread_fd3_started(["fdlaunch-listen", "--map", f"-unix::{path}", "--", "fdlaunch-accept", "--fd=3", "--", "echo", "hi"], err)
+    try:
+        wait_for_line(err, "fdlaunch-accept: warning: unable to write the readiness newline on fd 3: Broken pipe")
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(TIMEOUT)
+            client.connect(str(path))
+            assert client.makefile("rb").read() == b"hi\n"
+    finally:
+        server.terminate()
+        assert server.wait(TIMEOUT) == 0

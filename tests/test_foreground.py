@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HERE, TIMEOUT, free_port, require, run
+from conftest import HERE, TIMEOUT, free_port, require, run, unread_fd3_started
 from test_notify import Upstream, s6_service
 
 DAEMON = [sys.executable, str(HERE / "selfdaemon.py")]
@@ -373,3 +373,11 @@ def test_a_stop_waits_no_longer_than_what_is_left_takes(env, tmp_path):
         lines = keeper.stderr.read().splitlines()
         assert lines[0] == f"fdlaunch-foreground: info: the daemon is pid {daemon}; it is ready: nobody to tell (no --fd or --forward)"
         assert lines[-1] == f"fdlaunch-foreground: info: the daemon (pid {daemon}) exited with status 0"
+
+
+def test_a_notification_fd_nobody_reads_is_one_line_and_stops_the_daemon(tmp_path):
+    err, log = tmp_path / "stderr", tmp_path / "log"
+    keeper = unread_fd3_started(["fdlaunch-foreground", "--fd=3", "--grace=2", "--", *DAEMON, str(log)], err)
+    assert keeper.wait(TIMEOUT) == 111
+    assert err.read_text() == "fdlaunch-foreground: fatal: unable to write the readiness newline on fd 3: Broken pipe\n"
+    assert not alive(daemon_pid(log)), "the daemon was left running"

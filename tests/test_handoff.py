@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, python_systemd, require, run
+from conftest import TIMEOUT, free_port, python_systemd, require, run, unread_fd3_started, wait_for_line
 from test_notify import abstract_sockets, send, send_and_exit_at_once
 
 HERE = Path(__file__).resolve().parent
@@ -388,3 +388,15 @@ def test_a_live_strangers_ready_is_ignored(tmp_path):
         assert handoff.upstream.wait_ready()["MAINPID"] == pidfile.read_text().strip()
     finally:
         handoff.kill()
+
+
+def test_a_notification_fd_nobody_reads_is_a_warning_and_the_instance_serves_on(tmp_path):
+    err = tmp_path / "stderr"
+    handoff = unread_fd3_started(["fdlaunch-handoff", "--fd=3", "--", "sh", "-c", "fdlaunch-notify READY=1; exec sleep 30"], err)
+    try:
+        wait_for_line(err, "fdlaunch-handoff: warning: unable to write the readiness newline on fd 3: Broken pipe")
+        time.sleep(0.2)
+        assert handoff.poll() is None, err.read_text()
+    finally:
+        handoff.terminate()
+        assert handoff.wait(TIMEOUT) == -signal.SIGTERM

@@ -179,6 +179,41 @@ def test_a_failed_reload_leaves_the_old_instance_and_the_old_set(tmp_path, fault
         handoff.kill()
 
 
+def test_a_fifo_in_place_of_the_file_fails_that_reload_and_never_hangs_the_loop(tmp_path):
+    keep = free_port()
+    handoff = ListenFrom(tmp_path, [tcp("keep", keep)], [sys.executable, HELLO, "0"])
+    try:
+        old = int(handoff.upstream.wait_ready()["MAINPID"])
+        handoff.file.unlink()
+        os.mkfifo(handoff.file)  # opening it to read would wait for a writer, and SIGTERM with it
+        handoff.process.send_signal(signal.SIGHUP)
+        fields = handoff.upstream.wait_ready()
+        assert int(fields["MAINPID"]) == old and "handoff failed" in fields["STATUS"]
+        assert f"handoff failed: unable to read {str(handoff.file)!r}: not a regular file" in handoff.stderr.read_text()
+        assert get(keep).startswith(f"hello from pid {old} on keep")
+        assert handoff.stop() == 0
+    finally:
+        handoff.kill()
+
+
+def test_a_fifo_at_start_is_one_line_and_leaves_nothing(tmp_path):
+    file = tmp_path / "sockets"
+    os.mkfifo(file)
+    done = run(["fdlaunch-handoff", f"--listen-from={file}", "--", "true"], timeout=5)
+    assert done.returncode == 111
+    assert done.stderr == f"fdlaunch-handoff: fatal: unable to read {str(file)!r}: not a regular file\n"
+
+
+def test_an_empty_file_passes_no_socket_in_a_form_our_own_tools_read(tmp_path):
+    """LISTEN_FDS=0 and LISTEN_FDNAMES='' (as a file emptied by a reload leaves it) is no socket, not a bad call."""
+    file = tmp_path / "sockets"
+    file.write_text("")
+    script = 'echo "$LISTEN_FDS:$LISTEN_FDNAMES:$LISTEN_FD_MAP" >&2'
+    done = run(["fdlaunch-handoff", f"--listen-from={file}", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "1:tcp:tcp=3\n"
+
+
 def privileged_port_free(port):
     try:
         socket.create_server(("127.0.0.1", port)).close()

@@ -13,7 +13,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, python_systemd, read_probe, require, require_root, run, s6_supervised
+from conftest import (
+    PROBE,
+    TIMEOUT,
+    python_systemd,
+    read_probe,
+    require,
+    require_root,
+    run,
+    s6_supervised,
+    unread_fd3_started,
+    wait_for_line,
+)
 
 import fdlaunch
 from fdlaunch.kernel import proc
@@ -853,3 +864,64 @@ def test_fork_mode_that_cannot_tell_the_pid_stops_the_daemon(tmp_path):
         assert not Path(f"/proc/{pid}").exists(), "the daemon nobody knows of was left running"
     finally:
         kill_quietly(pid)
+
+
+def test_fork_mode_ready_by_check_with_the_upstream_gone_is_still_ready(env, tmp_path):
+    env = {**env, "NOTIFY_SOCKET": str(tmp_path / "gone.sock")}
+    done = run_fork(["fdlaunch-notify-wait", "--fork", "--forward", "--check=true", "--", "sleep", "30"], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == f"fdlaunch-notify-wait: warning: unable to notify {env['NOTIFY_SOCKET']!r}: No such file or directory\n"
+        assert Path(f"/proc/{int(done.stdout)}").exists()
+    finally:
+        if done.stdout.strip().isdigit():
+            kill_quietly(int(done.stdout))
+    assert_nothing_left(env)
+
+
+@pytest.mark.parametrize("readiness", ["READY=1", "--check"])
+def test_the_command_runs_though_the_upstream_is_gone(readiness, env, tmp_path):
+    marker = tmp_path / "ran"
+    env = {**env, "NOTIFY_SOCKET": str(tmp_path / "gone.sock")}
+    check = ["--check=true"] if readiness == "--check" else []
+    script = "fdlaunch-notify READY=1; exec sleep 2" if readiness == "READY=1" else "exec sleep 2"
+    argv = ["fdlaunch-notify-wait", "--forward", f"--command=touch {marker}", *check, "--", "sh", "-c", script]
+    done = run_fork(argv, env=env)
+    assert done.returncode == 0
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists():
+        assert time.monotonic() < deadline, "--command never ran"
+        time.sleep(0.02)
+    assert f"(watcher): warning: unable to notify {env['NOTIFY_SOCKET']!r}: No such file or directory" in done.stderr
+
+
+def test_fork_mode_passes_a_sigterm_that_comes_while_the_program_is_being_started(tmp_path):
+    """SIGTERM sent the moment the child exists, before its exec: passed on, never our death with PROG left running."""
+    for _ in range(5):
+        notify_wait = subprocess.Popen(
+            ["fdlaunch-notify-wait", "--fork", "--", "sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        children, deadline = [], time.monotonic() + TIMEOUT
+        while not children and time.monotonic() < deadline and notify_wait.poll() is None:
+            children = Path(f"/proc/{notify_wait.pid}/task/{notify_wait.pid}/children").read_text().split()
+        notify_wait.send_signal(signal.SIGTERM)
+        try:
+            assert notify_wait.wait(TIMEOUT) == 1, "died of the SIGTERM instead of passing it on"
+            assert children and not Path(f"/proc/{children[0]}").exists(), "PROG was left running"
+        finally:
+            for pid in children:
+                kill_quietly(int(pid))
+
+
+def test_a_notification_fd_nobody_reads_stops_no_other_relay(tmp_path):
+    marker, err = tmp_path / "ran", tmp_path / "stderr"
+    argv = ["fdlaunch-notify-wait", "--fd=3", "--check=true", f"--command=touch {marker}", "--", "sleep", "1"]
+    program = unread_fd3_started(argv, err)
+    try:
+        wait_for_line(err, "(watcher): warning: unable to write the readiness newline on fd 3: Broken pipe")
+        deadline = time.monotonic() + TIMEOUT
+        while not marker.exists():
+            assert time.monotonic() < deadline, "--command never ran"
+            time.sleep(0.02)
+    finally:
+        assert program.wait(TIMEOUT) == 0

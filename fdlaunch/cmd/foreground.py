@@ -47,10 +47,7 @@ def main(argv, environ):
     keeper = forking.Keeper(settings, say_as(PROG), say_as(f"{PROG} (guard)"))
     try:
         daemon = keeper.launch(path, program, environ)
-        if options["--verbose"]:
-            told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
-            warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
-        relays.ready(None, daemon, [("READY", "1")])
+        tell_ready(relays, daemon, options["--verbose"])
         status = keeper.supervise()
     except BaseException:  # whatever went wrong, nothing we started is left running unsupervised
         keeper.stop_all()
@@ -62,6 +59,13 @@ def main(argv, environ):
     if options["--verbose"]:
         warn(PROG, "info", f"the daemon (pid {daemon}) {chain.describe_exit(status)}")
     return forking.exit_code(status)
+
+
+def tell_ready(relays, daemon, verbose):
+    if verbose:
+        told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
+        warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
+    relays.ready(None, daemon, [("READY", "1")])  # Fatal if one fails: the daemon is stopped (main's except)
 
 
 def read_settings(options, environ):

@@ -163,12 +163,7 @@ def isolate(keep):
 
 
 def fork_and_wait(inbox, relays, settings, path, program, environ):
-    # PROG's stdout is our stderr: our stdout carries the one line a script reads
-    # with $(...), which would wait forever while a daemon held it open.
-    child = chain.spawn(path, program, environ, setup=lambda: os.dup2(2, 1), become=lambda step: cli.become(PROG, step))
-    pidfd = os.pidfd_open(child)
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
+    child, pidfd = spawn_passing_stops(path, program, environ)
     watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say)
     watcher.check = settings.check
     try:
@@ -196,6 +191,31 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         )
     status = reap(child, pidfd, None)
     raise Fatal(f"{program[0]} (pid {child}) {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
+
+
+def spawn_passing_stops(path, program, environ):
+    """Start PROG as a child, SIGINT and SIGTERM passed to it from the moment it exists; (pid, pidfd).
+
+    They stay blocked until the handler that passes them is in place: one
+    that came while PROG was being exec'd would have killed us and left it.
+    """
+    stops = (signal.SIGINT, signal.SIGTERM)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+
+    def setup():
+        # PROG's stdout is our stderr: our stdout carries the one line a script reads
+        # with $(...), which would wait forever while a daemon held it open.
+        os.dup2(2, 1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # PROG gets the mask we were given
+
+    try:
+        child = chain.spawn(path, program, environ, setup=setup, become=lambda step: cli.become(PROG, step))
+        pidfd = os.pidfd_open(child)
+        for number in stops:
+            signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return child, pidfd
 
 
 def tell_pid(pid, child, pidfd):

@@ -37,9 +37,11 @@ def address(notify_socket):
 
 
 def tell_s6(fd):
-    """s6 readiness: a newline on the notification fd, then close it (s6-supervise(8))."""
+    """s6 readiness: a newline on the notification fd, then close it (s6-supervise(8)); Fatal if nobody reads it."""
     try:
         os.write(fd, b"\n")
+    except OSError as error:
+        raise unable(f"write the readiness newline on fd {fd}", error) from None
     finally:
         os.close(fd)
 

@@ -405,8 +405,11 @@ class Server:
     def tell_ready(self):
         self.notify(b"READY=1")
         if self.ready_fd is not None:
-            sdnotify.tell_s6(self.ready_fd)
-            self.ready_fd = None
+            fd, self.ready_fd = self.ready_fd, None
+            try:
+                sdnotify.tell_s6(fd)
+            except Fatal as error:  # the supervisor's reader gone: no reason to stop serving
+                self.say("warning", str(error))
 
     def notify(self, message):
         target = self.settings.notify_socket

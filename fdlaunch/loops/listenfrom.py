@@ -7,6 +7,7 @@ socketset's; this module reads the file, binds, and closes.
 """
 
 import os
+import stat
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, unable
@@ -89,7 +90,11 @@ class FromFile:
 
     def read(self):
         try:
-            with open(self.path, encoding="utf-8", errors="surrogateescape") as file:
+            # O_NONBLOCK: a FIFO in its place must not hang the loop (deaf to SIGTERM) at a reload
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            with open(fd, encoding="utf-8", errors="surrogateescape") as file:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise Fatal(f"unable to read {self.path!r}: not a regular file")
                 return file.read()
         except OSError as error:
             raise unable(f"read {self.path!r}", error) from None

@@ -240,8 +240,11 @@ class Handoff:
         current = self.current
         self.tell(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", current)
         if self.ready_fd is not None:
-            sdnotify.tell_s6(self.ready_fd)
-            self.ready_fd = None
+            fd, self.ready_fd = self.ready_fd, None
+            try:
+                sdnotify.tell_s6(fd)
+            except Fatal as error:  # the supervisor's reader gone: no reason to stop serving
+                self.say("warning", str(error))
 
     def finish(self):
         """The current instance is gone: stop the others (grace, then SIGKILL) and return its status."""

@@ -10,6 +10,7 @@ import select
 import signal
 import time
 
+from fdlaunch.errors import Fatal, unable
 from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
@@ -36,14 +37,18 @@ class Relays:
         return ", ".join(where) or "no relay (no --fd, --forward, --command or --stop)"
 
     def ready(self, program, main_pid, fields):
+        """Tell every relay; one that fails stops none of the others: the first failure (Fatal) once all were tried."""
         if self.stop:
             signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
+        failed = []
         if self.fd is not None:
-            sdnotify.tell_s6(self.fd)
-            self.fd = None
-        self.relay(fields, main_pid)
+            fd, self.fd = self.fd, None
+            failed += tried(sdnotify.tell_s6, fd)
+        failed += tried(self.relay, fields, main_pid)
         if self.command:
             self.run_command(main_pid)
+        if failed:
+            raise failed[0]
 
     def run_command(self, main_pid):
         """CMD under /bin/sh, waited for."""
@@ -57,7 +62,10 @@ class Relays:
         if message is not None:
             # Claiming the program's pid lets NotifyAccess=main accept it; without privilege the
             # sender is us and the unit needs NotifyAccess=all.
-            sdnotify.send(message, self.upstream, pid=main_pid, fds=fds)
+            try:
+                sdnotify.send(message, self.upstream, pid=main_pid, fds=fds)
+            except OSError as error:
+                raise unable(f"notify {self.upstream!r}", error) from None
 
 
 class Program:
@@ -114,8 +122,15 @@ class Watcher:
         if self.check is not None and not self.ready and self.check.step(self.program.pid):
             self.ready = True
             told = self.relays.describe()
-            self.relays.ready(self.program, self.main_pid, [("READY", "1")])
+            self.tell_ready([("READY", "1")])
             self.say("info", f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+
+    def tell_ready(self, fields):
+        """Hand readiness to the relays: one that fails is said, and stops neither the others nor the watcher."""
+        try:
+            self.relays.ready(self.program, self.main_pid, fields)
+        except Fatal as error:
+            self.warn_once("relay", str(error))
 
     def linger(self):
         """Answer the BARRIER a sender like systemd-notify sends right after READY=1.
@@ -171,7 +186,7 @@ class Watcher:
             self.ready_sender = message.pid
             self.main_pid = main_pid or self.program.pid
             told = self.relays.describe()
-            self.relays.ready(self.program, self.main_pid, fields)
+            self.tell_ready(fields)
             self.say("info", f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
         else:
             self.main_pid = main_pid or self.main_pid
@@ -294,6 +309,15 @@ def shell(command, environ, main_pid, closed=(), setsid=False):
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in closed]
     environ = {**environ, "MAINPID": str(main_pid)}
     return os.posix_spawn("/bin/sh", ["sh", "-c", command], environ, file_actions=actions, setsid=setsid)
+
+
+def tried(function, *arguments):
+    """[] if function(*arguments) did its work, else [the Fatal it raised]."""
+    try:
+        function(*arguments)
+    except Fatal as error:
+        return [error]
+    return []
 
 
 def once(say):

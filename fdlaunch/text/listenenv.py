@@ -67,7 +67,10 @@ def parse_systemd(environ, pid, fd_limit=FD_CEILING):
     if SYSTEMD_FIRST_FD + count > fd_limit:  # checked before a list of that length is made
         raise UsageError(f"LISTEN_FDS={count_text!r} is more descriptors than the open files limit ({fd_limit}) allows")
     names = environ.get("LISTEN_FDNAMES")
-    labels = names.split(":") if names is not None else [UNNAMED] * count
+    if names is None:
+        labels = [UNNAMED] * count
+    else:
+        labels = names.split(":") if names else []  # as systemd splits it: '' names no descriptor
     if len(labels) != count:
         raise UsageError(f"LISTEN_FDNAMES={names!r} has {len(labels)} names but LISTEN_FDS={count}")
     for label in labels:
