@@ -397,25 +397,24 @@ def test_fdlaunch_notify_exit_statuses(env, tmp_path):
     assert bad.returncode == 100 and "'READY' is not FIELD=VALUE" in bad.stderr
 
 
-def test_fdlaunch_notify_to_an_abstract_socket_with_pid(env):
+def sent_to_an_abstract_socket(argv, env):
+    """Run fdlaunch-notify argv with NOTIFY_SOCKET an abstract socket of ours: the datagram it got."""
     name = f"fdlaunch-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
         sock.settimeout(TIMEOUT)
-        done = run(["fdlaunch-notify", "--no-block", "--pid=4242", "STATUS=hi"], env={**env, "NOTIFY_SOCKET": "@" + name})
+        done = run(["fdlaunch-notify", *argv], env={**env, "NOTIFY_SOCKET": "@" + name})
         assert done.returncode == 0, done.stderr
-        assert sock.recv(4096) == b"STATUS=hi\nMAINPID=4242"
+        return sock.recv(4096)
+
+
+def test_fdlaunch_notify_to_an_abstract_socket_with_pid(env):
+    assert sent_to_an_abstract_socket(["--no-block", "--pid=4242", "STATUS=hi"], env) == b"STATUS=hi\nMAINPID=4242"
 
 
 def test_fdlaunch_notify_takes_a_double_dash_before_the_fields(env):
     # As systemd-notify (getopt): '--' ends the options, so a script may always write it.
-    name = f"fdlaunch-test-dd-{os.getpid()}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name)
-        sock.settimeout(TIMEOUT)
-        done = run(["fdlaunch-notify", "--no-block", "--", "STATUS=--pid=3"], env={**env, "NOTIFY_SOCKET": "@" + name})
-        assert done.returncode == 0, done.stderr
-        assert sock.recv(4096) == b"STATUS=--pid=3"
+    assert sent_to_an_abstract_socket(["--no-block", "--", "STATUS=--pid=3"], env) == b"STATUS=--pid=3"
 
 
 def test_fdlaunch_notify_sends_bytes_that_are_not_utf8_as_given(env):

@@ -19,6 +19,7 @@ import time
 
 from fdlaunch.errors import Fatal
 from fdlaunch.kernel import chain, fds, proc, sdnotify
+from fdlaunch.loops import readiness
 from fdlaunch.text import rules, spec, ucspi
 
 STOPS = (signal.SIGTERM, signal.SIGINT)
@@ -406,10 +407,7 @@ class Server:
         self.notify(b"READY=1")
         if self.ready_fd is not None:
             fd, self.ready_fd = self.ready_fd, None
-            try:
-                sdnotify.tell_s6(fd)
-            except Fatal as error:  # the supervisor's reader gone: no reason to stop serving
-                self.say("warning", str(error))
+            readiness.tell_supervisor(fd, self.say)
 
     def notify(self, message):
         target = self.settings.notify_socket

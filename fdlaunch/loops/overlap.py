@@ -13,7 +13,8 @@ import time
 from collections import namedtuple
 
 from fdlaunch.errors import NOT_EXECUTABLE, Fatal, shown, unable
-from fdlaunch.kernel import chain, fds, proc, sdnotify
+from fdlaunch.kernel import chain, fds, proc
+from fdlaunch.loops import readiness
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
@@ -241,10 +242,7 @@ class Handoff:
         self.tell(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", current)
         if self.ready_fd is not None:
             fd, self.ready_fd = self.ready_fd, None
-            try:
-                sdnotify.tell_s6(fd)
-            except Fatal as error:  # the supervisor's reader gone: no reason to stop serving
-                self.say("warning", str(error))
+            readiness.tell_supervisor(fd, self.say)
 
     def finish(self):
         """The current instance is gone: stop the others (grace, then SIGKILL) and return its status."""

@@ -22,6 +22,14 @@ NOT_FOR_CHECKS = ("NOTIFY_SOCKET", *listenenv.VARIABLES)
 CANNOT_RUN = {126: "found but not executable", 127: "not found"}
 
 
+def tell_supervisor(fd, say):
+    """The readiness newline on s6's notification fd; a reader gone is said, and stops nothing: serving goes on."""
+    try:
+        sdnotify.tell_s6(fd)
+    except Fatal as error:
+        say("warning", str(error))
+
+
 class Relays:
     """Where readiness goes: an s6 notification fd, an upstream NOTIFY_SOCKET, a command, SIGSTOP."""
 
