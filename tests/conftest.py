@@ -106,6 +106,23 @@ def sockets(report):
     return {fd: e for fd, e in report["fds"].items() if e["kind"] == "socket" and fd > 2}
 
 
+def http_get(port, path="/", seconds=15):
+    """One HTTP/1.0 request, retried until the daemon answers; the body."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
+                client.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                reply = b""
+                while chunk := client.recv(4096):
+                    reply += chunk
+            return reply.decode().split("\r\n\r\n", 1)[1]
+        except (ConnectionRefusedError, IndexError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def s6_supervised(service, env=None):
     """A real s6-supervise on service, once it has made supervise/; at the end s6-svc -xd, and it is waited for."""

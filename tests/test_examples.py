@@ -13,26 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, require, require_root, run
+from conftest import TIMEOUT, free_port, http_get, require, require_root, run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def get(port, path="/", seconds=15):
-    """One HTTP/1.0 request, retried until the daemon answers; the body."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
-                client.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-                reply = b""
-                while chunk := client.recv(4096):
-                    reply += chunk
-            return reply.decode().split("\r\n\r\n", 1)[1]
-        except (ConnectionRefusedError, IndexError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def answering_pid(body):
@@ -173,7 +156,7 @@ def test_s6_service(public_tmp, checkout_unchanged):
     try:
         assert started.wait() == 0, "s6-svwait -U did not see the service ready"
         status = run(["sh", "-c", status_command], cwd=service).stdout
-        pid = answering_pid(get(port, "/s6"))
+        pid = answering_pid(http_get(port, "/s6"))
         assert re.match(rf"up \(pid {pid}\) .*ready", status), "s6 supervises the daemon itself: it kept the run script's pid"
         assert os.stat(f"/proc/{pid}").st_uid == 65534
     finally:
@@ -208,7 +191,7 @@ def test_runit_service(public_tmp, checkout_unchanged):
     started = Started(start, service)
     try:
         assert started.wait() == 0
-        pid = answering_pid(get(port, "/runit"))
+        pid = answering_pid(http_get(port, "/runit"))
         status = run(["sh", "-c", status_command], cwd=service).stdout
         assert re.match(rf"run: \.: \(pid {pid}\)", status), status
     finally:
@@ -259,7 +242,7 @@ def test_systemd_unit_with_an_fdlaunch_chain(units):
         data, ancillary, _, _ = upstream.recvmsg(4096, socket.CMSG_SPACE(12))
         sender = int.from_bytes(ancillary[0][2][:4], "little")
         assert data.startswith(b"READY=1") and sender == main.pid
-        assert answering_pid(get(port, "/unit")) == main.pid
+        assert answering_pid(http_get(port, "/unit")) == main.pid
     finally:
         main.kill()
         main.wait()
@@ -275,7 +258,7 @@ def test_systemd_socket_unit_through_fdlaunch_fdmap(units):
     command = [activate, "-l", f"127.0.0.1:{port}", f"--fdname={name}", *exec_start(units, "hello-activated.service", port)]
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        body = get(port, "/activated")
+        body = http_get(port, "/activated")
         assert answering_pid(body) == launcher.pid
         launcher.kill()
         launcher.wait()

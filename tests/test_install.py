@@ -9,11 +9,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, free_port, missing, parse_probe, require, require_root, run
+from conftest import PROBE, TIMEOUT, free_port, http_get, missing, parse_probe, require, require_root, run
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "/usr/local"
@@ -156,23 +155,6 @@ def test_a_staged_chain_runs_as_nobody(stage):
         assert done.returncode == 0, (tool, done.stderr)
 
 
-def get(port, path, seconds=15):
-    """One HTTP/1.0 request, retried until the daemon answers; the body."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
-                client.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-                reply = b""
-                while chunk := client.recv(4096):
-                    reply += chunk
-            return reply.decode().split("\r\n\r\n", 1)[1]
-        except (ConnectionRefusedError, IndexError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def unit_fields(path):
     fields = {}
     for line in path.read_text().splitlines():
@@ -221,7 +203,7 @@ def test_shipped_unit_runs_from_the_staged_tree(stage, name):
         main = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             # a socket unit's service starts on the first connection (systemd-socket-activate waits for it)
-            body = get(port, f"/{name}")
+            body = http_get(port, f"/{name}")
             assert re.match(rf"hello from pid {main.pid} on \S+, you asked for /{re.escape(name)}\n", body), body
             if unit.get("Type") == "notify":
                 data, ancillary, _, _ = upstream.recvmsg(4096, socket.CMSG_SPACE(12))
