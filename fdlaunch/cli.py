@@ -145,10 +145,9 @@ def parse(doc, argv):
     given, _ = checked(doc, argv)
     answer_help(doc, dict(given))  # --help among other options is still help, as read() answers it
     try:
-        options = docopt(doc, argv=argv, default_help=False, options_first=True)
+        return docopt(doc, argv=argv, default_help=False, options_first=True)
     except DocoptExit:
         raise BadCall(synopsis(doc)) from None
-    return answer_help(doc, options)
 
 
 def read(doc, argv):
