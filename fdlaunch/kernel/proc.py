@@ -27,10 +27,10 @@ def lineage(pid, pidfd):
         chain.append(pid)
         if pid == 1:
             break
-        try:
-            pid = notifyproto.parent_of(read_proc(f"/proc/{pid}/stat"))
-        except (OSError, ValueError, IndexError):
+        fields = stat_fields(pid)
+        if fields is None:
             return ()  # gone, or an ancestor went away under us
+        pid = int(fields[1])
     if not chain or (pidfd is not None and pid_of(pidfd) != chain[0]):
         return ()
     return tuple(chain)

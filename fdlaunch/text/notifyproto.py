@@ -72,11 +72,6 @@ def relay_message(fields, pid):
     return "\n".join(f"{name}={text}" for name, text in kept).encode()
 
 
-def parent_of(stat_line):
-    """The ppid field of a /proc/PID/stat line (the command name may hold spaces and parens)."""
-    return int(stat_line.rsplit(")", 1)[1].split()[1])
-
-
 def check_fields(texts):
     """Command-line FIELD=VALUE words -> message bytes; raise ValueError saying which is wrong."""
     for text in texts:
