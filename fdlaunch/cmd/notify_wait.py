@@ -126,8 +126,7 @@ def watch(inbox, relays, settings, program, keep):
     """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
     isolate(keep)
     say = settings.say
-    watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say)
-    watcher.check = settings.check
+    watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
@@ -164,8 +163,7 @@ def isolate(keep):
 
 def fork_and_wait(inbox, relays, settings, path, program, environ):
     child, pidfd = spawn_passing_stops(path, program, environ)
-    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say)
-    watcher.check = settings.check
+    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)

@@ -90,13 +90,13 @@ class Program:
 class Watcher:
     """Reads the inbox for program's notifications and hands them to relays; say(kind, text) speaks for it."""
 
-    def __init__(self, inbox, program, relays, keep_relaying, say):
+    def __init__(self, inbox, program, relays, keep_relaying, say, check=None):
         self.inbox, self.program, self.relays, self.say = inbox, program, relays, say
         self.keep_relaying = keep_relaying
         self.ready = False
         self.main_pid = program.pid
         self.warn_once = once(say)
-        self.check = None  # a Check, polled alongside the inbox (--check)
+        self.check = check  # a Check, polled alongside the inbox (--check); None once given up
         self.ready_sender = None
         self.started = time.monotonic()
         self.say("info", f"watching pid {program.pid}; once it is ready: {relays.describe()}")
