@@ -7,10 +7,12 @@ a virtualenv), exec real programs and bind real sockets.
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,3 +163,63 @@ def wait_for_line(path, text, timeout=TIMEOUT):
     while text not in Path(path).read_text():
         assert time.monotonic() < deadline, f"{text!r} never said; said: {Path(path).read_text()!r}"
         time.sleep(0.02)
+
+
+class Attacker:
+    """A local user with no privilege at all, as tests/attacks use it: a real uid, never root's."""
+
+    def __init__(self, name, uid, gid, home):
+        self.name, self.uid, self.gid, self.home = name, uid, gid, Path(home)
+
+    def argv(self, argv):
+        """argv run as this user: no supplementary group, no capability, no way back (setpriv(1))."""
+        drop = [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+        return ["setpriv", *drop, "--no-new-privs", "--", *argv]
+
+    def script(self, name, text):
+        """A Python script the user can read, in its home (a checkout may be 0700); its path."""
+        path = self.home / name
+        path.write_text(text)
+        path.chmod(0o644)
+        return str(path)
+
+    def directory(self, name):
+        """A fresh directory the user owns (mode 0755), in its home: where it may plant what it likes."""
+        path = self.home / name
+        path.mkdir()
+        os.chown(path, self.uid, self.gid)
+        return path
+
+    def run(self, argv, **kwargs):
+        return run(self.argv(argv), **kwargs)
+
+    def popen(self, argv, **kwargs):
+        return subprocess.Popen(self.argv(argv), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def attacker():
+    """A throwaway unprivileged account made for this test run, and removed with all its processes afterwards.
+
+    Its home is a root-owned 0755 directory under /tmp (pytest's tmp_path is
+    0700 root, out of its reach); every test takes a directory of its own there.
+    """
+    require_root()
+    for program in ("setpriv", "useradd", "userdel", "pkill"):
+        require(program)
+    name = f"fdlatk{os.getpid()}"
+    add = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name]
+    deadline = time.monotonic() + 10
+    while (done := run(add)).returncode == 10:  # /etc/passwd locked by another run: try again
+        assert time.monotonic() < deadline, done.stderr
+        time.sleep(0.1)
+    assert done.returncode == 0, done.stderr
+    entry = pwd.getpwnam(name)
+    home = tempfile.mkdtemp(prefix="fdlaunch-attacker-")
+    try:
+        os.chmod(home, 0o755)
+        yield Attacker(name, entry.pw_uid, entry.pw_gid, home)
+    finally:
+        run(["pkill", "-KILL", "-U", str(entry.pw_uid)])
+        shutil.rmtree(home, ignore_errors=True)
+        run(["userdel", name])
