@@ -32,10 +32,18 @@ class Instance:
         self.ready = False
         self.status = None  # wait status, once reaped
         self.kill_at = None  # when it gets SIGKILL, once asked to stop
+        self.asked = None  # (signal, when) it was first asked to stop with
         self.offer = None  # the sockets it was started with (listenfrom.Offer)
 
     def send(self, number):
         proc.send_pidfd(self.pidfd, number)
+
+    def ask_to_stop(self, number, grace):
+        """Send number; SIGKILL falls due grace seconds after the first request, and no later request moves it."""
+        self.send(number)
+        if self.asked is None:
+            self.asked = (number, time.monotonic())
+            self.kill_at = time.monotonic() + grace
 
     def reap(self, wait=False):
         """Collect the exit status if it has exited (with wait, once it has); True once it has."""
@@ -43,6 +51,7 @@ class Instance:
             pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
             if pid == self.pid:
                 self.status = status
+                self.kill_at = None
                 os.close(self.pidfd)
         return self.status is not None
 
@@ -95,23 +104,21 @@ class Handoff:
         self.wakeup_read = None
 
     def run(self):
-        """Until the current instance exits; returns its wait status."""
+        """Until the serving instance has exited and no other is left; returns the serving one's wait status."""
         self.wakeup_read = proc.catch_signals((*STOPS, self.settings.reload))
         self.current = self.start(self.sockets.first())
-        while True:
+        while self.instances():
             self.wait()
             self.take_signals()
             self.take_notifications()
-            if self.current.reap():
-                return self.finish()
-            self.take_candidate_exit()
+            self.take_exits()
             self.take_deadlines()
-            self.retiring = [old for old in self.retiring if not old.reap()]
             self.release()
             settled = self.candidate is None and not self.releasing  # sockets of the last one given back
             if self.reload_pending and settled and self.current.ready and not self.stopping:
                 self.reload_pending = False
                 self.begin_handoff()
+        return self.current.status
 
     def start(self, offer):
         path = chain.find_program(self.program[0], offer.environ)
@@ -124,7 +131,7 @@ class Handoff:
         poller = select.poll()
         for fd in (self.wakeup_read, self.inbox.fileno(), *(i.pidfd for i in self.instances())):
             poller.register(fd, select.POLLIN)
-        poller.poll(proc.poll_timeout(self.candidate_deadline, *(old.kill_at for old in self.retiring)))
+        poller.poll(proc.poll_timeout(self.candidate_deadline, *(i.kill_at for i in self.instances())))
 
     def instances(self):
         return [i for i in (self.current, self.candidate, *self.retiring) if i is not None and i.status is None]
@@ -136,9 +143,14 @@ class Handoff:
                     self.say("info", "reload signal during a handoff: one more handoff follows it")
                 self.reload_pending = True
             elif number in STOPS:
-                self.stopping = True
-                for instance in self.instances():
-                    instance.send(number)
+                self.stop(number)
+
+    def stop(self, number):
+        """The service is stopping: every instance gets number, then SIGKILL once --grace has passed since the first stop."""
+        self.stopping = True
+        self.candidate_deadline = None  # a candidate is being stopped, not awaited
+        for instance in self.instances():
+            instance.ask_to_stop(number, self.settings.grace)
 
     def take_notifications(self):
         while (message := self.inbox.receive()) is not None:
@@ -146,8 +158,8 @@ class Handoff:
             if message.truncated:
                 continue
             sender = self.sender_of(message)
-            if sender is None:
-                continue  # not an instance: None would pass for "no candidate" below
+            if sender is None or self.stopping:
+                continue  # not an instance (None would pass for "no candidate" below), or nothing to hand over to
             ready = message.notice.ready
             if sender is self.candidate and ready and not self.candidate.ready:
                 self.complete_handoff()
@@ -167,21 +179,38 @@ class Handoff:
                 return instance
         return None
 
-    def take_candidate_exit(self):
-        if self.candidate is not None and self.candidate.reap():
+    def take_exits(self):
+        """Reap what has exited. The serving instance gone, the service ends: the others are stopped."""
+        if self.current.status is None and self.current.reap() and not self.stopping:
+            self.stop(self.settings.stop)
+        if self.candidate is not None and self.candidate.reap() and not self.stopping:
             self.fail_handoff(
                 f"the new instance (pid {self.candidate.pid}) {chain.describe_exit(self.candidate.status)} before it was ready"
             )
+        self.retiring = [old for old in self.retiring if not old.reap()]
 
     def take_deadlines(self):
         now = time.monotonic()
         if self.candidate is not None and self.candidate_deadline is not None and now >= self.candidate_deadline:
             self.retire(self.candidate)
             self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {self.settings.ready_timeout:g} seconds")
-        for old in self.retiring:
-            if old.kill_at is not None and now >= old.kill_at:
-                old.send(signal.SIGKILL)
-                old.kill_at = None
+        for instance in self.instances():
+            if instance.kill_at is not None and now >= instance.kill_at:
+                instance.kill_at = None
+                instance.send(signal.SIGKILL)
+                number, asked = instance.asked
+                self.say(
+                    "warning",
+                    f"pid {instance.pid} ({self.role(instance)}) was still running {now - asked:.1f} seconds after "
+                    f"{signal.Signals(number).name}; sent it SIGKILL",
+                )
+
+    def role(self, instance):
+        if instance is self.current:
+            return "the serving instance"
+        if instance is self.candidate:
+            return "the new instance"
+        return "an old instance" if instance.ready else "a new instance that failed"
 
     def begin_handoff(self):
         self.say("info", f"handing over from pid {self.current.pid}")
@@ -223,8 +252,7 @@ class Handoff:
         )
 
     def retire(self, instance):
-        instance.send(self.settings.stop)
-        instance.kill_at = time.monotonic() + self.settings.grace
+        instance.ask_to_stop(self.settings.stop, self.settings.grace)
         self.retiring.append(instance)
 
     def release(self):
@@ -243,17 +271,6 @@ class Handoff:
         if self.ready_fd is not None:
             fd, self.ready_fd = self.ready_fd, None
             readiness.tell_supervisor(fd, self.say)
-
-    def finish(self):
-        """The current instance is gone: stop the others (grace, then SIGKILL) and return its status."""
-        for instance in self.instances():
-            if instance not in self.retiring:
-                self.retire(instance)
-        left = self.instances()
-        proc.end_within([instance.pidfd for instance in left], self.settings.grace)
-        for instance in left:
-            instance.reap(wait=True)
-        return self.current.status
 
     def main_pid(self, instance):
         """The pid the supervisor should treat as the service's: the serving instance, or us (--main-pid=self)."""
