@@ -59,6 +59,11 @@ def one_line(text):
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def counted(number, noun):
+    """'1 handler', '3 handlers': a count and its noun, in the plural when it is not one."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def unable(verb_object, error):
     """The s6 grammar for a failed system call: 'unable to bind X: strerror'."""
     reason = error.strerror or str(error)

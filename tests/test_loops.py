@@ -56,7 +56,7 @@ def test_building_a_loop_changes_nothing_process_wide(tmp_path):
         overlap.Handoff(["true"], handoff, listenfrom.Handed({}), inbox, lambda message, pid: None, say)
         listenfrom.FromFile(str(tmp_path / "sockets"), {}, [], set(), True)
         server = accepting.Settings({}, None, 1, None, False, None, True, 1, None, None, None, None)
-        accepting.Server(listener, ["true"], server, say)
+        accepting.Server(listener, ["true"], server, say, say)
         forking.Keeper(forking.Settings(None, 1, 1), say, say)
         assert process_wide() == before
         assert listener.getblocking()  # the server makes it non-blocking when it runs

@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 
-from fdlaunch.errors import Fatal
+from fdlaunch.errors import Fatal, counted
 from fdlaunch.kernel import chain, fds, proc, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import rules, spec, ucspi
@@ -50,13 +50,14 @@ class Guard:
     the group SIGTERM and SIGCONT, then SIGKILL after grace seconds.
     """
 
-    def __init__(self, grace):
+    def __init__(self, grace, say):
         alive_read, alive_write = os.pipe2(os.O_CLOEXEC)
+        server = os.getpid()
         pid = os.fork()  # once per server, not per connection: see the class comment
         if pid == 0:
             try:
                 os.close(alive_write)
-                _guard(alive_read, grace)
+                _guard(alive_read, grace, server, say)
             finally:
                 os._exit(0)
         os.close(alive_read)
@@ -80,7 +81,7 @@ class Guard:
         os.close(self.pidfd)
 
 
-def _guard(alive, grace):
+def _guard(alive, grace, server, say):
     os.setpgid(0, 0)
     proc.name_self("accept (guard)")  # so that ps(1) and top(1) tell it from the server
     fds.close_all(fds.open_fds() - {2, alive})
@@ -92,11 +93,16 @@ def _guard(alive, grace):
         if proc.others_in_group(group):  # what handlers left behind still holds clients' connections
             os.killpg(group, signal.SIGKILL)
         return
+    if not proc.others_in_group(group):
+        return
+    say("warning", f"its server (pid {server}) died; stopping the handlers (SIGTERM, then SIGKILL after {grace:g} seconds)")
     for number in (signal.SIGTERM, signal.SIGCONT):
         os.killpg(group, number)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and proc.others_in_group(group):
         time.sleep(0.05)
+    if proc.others_in_group(group):
+        say("warning", f"handlers still running {grace:g} seconds after SIGTERM; sent them SIGKILL")
     os.killpg(group, signal.SIGKILL)  # and the guard with them
 
 
@@ -159,16 +165,16 @@ def host_name(ip):
 class Server:
     """Serve the listening socket until SIGTERM or SIGINT; run() returns the exit status."""
 
-    def __init__(self, listener, program, settings, say):
-        """say(kind, text): kind start and end for each handler, info, warning."""
-        self.listener, self.program, self.settings, self.say = listener, program, settings, say
+    def __init__(self, listener, program, settings, say, guard_say):
+        """say(kind, text): kind start and end for each handler, info, warning; guard_say speaks for the guard."""
+        self.listener, self.program, self.settings, self.say, self.guard_say = listener, program, settings, say, guard_say
         self.unix = listener.family == socket.AF_UNIX
         self.local_path = spec.unix_name(listener.getsockname()) if self.unix else None
         self.environ = ucspi.base_environment(settings.environ)
         self.rules = settings.rules
         self.ready_fd = settings.ready_fd  # None once told
         self.running = {}  # pidfd -> Client, once its handler runs
-        self.pending = 0  # clients accepted and waiting for --lookup
+        self.looking_up = set()  # clients accepted and waiting for --lookup
         self.per_key = {}  # remote address or uid -> handlers running for it
         self.path = None  # the program, found in PATH on first use and after an exec failure
         self.stopping = False
@@ -181,7 +187,7 @@ class Server:
 
     def start_up(self):
         """The guard, the signals, the resolver's threads: made when the server runs, not when it is built."""
-        self.guard = Guard(self.settings.grace)
+        self.guard = Guard(self.settings.grace, self.guard_say)
         self.poller.register(self.guard.pidfd, select.POLLIN)
         # A signal the server was started with ignored stays ignored; the handlers get the others at SIG_DFL.
         caught = [number for number in (*STOPS, RELOAD) if signal.getsignal(number) != signal.SIG_IGN]
@@ -199,7 +205,7 @@ class Server:
             self.start_up()
             self.listen(True)
             self.tell_ready()
-            while self.running or self.pending or not self.stopping:
+            while self.running or self.looking_up or not self.stopping:
                 self.turn()
             return 0
         finally:
@@ -218,22 +224,44 @@ class Server:
                 self.reap(self.running.pop(fd))
             elif self.resolver is not None and fd == self.resolver.wakeup:
                 for client in self.resolver.finished():
-                    self.pending -= 1
-                    self.start(client)
+                    if client in self.looking_up:  # else dropped at the end of --grace
+                        self.looking_up.remove(client)
+                        self.start(client)
             elif fd == self.listener.fileno() and self.listening:
                 self.accept_some()
         now = time.monotonic()
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
-            for handler in self.running.values():
-                self.say("info", f"killing pid {handler.pid} for {ucspi.describe(handler.peer)}: still running after --grace")
-                proc.send_pidfd(handler.pidfd, signal.SIGKILL)
+            self.kill_stragglers()
         if self.paused_until is not None and now >= self.paused_until:
             self.paused_until = None
         self.listen(not self.stopping and self.paused_until is None and self.busy() < self.settings.max)
 
+    def kill_stragglers(self):
+        """--grace is over: SIGKILL to every handler still running, said in one line; clients still waiting for --lookup are closed."""
+        for client in self.looking_up:
+            client.connection.close()
+            self.release(client.key)
+        if self.looking_up:
+            self.say(
+                "warning",
+                f"closed {counted(len(self.looking_up), 'client')} still waiting for --lookup after {self.settings.grace:g} seconds",
+            )
+            self.looking_up.clear()
+        if not self.running:
+            return
+        for handler in self.running.values():
+            proc.send_pidfd(handler.pidfd, signal.SIGKILL)
+        pids = ", ".join(str(handler.pid) for handler in self.running.values())
+        them, label = ("it", "pid") if len(self.running) == 1 else ("them", "pids")
+        handlers = counted(len(self.running), "handler")
+        self.say(
+            "warning",
+            f"{handlers} still running {self.settings.grace:g} seconds after the stop signal; sent {them} SIGKILL ({label} {pids})",
+        )
+
     def busy(self):
-        return len(self.running) + self.pending
+        return len(self.running) + len(self.looking_up)
 
     def timeout(self):
         return proc.poll_timeout(self.kill_at, self.paused_until)
@@ -270,7 +298,7 @@ class Server:
         if client is None:
             connection.close()
         elif self.resolver is not None:
-            self.pending += 1
+            self.looking_up.add(client)
             self.resolver.submit(client)
         else:
             self.start(client)
@@ -383,7 +411,8 @@ class Server:
         self.listen(False)
         self.listener.close()
         self.kill_at = time.monotonic() + self.settings.grace
-        self.say("info", f"{signal.Signals(number).name}: no new connections; waiting for {len(self.running)} handler(s)")
+        waiting = f"waiting up to {self.settings.grace:g} seconds for {counted(len(self.running), 'handler')}"
+        self.say("info", f"{signal.Signals(number).name}: no new connections; {waiting}")
         self.notify(b"STOPPING=1")
 
     def reload(self):
