@@ -17,8 +17,9 @@ Options:
   --forward          Once the daemon is up, send READY=1 with MAINPID= its pid
                      to the NOTIFY_SOCKET this was started with.
   --timeout=SECONDS  How long PROG may take to leave a daemon [default: 60].
-  --grace=SECONDS    Once the daemon has exited, how long what it left may
-                     take to stop before SIGKILL [default: 5].
+  --grace=SECONDS    How long the daemon may take to exit after a stop
+                     signal, and what it left to stop after it exited,
+                     before SIGKILL [default: 10].
   -v, --verbose      Say on stderr which pid is the daemon, and how it ended.
   -h, --help         Print this help.
   --version          Print the version.

@@ -10,6 +10,7 @@ wakeup pipe, SIGCHLD included), a pidfd, a deadline.
 """
 
 import array
+import math
 import os
 import select
 import signal
@@ -152,18 +153,33 @@ class Keeper:
         return found
 
     def supervise(self):
-        """Until the daemon exits: pass it the signals we get; then stop what is left. Its wait status."""
+        """Until the daemon exits: pass it the signals we get; then stop what is left. Its wait status.
+
+        A stop signal passed on gives it --grace seconds, then SIGKILL: a
+        supervisor that never escalates (s6, runit) must still see the stop end.
+        """
         for number in self.pending:
             self.send_main(number)
+        asked = kill_at = None
         while self.main not in self.statuses:
             # Wakes every GUARD_ROUND seconds too: a process the daemon double-forks later
             # is re-parented to us without a word, and the guard must hold it as well.
-            events = self.wait([self.main_pidfd], time.monotonic() + GUARD_ROUND)
+            events = self.wait([self.main_pidfd], min(time.monotonic() + GUARD_ROUND, kill_at or math.inf))
             for number in self.signals():
                 self.send_main(number)
+                if number in STOPS and asked is None:
+                    asked, kill_at = number, time.monotonic() + self.settings.grace
             self.reap()
             if self.main_pidfd in events and self.main not in self.statuses and self.reap_one(self.main) is None:
                 break  # not our child when it died: its own parent had its status
+            if kill_at is not None and time.monotonic() >= kill_at and self.main not in self.statuses:
+                kill_at = None
+                self.send_main(signal.SIGKILL)
+                name = signal.Signals(asked).name
+                self.say(
+                    "warning",
+                    f"the daemon (pid {self.main}) was still running {self.settings.grace:g} seconds after {name}; sent it SIGKILL",
+                )
             self.guard.hand(self.below())
         self.stop_all()
         self.stop_guard()
@@ -207,6 +223,8 @@ class Keeper:
                 if killed:
                     self.say("warning", f"pids {', '.join(map(str, below))} survived SIGKILL; leaving them")
                     return
+                pids = ", ".join(map(str, below))
+                self.say("warning", f"pids {pids} still running {self.settings.grace:g} seconds after SIGTERM; sent them SIGKILL")
                 for pid in below:
                     proc.send(pid, signal.SIGKILL)
                 killed, deadline = True, time.monotonic() + 5
