@@ -14,6 +14,8 @@ Options:
   --forward          Relay every notification to the NOTIFY_SOCKET this was
                      started with, READY=1 with MAINPID.
   --command=CMD      Once ready, run CMD with /bin/sh, its output to stderr.
+  --command-timeout=SECS  With --command, stop a run that takes longer
+                     (default 60).
   --stop             Once ready, stop PROG with SIGSTOP (upstart).
   --timeout=SECONDS  Say so if PROG is not ready in time.
   --kill             With --timeout, then send PROG SIGTERM.
@@ -49,12 +51,12 @@ PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of fdlaunch(7), EXIT STATUS
 EXITED_BEFORE_READY = 1
 NOT_READY_IN_TIME = 2
-GRACE_SECONDS = 5  # after SIGTERM at --timeout in --fork mode, before SIGKILL
 
 # fd: the s6 notification fd, or None; upstream: the NOTIFY_SOCKET to
 # forward to, or None; timeout: seconds, or None; kill: --kill; say: speaks
-# for the watcher; check: a readiness.Check, or None.
-Settings = namedtuple("Settings", "fd upstream timeout kill say check")
+# for the watcher; check: a readiness.Check, or None; command: a
+# readiness.Command, or None.
+Settings = namedtuple("Settings", "fd upstream timeout kill say check command")
 
 
 @tool(PROG)
@@ -66,7 +68,7 @@ def main(argv, environ):
     settings = read_settings(options, environ, say)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
-    relays = readiness.Relays(settings.fd, settings.upstream, options["--command"], options["--stop"], environ)
+    relays = readiness.Relays(settings.fd, settings.upstream, settings.command, options["--stop"], environ)
     environ = {**environ, "NOTIFY_SOCKET": inbox.path}  # PROG's; --command keeps the caller's (issue 9)
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
@@ -84,7 +86,17 @@ def read_settings(options, environ, say):
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
     check = read_check(options, environ, say)
-    return Settings(fd, upstream, timeout, options["--kill"], say, check)
+    return Settings(fd, upstream, timeout, options["--kill"], say, check, read_command(options))
+
+
+def read_command(options):
+    """--command, and how long a run of it may take."""
+    if options["--command"] is None:
+        if options["--command-timeout"] is not None:
+            raise UsageError("--command-timeout goes with --command")
+        return None
+    seconds = cli.seconds("--command-timeout", options["--command-timeout"] or str(readiness.COMMAND_SECONDS))
+    return readiness.Command(options["--command"], seconds)
 
 
 def read_check(options, environ, say):
@@ -133,21 +145,33 @@ def watch(inbox, relays, settings, program, keep):
         if outcome == readiness.GAVE_UP:
             watcher.check = None  # a READY=1 from PROG still counts
             if settings.kill:
-                say("warning", f"pid {program.pid} is not ready; sending it SIGTERM")
-                signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
+                stop_watched(watcher, f"pid {program.pid} is not ready")
+                return 0
             outcome = watcher.run(deadline)
         if outcome == readiness.READY and not watcher.keep_relaying:
             watcher.linger()
         if outcome == readiness.LATE:
-            kill = "; sending it SIGTERM" if settings.kill else ""
-            say("warning", f"pid {program.pid} was not ready after {settings.timeout:g} seconds{kill}")
+            late = f"pid {program.pid} was not ready after {settings.timeout:g} seconds"
             if settings.kill:
-                signal.pidfd_send_signal(program.pidfd, signal.SIGTERM)
-            watcher.run()
+                stop_watched(watcher, late)
+            else:
+                say("warning", late)
+                watcher.run()
     finally:
         stop_check(settings)
         inbox.close()
     return 0
+
+
+def stop_watched(watcher, why):
+    """--kill in chain mode: SIGTERM, GRACE_SECONDS to exit (relaying meanwhile), then SIGKILL; each step said."""
+    program, say = watcher.program, watcher.say
+    say("warning", f"{why}; sending it SIGTERM")
+    proc.send_pidfd(program.pidfd, signal.SIGTERM)
+    if watcher.run(time.monotonic() + readiness.GRACE_SECONDS) == readiness.LATE:
+        say("warning", f"pid {program.pid} was still running {readiness.GRACE_SECONDS} seconds after SIGTERM; sent it SIGKILL")
+        proc.send_pidfd(program.pidfd, signal.SIGKILL)
+        watcher.run()
 
 
 def stop_check(settings):
@@ -162,40 +186,38 @@ def isolate(keep):
 
 
 def fork_and_wait(inbox, relays, settings, path, program, environ):
-    child, pidfd = spawn_passing_stops(path, program, environ)
-    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check)
+    child, pidfd, stops = spawn_catching_stops(path, program, environ)
+    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check, stops)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
         if outcome == readiness.READY:
             tell_pid(watcher.main_pid, child, pidfd)
             watcher.linger()
+            pass_stops(stops, pidfd)  # a stop that came after READY=1 is still PROG's
             return 0
     finally:
         stop_check(settings)
         inbox.close()
-    if outcome == readiness.GAVE_UP:
+    name = f"{program[0]} (pid {child})"
+    if outcome == readiness.STOPPED:
+        asked = pass_stops(stops, pidfd)
+        status, killed = reap(child, pidfd, asked)
+        raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready{killed}", EXITED_BEFORE_READY)
+    if outcome in (readiness.GAVE_UP, readiness.LATE):
+        why = "not ready: its check gave up" if outcome == readiness.GAVE_UP else f"not ready after {settings.timeout:g} seconds"
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        status = reap(child, pidfd, GRACE_SECONDS)
-        raise Fatal(
-            f"{program[0]} (pid {child}) was not ready: its check gave up; stopped it: {chain.describe_exit(status)}", NOT_READY_IN_TIME
-        )
-    if outcome == readiness.LATE:
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        status = reap(child, pidfd, GRACE_SECONDS)
-        raise Fatal(
-            f"{program[0]} (pid {child}) was not ready after {settings.timeout:g} seconds; stopped it: {chain.describe_exit(status)}",
-            NOT_READY_IN_TIME,
-        )
-    status = reap(child, pidfd, None)
-    raise Fatal(f"{program[0]} (pid {child}) {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
+        status, killed = reap(child, pidfd, signal.SIGTERM)
+        raise Fatal(f"{name} was {why}; stopped it: {chain.describe_exit(status)}{killed}", NOT_READY_IN_TIME)
+    status, _ = reap(child, pidfd, None)
+    raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
 
 
-def spawn_passing_stops(path, program, environ):
-    """Start PROG as a child, SIGINT and SIGTERM passed to it from the moment it exists; (pid, pidfd).
+def spawn_catching_stops(path, program, environ):
+    """Start PROG as a child; SIGINT and SIGTERM, from the moment it exists, go to a wakeup pipe. (pid, pidfd, pipe).
 
-    They stay blocked until the handler that passes them is in place: one
-    that came while PROG was being exec'd would have killed us and left it.
+    They stay blocked until the pipe is in place: one that came while PROG
+    was being exec'd would have killed us and left it.
     """
     stops = (signal.SIGINT, signal.SIGTERM)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
@@ -209,11 +231,18 @@ def spawn_passing_stops(path, program, environ):
     try:
         child = chain.spawn(path, program, environ, setup=setup, become=lambda step: cli.become(PROG, step))
         pidfd = os.pidfd_open(child)
-        for number in stops:
-            signal.signal(number, lambda number, frame: signal.pidfd_send_signal(pidfd, number))
+        caught = proc.catch_signals([number for number in stops if signal.getsignal(number) is not signal.SIG_IGN])
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    return child, pidfd
+    return child, pidfd, caught
+
+
+def pass_stops(stops, pidfd):
+    """Pass PROG the stop signals we caught; the first of them, or None."""
+    caught = proc.caught_signals(stops)
+    for number in caught:
+        proc.send_pidfd(pidfd, number)
+    return caught[0] if caught else None
 
 
 def tell_pid(pid, child, pidfd):
@@ -222,16 +251,20 @@ def tell_pid(pid, child, pidfd):
         os.write(1, f"{pid}\n".encode())
     except OSError as error:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        reap(child, pidfd, GRACE_SECONDS)
+        reap(child, pidfd, signal.SIGTERM)
         raise unable(f"write pid {pid} on stdout (so stopped it)", error) from None
 
 
-def reap(child, pidfd, grace):
-    """Wait for the child; after grace seconds, SIGKILL it. Returns its wait status."""
-    if grace is not None:
-        proc.end_within([pidfd], grace)
+def reap(child, pidfd, asked):
+    """Wait for the child, GRACE_SECONDS once it was asked to stop with signal asked (else as long as it runs), then SIGKILL.
+
+    (its wait status, '' or the words that say it had to be SIGKILLed).
+    """
+    killed = ""
+    if asked is not None and proc.end_within([pidfd], readiness.GRACE_SECONDS):
+        killed = f" (still running {readiness.GRACE_SECONDS} seconds after {signal.Signals(asked).name}, so sent it SIGKILL)"
     while True:
         try:
-            return os.waitpid(child, 0)[1]
+            return os.waitpid(child, 0)[1], killed
         except InterruptedError:
             continue

@@ -9,13 +9,21 @@ import os
 import select
 import signal
 import time
+from collections import namedtuple
 
 from fdlaunch.errors import Fatal, unable
 from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
-READY, EXITED, LATE, GAVE_UP = "ready", "exited", "late", "gave up"
+READY, EXITED, LATE, GAVE_UP, STOPPED = "ready", "exited", "late", "gave up", "stopped"
 LINGER_SECONDS = 0.1
+# What a process asked to stop (PROG at --kill, a --command run) gets before SIGKILL.
+GRACE_SECONDS = 5
+# How long --command may run by default: as systemd bounds ExecStartPost= by its start timeout, it is bounded.
+COMMAND_SECONDS = 60
+
+# --command: what to run once ready, and how long a run may take before it is stopped.
+Command = namedtuple("Command", "text seconds")
 # What a check must not be handed: the program's notify socket and sockets are not its own.
 NOT_FOR_CHECKS = ("NOTIFY_SOCKET", *listenenv.VARIABLES)
 # /bin/sh's statuses for a command it could not run (POSIX 2.8.2): retrying cannot help.
@@ -40,7 +48,7 @@ class Relays:
     def describe(self):
         where = [f"a newline on fd {self.fd}"] if self.fd is not None else []
         where += [f"READY=1 to {self.upstream!r}"] if self.upstream else []
-        where += [f"run {self.command!r}"] if self.command else []
+        where += [f"run {self.command.text!r}"] if self.command else []
         where += ["SIGSTOP"] if self.stop else []
         return ", ".join(where) or "no relay (no --fd, --forward, --command or --stop)"
 
@@ -54,13 +62,24 @@ class Relays:
             failed += tried(sdnotify.tell_s6, fd)
         failed += tried(self.relay, fields, main_pid)
         if self.command:
-            self.run_command(main_pid)
+            failed += tried(self.run_command, main_pid)
         if failed:
             raise failed[0]
 
     def run_command(self, main_pid):
-        """CMD under /bin/sh, waited for."""
-        os.waitpid(shell(self.command, self.environ, main_pid), 0)
+        """CMD under /bin/sh in a session of its own, waited for; one that runs too long is stopped, and Fatal says so."""
+        command = self.command
+        pid = shell(command.text, self.environ, main_pid, setsid=True)
+        pidfd = os.pidfd_open(pid)
+        try:
+            if proc.running([pidfd], time.monotonic() + command.seconds):
+                os.killpg(pid, signal.SIGTERM)  # the shell, still unreaped, pins its group id
+                killed = ", then SIGKILL" if proc.end_within([pidfd], GRACE_SECONDS) else ""
+                os.killpg(pid, signal.SIGKILL)  # and whatever it left in its session
+                raise Fatal(f"the command {command.text!r} was still running after {command.seconds:g} seconds; sent it SIGTERM{killed}")
+        finally:
+            os.waitpid(pid, 0)
+            os.close(pidfd)
 
     def relay(self, fields, main_pid, fds=()):
         """Pass fields upstream, sent as main_pid: one the watcher checked is the program or below it, or None."""
@@ -90,8 +109,9 @@ class Program:
 class Watcher:
     """Reads the inbox for program's notifications and hands them to relays; say(kind, text) speaks for it."""
 
-    def __init__(self, inbox, program, relays, keep_relaying, say, check=None):
-        self.inbox, self.program, self.relays, self.say = inbox, program, relays, say
+    def __init__(self, inbox, program, relays, keep_relaying, say, check=None, stops=None):
+        """stops: the read end of a wakeup pipe (proc.catch_signals); a signal there ends run() with STOPPED."""
+        self.inbox, self.program, self.relays, self.say, self.stops = inbox, program, relays, say, stops
         self.keep_relaying = keep_relaying
         self.ready = False
         self.main_pid = program.pid
@@ -102,12 +122,14 @@ class Watcher:
         self.say("info", f"watching pid {program.pid}; once it is ready: {relays.describe()}")
 
     def run(self, deadline=None):
-        """Until ready (and, with keep_relaying, until the program is gone), gone, or deadline passes."""
+        """Until ready (and, with keep_relaying, until the program is gone), gone, stopped, or deadline passes."""
         while True:
             poller = select.poll()
-            for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds()):
+            for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds(), *([self.stops] if self.stops is not None else [])):
                 poller.register(fd, select.POLLIN)
             events = dict(poller.poll(proc.poll_timeout(deadline, self.check_due())))
+            if self.stops in events:
+                return STOPPED
             self.drain()  # before looking at an exit: a last datagram may be queued
             self.take_check()
             if self.ready and not self.keep_relaying:
