@@ -41,6 +41,33 @@ def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.sock
     return found
 
 
+def listen_fds(unset_environment: bool = True) -> dict[str, list[int]]:
+    """Every descriptor passed to this process, by label, as numbers: {'http': [3], 'state': [5]}.
+
+    What listen_sockets() reads, for a program that is also handed
+    descriptors that are not sockets: those it stored with
+    notify('FDSTORE=1', fds=...) come back under their FDNAME (a memfd, a
+    pipe). The descriptors are made close-on-exec, and the variables are
+    removed from os.environ unless unset_environment is False. Raises
+    ValueError naming a malformed variable, or a descriptor that is not open;
+    then nothing is changed.
+    """
+    passed = listenenv.inherited(os.environ, os.getpid(), fds.limit())
+    for p in passed:
+        try:
+            os.fstat(p.fd)
+        except OSError as error:
+            raise UsageError(f"LISTEN_FDS/LISTEN_FD_MAP: fd {p.fd} ({p.label}) is not open: {error.strerror}") from None
+    found: dict[str, list[int]] = {}
+    for p in passed:
+        os.set_inheritable(p.fd, False)
+        found.setdefault(p.label, []).append(p.fd)
+    if unset_environment:
+        for name in listenenv.VARIABLES:
+            os.environ.pop(name, None)
+    return found
+
+
 def _socket_at(fd, label):
     try:
         sock = socket.socket(fileno=fd)
@@ -49,7 +76,7 @@ def _socket_at(fd, label):
     return sock
 
 
-def notify(*lines, pid=None, environ=None, wait=False):
+def notify(*lines, pid=None, environ=None, wait=False, fds=()):
     """Send lines such as 'READY=1' or 'STATUS=loading' to $NOTIFY_SOCKET, as sd_notify(3).
 
     Returns False when NOTIFY_SOCKET is unset (nobody listens: not an error),
@@ -59,8 +86,10 @@ def notify(*lines, pid=None, environ=None, wait=False):
     adds MAINPID=pid; wait=True also waits (5 s at most) for the receiver to
     handle it, as systemd-notify does by default: a process that exits right
     after must, for a receiver that checks who sent it (fdlaunch-notify-wait)
-    to find it still there.
+    to find it still there. fds are descriptors sent along, as
+    sd_pid_notify_with_fds(3) sends them: with 'FDSTORE=1' and 'FDNAME=NAME',
+    for the supervisor to keep and hand to the next instance.
     """
     environ = os.environ if environ is None else environ
-    _, confirmed = sdnotify.notify(lines, environ.get("NOTIFY_SOCKET"), pid, 5 if wait else 0)
+    _, confirmed = sdnotify.notify(lines, environ.get("NOTIFY_SOCKET"), pid, 5 if wait else 0, fds)
     return confirmed is not None

@@ -63,11 +63,11 @@ def send(data, notify_socket, pid=None, fds=()):
         sock.sendmsg([data], ancillary, 0, target)
 
 
-def notify(lines, notify_socket, pid=None, wait=0):
+def notify(lines, notify_socket, pid=None, wait=0, fds=()):
     """The one sender of sd_notify(3) messages, for fdlaunch.notify() and fdlaunch-notify.
 
     lines: 'FIELD=VALUE' texts; with pid, also MAINPID=pid, sent on pid's
-    behalf. They are checked first, even when nobody listens, so a bad line
+    behalf; fds go with them (SCM_RIGHTS), for FDSTORE=1. They are checked first, even when nobody listens, so a bad line
     shows without a supervisor too (ValueError). Returns the bytes sent and
     whether the receiver confirmed them within wait seconds (BARRIER=1; no
     wait: True), or (data, None) when notify_socket is empty: nobody to tell.
@@ -76,7 +76,7 @@ def notify(lines, notify_socket, pid=None, wait=0):
     data = notifyproto.check_fields([*lines, *([f"MAINPID={pid}"] if pid is not None else [])])
     if not notify_socket:
         return data, None
-    send(data, notify_socket, pid=pid)
+    send(data, notify_socket, pid=pid, fds=fds)
     return data, barrier(notify_socket, wait) if wait else True
 
 
