@@ -158,9 +158,10 @@ def unread_fd3_started(argv, stderr_path):
         os.close(write_end)
 
 
-def wait_for_line(path, text, timeout=TIMEOUT):
+def wait_for_line(path, text, count=1, timeout=TIMEOUT):
+    """Until the file at path holds text count times, or a failure at timeout."""
     deadline = time.monotonic() + timeout
-    while text not in Path(path).read_text():
+    while Path(path).read_text().count(text) < count:
         assert time.monotonic() < deadline, f"{text!r} never said; said: {Path(path).read_text()!r}"
         time.sleep(0.02)
 

@@ -33,9 +33,13 @@ class Upstream:
 
     def wait_ready(self):
         """The next READY=1, skipping RELOADING and STATUS-only messages; its fields."""
+        return self.wait_for("READY")
+
+    def wait_for(self, field):
+        """The next message with field=1, skipping the others (a STATUS= the serving instance relays); its fields."""
         while True:
             fields = self.next_message()
-            if fields.get("READY") == "1":
+            if fields.get(field) == "1":
                 return fields
 
 
@@ -44,7 +48,9 @@ class Handoff:
 
     def __init__(self, tmp_path, spec, program, options=(), env=()):
         self.upstream = Upstream(tmp_path)
-        argv = ["fdlaunch-listen", spec, "--", "fdlaunch-handoff", "-v", *options, "--", *program]
+        # The tests follow instances by the MAINPID each READY=1 names.
+        main_pid = [] if any(o.startswith("--main-pid") for o in options) else ["--main-pid=instance"]
+        argv = ["fdlaunch-listen", spec, "--", "fdlaunch-handoff", "-v", *main_pid, *options, "--", *program]
         self.process = subprocess.Popen(
             argv, env={**os.environ, "NOTIFY_SOCKET": self.upstream.path, **dict(env)}, stderr=(tmp_path / "stderr").open("w"), text=True
         )
@@ -66,15 +72,15 @@ class Handoff:
 class HttpLoad:
     """Requests in a loop, each on a new connection, until stopped: the pids that answered, the failures."""
 
-    def __init__(self, port):
-        self.port, self.pids, self.failures, self.running = port, [], [], True
+    def __init__(self, port, timeout=5):
+        self.port, self.timeout, self.pids, self.failures, self.running = port, timeout, [], [], True
         self.thread = threading.Thread(target=self.loop, daemon=True)
         self.thread.start()
 
     def loop(self):
         while self.running:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as client:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as client:
                     client.sendall(b"GET /load HTTP/1.0\r\n\r\n")
                     reply = b""
                     while chunk := client.recv(4096):
@@ -123,8 +129,8 @@ def test_reload_messages_go_upward(http):
     handoff, _ = http
     handoff.upstream.wait_ready()
     handoff.reload()
-    reloading = handoff.upstream.next_message()
-    assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+    reloading = handoff.upstream.wait_for("RELOADING")
+    assert int(reloading["MONOTONIC_USEC"]) > 0
     assert handoff.upstream.wait_ready()["READY"] == "1"
     said = handoff.stderr.read_text()  # -v, without --listen-from: every instance gets the same sockets
     assert "fdlaunch-handoff: info: handing over from pid" in said and "the new instance gets" not in said

@@ -22,7 +22,8 @@ class ListenFrom:
         self.write(lines)
         self.upstream = Upstream(directory)
         self.stderr = directory / "stderr"
-        argv = [*head, "fdlaunch-handoff", *options, f"--listen-from={self.file}", "--", *program]
+        # The tests follow instances by the MAINPID each READY=1 names.
+        argv = [*head, "fdlaunch-handoff", "--main-pid=instance", *options, f"--listen-from={self.file}", "--", *program]
         environ = {**os.environ, "NOTIFY_SOCKET": self.upstream.path}
         self.process = subprocess.Popen(argv, env=environ, stderr=self.stderr.open("w"))
 

@@ -52,7 +52,7 @@ def test_building_a_loop_changes_nothing_process_wide(tmp_path):
         relays = readiness.Relays()
         readiness.Watcher(inbox, program, relays, False, say)
         readiness.Check("true", 1, 1, 0, {}, say)
-        handoff = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, None, False)
+        handoff = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, None, False, False, 0, None, None)
         overlap.Handoff(["true"], handoff, listenfrom.Handed({}), inbox, lambda message, pid: None, say)
         listenfrom.FromFile(str(tmp_path / "sockets"), {}, [], set(), True)
         server = accepting.Settings({}, None, 1, None, False, None, True, 1, None, None, None, None)
@@ -84,14 +84,14 @@ def test_handoff_settings_stay_as_built():
     instance = overlap.Instance(child.pid)
     told = []
     try:
-        settings = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, write_end, False)
+        settings = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, write_end, False, False, 0, None, None)
         with pytest.raises(AttributeError):
             settings.ready_fd = None
         handoff = overlap.Handoff(["sleep"], settings, listenfrom.Handed({}), None, lambda message, pid: told.append((message, pid)), None)
         handoff.current = instance
         instance.offer = listenfrom.Handed({}).offer()
-        handoff.tell_ready_first()
-        handoff.tell_ready_first()  # a second READY=1 writes nothing more to the closed fd
+        handoff.tell_ready(instance)
+        handoff.tell_ready(instance)  # a second READY=1 writes nothing more to the closed fd
         assert os.read(read_end, 16) == b"\n"
         assert handoff.settings == settings and settings.ready_fd == write_end
         assert [pid for _, pid in told] == [child.pid, child.pid]

@@ -25,8 +25,14 @@ Options:
                         before SIGKILL [default: 10].
   --fd=N                Once the first instance is ready, write a newline
                         to fd N (3 or more) and close it (s6).
-  --main-pid=WHO        The MAINPID= told upward: 'instance' (the serving
-                        one) or 'self' [default: instance].
+  --respawn             Replace a serving instance that exits unasked, on
+                        the same sockets; give up after 5 exits in 10 s.
+  --watchdog=SECS       Once ready, an instance that goes this long without
+                        WATCHDOG=1 gets SIGABRT, then SIGKILL.
+  --fdstore-max=N       Keep up to N descriptors that instances store with
+                        FDSTORE=1, for the instances after them [default: 0].
+  --main-pid=WHO        The MAINPID= told upward: 'self' or 'instance' (the
+                        serving one) [default: self].
   -v, --verbose         Say on stderr what happens.
   -h, --help            Print this help.
   --version             Print the version.
@@ -44,6 +50,7 @@ from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-handoff"
+FDSTORE_CEILING = 4096
 
 
 @tool(PROG)
@@ -82,11 +89,32 @@ def read_settings(options, environ):
         raise UsageError(f"--main-pid={options['--main-pid']!r} is not 'instance' or 'self'")
     if reload in overlap.STOPS + (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
         raise UsageError(f"--signal={options['--signal']}: that signal stops fdlaunch-handoff or cannot be caught; use HUP, USR1 or USR2")
+    watchdog = None if options["--watchdog"] is None else cli.seconds("--watchdog", options["--watchdog"])
+    relay = relayed_watchdog(environ)
+    if relay is not None and watchdog is not None:
+        warn(PROG, "info", "--watchdog: our supervisor's watchdog (WATCHDOG_USEC) is relayed instead; there is one watchdog")
+        watchdog = None
+    fdstore_max = options["--fdstore-max"]
+    if not (is_decimal(fdstore_max) and int(fdstore_max) <= FDSTORE_CEILING):
+        raise UsageError(f"--fdstore-max={fdstore_max!r} is not a number of descriptors from 0 to {FDSTORE_CEILING}")
     ready_fd = None
     if options["--fd"] is not None:
         ready_fd = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
         os.set_inheritable(ready_fd, False)  # the instances must not hold it
-    return overlap.Settings(reload, stop, ready_timeout, grace, ready_fd, options["--main-pid"] == "self")
+    main_pid_self = options["--main-pid"] == "self"
+    return overlap.Settings(
+        reload, stop, ready_timeout, grace, ready_fd, main_pid_self, options["--respawn"], int(fdstore_max), watchdog, relay
+    )
+
+
+def relayed_watchdog(environ):
+    """Our supervisor's WATCHDOG_USEC when it watches us (WATCHDOG_PID ours, or unset), else None; 100 for a bad value."""
+    usec = environ.get("WATCHDOG_USEC")
+    if usec is None or environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return None
+    if not (is_decimal(usec) and len(usec) <= 16 and int(usec) > 0):
+        raise UsageError(f"WATCHDOG_USEC={usec!r} is not a number of microseconds")
+    return usec
 
 
 def signal_number(option, text):

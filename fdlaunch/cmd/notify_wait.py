@@ -19,6 +19,8 @@ Options:
   --stop             Once ready, stop PROG with SIGSTOP (upstart).
   --timeout=SECONDS  Say so if PROG is not ready in time.
   --kill             With --timeout, then send PROG SIGTERM.
+  --watchdog=SECS    Once ready, PROG must send WATCHDOG=1 at least this
+                     often, or it gets SIGABRT, then SIGKILL.
   --fork             Start PROG as a child, wait until it is ready, print
                      its pid, exit.
   --check=CMD        PROG is also ready once CMD, run with /bin/sh, exits 0;
@@ -55,8 +57,9 @@ NOT_READY_IN_TIME = 2
 # fd: the s6 notification fd, or None; upstream: the NOTIFY_SOCKET to
 # forward to, or None; timeout: seconds, or None; kill: --kill; say: speaks
 # for the watcher; check: a readiness.Check, or None; command: a
-# readiness.Command, or None.
-Settings = namedtuple("Settings", "fd upstream timeout kill say check command")
+# readiness.Command, or None; watchdog: seconds between PROG's WATCHDOG=1
+# that we enforce, or None.
+Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog")
 
 
 @tool(PROG)
@@ -69,7 +72,8 @@ def main(argv, environ):
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings.fd, settings.upstream, settings.command, options["--stop"], environ)
-    environ = {**environ, "NOTIFY_SOCKET": inbox.path}  # PROG's; --command keeps the caller's (issue 9)
+    # PROG's; --command keeps the caller's
+    environ = {**environ, **watchdog_environment(settings.watchdog), "NOTIFY_SOCKET": inbox.path}
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
     start_watcher(inbox, relays, settings)
@@ -86,7 +90,31 @@ def read_settings(options, environ, say):
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
     check = read_check(options, environ, say)
-    return Settings(fd, upstream, timeout, options["--kill"], say, check, read_command(options))
+    watchdog = read_watchdog(options, environ, say)
+    return Settings(fd, upstream, timeout, options["--kill"], say, check, read_command(options), watchdog)
+
+
+def read_watchdog(options, environ, say):
+    """--watchdog's seconds, or None: also when our own supervisor watches us (WATCHDOG_USEC), whose pings --forward relays."""
+    watched = "WATCHDOG_USEC" in environ and environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+    if watched and not options["--forward"]:
+        say("warning", "WATCHDOG_USEC is set: without --forward the program's WATCHDOG=1 never reaches the supervisor")
+    if options["--watchdog"] is None:
+        return None
+    if options["--fork"]:
+        raise UsageError("--watchdog needs a watcher that stays with PROG: not with --fork, which leaves once PROG is ready")
+    seconds = cli.seconds("--watchdog", options["--watchdog"])
+    if watched and options["--forward"]:
+        say("info", "--watchdog: our supervisor's watchdog (WATCHDOG_USEC) is relayed instead; there is one watchdog")
+        return None
+    return seconds
+
+
+def watchdog_environment(seconds):
+    """What PROG reads to ping our watchdog (sd_watchdog_enabled(3)): it keeps our pid in chain mode."""
+    if seconds is None:
+        return {}
+    return {"WATCHDOG_USEC": str(int(seconds * 1e6)), "WATCHDOG_PID": str(os.getpid())}
 
 
 def read_command(options):
@@ -135,43 +163,57 @@ def start_watcher(inbox, relays, settings):
 
 
 def watch(inbox, relays, settings, program, keep):
-    """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
+    """The detached watcher: until PROG is ready (and gone, with --forward or --watchdog). Its exit status is unused."""
     isolate(keep)
     say = settings.say
-    watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check)
+    watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check, watchdog=settings.watchdog)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
         if outcome == readiness.GAVE_UP:
             watcher.check = None  # a READY=1 from PROG still counts
             if settings.kill:
-                stop_watched(watcher, f"pid {program.pid} is not ready")
+                stop_watched(watcher, f"pid {program.pid} is not ready", signal.SIGTERM)
                 return 0
             outcome = watcher.run(deadline)
+        if outcome == readiness.LATE:
+            late = f"pid {program.pid} was not ready after {waited(watcher, settings)}"
+            if settings.kill:
+                stop_watched(watcher, late, signal.SIGTERM)
+                return 0
+            say("warning", late)
+            outcome = watcher.run()
         if outcome == readiness.READY and not watcher.keep_relaying:
             watcher.linger()
-        if outcome == readiness.LATE:
-            late = f"pid {program.pid} was not ready after {settings.timeout:g} seconds"
-            if settings.kill:
-                stop_watched(watcher, late)
-            else:
-                say("warning", late)
-                watcher.run()
+        if outcome == readiness.WATCHDOG:
+            stop_watched(watcher, f"pid {program.pid} {watcher.barked}", signal.SIGABRT)
     finally:
         stop_check(settings)
         inbox.close()
     return 0
 
 
-def stop_watched(watcher, why):
-    """--kill in chain mode: SIGTERM, GRACE_SECONDS to exit (relaying meanwhile), then SIGKILL; each step said."""
+def waited(watcher, settings):
+    """How long PROG was given to be ready, in words."""
+    if watcher.extended:
+        return f"{time.monotonic() - watcher.started:.1f} seconds (its EXTEND_TIMEOUT_USEC included)"
+    return f"{settings.timeout:g} seconds"
+
+
+def stop_watched(watcher, why, number):
+    """Chain mode: PROG gets number, then SIGKILL after GRACE_SECONDS (relaying meanwhile); each step said.
+
+    SIGTERM for --kill; SIGABRT for the watchdog, for a core the admin can read.
+    Its supervisor, PROG's parent, restarts it.
+    """
     program, say = watcher.program, watcher.say
-    say("warning", f"{why}; sending it SIGTERM")
-    proc.send_pidfd(program.pidfd, signal.SIGTERM)
-    if watcher.run(time.monotonic() + readiness.GRACE_SECONDS) == readiness.LATE:
-        say("warning", f"pid {program.pid} was still running {readiness.GRACE_SECONDS} seconds after SIGTERM; sent it SIGKILL")
+    name = signal.Signals(number).name
+    say("warning", f"{why}; sending it {name}")
+    proc.send_pidfd(program.pidfd, number)
+    if not watcher.until_exit(time.monotonic() + readiness.GRACE_SECONDS):
+        say("warning", f"pid {program.pid} was still running {readiness.GRACE_SECONDS} seconds after {name}; sent it SIGKILL")
         proc.send_pidfd(program.pidfd, signal.SIGKILL)
-        watcher.run()
+        watcher.until_exit(time.monotonic() + readiness.GRACE_SECONDS)
 
 
 def stop_check(settings):
@@ -205,7 +247,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         status, killed = reap(child, pidfd, asked)
         raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready{killed}", EXITED_BEFORE_READY)
     if outcome in (readiness.GAVE_UP, readiness.LATE):
-        why = "not ready: its check gave up" if outcome == readiness.GAVE_UP else f"not ready after {settings.timeout:g} seconds"
+        why = "not ready: its check gave up" if outcome == readiness.GAVE_UP else f"not ready after {waited(watcher, settings)}"
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status, killed = reap(child, pidfd, signal.SIGTERM)
         raise Fatal(f"{name} was {why}; stopped it: {chain.describe_exit(status)}{killed}", NOT_READY_IN_TIME)

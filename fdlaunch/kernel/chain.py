@@ -144,7 +144,7 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
     close-on-exec pipe and the parent raises Fatal (127 not found, 126 not
     executable), so only the parent speaks. In the child, first: the report
     pipe goes above the fds of moves, moves (fd now, fd wanted) are made,
-    setup() runs, and a LISTEN_PID that named us names the child.
+    setup() runs, and a LISTEN_PID or WATCHDOG_PID that named us names the child.
     """
     try:
         report_read, report_write = os.pipe2(os.O_CLOEXEC)
@@ -170,6 +170,8 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
             if environ.get("LISTEN_PID") == str(parent):
                 child_environ["LISTEN_PID"] = str(os.getpid())
                 child_environ.pop("LISTEN_PIDFDID", None)
+            if environ.get("WATCHDOG_PID") == str(parent):
+                child_environ["WATCHDOG_PID"] = str(os.getpid())
             if become is not None and fused_tool(path, child_environ) is not None:
                 # What the exec would close: our report pipe (the fused tool speaks
                 # for itself) and every other close-on-exec descriptor of the parent's.

@@ -6,23 +6,39 @@ lost between a check and the wait), a notification, an instance's exit (a
 pidfd), a deadline. Each turn it takes in what happened, then acts.
 """
 
+import collections
 import os
 import select
 import signal
 import time
-from collections import namedtuple
 
-from fdlaunch.errors import NOT_EXECUTABLE, Fatal, shown, unable
+from fdlaunch.errors import NOT_EXECUTABLE, Fatal, counted, shown, unable
 from fdlaunch.kernel import chain, fds, proc
+from fdlaunch.kernel.fdstore import FdStore
 from fdlaunch.loops import readiness
+from fdlaunch.text import notifyproto
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# What the serving instance says that goes on upward as it is (sd_notify(3)).
+RELAYED = ("STATUS", "STOPPING", "ERRNO", "BUSERROR", "EXTEND_TIMEOUT_USEC")
+# --respawn: this many exits nobody asked for within CRASH_WINDOW seconds is a
+# crash loop (systemd's StartLimitBurst= and StartLimitIntervalSec= defaults).
+CRASH_LIMIT = 5
+CRASH_WINDOW = 10
+FIRST_BACKOFF = 0.1  # seconds before the first respawn; doubled for each recent crash
 
 # reload: the signal that starts a handoff; stop: what a replaced instance
 # gets; ready_timeout: seconds a new instance may take to be ready; grace:
 # seconds a stopped one may take before SIGKILL; ready_fd: the s6
-# notification fd, or None; main_pid_self: tell our own pid as MAINPID.
-Settings = namedtuple("Settings", "reload stop ready_timeout grace ready_fd main_pid_self")
+# notification fd, or None; main_pid_self: tell our own pid as MAINPID;
+# respawn: replace a serving instance that exits unasked; fdstore_max: how
+# many descriptors the fd store keeps (0: none); watchdog: seconds an instance
+# may go without WATCHDOG=1 once ready (None: no watchdog of ours);
+# relay_watchdog: our supervisor's WATCHDOG_USEC, whose pings the serving
+# instance sends through us (None: not under a watchdog).
+Settings = collections.namedtuple(
+    "Settings", "reload stop ready_timeout grace ready_fd main_pid_self respawn fdstore_max watchdog relay_watchdog"
+)
 
 
 class Instance:
@@ -34,6 +50,9 @@ class Instance:
         self.kill_at = None  # when it gets SIGKILL, once asked to stop
         self.asked = None  # (signal, when) it was first asked to stop with
         self.offer = None  # the sockets it was started with (listenfrom.Offer)
+        self.watchdog = None  # seconds allowed between two WATCHDOG=1, once ready
+        self.ping_due = None  # when its next WATCHDOG=1 is due
+        self.replaced = None  # the pid of the serving instance it replaced, when it was respawned
 
     def send(self, number):
         proc.send_pidfd(self.pidfd, number)
@@ -44,6 +63,14 @@ class Instance:
         if self.asked is None:
             self.asked = (number, time.monotonic())
             self.kill_at = time.monotonic() + grace
+            self.ping_due = None
+
+    def pinged(self, seconds=None):
+        """Ready, or a WATCHDOG=1 (with seconds, a new interval): once ready, the next ping is due an interval from now."""
+        if seconds is not None:
+            self.watchdog = seconds
+        if self.watchdog is not None and self.ready and self.asked is None:
+            self.ping_due = time.monotonic() + self.watchdog
 
     def reap(self, wait=False):
         """Collect the exit status if it has exited (with wait, once it has); True once it has."""
@@ -51,7 +78,7 @@ class Instance:
             pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
             if pid == self.pid:
                 self.status = status
-                self.kill_at = None
+                self.kill_at = self.ping_due = None
                 os.close(self.pidfd)
         return self.status is not None
 
@@ -98,40 +125,64 @@ class Handoff:
         self.retiring = []
         self.releasing = []  # (instance, sockets to close once it is gone)
         self.reload_pending = False
+        self.merged = 0  # reload signals taken into the handoff to come
         self.stopping = False
+        self.respawn_at = None  # when the serving instance, gone unasked, is replaced
+        self.crashes = collections.deque()  # when serving instances exited unasked, the last CRASH_WINDOW seconds
         self.ready_fd = settings.ready_fd  # None once told
+        self.store = FdStore(settings.fdstore_max)
         self.dispositions = received_dispositions((*STOPS, settings.reload))
+        self.warned = set()  # warnings said once per run
         self.wakeup_read = None
 
     def run(self):
         """Until the serving instance has exited and no other is left; returns the serving one's wait status."""
         self.wakeup_read = proc.catch_signals((*STOPS, self.settings.reload))
-        self.current = self.start(self.sockets.first())
-        while self.instances():
-            self.wait()
-            self.take_signals()
-            self.take_notifications()
-            self.take_exits()
-            self.take_deadlines()
-            self.release()
-            settled = self.candidate is None and not self.releasing  # sockets of the last one given back
-            if self.reload_pending and settled and self.current.ready and not self.stopping:
-                self.reload_pending = False
-                self.begin_handoff()
-        return self.current.status
+        try:
+            self.current = self.start(self.sockets.first())
+            while self.instances() or self.respawn_at is not None:
+                self.wait()
+                self.take_signals()
+                self.take_notifications()
+                self.take_exits()
+                self.take_deadlines()
+                self.release()
+                if self.reload_pending and self.can_hand_over():
+                    self.reload_pending = False
+                    self.begin_handoff()
+            return self.current.status
+        finally:
+            self.store.close()
+
+    def can_hand_over(self):
+        """A serving instance that is ready, no handoff under way, the sockets of the last one given back, no stop."""
+        settled = self.candidate is None and not self.releasing
+        return settled and self.current.status is None and self.current.ready and not self.stopping
 
     def start(self, offer):
         path = chain.find_program(self.program[0], offer.environ)
-        environ = {**offer.environ, "NOTIFY_SOCKET": self.inbox.path}
-        instance = spawn(path, self.program, environ, self.dispositions, offer.moves, self.become)
+        environ, moves = self.store.handed(offer.environ, offer.moves, os.getpid())
+        environ = {**environ, **self.watchdog_environment(), "NOTIFY_SOCKET": self.inbox.path}
+        instance = spawn(path, self.program, environ, self.dispositions, moves, self.become)
         instance.offer = offer
+        instance.watchdog = self.settings.watchdog
         return instance
+
+    def watchdog_environment(self):
+        """WATCHDOG_USEC and WATCHDOG_PID for an instance (spawn makes the pid its own) when a watchdog watches it."""
+        interval = self.settings.relay_watchdog
+        if interval is None and self.settings.watchdog is not None:
+            interval = str(int(self.settings.watchdog * 1e6))
+        return {} if interval is None else {"WATCHDOG_USEC": interval, "WATCHDOG_PID": str(os.getpid())}
 
     def wait(self):
         poller = select.poll()
         for fd in (self.wakeup_read, self.inbox.fileno(), *(i.pidfd for i in self.instances())):
             poller.register(fd, select.POLLIN)
-        poller.poll(proc.poll_timeout(self.candidate_deadline, *(i.kill_at for i in self.instances())))
+        for fd in self.store.watched():
+            poller.register(fd, 0)  # POLLHUP and POLLERR: a stored connection that hung up
+        deadlines = [self.candidate_deadline, self.respawn_at, *(i.kill_at for i in self.instances())]
+        poller.poll(proc.poll_timeout(*deadlines, *(i.ping_due for i in self.instances())))
 
     def instances(self):
         return [i for i in (self.current, self.candidate, *self.retiring) if i is not None and i.status is None]
@@ -140,6 +191,7 @@ class Handoff:
         for number in proc.caught_signals(self.wakeup_read):
             if number == self.settings.reload:
                 if self.reload_pending or self.candidate is not None:
+                    self.merged += 1
                     self.say("info", "reload signal during a handoff: one more handoff follows it")
                 self.reload_pending = True
             elif number in STOPS:
@@ -148,53 +200,140 @@ class Handoff:
     def stop(self, number):
         """The service is stopping: every instance gets number, then SIGKILL once --grace has passed since the first stop."""
         self.stopping = True
-        self.candidate_deadline = None  # a candidate is being stopped, not awaited
+        self.candidate_deadline = self.respawn_at = None  # a candidate is being stopped, not awaited; nothing is replaced
         for instance in self.instances():
             instance.ask_to_stop(number, self.settings.grace)
 
     def take_notifications(self):
         while (message := self.inbox.receive()) is not None:
-            fds.close_all(message.fds)
-            if message.truncated:
-                continue
-            sender = self.sender_of(message)
-            if sender is None or self.stopping:
-                continue  # not an instance (None would pass for "no candidate" below), or nothing to hand over to
-            ready = message.notice.ready
-            if sender is self.candidate and ready and not self.candidate.ready:
-                self.complete_handoff()
-            elif sender is self.current and ready and not self.current.ready:
-                self.current.ready = True
-                self.tell_ready_first()
+            kept = []
+            try:
+                if not message.truncated:
+                    kept = self.take(message)
+            finally:
+                fds.close_all(fd for fd in message.fds if fd not in kept)
+        for name in self.store.hung_up():
+            self.say("info", f"dropped the stored descriptor {name!r}: it hung up")
+
+    def take(self, message):
+        """Act on one notification; the descriptors of it that the fd store kept."""
+        sender = self.sender_of(message)
+        if sender is None or self.stopping:
+            return []  # not an instance (None would pass for "no candidate" below), or nothing to hand over to
+        notice = message.notice
+        if sender is self.candidate and notice.ready and not sender.ready:
+            self.complete_handoff()
+        elif sender is self.current and notice.ready and not sender.ready:
+            sender.ready = True
+            sender.pinged()
+            self.tell_ready(sender)
+        self.take_watchdog(sender, notice.fields)
+        extend = notifyproto.seconds(notice.fields, "EXTEND_TIMEOUT_USEC")
+        if extend is not None and sender is self.candidate and self.candidate_deadline is not None:
+            self.candidate_deadline = max(self.candidate_deadline, time.monotonic() + extend)
+        # The serving instance's words go upward; of a new one's, only a longer start.
+        relayed = notifyproto.only(notice.fields, RELAYED if sender is self.current else ("EXTEND_TIMEOUT_USEC",))
+        if relayed and sender in (self.current, self.candidate):
+            self.tell(notifyproto.message(relayed).decode(errors="replace"), self.current)
+        return self.take_fdstore(sender, notice, message.fds)
+
+    def take_watchdog(self, sender, fields):
+        """WATCHDOG=1 and WATCHDOG_USEC=: relayed upward from the serving instance, or kept to ourselves."""
+        ping = notifyproto.value(fields, "WATCHDOG")
+        interval = notifyproto.seconds(fields, "WATCHDOG_USEC")
+        if self.settings.relay_watchdog is not None:
+            relayed = notifyproto.only(fields, ("WATCHDOG", "WATCHDOG_USEC"))
+            if relayed and sender is self.current:
+                self.tell(notifyproto.message(relayed).decode(errors="replace"), sender)
+            return
+        if ping == "trigger" and sender in (self.current, self.candidate):
+            self.bark(sender, "asked for it with WATCHDOG=trigger")
+        elif ping == "1" or interval is not None:
+            sender.pinged(interval)
+
+    def take_fdstore(self, sender, notice, received):
+        """FDSTORE=1 (with FDNAME=, FDPOLL=) keeps the descriptors; FDSTOREREMOVE=1 drops those of FDNAME=. The fds kept."""
+        name = notifyproto.value(notice.fields, "FDNAME")
+        if notifyproto.value(notice.fields, "FDSTOREREMOVE") == "1" and name is not None:
+            self.say("info", f"pid {sender.pid} removed {self.store.remove(name)} stored descriptor(s) named {name!r}")
+        if not (notice.fdstore and received):
+            return []
+        if self.settings.fdstore_max == 0:
+            self.warn_once("fdstore", f"ignored FDSTORE=1 from pid {sender.pid}: the fd store is off (--fdstore-max=0)")
+            return []
+        refusal = self.store.add(name, list(received), notifyproto.value(notice.fields, "FDPOLL") != "0")
+        if refusal is not None:
+            self.say("warning", f"refused FDSTORE=1 from pid {sender.pid}: {refusal}; closed what it sent")
+            return list(received)  # closed already
+        self.say("info", f"pid {sender.pid} stored {len(received)} descriptor(s) as {name or 'stored'!r}")
+        return list(received)
 
     def sender_of(self, message):
         """The instance a notification came from, by the sender's lineage; None for anyone else.
 
         A sender gone before its datagram was read has no lineage and counts
-        for nobody (issue 10): the socket is abstract, anyone could have sent
-        it. An instance's pid cannot be reused: it is our child, not yet reaped.
+        for nobody: the socket is abstract, anyone could have sent it. An
+        instance's pid cannot be reused: it is our child, not yet reaped.
         """
-        for instance in (self.candidate, self.current):
-            if instance is not None and instance.pid in message.lineage:
+        for instance in (self.candidate, self.current, *self.retiring):
+            if instance is not None and instance.status is None and instance.pid in message.lineage:
                 return instance
         return None
 
     def take_exits(self):
-        """Reap what has exited. The serving instance gone, the service ends: the others are stopped."""
+        """Reap what has exited. The serving instance gone unasked: replaced (--respawn), or the service ends."""
         if self.current.status is None and self.current.reap() and not self.stopping:
-            self.stop(self.settings.stop)
+            self.serving_instance_exited()
         if self.candidate is not None and self.candidate.reap() and not self.stopping:
             self.fail_handoff(
                 f"the new instance (pid {self.candidate.pid}) {chain.describe_exit(self.candidate.status)} before it was ready"
             )
         self.retiring = [old for old in self.retiring if not old.reap()]
 
+    def serving_instance_exited(self):
+        gone = self.current
+        how = f"pid {gone.pid} {chain.describe_exit(gone.status)}"
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes[0] < now - CRASH_WINDOW:
+            self.crashes.popleft()
+        if not self.settings.respawn or len(self.crashes) >= CRASH_LIMIT:
+            if self.settings.respawn:
+                self.say("warning", f"{how}: {len(self.crashes)} exits within {CRASH_WINDOW} seconds; giving up")
+            self.stop(self.settings.stop)
+            return
+        if self.candidate is not None:
+            self.reload_pending = True  # handed over once the replacement is ready
+            self.retire(self.candidate)
+            self.fail_handoff("the serving instance exited")
+        delay = FIRST_BACKOFF * 2 ** (len(self.crashes) - 1)
+        self.respawn_at = now + delay
+        self.say("warning", f"{how}; starting a new instance in {delay:g} seconds")
+        self.tell(f"STATUS={how}; starting a new instance in {delay:g} seconds", gone)
+
+    def respawn(self):
+        gone = self.current
+        self.respawn_at = None
+        try:
+            self.current = self.start(gone.offer)
+        except Fatal as error:
+            self.say("warning", f"unable to replace pid {gone.pid}: {error}")
+            self.current = gone  # its status stands as the service's
+            self.stop(self.settings.stop)
+            return
+        self.current.replaced = gone.pid
+        self.say("info", f"pid {self.current.pid} replaces pid {gone.pid}")
+
     def take_deadlines(self):
         now = time.monotonic()
+        if self.respawn_at is not None and now >= self.respawn_at:
+            self.respawn()
         if self.candidate is not None and self.candidate_deadline is not None and now >= self.candidate_deadline:
             self.retire(self.candidate)
             self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {self.settings.ready_timeout:g} seconds")
         for instance in self.instances():
+            if instance.ping_due is not None and now >= instance.ping_due:
+                self.bark(instance, f"sent no WATCHDOG=1 for {instance.watchdog:g} seconds")
             if instance.kill_at is not None and now >= instance.kill_at:
                 instance.kill_at = None
                 instance.send(signal.SIGKILL)
@@ -205,6 +344,11 @@ class Handoff:
                     f"{signal.Signals(number).name}; sent it SIGKILL",
                 )
 
+    def bark(self, instance, why):
+        """The watchdog: SIGABRT (a core for the admin), SIGKILL after --grace; its exit is then a crash like any other."""
+        self.say("warning", f"pid {instance.pid} ({self.role(instance)}) {why}; sending it SIGABRT")
+        instance.ask_to_stop(signal.SIGABRT, self.settings.grace)
+
     def role(self, instance):
         if instance is self.current:
             return "the serving instance"
@@ -213,7 +357,9 @@ class Handoff:
         return "an old instance" if instance.ready else "a new instance that failed"
 
     def begin_handoff(self):
-        self.say("info", f"handing over from pid {self.current.pid}")
+        merged = f"; {counted(self.merged, 'reload signal')} that came meanwhile are merged into this one" if self.merged else ""
+        self.merged = 0
+        self.say("info", f"handing over from pid {self.current.pid}{merged}")
         self.tell(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance", self.current)
         try:
             offer = self.sockets.offer()
@@ -234,6 +380,7 @@ class Handoff:
     def complete_handoff(self):
         old, new = self.current, self.candidate
         new.ready = True
+        new.pinged()
         self.current, self.candidate, self.candidate_deadline = new, None, None
         self.sockets.commit(new.offer)
         self.tell(f"READY=1\nMAINPID={self.main_pid(new)}\nSTATUS={new.offer.status} (pid {new.pid}, took over from pid {old.pid})", old)
@@ -246,6 +393,8 @@ class Handoff:
             self.releasing.append((self.candidate, self.candidate.offer.added))
             self.release()
         self.candidate, self.candidate_deadline = None, None
+        if self.current.status is not None:
+            return  # the serving instance is gone too: nothing goes on serving, said by whoever ends or replaces it
         self.say("warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
         self.tell(
             f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current
@@ -265,15 +414,21 @@ class Handoff:
                 waiting.append((instance, held))
         self.releasing = waiting
 
-    def tell_ready_first(self):
-        current = self.current
-        self.tell(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", current)
+    def tell_ready(self, instance):
+        """The serving instance is ready: at start, or as the replacement of one that exited."""
+        after = "" if instance.replaced is None else f", replacing pid {instance.replaced}"
+        self.tell(f"READY=1\nMAINPID={self.main_pid(instance)}\nSTATUS={instance.offer.status} (pid {instance.pid}{after})", instance)
         if self.ready_fd is not None:
             fd, self.ready_fd = self.ready_fd, None
             readiness.tell_supervisor(fd, self.say)
 
+    def warn_once(self, key, text):
+        if key not in self.warned:
+            self.warned.add(key)
+            self.say("warning", text)
+
     def main_pid(self, instance):
-        """The pid the supervisor should treat as the service's: the serving instance, or us (--main-pid=self)."""
+        """The pid the supervisor should treat as the service's: us (--main-pid=self), or the serving instance."""
         return os.getpid() if self.settings.main_pid_self else instance.pid
 
     def tell(self, message, speaker):

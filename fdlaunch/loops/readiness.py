@@ -15,7 +15,7 @@ from fdlaunch.errors import Fatal, unable
 from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
-READY, EXITED, LATE, GAVE_UP, STOPPED = "ready", "exited", "late", "gave up", "stopped"
+READY, EXITED, LATE, GAVE_UP, STOPPED, WATCHDOG = "ready", "exited", "late", "gave up", "stopped", "watchdog"
 LINGER_SECONDS = 0.1
 # What a process asked to stop (PROG at --kill, a --command run) gets before SIGKILL.
 GRACE_SECONDS = 5
@@ -109,10 +109,17 @@ class Program:
 class Watcher:
     """Reads the inbox for program's notifications and hands them to relays; say(kind, text) speaks for it."""
 
-    def __init__(self, inbox, program, relays, keep_relaying, say, check=None, stops=None):
-        """stops: the read end of a wakeup pipe (proc.catch_signals); a signal there ends run() with STOPPED."""
+    def __init__(self, inbox, program, relays, keep_relaying, say, check=None, stops=None, watchdog=None):
+        """stops: the read end of a wakeup pipe (proc.catch_signals); a signal there ends run() with STOPPED.
+
+        watchdog: seconds the program may go without WATCHDOG=1 once ready
+        (its WATCHDOG_USEC= changes it); a miss, or WATCHDOG=trigger, ends
+        run() with WATCHDOG, barked saying why.
+        """
         self.inbox, self.program, self.relays, self.say, self.stops = inbox, program, relays, say, stops
         self.keep_relaying = keep_relaying
+        self.watchdog, self.ping_due, self.barked = watchdog, None, None
+        self.deadline, self.extended = None, False  # run()'s deadline, and whether EXTEND_TIMEOUT_USEC moved it
         self.ready = False
         self.main_pid = program.pid
         self.warn_once = once(say)
@@ -122,24 +129,61 @@ class Watcher:
         self.say("info", f"watching pid {program.pid}; once it is ready: {relays.describe()}")
 
     def run(self, deadline=None):
-        """Until ready (and, with keep_relaying, until the program is gone), gone, stopped, or deadline passes."""
+        """Until ready (and, with keep_relaying or a watchdog, until the program is gone), gone, stopped, or late.
+
+        deadline: when a program not yet ready is LATE, unless its EXTEND_TIMEOUT_USEC= moves it.
+        """
+        self.deadline = deadline
         while True:
             poller = select.poll()
             for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds(), *([self.stops] if self.stops is not None else [])):
                 poller.register(fd, select.POLLIN)
-            events = dict(poller.poll(proc.poll_timeout(deadline, self.check_due())))
+            events = dict(poller.poll(proc.poll_timeout(self.deadline, self.check_due(), self.ping_due)))
             if self.stops in events:
                 return STOPPED
             self.drain()  # before looking at an exit: a last datagram may be queued
             self.take_check()
-            if self.ready and not self.keep_relaying:
+            if self.ping_due is not None and time.monotonic() >= self.ping_due:
+                self.bark(f"sent no WATCHDOG=1 for {self.watchdog:g} seconds")
+            if self.barked is not None:
+                return WATCHDOG
+            if self.ready and not self.keep_relaying and self.watchdog is None:
                 return READY
             if self.program.pidfd in events:
                 return EXITED
             if self.check is not None and self.check.gave_up and not self.ready:
                 return GAVE_UP
-            if deadline is not None and time.monotonic() >= deadline and not self.ready:
+            if self.deadline is not None and time.monotonic() >= self.deadline and not self.ready:
                 return LATE
+
+    def until_exit(self, deadline):
+        """Relay what comes until the program exits (True) or deadline passes (False)."""
+        poller = select.poll()
+        for fd in (self.inbox.fileno(), self.program.pidfd):
+            poller.register(fd, select.POLLIN)
+        while True:
+            events = dict(poller.poll(proc.poll_timeout(deadline)))
+            self.drain()
+            if self.program.pidfd in events:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def bark(self, why):
+        """The watchdog bites once: run() returns WATCHDOG, and no ping is awaited any more."""
+        if self.barked is None:
+            self.barked = why
+        self.ping_due = None
+
+    def pinged(self, fields):
+        """WATCHDOG=1 or WATCHDOG_USEC= from the program: the next ping is due an interval from now, once it is ready."""
+        interval = notifyproto.seconds(fields, "WATCHDOG_USEC")
+        if interval is not None:
+            self.watchdog = interval
+        if notifyproto.value(fields, "WATCHDOG") == "trigger":
+            self.bark("asked for it with WATCHDOG=trigger")
+        elif self.ready and self.barked is None:
+            self.ping_due = time.monotonic() + self.watchdog
 
     def check_fds(self):
         return [] if self.check is None or self.ready else self.check.fds()
@@ -151,6 +195,8 @@ class Watcher:
         """A passing check is readiness, as a READY=1 from the program would be."""
         if self.check is not None and not self.ready and self.check.step(self.program.pid):
             self.ready = True
+            if self.watchdog is not None:
+                self.pinged([("READY", "1")])
             told = self.relays.describe()
             self.tell_ready([("READY", "1")])
             self.say("info", f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
@@ -211,6 +257,16 @@ class Watcher:
             return
         notice = message.notice
         fields, main_pid = self.checked_main_pid(notice)
+        extend = notifyproto.seconds(fields, "EXTEND_TIMEOUT_USEC")
+        if extend is not None and self.deadline is not None and not self.ready:
+            self.deadline, self.extended = max(self.deadline, time.monotonic() + extend), True
+        pings = []
+        if self.watchdog is not None:
+            # Ours to enforce, so not for upstream: systemd would take them for its own watchdog's.
+            pings = notifyproto.only(fields, ("WATCHDOG", "WATCHDOG_USEC"))
+            fields = [field for field in fields if field not in pings]
+            if notice.ready and not self.ready:
+                pings.append(("READY", "1"))  # the first interval starts at readiness
         if notice.ready and not self.ready:
             self.ready = True
             self.ready_sender = message.pid
@@ -221,6 +277,8 @@ class Watcher:
         else:
             self.main_pid = main_pid or self.main_pid
             self.relays.relay(fields, self.speaker(), fds=message.fds if notice.fdstore else ())
+        if pings:
+            self.pinged(pings)
 
     def checked_main_pid(self, notice):
         """(fields with one MAINPID, that pid) if it names the program or a live process below it; else none (issue 10)."""

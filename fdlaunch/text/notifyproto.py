@@ -57,6 +57,28 @@ def pid_number(text):
     return number if 0 < number <= PID_MAX_LIMIT else None
 
 
+def seconds(fields, name):
+    """The last NAME= of fields as seconds (its value is microseconds, as EXTEND_TIMEOUT_USEC's), or None.
+
+    None too for a value that is not a decimal number of at most 10**15
+    microseconds (31 years): nothing longer is a deadline anyone means.
+    """
+    text = value(fields, name)
+    if text is None or not is_decimal(text) or len(text) > 16 or int(text) > 10**15:
+        return None
+    return int(text) / 1e6
+
+
+def only(fields, names):
+    """The fields whose name is one of names, in order."""
+    return [(name, text) for name, text in fields if name in names]
+
+
+def message(fields):
+    """Fields as one datagram's bytes."""
+    return "\n".join(f"{name}={text}" for name, text in fields).encode()
+
+
 def relay_message(fields, pid):
     """The datagram to send upstream for these fields, or None if nothing is left to say.
 
@@ -69,7 +91,7 @@ def relay_message(fields, pid):
         return None
     if (is_ready(kept) or value(kept, "RELOADING") == "1") and value(kept, "MAINPID") is None and pid is not None:
         kept.append(("MAINPID", str(pid)))
-    return "\n".join(f"{name}={text}" for name, text in kept).encode()
+    return message(kept)
 
 
 def check_fields(texts):
