@@ -250,7 +250,7 @@ def shared_libraries(binary):
         (["--", "nobody", "true"], 100, "fdlaunch-setuidgid: usage: fdlaunch-setuidgid [options]"),  # '--' before the account
         (["--chroot=/no/such/dir", "nobody", "true"], 111, "unable to chroot to /no/such/dir: No such file or directory"),
         (["--chdir=/no/such/dir", "nobody", "true"], 111, "unable to chdir to /no/such/dir: No such file or directory"),
-        (["nobody", "no-such-program-fdl"], 127, "unable to exec no-such-program-fdl: No such file or directory"),
+        (["nobody", "/no/such/program-fdl"], 127, "unable to exec /no/such/program-fdl: No such file or directory"),
         (["nobody", "/etc/passwd"], 126, "unable to exec /etc/passwd: Permission denied"),
     ],
 )
@@ -275,3 +275,34 @@ def test_from_env_names_the_bad_variable(environ, message):
     done = run(["fdlaunch-setuidgid", "--from-env", "true"], env={"PATH": os.environ["PATH"], **environ})
     assert done.returncode == 100
     assert message in done.stderr
+
+
+@pytest.fixture
+def private_program(tmp_path):
+    """An executable in a directory only root may enter (pytest's tmp_path is under a 0700 one), as /root/bin/x is."""
+    directory = tmp_path / "bin"
+    directory.mkdir(mode=0o700)
+    program = directory / "mytrue"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_a_program_the_account_may_not_reach_is_refused_for_permission(private_program):
+    """execve(2) says EACCES, not ENOENT: 126 and 'Permission denied', as s6-setuidgid says it."""
+    done = run(["fdlaunch-setuidgid", "nobody", "--", str(private_program)])
+    assert (done.returncode, done.stderr) == (126, f"fdlaunch-setuidgid: fatal: unable to exec {private_program}: Permission denied\n")
+    s6 = run([require("s6-setuidgid"), "nobody", str(private_program)])
+    assert s6.returncode == done.returncode and "Permission denied" in s6.stderr
+
+
+def test_a_path_directory_the_account_may_not_search_is_permission_denied(private_program):
+    """execvp(3)'s rule: EACCES met on the PATH search is 126, unless a later directory has the program."""
+    tool = shutil.which("fdlaunch-setuidgid")
+    searched = {"PATH": f"{private_program.parent}:/usr/bin:/bin"}
+    done = run([tool, "nobody", "--", "mytrue"], env=searched)
+    assert (done.returncode, done.stderr) == (126, "fdlaunch-setuidgid: fatal: unable to exec mytrue: Permission denied\n")
+    found_later = run([tool, "nobody", "--", "true"], env=searched)
+    assert (found_later.returncode, found_later.stderr) == (0, "")
+    nowhere = run([tool, "nobody", "--", "no-such-program-fdl"], env={"PATH": "/usr/bin:/bin"})
+    assert (nowhere.returncode, nowhere.stderr) == (127, "fdlaunch-setuidgid: fatal: unable to exec no-such-program-fdl: No such file or directory\n")
