@@ -14,6 +14,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: changes c
 
 USER, GROUPS = "fdlaunch-t", ("fdlaunch-g1", "fdlaunch-g2")
 CAP_NET_BIND_SERVICE = 10
+# setpriv(1)'s --inh-caps for a caller with inheritable capabilities, as some container runtimes start services
+INHERITED = "+net_raw,+sys_admin,+dac_override"
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +206,13 @@ def test_setsid_refuses_a_process_group_leader():
     assert "unable to start a new session: Operation not permitted" in done.stderr and "leads a process group" in done.stderr
 
 
-@pytest.mark.parametrize("asked", [[], ["--no-new-privs"], ["--keep-cap=net_bind_service"]])
+@pytest.mark.parametrize("asked", [[], ["--no-new-privs"], ["--keep-cap=net_bind_service"], ["inherited"]])
 def test_chroot(tmp_path, asked):
     """A root holding dash and its libraries: the program runs inside it, as nobody.
 
     prctl(2) and capset(2) come after the chroot, where no Python library is
-    left to import: what they need was loaded before.
+    left to import: what they need was loaded before (also to empty the
+    inheritable set of a caller that has one).
     """
     root = tmp_path / "root"
     for path in ("/bin/sh", "/bin/dash", *shared_libraries("/bin/dash")):
@@ -217,7 +220,9 @@ def test_chroot(tmp_path, asked):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(path), target)
     (root / "marker-inside").write_text("")
-    done = run(["fdlaunch-setuidgid", f"--chroot={root}", *asked, "nobody", "/bin/sh", "-c", 'cd / && echo * && echo "$(pwd)"'])
+    caller = ["setpriv", f"--inh-caps={INHERITED}"] if asked == ["inherited"] else []
+    asked = [] if asked == ["inherited"] else asked
+    done = run([*caller, "fdlaunch-setuidgid", f"--chroot={root}", *asked, "nobody", "/bin/sh", "-c", 'cd / && echo * && echo "$(pwd)"'])
     assert done.returncode == 0, done.stderr
     entries, cwd = done.stdout.splitlines()
     assert "marker-inside" in entries.split() and cwd == "/"
@@ -305,4 +310,27 @@ def test_a_path_directory_the_account_may_not_search_is_permission_denied(privat
     found_later = run([tool, "nobody", "--", "true"], env=searched)
     assert (found_later.returncode, found_later.stderr) == (0, "")
     nowhere = run([tool, "nobody", "--", "no-such-program-fdl"], env={"PATH": "/usr/bin:/bin"})
-    assert (nowhere.returncode, nowhere.stderr) == (127, "fdlaunch-setuidgid: fatal: unable to exec no-such-program-fdl: No such file or directory\n")
+    assert nowhere.returncode == 127
+    assert nowhere.stderr == "fdlaunch-setuidgid: fatal: unable to exec no-such-program-fdl: No such file or directory\n"
+
+
+def test_inherited_capabilities_do_not_survive_the_drop(attacker, public_dir):
+    """A caller with inheritable capabilities (as some container runtimes give): the program's are exactly --keep-cap's.
+
+    Left inheritable, they would be gained back by executing any file with
+    inheritable file capabilities: here a copy of capsh(1) with cap_net_raw+ei.
+    """
+    setcap, capsh = require("setcap"), require("capsh")
+    marked = os.path.join(public_dir, "capsh")
+    shutil.copy(capsh, marked)
+    assert run([setcap, "cap_net_raw+ei", marked]).returncode == 0
+    inherited = ["setpriv", f"--inh-caps={INHERITED}", "fdlaunch-setuidgid"]
+    account = f"{attacker.uid}:{attacker.gid}"
+    done = run([*inherited, account, "--", "grep", "^Cap", "/proc/self/status"])
+    assert done.returncode == 0, done.stderr
+    assert status_masks(done.stdout) == {"CapEff": 0, "CapPrm": 0, "CapInh": 0, "CapAmb": 0}
+    regained = run([*inherited, account, "--", marked, "--has-p=cap_net_raw"])
+    assert regained.returncode == 1 and "not permitted" in regained.stderr, regained.stderr
+    kept = run([*inherited, "--keep-cap=net_bind_service", account, "--", "grep", "^Cap", "/proc/self/status"])
+    assert kept.returncode == 0, kept.stderr
+    assert status_masks(kept.stdout) == {name: 1 << CAP_NET_BIND_SERVICE for name in ("CapEff", "CapPrm", "CapInh", "CapAmb")}

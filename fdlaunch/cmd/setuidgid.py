@@ -62,7 +62,7 @@ def main(argv, environ):
         environ.update(account_environment(account))
     status = creds.open_status()
     change_process(options, setup, status)
-    creds.drop(wanted, setup.capabilities)
+    creds.drop(wanted, setup.capabilities, status)
     verify(status, wanted, setup.capabilities)
     if options["--no-new-privs"]:
         creds.no_new_privs()
@@ -102,7 +102,7 @@ def account_environment(account):
 
 def change_process(options, setup, status):
     """What is changed while still privileged, in the order of fdlaunch-setuidgid(1): limits, nice, setsid, chroot, umask."""
-    if setup.capabilities or options["--no-new-privs"]:
+    if setup.capabilities or options["--no-new-privs"] or (options["--chroot"] and creds.observe(status)["cap_inh"]):
         creds.load_libc()  # ctypes, while the standard library is still there to import: not after --chroot
     creds.set_limits(setup.limits)
     if setup.nice is not None:
