@@ -1,11 +1,15 @@
 """fdlaunch-setuidgid end to end: real credential changes as root, compared with s6."""
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 
 import pytest
 from conftest import require, require_root, run, sockets
@@ -334,3 +338,111 @@ def test_inherited_capabilities_do_not_survive_the_drop(attacker, public_dir):
     kept = run([*inherited, "--keep-cap=net_bind_service", account, "--", "grep", "^Cap", "/proc/self/status"])
     assert kept.returncode == 0, kept.stderr
     assert status_masks(kept.stdout) == {name: 1 << CAP_NET_BIND_SERVICE for name in ("CapEff", "CapPrm", "CapInh", "CapAmb")}
+
+
+# The program an attacker would run: type a command into the terminal (TIOCSTI), through
+# /dev/tty and through fd 0, and take the terminal as a new session's; it reports what
+# happened as JSON on stdout.
+TYPE_INTO_TERMINAL = """
+import fcntl, json, os, termios
+report = {"tty_nr": open("/proc/self/stat").read().rsplit(")", 1)[1].split()[4]}
+targets = {"fd 0": 0}
+try:
+    targets["/dev/tty"] = os.open("/dev/tty", os.O_RDWR)
+except OSError as error:
+    report["/dev/tty"] = error.strerror
+for name, fd in targets.items():
+    try:
+        for byte in b"echo typed-by-the-program\\n":
+            fcntl.ioctl(fd, termios.TIOCSTI, bytes([byte]))
+        report[name] = "typed"
+    except OSError as error:
+        report[name] = error.strerror
+child = os.fork()
+if child == 0:  # a session of its own, and the terminal taken as its controlling one (TIOCSCTTY)
+    os.setsid()
+    try:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    except OSError as error:
+        os._exit(error.errno)
+    os._exit(0)
+taken = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+report["taken back"] = os.strerror(taken) if taken else "taken"
+print(json.dumps(report))
+"""
+
+# A root shell on a terminal, as far as this matters: it leads the session the terminal
+# (its stdin) controls, runs the command in a process group of its own that it makes the
+# foreground one (as a shell with job control does), and once the command has exited
+# reports on stdout what it printed and what waits in the terminal's input queue to be
+# read as typed by the shell.
+ROOT_SHELL = """
+import fcntl, json, os, signal, subprocess, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+command = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+os.tcsetpgrp(0, command.pid)
+out, err = command.communicate(timeout=20)
+os.tcsetpgrp(0, os.getpgrp())
+queued = int.from_bytes(fcntl.ioctl(0, termios.FIONREAD, bytes(4)), sys.byteorder)
+os.set_blocking(0, False)
+print(json.dumps({"status": command.returncode, "stdout": out, "stderr": err, "queued": os.read(0, queued).decode() if queued else ""}))
+"""
+
+
+@contextlib.contextmanager
+def terminal():
+    """A pseudo-terminal: (controller, terminal) descriptors, closed afterwards."""
+    controller, device = os.openpty()
+    try:
+        yield controller, device
+    finally:
+        os.close(controller)
+        os.close(device)
+
+
+def from_root_shell(argv):
+    """argv run as a command of ROOT_SHELL on a fresh terminal: what the shell reported."""
+    with terminal() as (_, device):
+        done = run([sys.executable, "-c", ROOT_SHELL, *argv], stdin=device)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_program_cannot_type_into_the_callers_terminal(attacker):
+    """Run from a root shell, the program has no controlling terminal: what it types never reaches that shell."""
+    program = attacker.script("type-into-terminal.py", TYPE_INTO_TERMINAL)
+    shell = from_root_shell(["fdlaunch-setuidgid", attacker.name, "--", sys.executable, program])
+    assert (shell["status"], shell["stderr"], shell["queued"]) == (0, "", "")
+    report = json.loads(shell["stdout"])
+    assert report["tty_nr"] == "0" and report["/dev/tty"] == "No such device or address"
+    assert report["fd 0"] in ("Operation not permitted", "Input/output error")  # EIO where dev.tty.legacy_tiocsti=0
+    assert report["taken back"] == "Operation not permitted"  # the shell's session holds it
+
+
+def test_keep_tty_keeps_the_controlling_terminal(attacker):
+    program = attacker.script("type-into-terminal.py", TYPE_INTO_TERMINAL)
+    shell = from_root_shell(["fdlaunch-setuidgid", "--keep-tty", attacker.name, "--", sys.executable, program])
+    assert (shell["status"], shell["stderr"]) == (0, "")
+    report = json.loads(shell["stdout"])
+    assert report["tty_nr"] != "0" and "/dev/tty" in report and report["/dev/tty"] != "No such device or address"
+
+
+def test_a_session_leader_with_a_terminal_is_refused_unless_it_keeps_it():
+    """The leader of the terminal's session could take it back after TIOCNOTTY (TIOCSCTTY): refused, nothing run."""
+
+    def lead_the_terminal_session():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    with terminal() as (_, device):
+        argv = ["fdlaunch-setuidgid", "nobody", "--", "sh", "-c", "echo ran"]
+        refused = run(argv, stdin=device, preexec_fn=lead_the_terminal_session)
+        kept = run([argv[0], "--keep-tty", *argv[1:]], stdin=device, preexec_fn=lead_the_terminal_session)
+    assert (refused.returncode, refused.stdout) == (111, "")
+    assert refused.stderr.startswith(
+        "fdlaunch-setuidgid: fatal: unable to give up the controlling terminal: this process leads its session"
+    )
+    assert refused.stderr.endswith("give --keep-tty\n") and refused.stderr.count("\n") == 1
+    assert (kept.returncode, kept.stdout, kept.stderr) == (0, "ran\n", "")

@@ -4,6 +4,8 @@ Order follows s6-applyuidgid: supplementary groups, then gid, then uid; the
 result is then read back from /proc/self/status and compared, never assumed.
 """
 
+import errno
+import fcntl
 import os
 import resource
 
@@ -80,6 +82,56 @@ def new_session():
             f"unable to start a new session: {error.strerror} (pid {os.getpid()} already leads a process group; "
             "start it from a supervisor, or drop --setsid)"
         ) from None
+
+
+def leave_terminal():
+    """Give up the controlling terminal, if there is one, staying in the same session and process group.
+
+    With it, the program could push input into the terminal (TIOCSTI,
+    tty_ioctl(4)) that the caller's shell then reads as if typed. For a
+    process that does not lead its session, TIOCNOTTY ends only its own tie
+    to the terminal; setsid(2) could not be used anyway (a shell with job
+    control makes the command lead a process group, and the pid is kept).
+    Its group stays the terminal's foreground one, so ^C still reaches it.
+    A session leader is refused instead: TIOCNOTTY would hang up its group
+    (SIGHUP), and as a session leader the program could take the terminal
+    back (TIOCSCTTY). Without a terminal (the usual case under a
+    supervisor) this costs one failed open(2).
+    """
+    terminal = _controlling_terminal()
+    if terminal is None:
+        return
+    try:
+        if os.getsid(0) == os.getpid():
+            raise Fatal(
+                "unable to give up the controlling terminal: this process leads its session, and a session leader "
+                "can take its terminal back (TIOCSCTTY); run it from a shell without exec, or give --keep-tty"
+            )
+        import termios  # only with a terminal: the usual path never imports it
+
+        try:
+            fcntl.ioctl(terminal, termios.TIOCNOTTY)
+        except OSError as error:
+            raise unable("give up the controlling terminal", error) from None
+    finally:
+        os.close(terminal)
+    still = _controlling_terminal()
+    if still is not None:
+        os.close(still)
+        raise Fatal("unable to give up the controlling terminal: /dev/tty still opens after TIOCNOTTY")
+
+
+def _controlling_terminal():
+    """A descriptor on this process's controlling terminal (/dev/tty), or None if it has none (ENXIO)."""
+    try:
+        return os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            return None
+        fields = proc.stat_fields("self")
+        if fields is not None and fields[4] == "0":
+            return None  # no /dev/tty to open (a bare container), and tty_nr (proc(5)) says there is no terminal
+        raise unable("open /dev/tty to give up the controlling terminal", error) from None
 
 
 def change_nice(increment):
