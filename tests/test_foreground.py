@@ -16,6 +16,7 @@ from conftest import HERE, TIMEOUT, free_port, require, run, unread_fd3_started
 from test_notify import Upstream, s6_service
 
 DAEMON = [sys.executable, str(HERE / "selfdaemon.py")]
+NO_DAEMON = 1  # fdlaunch-foreground(1), EXIT STATUS: the launching process exited 0 but no daemon was found
 
 
 @pytest.fixture
@@ -381,3 +382,80 @@ def test_a_notification_fd_nobody_reads_is_one_line_and_stops_the_daemon(tmp_pat
     assert keeper.wait(TIMEOUT) == 111
     assert err.read_text() == "fdlaunch-foreground: fatal: unable to write the readiness newline on fd 3: Broken pipe\n"
     assert not alive(daemon_pid(log)), "the daemon was left running"
+
+
+# A daemon that, instead of its PID file, leaves at that path whatever argv[2] says:
+# "symlink:TARGET", "fifo", or "owner:UID:PID-TEXT" (a regular file of that owner and
+# content, put in place whole). It tells the launching process once it has, and stays.
+PLANTING_DAEMON = """
+import os, signal, sys
+pidfile, plant = sys.argv[1], sys.argv[2]
+tell, told = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    kind, _, rest = plant.partition(":")
+    if kind == "symlink":
+        os.symlink(rest, pidfile)
+    elif kind == "fifo":
+        os.mkfifo(pidfile)
+    else:
+        owner, _, text = rest.partition(":")
+        with open(pidfile + ".new", "w") as new:
+            new.write(text.replace("PID", str(os.getpid())))
+            os.fchown(new.fileno(), int(owner), -1)
+        os.rename(pidfile + ".new", pidfile)
+    os.write(told, b"x")
+    signal.pause()
+os.read(tell, 1)
+"""
+
+
+def planted(plant, tmp_path, run_as=None, pidfile=None):
+    """fdlaunch-foreground --pidfile on a daemon that plants plant at that path; the finished run."""
+    pidfile = pidfile or tmp_path / "daemon.pid"
+    daemon = [sys.executable, "-c", PLANTING_DAEMON, str(pidfile), plant]
+    argv = ["fdlaunch-foreground", "--timeout=1", "--grace=1", f"--pidfile={pidfile}", "--", *(run_as(daemon) if run_as else daemon)]
+    return run(argv, env={"PATH": os.environ["PATH"]})
+
+
+def test_a_pid_file_made_a_symlink_is_never_followed(attacker, tmp_path):
+    """The daemon's user points its PID file at a root-only file: it is not read, and nothing of it is said."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$not-for-the-daemon$:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    pidfile = attacker.directory("run") / "daemon.pid"
+    done = planted(f"symlink:{secret}", tmp_path, attacker.argv, pidfile)
+    assert done.returncode == NO_DAEMON
+    assert done.stderr == f"fdlaunch-foreground: fatal: the PID file {str(pidfile)!r} is a symbolic link: refused, never followed\n"
+
+
+@pytest.mark.parametrize(
+    "plant, why",
+    [
+        ("fifo", "is a FIFO, not a regular file"),
+        ("owner:0:root:$6$x$:19000::::::\n", "does not hold a pid (one decimal number)"),
+        ("owner:0:", "is empty"),
+        ("owner:4343:PID\n", "is owned by uid 4343, neither root nor a user pid "),
+    ],
+)
+def test_a_pid_file_that_is_not_the_daemons_is_refused_without_quoting_it(plant, why, tmp_path):
+    done = planted(plant, tmp_path)
+    pidfile = tmp_path / "daemon.pid"
+    assert done.returncode == NO_DAEMON
+    assert done.stderr.startswith(f"fdlaunch-foreground: fatal: the PID file {str(pidfile)!r} {why}") and done.stderr.count("\n") == 1
+    assert "$6$" not in done.stderr
+
+
+def test_a_pid_file_of_the_daemons_own_user_is_taken(attacker, tmp_path):
+    pidfile = attacker.directory("own") / "daemon.pid"
+    daemon = [sys.executable, "-c", PLANTING_DAEMON, str(pidfile), f"owner:{attacker.uid}:PID"]
+    argv = ["fdlaunch-foreground", "-v", "--grace=1", f"--pidfile={pidfile}", "--", *attacker.argv(daemon)]
+    with keeper_running(argv, {"PATH": os.environ["PATH"]}, stderr=subprocess.PIPE, text=True) as keeper:
+        said = keeper.stderr.readline()
+        assert said.startswith("fdlaunch-foreground: info: the daemon is pid "), said
+        daemon_pid = int(said.split("pid ", 1)[1].split(";")[0])
+        assert pidfile.read_text() == str(daemon_pid) and os.stat(pidfile).st_uid == attacker.uid
+        keeper.terminate()
+        assert keeper.wait(TIMEOUT) == 128 + signal.SIGTERM

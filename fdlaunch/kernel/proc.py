@@ -66,24 +66,57 @@ def read_proc(path):
 
 
 def read_pidfile(path):
-    """(pid, None) or (None, why not): a PID file is one decimal number, a newline allowed."""
+    """(pid, uid of the file's owner, None), or (None, None, why not): a PID file is one decimal number, a newline allowed.
+
+    Opened O_PATH|O_NOFOLLOW first and looked at through that descriptor, so
+    nothing but a regular file is ever opened to be read: not what a
+    symlink put there points to (the daemon's user could aim it at a file
+    only root may read), not a FIFO or a device, whose open may block or act.
+    The reason never quotes what the file holds.
+    """
     try:
-        # O_NONBLOCK: a FIFO put there must not hold the caller past its deadline
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        where = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return None, "was not written"
+        return None, None, "was not written"
     except OSError as error:
-        return None, f"cannot be read: {error.strerror}"
+        return None, None, f"cannot be opened: {error.strerror}"
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "is not a regular file"
-        text = os.read(fd, 64)
+        info = os.fstat(where)
+        if stat.S_ISLNK(info.st_mode):
+            return None, None, "is a symbolic link: refused, never followed"
+        if not stat.S_ISREG(info.st_mode):
+            return None, None, f"is {_file_kind(info.st_mode)}, not a regular file"
+        fd = os.open(f"/proc/self/fd/{where}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)  # the same inode, not the path again
+    except OSError as error:
+        return None, None, f"cannot be read: {error.strerror}"
+    finally:
+        os.close(where)
+    try:
+        text = os.read(fd, 64).strip()
     finally:
         os.close(fd)
-    number = text.strip()
-    if not is_decimal(number) or not 0 < int(number) <= notifyproto.PID_MAX_LIMIT:
-        return None, f"holds {text.decode(errors='replace')!r}, not a pid"
-    return int(number), None
+    if not text:
+        return None, None, "is empty"
+    if not is_decimal(text) or not 0 < int(text) <= notifyproto.PID_MAX_LIMIT:
+        return None, None, "does not hold a pid (one decimal number)"
+    return int(text), info.st_uid, None
+
+
+def _file_kind(mode):
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a block device")
+
+
+def uids_of(pid):
+    """The real, effective, saved and filesystem uids of pid (proc(5), status), or () if it is gone."""
+    try:
+        status = read_proc(f"/proc/{pid}/status")
+    except OSError:
+        return ()
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return tuple(int(uid) for uid in line.split()[1:])
+    return ()
 
 
 def stat_fields(pid):

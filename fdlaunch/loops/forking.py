@@ -134,11 +134,17 @@ class Keeper:
                 self.pending.append(number)
 
     def from_pidfile(self, below):
-        """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it."""
-        pid, why = proc.read_pidfile(self.settings.pidfile)
+        """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it.
+
+        The file must be root's or the user's of the process it names: one
+        that neither wrote is not this daemon's PID file.
+        """
+        pid, owner, why = proc.read_pidfile(self.settings.pidfile)
         if pid is None:
             return None, why
         if pid in below:
+            if owner != 0 and owner not in proc.uids_of(pid):
+                return None, f"is owned by uid {owner}, neither root nor a user pid {pid} runs as: refused, and never signalled"
             return pid, None
         if not os.path.exists(f"/proc/{pid}"):
             return None, f"names pid {pid}, which is not running (a stale file?)"
