@@ -197,16 +197,41 @@ def all_stats():
                 yield int(name), fields
 
 
-def send(pid, number):
-    """Signal pid through a pidfd: never a process that took over a number already reaped."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        send_pidfd(pidfd, number)
-    finally:
-        os.close(pidfd)
+def pin_below(root, root_pidfd, found):
+    """{pid: pidfd} for the processes of found that, once pinned by a pidfd, are still below root.
+
+    found is {pid: ppid} as descendants(root) gives it, parents first.
+    A pidfd signals the process it was opened on and no other, even once
+    its pid is free and taken by another process (pidfd_open(2)), so a
+    number read a moment ago is never signalled as such. Each process is
+    taken only if, read after its pidfd was opened, its parent is one
+    already taken here that still holds its pid, and it still holds its
+    own: then that parent and that child are the ones found. One /proc
+    read per process, however deep the tree. root_pidfd: a pidfd on root,
+    or None when root is this process (whose pid no one else can take).
+    The caller closes the pidfds.
+    """
+    pinned = {root: root_pidfd}
+    for pid, parent in found.items():
+        if parent not in pinned:
+            continue  # its parent could not be taken: neither can it
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat_fields(pid)
+        parent_pidfd = pinned[parent]
+        if (
+            fields is not None
+            and int(fields[1]) == parent
+            and pid_of(pidfd) == pid
+            and (parent_pidfd is None or pid_of(parent_pidfd) == parent)
+        ):
+            pinned[pid] = pidfd
+        else:
+            os.close(pidfd)
+    del pinned[root]
+    return pinned
 
 
 def send_pidfd(pidfd, number):
