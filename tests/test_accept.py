@@ -1,5 +1,6 @@
 """fdlaunch-accept: real clients over TCP v4, v6 and unix sockets, limits, rules, signals, supervisors."""
 
+import json
 import os
 import shutil
 import signal
@@ -435,6 +436,54 @@ def test_sighup_reads_the_rules_again_and_keeps_them_when_bad(server, tmp_path):
     lines = [line for line in one.stderr().splitlines() if "kept the old rules" in line]
     assert len(lines) == 1 and "line 2" in lines[0] and "'allow 300.1.2.3'" in lines[0], lines
     assert talk(("127.0.0.1", port))[0] == "in 2\n"
+
+
+# Run in a network namespace of its own: two links that both have fe80::1, as two
+# hosts on two links may; fdlaunch-accept serves [::]:PORT with the rules in argv[1]
+# and says who each client is; a client from each link connects; what each one read,
+# and what fdlaunch-accept said, are printed as JSON.
+TWO_LINKS = """
+import json, socket, subprocess, sys, time
+for command in ("link set lo up", "link add fdl0 type veth peer name fdl1", "link set fdl0 up", "link set fdl1 up",
+                "-6 addr add fe80::1/64 dev fdl0 nodad", "-6 addr add fe80::1/64 dev fdl1 nodad"):
+    subprocess.run(["ip", *command.split()], check=True)
+argv = ["fdlaunch-listen", "-tcp6::7", "--", "fdlaunch-accept", "--rules=" + sys.argv[1], "--", "sh", "-c", 'echo "in $ROLE"']
+server = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+replies = {}
+try:
+    for link in ("fdl1", "fdl0"):
+        deadline = time.monotonic() + 10
+        while True:
+            client = socket.socket(socket.AF_INET6)
+            client.settimeout(10)
+            client.bind(("fe80::1", 0, 0, socket.if_nametoindex(link)))
+            try:
+                client.connect(("fe80::1", 7, 0, socket.if_nametoindex(link)))
+                break
+            except ConnectionRefusedError:  # not bound yet
+                client.close()
+                assert time.monotonic() < deadline, "fdlaunch-listen never bound [::]:7"
+                time.sleep(0.02)
+        with client:
+            replies[link] = client.makefile().read()
+finally:
+    server.terminate()
+    said = server.communicate(timeout=10)[1]
+print(json.dumps({"replies": replies, "said": said}))
+"""
+
+
+def test_a_zoned_rule_admits_its_address_on_its_own_link_only(tmp_path):
+    """fe80::1 on another link is another host: 'allow fe80::1%fdl0' never lets in the fe80::1 of fdl1."""
+    require_root()
+    unshare, _ = require("unshare"), require("ip")
+    rules = tmp_path / "rules"
+    rules.write_text("allow fe80::1%fdl0 ROLE=trusted\ndeny all\n")
+    done = run([unshare, "--net", "--", sys.executable, "-c", TWO_LINKS, str(rules)])
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["replies"] == {"fdl1": "", "fdl0": "in trusted\n"}, seen["said"]
+    assert "fdlaunch-accept: warning: deny [fe80::1]:" in seen["said"] and "(rules line 2)" in seen["said"]
 
 
 @pytest.mark.parametrize(

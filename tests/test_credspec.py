@@ -100,8 +100,8 @@ def test_capabilities():
         credspec.parse_capabilities("cap_fly")
 
 
-def observed(uid=(33,) * 4, gid=(33,) * 4, groups=(33, 110), eff=0, prm=0, amb=0):
-    return {"uid": uid, "gid": gid, "groups": groups, "cap_eff": eff, "cap_prm": prm, "cap_amb": amb}
+def observed(uid=(33,) * 4, gid=(33,) * 4, groups=(33, 110), eff=0, prm=0, inh=0, amb=0):
+    return {"uid": uid, "gid": gid, "groups": groups, "cap_eff": eff, "cap_prm": prm, "cap_inh": inh, "cap_amb": amb}
 
 
 WANTED = Credentials(33, 33, (33, 110))
@@ -112,12 +112,15 @@ WANTED = Credentials(33, 33, (33, 110))
     [
         (observed(), (), None),
         (observed(groups=(110, 33)), (), None),
-        (observed(eff=1 << 10, prm=1 << 10, amb=1 << 10), (10,), None),
+        (observed(eff=1 << 10, prm=1 << 10, inh=1 << 10, amb=1 << 10), (10,), None),
         (observed(uid=(33, 33, 0, 33)), (), "uids are 33/33/0/33, not 33"),
         (observed(gid=(0, 33, 33, 33)), (), "gids are 0/33/33/33, not 33"),
         (observed(groups=(33, 110, 0)), (), "groups are [33, 110, 0], not [33, 110]"),
         (observed(prm=1 << 10), (), "prm capabilities are 0x400, not 0x0"),
-        (observed(eff=1 << 10, prm=1 << 10, amb=0), (10,), "amb capabilities are 0x0, not 0x400"),
+        (observed(eff=1 << 10, prm=1 << 10, inh=1 << 10, amb=0), (10,), "amb capabilities are 0x0, not 0x400"),
+        # inheritable capabilities left over would be gained back by any file with them (cap_net_raw+ei)
+        (observed(inh=0x202002), (), "inh capabilities are 0x202002, not 0x0"),
+        (observed(eff=1 << 10, prm=1 << 10, inh=(1 << 10) | (1 << 13), amb=1 << 10), (10,), "inh capabilities are 0x2400, not 0x400"),
     ],
 )
 def test_mismatches(kernel, capabilities, complaint):

@@ -1,6 +1,7 @@
 """fdlaunch-foreground: a daemon that forks into the background, kept under a real supervisor."""
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -12,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HERE, TIMEOUT, free_port, require, run, unread_fd3_started
+from conftest import HERE, TIMEOUT, free_port, require, require_root, run, unread_fd3_started
 from test_notify import Upstream, s6_service
 
 DAEMON = [sys.executable, str(HERE / "selfdaemon.py")]
+NO_DAEMON = 1  # fdlaunch-foreground(1), EXIT STATUS: the launching process exited 0 but no daemon was found
 
 
 @pytest.fixture
@@ -381,3 +383,220 @@ def test_a_notification_fd_nobody_reads_is_one_line_and_stops_the_daemon(tmp_pat
     assert keeper.wait(TIMEOUT) == 111
     assert err.read_text() == "fdlaunch-foreground: fatal: unable to write the readiness newline on fd 3: Broken pipe\n"
     assert not alive(daemon_pid(log)), "the daemon was left running"
+
+
+# A daemon that, instead of its PID file, leaves at that path whatever argv[2] says:
+# "symlink:TARGET", "fifo", or "owner:UID:PID-TEXT" (a regular file of that owner and
+# content, put in place whole). It tells the launching process once it has, and stays.
+PLANTING_DAEMON = """
+import os, signal, sys
+pidfile, plant = sys.argv[1], sys.argv[2]
+tell, told = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    kind, _, rest = plant.partition(":")
+    if kind == "symlink":
+        os.symlink(rest, pidfile)
+    elif kind == "fifo":
+        os.mkfifo(pidfile)
+    else:
+        owner, _, text = rest.partition(":")
+        with open(pidfile + ".new", "w") as new:
+            new.write(text.replace("PID", str(os.getpid())))
+            os.fchown(new.fileno(), int(owner), -1)
+        os.rename(pidfile + ".new", pidfile)
+    os.write(told, b"x")
+    signal.pause()
+os.read(tell, 1)
+"""
+
+
+def planted(plant, tmp_path, run_as=None, pidfile=None):
+    """fdlaunch-foreground --pidfile on a daemon that plants plant at that path; the finished run."""
+    pidfile = pidfile or tmp_path / "daemon.pid"
+    daemon = [sys.executable, "-c", PLANTING_DAEMON, str(pidfile), plant]
+    argv = ["fdlaunch-foreground", "--timeout=1", "--grace=1", f"--pidfile={pidfile}", "--", *(run_as(daemon) if run_as else daemon)]
+    return run(argv, env={"PATH": os.environ["PATH"]})
+
+
+def test_a_pid_file_made_a_symlink_is_never_followed(attacker, tmp_path):
+    """The daemon's user points its PID file at a root-only file: it is not read, and nothing of it is said."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$not-for-the-daemon$:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    pidfile = attacker.directory("run") / "daemon.pid"
+    done = planted(f"symlink:{secret}", tmp_path, attacker.argv, pidfile)
+    assert done.returncode == NO_DAEMON
+    assert done.stderr == f"fdlaunch-foreground: fatal: the PID file {str(pidfile)!r} is a symbolic link: refused, never followed\n"
+
+
+@pytest.mark.parametrize(
+    "plant, why",
+    [
+        ("fifo", "is a FIFO, not a regular file"),
+        ("owner:0:root:$6$x$:19000::::::\n", "does not hold a pid (one decimal number)"),
+        ("owner:0:", "is empty"),
+        ("owner:4343:PID\n", "is owned by uid 4343, neither root nor a user pid "),
+    ],
+)
+def test_a_pid_file_that_is_not_the_daemons_is_refused_without_quoting_it(plant, why, tmp_path):
+    done = planted(plant, tmp_path)
+    pidfile = tmp_path / "daemon.pid"
+    assert done.returncode == NO_DAEMON
+    assert done.stderr.startswith(f"fdlaunch-foreground: fatal: the PID file {str(pidfile)!r} {why}") and done.stderr.count("\n") == 1
+    assert "$6$" not in done.stderr
+
+
+def test_a_pid_file_of_the_daemons_own_user_is_taken(attacker, tmp_path):
+    pidfile = attacker.directory("own") / "daemon.pid"
+    daemon = [sys.executable, "-c", PLANTING_DAEMON, str(pidfile), f"owner:{attacker.uid}:PID"]
+    argv = ["fdlaunch-foreground", "-v", "--grace=1", f"--pidfile={pidfile}", "--", *attacker.argv(daemon)]
+    with keeper_running(argv, {"PATH": os.environ["PATH"]}, stderr=subprocess.PIPE, text=True) as keeper:
+        said = keeper.stderr.readline()
+        assert said.startswith("fdlaunch-foreground: info: the daemon is pid "), said
+        daemon_pid = int(said.split("pid ", 1)[1].split(";")[0])
+        assert pidfile.read_text() == str(daemon_pid) and os.stat(pidfile).st_uid == attacker.uid
+        keeper.terminate()
+        assert keeper.wait(TIMEOUT) == 128 + signal.SIGTERM
+
+
+# A forking daemon that ignores SIGTERM and reaps its workers at once (SIGCHLD ignored);
+# on SIGUSR1 it starts a worker, which SIGTERM ends. Its pid, then each worker's, go to
+# the file in argv[1], a line each.
+STUBBORN_DAEMON = """
+import os, signal, sys, time
+report = sys.argv[1]
+tell, told = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    def start_worker(number, frame):
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            with open(report, "a") as out:
+                out.write(f"worker {os.getpid()}\\n")
+            while True:
+                time.sleep(60)
+    signal.signal(signal.SIGUSR1, start_worker)
+    with open(report, "a") as out:
+        out.write(f"daemon {os.getpid()}\\n")
+    os.write(told, b"x")
+    while True:
+        time.sleep(60)
+os.read(tell, 1)
+"""
+
+# Run as the init of a pid namespace of its own (unshare --pid), where pids are few and
+# ns_last_pid (proc(5)) chooses the next one. fdlaunch-foreground keeps STUBBORN_DAEMON;
+# once the daemon has a worker, the keeper is SIGKILLed, so its guard stops them: the
+# worker exits at its SIGTERM, and while the guard waits out the daemon's --grace, an
+# unrelated process is given the worker's pid. Once the guard is done, that process is sent
+# SIGTERM; prints as JSON which signal ended it. argv: STUBBORN_DAEMON, a directory for its files.
+REUSED_PID = """
+import json, os, select, signal, subprocess, sys, time
+report, stderr = sys.argv[2] + "/report", sys.argv[2] + "/stderr"
+def wait_for(condition, what, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.01)
+def said(kind):
+    lines = open(report).read().split()
+    return [int(lines[i + 1]) for i in range(0, len(lines), 2) if lines[i] == kind]
+keeper = subprocess.Popen(["fdlaunch-foreground", "-v", "--grace=3", "--", sys.executable, "-c", sys.argv[1], report],
+                          stderr=open(stderr, "w"))
+# Once it says so, the daemon is found and the keeper looks below it only every second.
+wait_for(lambda: "info: the daemon is pid" in open(stderr).read(), "the daemon to be found")
+daemon = said("daemon")[0]
+children = open(f"/proc/{keeper.pid}/task/{keeper.pid}/children").read().split()
+guard = next(pid for pid in map(int, children) if pid != daemon)
+guard_pidfd = os.pidfd_open(guard)
+os.kill(daemon, signal.SIGUSR1)
+wait_for(lambda: said("worker"), "the worker")
+worker = said("worker")[0]
+keeper.kill()
+keeper.wait()
+wait_for(lambda: not os.path.exists(f"/proc/{worker}"), "the worker to end at the guard's SIGTERM")
+for attempt in range(20):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+        last.write(str(worker - 1))
+    victim = subprocess.Popen(["sleep", "60"])
+    if victim.pid == worker:
+        break
+    victim.kill()
+    victim.wait()
+assert victim.pid == worker, "could not give the worker's pid to another process"
+assert select.select([guard_pidfd], [], [], 20)[0], "the guard never finished"
+# A signal the guard sent has been sent by now: it is what ended the process, not this SIGTERM.
+victim.terminate()
+ended_by = -victim.wait(20)
+print(json.dumps({"victim": victim.pid, "ended by": signal.Signals(ended_by).name, "said": open(stderr).read()}))
+"""
+
+
+def test_the_guard_never_signals_a_process_that_took_over_a_pid(tmp_path):
+    """The guard holds pidfds, not numbers: a pid freed and given to another process during --grace is not its to kill."""
+    require_root()
+    unshare = require("unshare")
+    argv = [unshare, "--pid", "--fork", "--mount-proc", "--", sys.executable, "-c", REUSED_PID, STUBBORN_DAEMON, str(tmp_path)]
+    done = run(argv, env={"PATH": os.environ["PATH"]}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["ended by"] == "SIGTERM", f"the process given pid {seen['victim']} was killed; the guard said: {seen['said']}"
+
+
+# Run in a pid namespace of its own, where ns_last_pid (proc(5)) chooses the next pid: two
+# children of ours are found below us; one ends and is reaped, and its pid is given to a
+# process that is not below us. The keeper's stop (forking.signal_below) then sends SIGKILL
+# to what was found: the child still there gets it, the process that took the pid must not;
+# a SIGTERM afterwards tells which one it reached. Prints what happened as JSON.
+STOP_AFTER_REUSE = """
+import json, os, signal, subprocess
+from fdlaunch.kernel import proc
+from fdlaunch.loops import forking
+ended, kept = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+found = proc.descendants(os.getpid())
+ended.kill()
+ended.wait()
+report, reporting = os.pipe()
+middle = os.fork()
+if middle == 0:  # its child outlives it, so is not below us
+    os.close(report)
+    with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+        last.write(str(ended.pid - 1))
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, lambda number, frame: (os.write(reporting, b" survived"), os._exit(0)))
+        os.write(reporting, b"%d" % os.getpid())
+        signal.pause()
+    os._exit(0)
+os.close(reporting)
+os.waitpid(middle, 0)
+stranger = int(os.read(report, 20))
+parent = proc.stat_fields(stranger)[1]
+forking.signal_below(found, signal.SIGKILL)
+for pid in (kept.pid, stranger):
+    os.kill(pid, signal.SIGTERM)  # what ends it if the SIGKILL did not reach it
+kept_ended_by = signal.Signals(-kept.wait(20)).name
+said = b""
+while chunk := os.read(report, 20):  # until the stranger is gone
+    said += chunk
+print(json.dumps({"ended": ended.pid, "stranger": stranger, "its parent": parent, "kept": kept_ended_by, "stranger said": said.decode()}))
+"""
+
+
+def test_the_keepers_stop_never_signals_a_process_that_took_over_a_pid():
+    require_root()
+    unshare = require("unshare")
+    wrapper = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"  # so that the test is not the namespace's init
+    argv = [unshare, "--pid", "--fork", "--mount-proc", "--", sys.executable, "-c", wrapper, sys.executable, "-c", STOP_AFTER_REUSE]
+    done = run(argv, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["stranger"] == seen["ended"] and seen["its parent"] != "2", f"the pid was not taken over: {seen}"
+    assert seen["kept"] == "SIGKILL"  # found, and still ours: stopped
+    assert seen["stranger said"] == " survived", "SIGKILL reached a process that took over a pid found below us"

@@ -22,8 +22,8 @@ deny all
 """
 
 
-def client(ip=None, uid=None, gid=None):
-    return rules.Client(ipaddress.ip_address(ip) if ip else None, uid, gid)
+def client(ip=None, uid=None, gid=None, link=None):
+    return rules.Client(ipaddress.ip_address(ip) if ip else None, uid, gid, link)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,40 @@ def test_ipv4_rules_do_not_match_ipv6_clients():
 def test_ipv4_mapped_rules_match_the_ipv4_clients_they_map(rule, ip, allowed):
     # An IPv4 client of a dual-stack socket reaches the rules as IPv4 (ucspi.plain_ip).
     assert rules.decide(rules.parse(rule + "\n", "t"), client(ip)).allowed is allowed
+
+
+@pytest.mark.parametrize(
+    "rule, link, allowed",
+    [
+        ("allow fe80::1%eth0", "eth0", True),
+        ("allow fe80::1%eth0", "wlan0", False),  # the same address on another link is another host
+        ("allow fe80::%eth0/64", "eth0", True),
+        ("allow fe80::%eth0/64", "wlan0", False),
+        ("allow fe80::1", "wlan0", True),  # no zone: that address on every link
+        ("deny fe80::1%eth0\nallow all", "eth0", False),
+        ("deny fe80::1%eth0\nallow all", "wlan0", True),
+    ],
+)
+def test_a_zoned_rule_matches_only_clients_on_its_link(rule, link, allowed):
+    assert rules.decide(rules.parse(rule + "\n", "t"), client("fe80::1", link=link)).allowed is allowed
+
+
+@pytest.mark.parametrize(
+    "word, fault",
+    [
+        ("2001:db8::1%eth0", "a zone (%eth0) only goes with a link-local address or network, in fe80::/10"),
+        ("::ffff:10.0.0.1%eth0", "a zone (%eth0) only goes with a link-local address"),
+        ("fe80::%eth0/9", "a zone (%eth0) only goes with a link-local address"),  # wider than fe80::/10
+        ("fe80::1%2", "%2 is an interface number; name the interface instead"),
+        ("fe80::1%a/b", "is not an address"),  # '/' starts the prefix length
+        ("fe80::1%very-long-name-x", "'very-long-name-x' is not an interface name"),
+        ("fe80::1%a:b", "'a:b' is not an interface name"),
+    ],
+)
+def test_zones_that_could_never_match_are_refused(word, fault):
+    with pytest.raises(UsageError) as caught:
+        rules.parse(f"allow {word}\n", "t")
+    assert fault in str(caught.value) and str(caught.value).startswith(f"t line 1: 'allow {word}': ")
 
 
 def test_names_are_looked_up():

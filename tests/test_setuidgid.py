@@ -1,11 +1,15 @@
 """fdlaunch-setuidgid end to end: real credential changes as root, compared with s6."""
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 
 import pytest
 from conftest import require, require_root, run, sockets
@@ -14,6 +18,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: changes c
 
 USER, GROUPS = "fdlaunch-t", ("fdlaunch-g1", "fdlaunch-g2")
 CAP_NET_BIND_SERVICE = 10
+# setpriv(1)'s --inh-caps for a caller with inheritable capabilities, as some container runtimes start services
+INHERITED = "+net_raw,+sys_admin,+dac_override"
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +210,13 @@ def test_setsid_refuses_a_process_group_leader():
     assert "unable to start a new session: Operation not permitted" in done.stderr and "leads a process group" in done.stderr
 
 
-@pytest.mark.parametrize("asked", [[], ["--no-new-privs"], ["--keep-cap=net_bind_service"]])
+@pytest.mark.parametrize("asked", [[], ["--no-new-privs"], ["--keep-cap=net_bind_service"], ["inherited"]])
 def test_chroot(tmp_path, asked):
     """A root holding dash and its libraries: the program runs inside it, as nobody.
 
     prctl(2) and capset(2) come after the chroot, where no Python library is
-    left to import: what they need was loaded before.
+    left to import: what they need was loaded before (also to empty the
+    inheritable set of a caller that has one).
     """
     root = tmp_path / "root"
     for path in ("/bin/sh", "/bin/dash", *shared_libraries("/bin/dash")):
@@ -217,7 +224,9 @@ def test_chroot(tmp_path, asked):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(path), target)
     (root / "marker-inside").write_text("")
-    done = run(["fdlaunch-setuidgid", f"--chroot={root}", *asked, "nobody", "/bin/sh", "-c", 'cd / && echo * && echo "$(pwd)"'])
+    caller = ["setpriv", f"--inh-caps={INHERITED}"] if asked == ["inherited"] else []
+    asked = [] if asked == ["inherited"] else asked
+    done = run([*caller, "fdlaunch-setuidgid", f"--chroot={root}", *asked, "nobody", "/bin/sh", "-c", 'cd / && echo * && echo "$(pwd)"'])
     assert done.returncode == 0, done.stderr
     entries, cwd = done.stdout.splitlines()
     assert "marker-inside" in entries.split() and cwd == "/"
@@ -250,7 +259,7 @@ def shared_libraries(binary):
         (["--", "nobody", "true"], 100, "fdlaunch-setuidgid: usage: fdlaunch-setuidgid [options]"),  # '--' before the account
         (["--chroot=/no/such/dir", "nobody", "true"], 111, "unable to chroot to /no/such/dir: No such file or directory"),
         (["--chdir=/no/such/dir", "nobody", "true"], 111, "unable to chdir to /no/such/dir: No such file or directory"),
-        (["nobody", "no-such-program-fdl"], 127, "unable to exec no-such-program-fdl: No such file or directory"),
+        (["nobody", "/no/such/program-fdl"], 127, "unable to exec /no/such/program-fdl: No such file or directory"),
         (["nobody", "/etc/passwd"], 126, "unable to exec /etc/passwd: Permission denied"),
     ],
 )
@@ -275,3 +284,165 @@ def test_from_env_names_the_bad_variable(environ, message):
     done = run(["fdlaunch-setuidgid", "--from-env", "true"], env={"PATH": os.environ["PATH"], **environ})
     assert done.returncode == 100
     assert message in done.stderr
+
+
+@pytest.fixture
+def private_program(tmp_path):
+    """An executable in a directory only root may enter (pytest's tmp_path is under a 0700 one), as /root/bin/x is."""
+    directory = tmp_path / "bin"
+    directory.mkdir(mode=0o700)
+    program = directory / "mytrue"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_a_program_the_account_may_not_reach_is_refused_for_permission(private_program):
+    """execve(2) says EACCES, not ENOENT: 126 and 'Permission denied', as s6-setuidgid says it."""
+    done = run(["fdlaunch-setuidgid", "nobody", "--", str(private_program)])
+    assert (done.returncode, done.stderr) == (126, f"fdlaunch-setuidgid: fatal: unable to exec {private_program}: Permission denied\n")
+    s6 = run([require("s6-setuidgid"), "nobody", str(private_program)])
+    assert s6.returncode == done.returncode and "Permission denied" in s6.stderr
+
+
+def test_a_path_directory_the_account_may_not_search_is_permission_denied(private_program):
+    """execvp(3)'s rule: EACCES met on the PATH search is 126, unless a later directory has the program."""
+    tool = shutil.which("fdlaunch-setuidgid")
+    searched = {"PATH": f"{private_program.parent}:/usr/bin:/bin"}
+    done = run([tool, "nobody", "--", "mytrue"], env=searched)
+    assert (done.returncode, done.stderr) == (126, "fdlaunch-setuidgid: fatal: unable to exec mytrue: Permission denied\n")
+    found_later = run([tool, "nobody", "--", "true"], env=searched)
+    assert (found_later.returncode, found_later.stderr) == (0, "")
+    nowhere = run([tool, "nobody", "--", "no-such-program-fdl"], env={"PATH": "/usr/bin:/bin"})
+    assert nowhere.returncode == 127
+    assert nowhere.stderr == "fdlaunch-setuidgid: fatal: unable to exec no-such-program-fdl: No such file or directory\n"
+
+
+def test_inherited_capabilities_do_not_survive_the_drop(attacker, public_dir):
+    """A caller with inheritable capabilities (as some container runtimes give): the program's are exactly --keep-cap's.
+
+    Left inheritable, they would be gained back by executing any file with
+    inheritable file capabilities: here a copy of capsh(1) with cap_net_raw+ei.
+    """
+    setcap, capsh = require("setcap"), require("capsh")
+    marked = os.path.join(public_dir, "capsh")
+    shutil.copy(capsh, marked)
+    assert run([setcap, "cap_net_raw+ei", marked]).returncode == 0
+    inherited = ["setpriv", f"--inh-caps={INHERITED}", "fdlaunch-setuidgid"]
+    account = f"{attacker.uid}:{attacker.gid}"
+    done = run([*inherited, account, "--", "grep", "^Cap", "/proc/self/status"])
+    assert done.returncode == 0, done.stderr
+    assert status_masks(done.stdout) == {"CapEff": 0, "CapPrm": 0, "CapInh": 0, "CapAmb": 0}
+    regained = run([*inherited, account, "--", marked, "--has-p=cap_net_raw"])
+    assert regained.returncode == 1 and "not permitted" in regained.stderr, regained.stderr
+    kept = run([*inherited, "--keep-cap=net_bind_service", account, "--", "grep", "^Cap", "/proc/self/status"])
+    assert kept.returncode == 0, kept.stderr
+    assert status_masks(kept.stdout) == {name: 1 << CAP_NET_BIND_SERVICE for name in ("CapEff", "CapPrm", "CapInh", "CapAmb")}
+
+
+# The program an attacker would run: type a command into the terminal (TIOCSTI), through
+# /dev/tty and through fd 0, and take the terminal as a new session's; it reports what
+# happened as JSON on stdout.
+TYPE_INTO_TERMINAL = """
+import fcntl, json, os, termios
+report = {"tty_nr": open("/proc/self/stat").read().rsplit(")", 1)[1].split()[4]}
+targets = {"fd 0": 0}
+try:
+    targets["/dev/tty"] = os.open("/dev/tty", os.O_RDWR)
+except OSError as error:
+    report["/dev/tty"] = error.strerror
+for name, fd in targets.items():
+    try:
+        for byte in b"echo typed-by-the-program\\n":
+            fcntl.ioctl(fd, termios.TIOCSTI, bytes([byte]))
+        report[name] = "typed"
+    except OSError as error:
+        report[name] = error.strerror
+child = os.fork()
+if child == 0:  # a session of its own, and the terminal taken as its controlling one (TIOCSCTTY)
+    os.setsid()
+    try:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    except OSError as error:
+        os._exit(error.errno)
+    os._exit(0)
+taken = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+report["taken back"] = os.strerror(taken) if taken else "taken"
+print(json.dumps(report))
+"""
+
+# A root shell on a terminal, as far as this matters: it leads the session the terminal
+# (its stdin) controls, runs the command in a process group of its own that it makes the
+# foreground one (as a shell with job control does), and once the command has exited
+# reports on stdout what it printed and what waits in the terminal's input queue to be
+# read as typed by the shell.
+ROOT_SHELL = """
+import fcntl, json, os, signal, subprocess, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+command = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+os.tcsetpgrp(0, command.pid)
+out, err = command.communicate(timeout=20)
+os.tcsetpgrp(0, os.getpgrp())
+queued = int.from_bytes(fcntl.ioctl(0, termios.FIONREAD, bytes(4)), sys.byteorder)
+os.set_blocking(0, False)
+print(json.dumps({"status": command.returncode, "stdout": out, "stderr": err, "queued": os.read(0, queued).decode() if queued else ""}))
+"""
+
+
+@contextlib.contextmanager
+def terminal():
+    """A pseudo-terminal: (controller, terminal) descriptors, closed afterwards."""
+    controller, device = os.openpty()
+    try:
+        yield controller, device
+    finally:
+        os.close(controller)
+        os.close(device)
+
+
+def from_root_shell(argv):
+    """argv run as a command of ROOT_SHELL on a fresh terminal: what the shell reported."""
+    with terminal() as (_, device):
+        done = run([sys.executable, "-c", ROOT_SHELL, *argv], stdin=device)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_program_cannot_type_into_the_callers_terminal(attacker):
+    """Run from a root shell, the program has no controlling terminal: what it types never reaches that shell."""
+    program = attacker.script("type-into-terminal.py", TYPE_INTO_TERMINAL)
+    shell = from_root_shell(["fdlaunch-setuidgid", attacker.name, "--", sys.executable, program])
+    assert (shell["status"], shell["stderr"], shell["queued"]) == (0, "", "")
+    report = json.loads(shell["stdout"])
+    assert report["tty_nr"] == "0" and report["/dev/tty"] == "No such device or address"
+    assert report["fd 0"] in ("Operation not permitted", "Input/output error")  # EIO where dev.tty.legacy_tiocsti=0
+    assert report["taken back"] == "Operation not permitted"  # the shell's session holds it
+
+
+def test_keep_tty_keeps_the_controlling_terminal(attacker):
+    program = attacker.script("type-into-terminal.py", TYPE_INTO_TERMINAL)
+    shell = from_root_shell(["fdlaunch-setuidgid", "--keep-tty", attacker.name, "--", sys.executable, program])
+    assert (shell["status"], shell["stderr"]) == (0, "")
+    report = json.loads(shell["stdout"])
+    assert report["tty_nr"] != "0" and "/dev/tty" in report and report["/dev/tty"] != "No such device or address"
+
+
+def test_a_session_leader_with_a_terminal_is_refused_unless_it_keeps_it():
+    """The leader of the terminal's session could take it back after TIOCNOTTY (TIOCSCTTY): refused, nothing run."""
+
+    def lead_the_terminal_session():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    with terminal() as (_, device):
+        argv = ["fdlaunch-setuidgid", "nobody", "--", "sh", "-c", "echo ran"]
+        refused = run(argv, stdin=device, preexec_fn=lead_the_terminal_session)
+        kept = run([argv[0], "--keep-tty", *argv[1:]], stdin=device, preexec_fn=lead_the_terminal_session)
+    assert (refused.returncode, refused.stdout) == (111, "")
+    assert refused.stderr.startswith(
+        "fdlaunch-setuidgid: fatal: unable to give up the controlling terminal: this process leads its session"
+    )
+    assert refused.stderr.endswith("give --keep-tty\n") and refused.stderr.count("\n") == 1
+    assert (kept.returncode, kept.stdout, kept.stderr) == (0, "ran\n", "")

@@ -24,6 +24,7 @@ Options:
                      nofile=4096 (repeatable).
   --nice=N           Add N to the nice value.
   --setsid           Start a new session.
+  --keep-tty         Keep the controlling terminal (it can be typed into).
   --no-new-privs     Set no_new_privs: no setuid exec regains anything.
   -v, --verbose      Say on stderr what the process became.
   -h, --help         Print this help.
@@ -43,7 +44,18 @@ PROG = "fdlaunch-setuidgid"
 # What the process options ask for, parsed: limits as credspec.parse_limit
 # gives them, nice and umask numbers or None, capabilities numbers (or ()).
 Setup = namedtuple("Setup", "limits nice umask capabilities")
-PROCESS_OPTIONS = ("--env", "--keep-cap", "--umask", "--chdir", "--chroot", "--limit", "--nice", "--setsid", "--no-new-privs")
+PROCESS_OPTIONS = (
+    "--env",
+    "--keep-cap",
+    "--umask",
+    "--chdir",
+    "--chroot",
+    "--limit",
+    "--nice",
+    "--setsid",
+    "--keep-tty",
+    "--no-new-privs",
+)
 
 
 @tool(PROG)
@@ -62,7 +74,7 @@ def main(argv, environ):
         environ.update(account_environment(account))
     status = creds.open_status()
     change_process(options, setup, status)
-    creds.drop(wanted, setup.capabilities)
+    creds.drop(wanted, setup.capabilities, status)
     verify(status, wanted, setup.capabilities)
     if options["--no-new-privs"]:
         creds.no_new_privs()
@@ -101,14 +113,16 @@ def account_environment(account):
 
 
 def change_process(options, setup, status):
-    """What is changed while still privileged, in the order of fdlaunch-setuidgid(1): limits, nice, setsid, chroot, umask."""
-    if setup.capabilities or options["--no-new-privs"]:
+    """What is changed while still privileged, in the order of fdlaunch-setuidgid(1): limits, nice, setsid, terminal, chroot, umask."""
+    if setup.capabilities or options["--no-new-privs"] or (options["--chroot"] and creds.observe(status)["cap_inh"]):
         creds.load_libc()  # ctypes, while the standard library is still there to import: not after --chroot
     creds.set_limits(setup.limits)
     if setup.nice is not None:
         creds.change_nice(setup.nice)
     if options["--setsid"]:
         creds.new_session()
+    if not options["--keep-tty"]:
+        creds.leave_terminal()
     if options["--chroot"]:
         creds.change_root(options["--chroot"])
     if setup.umask is not None:

@@ -12,6 +12,7 @@ import fcntl
 import functools
 import os
 import signal
+import stat
 import sys
 from collections import namedtuple
 
@@ -30,6 +31,8 @@ TOOLS = {
     "fdlaunch-accept": "accept",
 }
 FUSE_VARIABLE = "FDLAUNCH_FUSE"
+# What execve(2) says when there is no such program: 127; every other errno is 126.
+NOT_THERE = (errno.ENOENT, errno.ENOTDIR)
 
 
 # A tool's last step: run path with argv and environ. undo, if not None, takes
@@ -65,9 +68,12 @@ def received_environment():
 def find_program(name, environ):
     """The path execve will run for name, searched in environ's PATH as execvp does.
 
-    Found nowhere: 127. Found but not executable (no x bit, a directory): 126.
-    A script of this installation is found without a look at the file, which
-    a user we became may no longer be allowed to read (see installation()).
+    Found nowhere: 127. Found but not executable (no x bit, a directory), or
+    out of reach (a directory on the way that may not be searched, EACCES):
+    126, with what stood in the way, as execvp(3) reports the first EACCES
+    once no later directory has the program. A script of this installation
+    is found without a look at the file, which a user we became may no
+    longer be allowed to read (see installation()).
     """
     if not name:
         candidates = []  # execvp(3) finds nothing for '' (os.path.join would make it each PATH directory)
@@ -80,12 +86,17 @@ def find_program(name, environ):
     for path in candidates:
         if ours and os.path.abspath(path) in ours:
             return path
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-        if os.path.exists(path) and refusal is None:
-            reason = "Is a directory" if os.path.isdir(path) else os.strerror(errno.EACCES)
-            refusal = Fatal(f"unable to exec {shown(name)}: {reason}", NOT_EXECUTABLE)
-    raise refusal or Fatal(f"unable to exec {shown(name)}: {os.strerror(errno.ENOENT)}", NOT_FOUND)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as error:
+            reason = error.errno  # ENOENT, ENOTDIR: not here; anything else (EACCES, ELOOP) stands in the way
+        else:
+            if stat.S_ISREG(mode) and os.access(path, os.X_OK):
+                return path
+            reason = errno.EISDIR if stat.S_ISDIR(mode) else errno.EACCES
+        if refusal is None and reason not in NOT_THERE:
+            refusal = exec_failed(name, reason)
+    raise refusal or exec_failed(name, errno.ENOENT)
 
 
 def fusable_scripts(environ):
@@ -227,7 +238,7 @@ def exec_program(path, argv, environ):
 
 def exec_failed(name, number):
     """The one message and status for an exec that failed with errno number: 127 not found, else 126."""
-    status = NOT_FOUND if number in (errno.ENOENT, errno.ENOTDIR) else NOT_EXECUTABLE
+    status = NOT_FOUND if number in NOT_THERE else NOT_EXECUTABLE
     return Fatal(f"unable to exec {shown(name)}: {os.strerror(number)}", status)
 
 

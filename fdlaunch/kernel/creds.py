@@ -4,6 +4,8 @@ Order follows s6-applyuidgid: supplementary groups, then gid, then uid; the
 result is then read back from /proc/self/status and compared, never assumed.
 """
 
+import errno
+import fcntl
 import os
 import resource
 
@@ -82,6 +84,56 @@ def new_session():
         ) from None
 
 
+def leave_terminal():
+    """Give up the controlling terminal, if there is one, staying in the same session and process group.
+
+    With it, the program could push input into the terminal (TIOCSTI,
+    tty_ioctl(4)) that the caller's shell then reads as if typed. For a
+    process that does not lead its session, TIOCNOTTY ends only its own tie
+    to the terminal; setsid(2) could not be used anyway (a shell with job
+    control makes the command lead a process group, and the pid is kept).
+    Its group stays the terminal's foreground one, so ^C still reaches it.
+    A session leader is refused instead: TIOCNOTTY would hang up its group
+    (SIGHUP), and as a session leader the program could take the terminal
+    back (TIOCSCTTY). Without a terminal (the usual case under a
+    supervisor) this costs one failed open(2).
+    """
+    terminal = _controlling_terminal()
+    if terminal is None:
+        return
+    try:
+        if os.getsid(0) == os.getpid():
+            raise Fatal(
+                "unable to give up the controlling terminal: this process leads its session, and a session leader "
+                "can take its terminal back (TIOCSCTTY); run it from a shell without exec, or give --keep-tty"
+            )
+        import termios  # only with a terminal: the usual path never imports it
+
+        try:
+            fcntl.ioctl(terminal, termios.TIOCNOTTY)
+        except OSError as error:
+            raise unable("give up the controlling terminal", error) from None
+    finally:
+        os.close(terminal)
+    still = _controlling_terminal()
+    if still is not None:
+        os.close(still)
+        raise Fatal("unable to give up the controlling terminal: /dev/tty still opens after TIOCNOTTY")
+
+
+def _controlling_terminal():
+    """A descriptor on this process's controlling terminal (/dev/tty), or None if it has none (ENXIO)."""
+    try:
+        return os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            return None
+        fields = proc.stat_fields("self")
+        if fields is not None and fields[4] == "0":
+            return None  # no /dev/tty to open (a bare container), and tty_nr (proc(5)) says there is no terminal
+        raise unable("open /dev/tty to give up the controlling terminal", error) from None
+
+
 def change_nice(increment):
     try:
         os.nice(increment)
@@ -89,10 +141,18 @@ def change_nice(increment):
         raise unable(f"change the nice value by {increment}", error) from None
 
 
-def drop(credentials, capabilities):
-    """Become credentials, keeping exactly the given capabilities (ambient) if any."""
-    kernel = _Kernel() if capabilities else None
-    if kernel:
+def drop(credentials, capabilities, status):
+    """Become credentials, keeping exactly the given capabilities (ambient) if any.
+
+    The inheritable set becomes exactly those too: the uid change clears the
+    permitted, effective and ambient sets but leaves it, and a program could
+    then gain it back by executing a file that has the same capabilities as
+    inheritable file capabilities (capabilities(7)). Without capabilities to
+    keep and with nothing inherited (the common case), ctypes is not loaded.
+    """
+    inherited = observe(status)["cap_inh"]
+    kernel = _Kernel() if capabilities or inherited else None
+    if capabilities:
         kernel.prctl(PR_SET_KEEPCAPS, 1)
     for what, call, value in (
         ("set supplementary groups", os.setgroups, list(credentials.groups)),
@@ -103,9 +163,11 @@ def drop(credentials, capabilities):
             call(*value) if isinstance(value, tuple) else call(value)
         except OSError as error:
             raise unable(what, error) from None
-    if kernel:
+    if capabilities:
         kernel.keep_only(capabilities)
         kernel.prctl(PR_SET_KEEPCAPS, 0)
+    elif inherited:
+        kernel.clear_inheritable()
 
 
 def open_status():
@@ -128,6 +190,7 @@ def observe(status):
         "groups": tuple(int(v) for v in fields.get("Groups", [])),
         "cap_eff": int(fields["CapEff"][0], 16),
         "cap_prm": int(fields["CapPrm"][0], 16),
+        "cap_inh": int(fields["CapInh"][0], 16),
         "cap_amb": int(fields["CapAmb"][0], 16),
     }
 
@@ -184,6 +247,35 @@ class _Kernel:
 
     def keep_only(self, capabilities):
         """Permitted, effective and inheritable = capabilities, then raise them as ambient."""
+        mask = sum(1 << n for n in capabilities)
+        self.capset(mask, mask, mask)
+        self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        for number in capabilities:
+            self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, number)
+
+    def clear_inheritable(self):
+        """An empty inheritable set, the others as they are (lowering it needs no privilege)."""
+        effective, permitted, _ = self.capget()
+        self.capset(effective, permitted, 0)
+
+    def capget(self):
+        """(effective, permitted, inheritable) of this process, as bit masks."""
+        header, data = self._capability_structures()
+        if self.libc.capget(self.ctypes.byref(header), data) != 0:
+            raise Fatal(f"unable to read capabilities: {os.strerror(self.ctypes.get_errno())}")
+        return tuple(getattr(data[0], name) | getattr(data[1], name) << 32 for name in ("effective", "permitted", "inheritable"))
+
+    def capset(self, effective, permitted, inheritable):
+        header, data = self._capability_structures()
+        for index in (0, 1):
+            data[index].effective, data[index].permitted, data[index].inheritable = (
+                (mask >> (32 * index)) & 0xFFFFFFFF for mask in (effective, permitted, inheritable)
+            )
+        if self.libc.capset(self.ctypes.byref(header), data) != 0:
+            raise Fatal(f"unable to set capabilities: {os.strerror(self.ctypes.get_errno())}")
+
+    def _capability_structures(self):
+        """capget(2)'s and capset(2)'s header (version 3, this process) and two 32-bit data words."""
         ctypes = self.ctypes
 
         class Header(ctypes.Structure):
@@ -192,13 +284,4 @@ class _Kernel:
         class Data(ctypes.Structure):
             _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
-        mask = sum(1 << n for n in capabilities)
-        data = (Data * 2)()
-        for index in (0, 1):
-            word = (mask >> (32 * index)) & 0xFFFFFFFF
-            data[index].effective = data[index].permitted = data[index].inheritable = word
-        if self.libc.capset(ctypes.byref(Header(LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
-            raise Fatal(f"unable to set capabilities: {os.strerror(ctypes.get_errno())}")
-        self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-        for number in capabilities:
-            self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, number)
+        return Header(LINUX_CAPABILITY_VERSION_3, 0), (Data * 2)()

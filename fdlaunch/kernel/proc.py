@@ -66,24 +66,57 @@ def read_proc(path):
 
 
 def read_pidfile(path):
-    """(pid, None) or (None, why not): a PID file is one decimal number, a newline allowed."""
+    """(pid, uid of the file's owner, None), or (None, None, why not): a PID file is one decimal number, a newline allowed.
+
+    Opened O_PATH|O_NOFOLLOW first and looked at through that descriptor, so
+    nothing but a regular file is ever opened to be read: not what a
+    symlink put there points to (the daemon's user could aim it at a file
+    only root may read), not a FIFO or a device, whose open may block or act.
+    The reason never quotes what the file holds.
+    """
     try:
-        # O_NONBLOCK: a FIFO put there must not hold the caller past its deadline
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        where = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return None, "was not written"
+        return None, None, "was not written"
     except OSError as error:
-        return None, f"cannot be read: {error.strerror}"
+        return None, None, f"cannot be opened: {error.strerror}"
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "is not a regular file"
-        text = os.read(fd, 64)
+        info = os.fstat(where)
+        if stat.S_ISLNK(info.st_mode):
+            return None, None, "is a symbolic link: refused, never followed"
+        if not stat.S_ISREG(info.st_mode):
+            return None, None, f"is {_file_kind(info.st_mode)}, not a regular file"
+        fd = os.open(f"/proc/self/fd/{where}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)  # the same inode, not the path again
+    except OSError as error:
+        return None, None, f"cannot be read: {error.strerror}"
+    finally:
+        os.close(where)
+    try:
+        text = os.read(fd, 64).strip()
     finally:
         os.close(fd)
-    number = text.strip()
-    if not is_decimal(number) or not 0 < int(number) <= notifyproto.PID_MAX_LIMIT:
-        return None, f"holds {text.decode(errors='replace')!r}, not a pid"
-    return int(number), None
+    if not text:
+        return None, None, "is empty"
+    if not is_decimal(text) or not 0 < int(text) <= notifyproto.PID_MAX_LIMIT:
+        return None, None, "does not hold a pid (one decimal number)"
+    return int(text), info.st_uid, None
+
+
+def _file_kind(mode):
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a block device")
+
+
+def uids_of(pid):
+    """The real, effective, saved and filesystem uids of pid (proc(5), status), or () if it is gone."""
+    try:
+        status = read_proc(f"/proc/{pid}/status")
+    except OSError:
+        return ()
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return tuple(int(uid) for uid in line.split()[1:])
+    return ()
 
 
 def stat_fields(pid):
@@ -164,16 +197,41 @@ def all_stats():
                 yield int(name), fields
 
 
-def send(pid, number):
-    """Signal pid through a pidfd: never a process that took over a number already reaped."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        send_pidfd(pidfd, number)
-    finally:
-        os.close(pidfd)
+def pin_below(root, root_pidfd, found):
+    """{pid: pidfd} for the processes of found that, once pinned by a pidfd, are still below root.
+
+    found is {pid: ppid} as descendants(root) gives it, parents first.
+    A pidfd signals the process it was opened on and no other, even once
+    its pid is free and taken by another process (pidfd_open(2)), so a
+    number read a moment ago is never signalled as such. Each process is
+    taken only if, read after its pidfd was opened, its parent is one
+    already taken here that still holds its pid, and it still holds its
+    own: then that parent and that child are the ones found. One /proc
+    read per process, however deep the tree. root_pidfd: a pidfd on root,
+    or None when root is this process (whose pid no one else can take).
+    The caller closes the pidfds.
+    """
+    pinned = {root: root_pidfd}
+    for pid, parent in found.items():
+        if parent not in pinned:
+            continue  # its parent could not be taken: neither can it
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat_fields(pid)
+        parent_pidfd = pinned[parent]
+        if (
+            fields is not None
+            and int(fields[1]) == parent
+            and pid_of(pidfd) == pid
+            and (parent_pidfd is None or pid_of(parent_pidfd) == parent)
+        ):
+            pinned[pid] = pidfd
+        else:
+            os.close(pidfd)
+    del pinned[root]
+    return pinned
 
 
 def send_pidfd(pidfd, number):

@@ -154,6 +154,20 @@ class Resolver:
         os.close(self.write_end)
 
 
+def link_of(address):
+    """The name of the interface a link-local IPv6 client came through (its scope id, RFC 4007); None for others.
+
+    An interface gone since the connection came is named by its number,
+    which no rule names, so a zoned rule cannot match it.
+    """
+    if not isinstance(address, tuple) or len(address) < 4 or not address[3]:
+        return None
+    try:
+        return socket.if_indextoname(address[3])
+    except OSError:
+        return str(address[3])
+
+
 def host_name(ip):
     """The name the address maps back to, lowercased as tcpserver does; None when there is none."""
     try:
@@ -312,7 +326,7 @@ class Server:
             return None  # gone before we could look at it
         shown = ucspi.describe(peer)
         key = ucspi.key(peer)
-        decision = self.decide(peer)
+        decision = self.decide(peer, link_of(address))
         if not decision.allowed:
             line = f"rules line {decision.line}" if decision.line else "no rule matched"
             self.say("warning", f"deny {shown} ({line})")
@@ -355,10 +369,10 @@ class Server:
             return ucspi.unix_peer(pid, uid, gid)
         return ucspi.inet_peer(address)
 
-    def decide(self, peer):
+    def decide(self, peer, link):
         if self.rules is None:
             return rules.Decision(True, {}, None)
-        return rules.decide(self.rules, rules.Client(peer.ip, peer.uid, peer.gid))
+        return rules.decide(self.rules, rules.Client(peer.ip, peer.uid, peer.gid, link))
 
     def connection_environment(self, client):
         if self.settings.inetd:

@@ -135,11 +135,17 @@ class Keeper:
                 self.pending.append(number)
 
     def from_pidfile(self, below):
-        """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it."""
-        pid, why = proc.read_pidfile(self.settings.pidfile)
+        """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it.
+
+        The file must be root's or the user's of the process it names: one
+        that neither wrote is not this daemon's PID file.
+        """
+        pid, owner, why = proc.read_pidfile(self.settings.pidfile)
         if pid is None:
             return None, why
         if pid in below:
+            if owner != 0 and owner not in proc.uids_of(pid):
+                return None, f"is owned by uid {owner}, neither root nor a user pid {pid} runs as: refused, and never signalled"
             return pid, None
         if not os.path.exists(f"/proc/{pid}"):
             return None, f"names pid {pid}, which is not running (a stale file?)"
@@ -209,9 +215,7 @@ class Keeper:
         below = self.below()
         if self.guard is not None:
             self.guard.hand(below)
-        for pid in below:
-            proc.send(pid, signal.SIGTERM)
-            proc.send(pid, signal.SIGCONT)  # a stopped process could not act on it
+        signal_below(below, signal.SIGTERM, signal.SIGCONT)  # SIGCONT: a stopped process could not act on SIGTERM
         deadline = time.monotonic() + self.settings.grace
         killed = False
         while below:
@@ -225,8 +229,7 @@ class Keeper:
                     return
                 pids = ", ".join(map(str, below))
                 self.say("warning", f"pids {pids} still running {self.settings.grace:g} seconds after SIGTERM; sent them SIGKILL")
-                for pid in below:
-                    proc.send(pid, signal.SIGKILL)
+                signal_below(below, signal.SIGKILL)
                 killed, deadline = True, time.monotonic() + 5
 
     def reap(self):
@@ -261,6 +264,14 @@ class Keeper:
         return [n for n in proc.caught_signals(self.wakeup_read) if n in FORWARDED]
 
 
+def signal_below(below, *numbers):
+    """Send numbers to the processes of below ({pid: ppid}, from descendants() of ours) through pidfds, each checked once pinned."""
+    for pidfd in proc.pin_below(os.getpid(), None, below).values():
+        for number in numbers:
+            proc.send_pidfd(pidfd, number)
+        os.close(pidfd)
+
+
 class Guard:
     """A helper that stops the daemon if fdlaunch-foreground dies, even by SIGKILL.
 
@@ -291,20 +302,22 @@ class Guard:
         self.sock = ours
         self.handed = set()
 
-    def hand(self, pids):
-        """A pidfd on each of pids the guard does not hold yet, if the pid is still below us."""
-        for pid in pids:
-            if pid in self.handed:
-                continue
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                if os.getpid() in proc.lineage(pid, pidfd):  # the pidfd pins it: ours, not a reused pid
+    def hand(self, below):
+        """A pidfd on each process of below ({pid: ppid}, from descendants() of ours) the guard does not hold yet."""
+        new = [pid for pid in below if pid not in self.handed]
+        wanted = set()  # the new ones and their ancestors below us, which pin_below checks them through
+        for pid in new:
+            while pid in below and pid not in wanted:
+                wanted.add(pid)
+                pid = below[pid]
+        pinned = proc.pin_below(os.getpid(), None, {pid: parent for pid, parent in below.items() if pid in wanted})
+        try:
+            for pid, pidfd in pinned.items():
+                if pid not in self.handed:
                     self.sock.sendmsg([b"%d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))])
                     self.handed.add(pid)
-            finally:
+        finally:
+            for pidfd in pinned.values():
                 os.close(pidfd)
 
     def dismiss(self):
@@ -338,11 +351,19 @@ def watch_over(sock, say, parent, grace):
     if not live:
         return
     say("warning", f"its parent (pid {parent}) died; stopping the daemon (pids {', '.join(map(str, live))})")
-    below = {pid for root in live for pid in proc.descendants(root)} - set(live)
-    for pidfd in live.values():
+    # What they started since they were handed over: pinned now, so that the
+    # SIGKILL after --grace reaches these processes, never others that took their pids.
+    below = {}
+    for root, pidfd in live.items():
+        for pid, found in proc.pin_below(root, pidfd, proc.descendants(root)).items():
+            if pid in live or pid in below:
+                os.close(found)
+            else:
+                below[pid] = found
+    stopping = {**live, **below}
+    for pidfd in stopping.values():
         proc.send_pidfd(pidfd, signal.SIGTERM)
-    for pid in below:
-        proc.send(pid, signal.SIGTERM)
-    proc.end_within(live.values(), grace)
-    for pid in below:
-        proc.send(pid, signal.SIGKILL)
+    killed = proc.end_within(stopping.values(), grace)
+    if killed:
+        pids = [pid for pid, pidfd in stopping.items() if pidfd in killed]
+        say("warning", f"pids {', '.join(map(str, pids))} still running {grace:g} seconds after SIGTERM: sent SIGKILL")

@@ -222,7 +222,7 @@ def mismatches(wanted, capabilities, observed):
     """What the kernel reports that differs from what was asked; [] when all is as asked.
 
     observed: 'uid' and 'gid' (real, effective, saved, filesystem), 'groups',
-    'cap_eff', 'cap_prm', 'cap_amb' (bit masks), as /proc/self/status has them.
+    'cap_eff', 'cap_prm', 'cap_inh', 'cap_amb' (bit masks), as /proc/self/status has them.
     """
     found = []
     for name, want in (("uid", wanted.uid), ("gid", wanted.gid)):
@@ -232,7 +232,7 @@ def mismatches(wanted, capabilities, observed):
         found.append(f"groups are {list(observed['groups'])}, not {list(wanted.groups)}")
     if wanted.uid != 0:
         mask = sum(1 << n for n in capabilities)
-        for name in ("cap_eff", "cap_prm", "cap_amb"):
+        for name in ("cap_eff", "cap_prm", "cap_inh", "cap_amb"):
             if observed[name] != mask:
                 found.append(f"{name[4:]} capabilities are {observed[name]:#x}, not {mask:#x}")
     return found

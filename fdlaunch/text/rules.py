@@ -31,8 +31,9 @@ Rule = namedtuple("Rule", "line action kind value variables")
 Rule.__doc__ = "One line of a rules file: what it matches, allow or deny, the variables it adds."
 
 # The client, as the rules see it: ip an ip_address (None on a unix socket),
-# uid and gid numbers (None on TCP).
-Client = namedtuple("Client", "ip uid gid")
+# uid and gid numbers (None on TCP), link the name of the interface a
+# link-local (fe80::/10) client came through (None for any other).
+Client = namedtuple("Client", "ip uid gid link", defaults=(None,))
 
 Decision = namedtuple("Decision", "allowed variables line")
 Decision.__doc__ = "allowed or not; variables to add; the line that decided (None: no rule matched)."
@@ -85,9 +86,30 @@ def _match(word, lookups, fault):
     if colon and kind in ("uid", "gid"):
         return kind, _id(kind, ident, lookups, fault)
     try:
-        return "ip", plain_network(ipaddress.ip_network(word, strict=True))
+        network = ipaddress.ip_network(word, strict=True)
     except ValueError as error:
         raise UsageError(fault(f"{word!r} is not an address, a network (10.0.0.0/8, fd00::/8), uid:ID, gid:ID or 'all': {error}")) from None
+    if zone_of(network) is not None:
+        _check_zone(word, network, fault)
+    return "ip", plain_network(network)
+
+
+def zone_of(network):
+    """The interface named after '%' in an IPv6 rule (fe80::1%eth0), or None."""
+    return getattr(network.network_address, "scope_id", None)
+
+
+def _check_zone(word, network, fault):
+    """A zone names the link of a link-local address (RFC 4007), by interface name, as clients are matched by it."""
+    zone = zone_of(network)
+    if not (network.prefixlen >= 10 and network.network_address.is_link_local):
+        raise UsageError(fault(f"{word!r}: a zone (%{zone}) only goes with a link-local address or network, in fe80::/10"))
+    if is_decimal(zone):
+        raise UsageError(
+            fault(f"{word!r}: %{zone} is an interface number; name the interface instead, as 'ip link' shows it (fe80::1%eth0)")
+        )
+    if len(zone) > 15 or zone in (".", "..") or any(c in "/:" or c.isspace() or not c.isprintable() for c in zone):
+        raise UsageError(fault(f"{word!r}: {zone!r} is not an interface name"))
 
 
 def plain_network(network):
@@ -125,5 +147,9 @@ def _matches(rule, client):
     if rule.kind == "all":
         return True
     if rule.kind == "ip":
-        return client.ip is not None and client.ip.version == rule.value.version and client.ip in rule.value
+        if client.ip is None or client.ip.version != rule.value.version or client.ip not in rule.value:
+            return False
+        # The same link-local address may be on every link: a zoned rule matches only its own.
+        zone = zone_of(rule.value)
+        return zone is None or zone == client.link
     return (client.uid if rule.kind == "uid" else client.gid) == rule.value
