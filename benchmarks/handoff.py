@@ -7,7 +7,12 @@ READY=1) with a load generator on loopback, and prints:
 - request latency p50 and p99 in steady state and during the handoffs;
 - failed requests on the socket that stays during 20 reloads of
   fdlaunch-handoff --listen-from=FILE that each add one port and remove
-  another, and whether each new port answered and each removed one refused.
+  another, and whether each new port answered and each removed one refused;
+- the crash round: requests refused, and lost otherwise, while the serving
+  daemon is SIGKILLed 20 times, under fdlaunch-handoff --respawn and under a
+  supervisor that restarts the whole chain at once (the best any can do).
+  Kills come CRASH_SPACING seconds apart, so that --respawn never sees a
+  crash loop (5 exits within 10 seconds).
 
     python benchmarks/handoff.py [CLIENT_THREADS]
 """
@@ -26,6 +31,7 @@ HELLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples
 RESTARTS = 20
 THREADS = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 STEADY_SECONDS = 5
+CRASH_SPACING = 2.6
 
 
 def free_port():
@@ -53,6 +59,8 @@ class Load:
                     while chunk := client.recv(4096):
                         reply += chunk
                 ok = reply.startswith(b"HTTP/1.0 200")
+            except ConnectionRefusedError:
+                ok = None  # refused: nobody held the socket
             except OSError:
                 ok = False
             self.results.append((started, time.monotonic() - started, ok))
@@ -124,6 +132,46 @@ def plain_restarts(directory):
         server.wait()
 
 
+def crashes(directory, respawn):
+    """RESTARTS SIGKILLs of the serving daemon under load: their results.
+
+    respawn: fdlaunch-handoff --respawn replaces it on the sockets it holds;
+    else a supervisor (this loop) starts the whole chain again at once.
+    """
+    port, upstream = free_port(), Upstream(directory)
+    daemon = [sys.executable, HELLO, "1"]
+    middle = ["fdlaunch-handoff", "--respawn", "--main-pid=instance", "--"] if respawn else []
+    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", *middle, *daemon]
+    environ = {**os.environ, "NOTIFY_SOCKET": upstream.path}
+    server = subprocess.Popen(argv, env=environ, stderr=subprocess.DEVNULL)
+    try:
+        pid = ready_pid(upstream, server)
+        load = Load(port)
+        start = time.monotonic()
+        for _ in range(RESTARTS):
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            if not respawn:
+                server.wait(30)
+                server = subprocess.Popen(argv, env=environ, stderr=subprocess.DEVNULL)
+            pid = ready_pid(upstream, server)
+            time.sleep(max(0, killed + CRASH_SPACING - time.monotonic()))
+        end = time.monotonic()
+        load.stop()
+        return load.between(start, end)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def ready_pid(upstream, server):
+    """The daemon's pid, from the next READY=1's MAINPID (the process itself without one)."""
+    for line in upstream.wait_ready().splitlines():
+        if line.startswith("MAINPID="):
+            return int(line.split("=", 1)[1])
+    return server.pid
+
+
 def set_changes(directory):
     """RESTARTS reloads that each add one port and remove another, under load on the socket that stays.
 
@@ -187,7 +235,7 @@ def refuses_soon(port, within=5):
 
 def summary(results):
     latencies = sorted(latency for latency, ok in results if ok)
-    failed = sum(1 for _, ok in results if not ok)
+    failed = sum(1 for _, ok in results if not ok)  # refused (None) and lost (False)
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     return len(results), failed, p50, p99
@@ -199,6 +247,8 @@ def main():
         during_restarts = plain_restarts(second)
     with tempfile.TemporaryDirectory() as third:
         during_set_changes, counts = set_changes(third)
+    with tempfile.TemporaryDirectory() as fourth, tempfile.TemporaryDirectory() as fifth:
+        respawned, restarted = crashes(fourth, respawn=True), crashes(fifth, respawn=False)
     print(f"{RESTARTS} restarts each, {THREADS} client threads, one request per connection, daemon warm-up 1 s")
     print(f"{'phase':32} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}")
     rows = {
@@ -219,6 +269,13 @@ def main():
         f"set changes (+1 port, -1 port each): {counts['reloaded']}/{RESTARTS} reported in STATUS=, "
         f"new port answered {counts['answered']}/{RESTARTS}, removed port refused {counts['refused']}/{RESTARTS}"
     )
+    print(f"crash round: the serving daemon SIGKILLed {RESTARTS} times, {CRASH_SPACING} s apart")
+    print(f"{'':32} {'requests':>9} {'refused':>8} {'lost':>5} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, results in (("handoff --respawn", respawned), ("supervisor restarts the chain", restarted)):
+        total, _, p50, p99 = summary(results)
+        refused = sum(1 for _, ok in results if ok is None)
+        lost = sum(1 for _, ok in results if ok is False)
+        print(f"{name:32} {total:9} {refused:8} {lost:5} {p50:8.2f} {p99:8.2f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, run, wait_for_line
+from conftest import TIMEOUT, free_port, http_get, require_root, run, s6_supervised, wait_for_line
 from test_handoff import HELLO, HttpLoad, Upstream
 
 from fdlaunch.kernel.fdstore import FdStore
@@ -365,3 +365,39 @@ def test_stored_descriptors_follow_the_sockets_in_both_conventions():
     for fd in stored:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+# Instances never outlive fdlaunch-handoff
+
+
+def alive(pid):
+    """Whether pid runs (a zombie, its parent gone, is dead: it only waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_handoff_leaves_no_instance_and_s6_restarts_the_service_at_once(tmp_path):
+    """Instances that dropped privileges lost their parent death signal: the guard stops them."""
+    require_root()
+    port, service, log = free_port(), tmp_path / "service", tmp_path / "log"
+    service.mkdir()
+    (service / "run").write_text(
+        f"#!/bin/sh\nexec 2>>{log}\nexec fdlaunch-listen -tcp:127.0.0.1:{port} -- "
+        f"fdlaunch-handoff -- fdlaunch-setuidgid nobody -- {sys.executable} {HELLO} 0\n"
+    )
+    (service / "run").chmod(0o755)
+    with s6_supervised(service, env={**os.environ}):
+        instance = int(http_get(port).split("hello from pid ")[1].split()[0])
+        assert "Uid:\t65534" in Path(f"/proc/{instance}/status").read_text()
+        run(["s6-svc", "-k", str(service)])  # SIGKILL to fdlaunch-handoff, which s6 restarts at once
+        killed = time.monotonic()
+        while alive(instance):
+            assert time.monotonic() - killed < 1, "the instance outlived its fdlaunch-handoff by a second"
+            time.sleep(0.01)
+        answered = int(http_get(port, seconds=2).split("hello from pid ")[1].split()[0])
+        assert answered != instance
+    said = log.read_text()
+    assert "Address already in use" not in said
+    assert "fdlaunch-handoff (guard): warning: its parent (pid " in said and f"died; stopping its instances (pids {instance})" in said

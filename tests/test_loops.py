@@ -53,7 +53,7 @@ def test_building_a_loop_changes_nothing_process_wide(tmp_path):
         readiness.Watcher(inbox, program, relays, False, say)
         readiness.Check("true", 1, 1, 0, {}, say)
         handoff = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, None, False, False, 0, None, None)
-        overlap.Handoff(["true"], handoff, listenfrom.Handed({}), inbox, lambda message, pid: None, say)
+        overlap.Handoff(["true"], handoff, listenfrom.Handed({}), inbox, lambda message, pid: None, say, say)
         listenfrom.FromFile(str(tmp_path / "sockets"), {}, [], set(), True)
         server = accepting.Settings({}, None, 1, None, False, None, True, 1, None, None, None, None)
         accepting.Server(listener, ["true"], server, say, say)
@@ -87,7 +87,9 @@ def test_handoff_settings_stay_as_built():
         settings = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, write_end, False, False, 0, None, None)
         with pytest.raises(AttributeError):
             settings.ready_fd = None
-        handoff = overlap.Handoff(["sleep"], settings, listenfrom.Handed({}), None, lambda message, pid: told.append((message, pid)), None)
+        handoff = overlap.Handoff(
+            ["sleep"], settings, listenfrom.Handed({}), None, lambda message, pid: told.append((message, pid)), None, None
+        )
         handoff.current = instance
         instance.offer = listenfrom.Handed({}).offer()
         handoff.tell_ready(instance)

@@ -135,6 +135,24 @@ def test_handoff_a_second_stop_signal_is_passed_on_and_keeps_the_deadline(tmp_pa
         kill_all(handoff, log)
 
 
+def test_handoff_killed_during_its_stop_leaves_no_instance(tmp_path):
+    log = tmp_path / "log"
+    argv = ["fdlaunch-handoff", "--grace=30", "--", sys.executable, "-c", STUBBORN, str(log), "catch"]
+    handoff = started(argv, tmp_path)
+    try:
+        (pid,) = wait_up(log)
+        handoff.send_signal(signal.SIGTERM)
+        wait_for_line(log, f"{pid} got SIGTERM")
+        handoff.kill()
+        handoff.wait()
+        wait_for("the guard to stop the instance", lambda: gone(pid), seconds=1 + 1)
+        wait_for_line(
+            tmp_path / "stderr", f"fdlaunch-handoff (guard): warning: pids {pid} still running 1 seconds after SIGTERM: sent SIGKILL"
+        )
+    finally:
+        kill_all(handoff, log)
+
+
 def test_handoff_an_old_instance_that_will_not_stop_is_killed_and_named(tmp_path):
     log = tmp_path / "log"
     argv = ["fdlaunch-handoff", "--grace=0.5", "--", sys.executable, "-c", STUBBORN, str(log), "ignore"]

@@ -69,7 +69,8 @@ def main(argv, environ):
         sockets = listenfrom.FromFile(options["--listen-from"], environ, passed, fds.open_fds(), not options["--map"])
     inbox = sdnotify.Inbox()
     try:
-        handoff = overlap.Handoff(program, settings, sockets, inbox, tell(upstream), say, become=lambda step: cli.become(PROG, step))
+        guard_say = say_as(f"{PROG} (guard)")
+        handoff = overlap.Handoff(program, settings, sockets, inbox, tell(upstream), say, guard_say, lambda step: cli.become(PROG, step))
         status = handoff.run()
     finally:
         inbox.close()

@@ -9,17 +9,16 @@ One poll(2) waits on everything, as in overlap.Handoff: a signal (through a
 wakeup pipe, SIGCHLD included), a pidfd, a deadline.
 """
 
-import array
 import math
 import os
 import select
 import signal
-import socket
 import time
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal
-from fdlaunch.kernel import chain, fds, proc
+from fdlaunch.kernel import chain, proc
+from fdlaunch.kernel.guard import PidfdGuard
 from fdlaunch.loops import overlap
 
 GUARD_ROUND = 1.0  # seconds between looks for processes newly below us
@@ -76,7 +75,7 @@ class Keeper:
         """Run PROG until its launching process exits and the daemon is known; its pid, or Fatal."""
         deadline = time.monotonic() + self.settings.timeout
         self.start_up()
-        self.guard = Guard(self.guard_say, self.settings.grace)
+        self.guard = PidfdGuard(self.guard_say, self.settings.grace, "the daemon")
         try:
             launcher = overlap.spawn(path, argv, environ, self.dispositions)
         except Fatal:
@@ -197,7 +196,6 @@ class Keeper:
     def stop_guard(self):
         if self.guard is not None:
             self.guard.dismiss()
-            self.reap_one(self.guard.pid)
             self.guard = None
 
     def fail(self, message, status):
@@ -270,100 +268,3 @@ def signal_below(below, *numbers):
         for number in numbers:
             proc.send_pidfd(pidfd, number)
         os.close(pidfd)
-
-
-class Guard:
-    """A helper that stops the daemon if fdlaunch-foreground dies, even by SIGKILL.
-
-    It forks because nothing the kernel keeps for us would do it: the
-    daemon's parent death signal was cleared by its own forks (prctl(2),
-    PR_SET_PDEATHSIG), and the orphans of a dead subreaper go to the next
-    one up. It is handed a pidfd on each process found below us, over a
-    socket pair whose other end only we hold: end of file there is our
-    death; 'done' is a departure in good order.
-    """
-
-    def __init__(self, say, grace):
-        ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent = os.getpid()
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                os.setpgid(0, 0)  # a signal to our whole group (kill -KILL -PGID) must not reach it
-                ours.close()
-                watch_over(its, say, parent, grace)
-            finally:
-                os._exit(0)
-        its.close()
-        try:
-            os.setpgid(self.pid, self.pid)  # also done in the child: whichever runs first
-        except OSError:
-            pass
-        self.sock = ours
-        self.handed = set()
-
-    def hand(self, below):
-        """A pidfd on each process of below ({pid: ppid}, from descendants() of ours) the guard does not hold yet."""
-        new = [pid for pid in below if pid not in self.handed]
-        wanted = set()  # the new ones and their ancestors below us, which pin_below checks them through
-        for pid in new:
-            while pid in below and pid not in wanted:
-                wanted.add(pid)
-                pid = below[pid]
-        pinned = proc.pin_below(os.getpid(), None, {pid: parent for pid, parent in below.items() if pid in wanted})
-        try:
-            for pid, pidfd in pinned.items():
-                if pid not in self.handed:
-                    self.sock.sendmsg([b"%d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))])
-                    self.handed.add(pid)
-        finally:
-            for pidfd in pinned.values():
-                os.close(pidfd)
-
-    def dismiss(self):
-        try:
-            self.sock.send(b"done")
-        except BrokenPipeError:
-            pass  # killed already: nothing to dismiss
-        self.sock.close()
-
-
-def watch_over(sock, say, parent, grace):
-    """The guard's life: hold the pidfds handed to it; if the other end closes unannounced, stop them."""
-    signal.set_wakeup_fd(-1)
-    # It shares our process group: a stop signal sent to the whole group
-    # (systemd's KillMode, ^C, timeout(1)) is ours to pass on, not its end.
-    for number in FORWARDED:
-        signal.signal(number, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    fds.keep_only({sock.fileno()})
-    held = {}
-    while True:
-        data, ancillary, _, _ = sock.recvmsg(32, socket.CMSG_SPACE(4))
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                held[int(data)] = array.array("i", payload[: len(payload) - len(payload) % 4])[0]
-        if data == b"done":
-            return
-        if not data:
-            break
-    live = {pid: pidfd for pid, pidfd in held.items() if not select.select([pidfd], [], [], 0)[0]}
-    if not live:
-        return
-    say("warning", f"its parent (pid {parent}) died; stopping the daemon (pids {', '.join(map(str, live))})")
-    # What they started since they were handed over: pinned now, so that the
-    # SIGKILL after --grace reaches these processes, never others that took their pids.
-    below = {}
-    for root, pidfd in live.items():
-        for pid, found in proc.pin_below(root, pidfd, proc.descendants(root)).items():
-            if pid in live or pid in below:
-                os.close(found)
-            else:
-                below[pid] = found
-    stopping = {**live, **below}
-    for pidfd in stopping.values():
-        proc.send_pidfd(pidfd, signal.SIGTERM)
-    killed = proc.end_within(stopping.values(), grace)
-    if killed:
-        pids = [pid for pid, pidfd in stopping.items() if pidfd in killed]
-        say("warning", f"pids {', '.join(map(str, pids))} still running {grace:g} seconds after SIGTERM: sent SIGKILL")

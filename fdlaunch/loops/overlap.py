@@ -15,6 +15,7 @@ import time
 from fdlaunch.errors import NOT_EXECUTABLE, Fatal, counted, shown, unable
 from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.kernel.fdstore import FdStore
+from fdlaunch.kernel.guard import PidfdGuard
 from fdlaunch.loops import readiness
 from fdlaunch.text import notifyproto
 
@@ -26,6 +27,9 @@ RELAYED = ("STATUS", "STOPPING", "ERRNO", "BUSERROR", "EXTEND_TIMEOUT_USEC")
 CRASH_LIMIT = 5
 CRASH_WINDOW = 10
 FIRST_BACKOFF = 0.1  # seconds before the first respawn; doubled for each recent crash
+# Once we are gone unannounced, how long the guard gives instances before SIGKILL (at most):
+# the supervisor that restarts the service must find its sockets free.
+ORPHAN_GRACE = 1.0
 
 # reload: the signal that starts a handoff; stop: what a replaced instance
 # gets; ready_timeout: seconds a new instance may take to be ready; grace:
@@ -115,10 +119,11 @@ def spawn(path, argv, environ, dispositions, moves=(), become=None):
 class Handoff:
     """The loop that runs instances, hands over on the reload signal, and tells the supervisor."""
 
-    def __init__(self, program, settings, sockets, inbox, upward, say, become=None):
-        """sockets: a listenfrom.Handed or FromFile; upward(message, pid) tells the supervisor; say(kind, text)."""
+    def __init__(self, program, settings, sockets, inbox, upward, say, guard_say, become=None):
+        """sockets: a listenfrom.Handed or FromFile; upward(message, pid) tells the supervisor; say(kind, text), guard_say for the guard."""
         self.program, self.settings, self.sockets, self.inbox, self.upward = program, settings, sockets, inbox, upward
-        self.say, self.become = say, become
+        self.say, self.guard_say, self.become = say, guard_say, become
+        self.guard = None
         self.current = None
         self.candidate = None
         self.candidate_deadline = None
@@ -138,6 +143,8 @@ class Handoff:
     def run(self):
         """Until the serving instance has exited and no other is left; returns the serving one's wait status."""
         self.wakeup_read = proc.catch_signals((*STOPS, self.settings.reload))
+        # Instances that dropped privileges lose their parent death signal: the guard stops them if we die.
+        self.guard = PidfdGuard(self.guard_say, min(self.settings.grace, ORPHAN_GRACE), "its instances")
         try:
             self.current = self.start(self.sockets.first())
             while self.instances() or self.respawn_at is not None:
@@ -153,6 +160,7 @@ class Handoff:
             return self.current.status
         finally:
             self.store.close()
+            self.guard.dismiss()
 
     def can_hand_over(self):
         """A serving instance that is ready, no handoff under way, the sockets of the last one given back, no stop."""
@@ -164,6 +172,7 @@ class Handoff:
         environ, moves = self.store.handed(offer.environ, offer.moves, os.getpid())
         environ = {**environ, **self.watchdog_environment(), "NOTIFY_SOCKET": self.inbox.path}
         instance = spawn(path, self.program, environ, self.dispositions, moves, self.become)
+        self.guard.hand({instance.pid: os.getpid()})
         instance.offer = offer
         instance.watchdog = self.settings.watchdog
         return instance
