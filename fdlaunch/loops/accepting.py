@@ -40,7 +40,7 @@ Settings = collections.namedtuple(
 )
 
 
-class Guard:
+class GroupGuard:
     """A small process that leads the handlers' process group and ends it if the server dies.
 
     posix_spawn(3) cannot run prctl(PR_SET_PDEATHSIG) in each handler between
@@ -201,7 +201,7 @@ class Server:
 
     def start_up(self):
         """The guard, the signals, the resolver's threads: made when the server runs, not when it is built."""
-        self.guard = Guard(self.settings.grace, self.guard_say)
+        self.guard = GroupGuard(self.settings.grace, self.guard_say)
         self.poller.register(self.guard.pidfd, select.POLLIN)
         # A signal the server was started with ignored stays ignored; the handlers get the others at SIG_DFL.
         caught = [number for number in (*STOPS, RELOAD) if signal.getsignal(number) != signal.SIG_IGN]
