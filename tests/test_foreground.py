@@ -170,7 +170,7 @@ def test_a_stop_signal_to_the_whole_process_group(number, env, tmp_path):
     log = tmp_path / "log"
     upstream = Upstream(tmp_path)
     with keeper_running(
-        ["fdlaunch-foreground", "--forward", "--grace=2", "--", *DAEMON, str(log)],
+        ["fdlaunch-foreground", "--forward", "--grace=10", "--", *DAEMON, str(log)],
         {**env, "NOTIFY_SOCKET": upstream.path},
         log,
         stderr=subprocess.PIPE,
