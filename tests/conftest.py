@@ -68,12 +68,16 @@ def probe():
     return go
 
 
+def cannot_run(reason):
+    """Skip a test this machine cannot run, saying why; in CI, where every test must run, fail it."""
+    if REQUIRE_PEERS:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def missing(what):
     """Skip a test whose peer is not installed; in CI, where every peer must be, fail it."""
-    message = f"{what} is not installed (.ci/run installs it)"
-    if REQUIRE_PEERS:
-        pytest.fail(message)
-    pytest.skip(message)
+    cannot_run(f"{what} is not installed (.ci/run installs it)")
 
 
 def require(program):
