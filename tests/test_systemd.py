@@ -192,6 +192,42 @@ def test_shipped_unit_installed_as_its_header_says(systemd, entry):
 # fdlaunch-notify-wait --forward
 
 
+def test_notify_wait_forward_follows_the_main_pid_a_daemon_hands_to_its_worker(systemd):
+    unit = "worker.service"
+    systemd.write_unit(
+        unit,
+        f"[Service]\nType=notify\nExecStart={BIN}/fdlaunch-notify-wait --forward -- /usr/bin/python3 {HERE}/worker_daemon.py\n",
+    )
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("start", unit)
+    fields = systemd.show(unit, "MainPID", "StatusText", "NotifyAccess")
+    main = int(fields["MainPID"])
+    assert fields["NotifyAccess"] == "main", "the relay speaks as the main pid systemd knows, which NotifyAccess=main accepts"
+    assert fields["StatusText"] == f"worker {main} serving", "systemd's main pid followed MAINPID= to the worker"
+    status = Path(f"/proc/{systemd.host_pid(main)}/status").read_text()
+    parent = int(re.search(r"^PPid:\s+(\d+)$", status, re.M)[1])
+    assert parent in systemd.unit_processes(unit) and "worker_daemon.py" in Path(f"/proc/{parent}/cmdline").read_text()
+    systemd.systemctl("kill", "--kill-whom=main", "--signal=SIGUSR1", unit)
+    later = f"worker {main} status 1"
+    wait_until(lambda: systemd.show(unit, "StatusText")["StatusText"] == later, "a later STATUS= never arrived", log=systemd.log)
+    assert systemd.state_of(unit) == "active/running"
+    stop_and_check_nothing_is_left(systemd, unit)
+
+
+def test_foreground_forward_makes_the_daemon_that_forked_away_the_main_pid(systemd):
+    """Type=notify around a daemon that double-forks: systemd's MainPID is the daemon, not fdlaunch-foreground."""
+    unit = "forking.service"
+    pidfile, log = systemd.state / "forking.pid", systemd.state / "forking.log"
+    daemon = f"/usr/bin/python3 {HERE}/selfdaemon.py {log} --pidfile={pidfile}"
+    systemd.write_unit(unit, f"[Service]\nType=notify\nExecStart={BIN}/fdlaunch-foreground --forward --pidfile={pidfile} -- {daemon}\n")
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("start", unit)
+    assert systemd.main_pid(unit) == int(pidfile.read_text()), "systemd's main pid is the daemon"
+    assert systemd.state_of(unit) == "active/running"
+    stop_and_check_nothing_is_left(systemd, unit)
+    assert log.read_text().splitlines()[-1] == "SIGTERM", "the daemon got systemd's SIGTERM"
+
+
 def test_watchdog_pings_are_relayed_and_a_daemon_that_stops_pinging_is_restarted(systemd):
     unit = "watchdog.service"
     systemd.write_unit(
