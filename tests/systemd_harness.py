@@ -48,8 +48,8 @@ GENERATOR_DIRS = (
     "/usr/local/lib/systemd/system-environment-generators",
     "/etc/systemd/system-environment-generators",
 )
-# systemd-nspawn's default capabilities, less none: everything else (sys_module,
-# sys_time, net_admin, sys_rawio, syslog, ...) acts on the host itself.
+# systemd-nspawn's default capability set; the others (sys_module, sys_time,
+# net_admin, sys_rawio, syslog, ...) act on the host itself.
 CAPABILITIES = (
     "audit_control audit_write chown dac_override dac_read_search fowner fsetid ipc_owner kill lease "
     "linux_immutable mknod net_bind_service net_broadcast net_raw setfcap setgid setpcap setuid "
@@ -365,7 +365,7 @@ class Systemd:
         return next((host for host, inside in self.namespace_pids().items() if inside == ns_pid), None)
 
     def unit_processes(self, unit):
-        """Host pids of every process in the unit's cgroup, and below it."""
+        """Host pids of every process in the unit's cgroup (in system.slice, the default), and below it."""
         top = self.cgroup / "system.slice" / unit
         pids = set()
         for procs in top.rglob("cgroup.procs") if top.exists() else ():

@@ -288,7 +288,7 @@ def wait_served_on(systemd, unit, port, label):
 def habitual_reload_unit(systemd, unit, main_pid, sockets, warmup="0.3"):
     """Type=notify, ExecReload=kill -HUP $MAINPID; sockets bound as root, instances as nobody."""
     web = free_port()
-    handoff = f"{BIN}/fdlaunch-handoff {main_pid} --listen-from={sockets}".replace("  ", " ")
+    handoff = " ".join([f"{BIN}/fdlaunch-handoff", *main_pid.split(), f"--listen-from={sockets}"])
     daemon = f"{BIN}/fdlaunch-setuidgid nobody -- /usr/bin/python3 {HELLO} {warmup}"
     systemd.write_unit(
         unit,
@@ -383,7 +383,7 @@ def listening_inode(port):
 def test_accept_serves_the_socket_of_a_socket_unit(systemd, through):
     name = "greet-fdmap" if through else "greet"
     port = free_port()
-    systemd.write_unit(f"{name}.socket", f"[Socket]\nListenStream=127.0.0.1:{port}\nFileDescriptorName=greet\n")
+    systemd.write_unit(f"{name}.socket", f"[Socket]\nListenStream=127.0.0.1:{port}\nAccept=no\nFileDescriptorName=greet\n")
     handler = "/bin/sh -c 'echo \"hello $$TCPREMOTEIP, this is $$(id -un)\"'"  # $$: a $ systemd leaves alone
     accept = f"{through} {BIN}/fdlaunch-accept --label=greet -- {handler}".strip()
     systemd.write_unit(f"{name}.service", f"[Service]\nType=notify\nExecStart={BIN}/fdlaunch-setuidgid nobody -- {accept}\n")
