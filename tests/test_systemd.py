@@ -45,11 +45,13 @@ def stage():
 
 
 @pytest.fixture(scope="module")
-def systemd(stage):
+def systemd(request):
     try:
-        manager = Systemd(binds=[(stage + PREFIX, PREFIX)])
+        systemd_harness.check_machine()  # before the staged install, which takes seconds
     except systemd_harness.Unavailable as reason:
         cannot_run(str(reason))
+    stage = request.getfixturevalue("stage")
+    manager = Systemd(binds=[(stage + PREFIX, PREFIX)])
     try:
         yield manager.start()
     finally:
