@@ -239,7 +239,8 @@ class Handoff:
 
     def tell_ready_first(self):
         current = self.current
-        self.tell(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", current)
+        # Until it reads this, the supervisor knows our pid as the main one, and NotifyAccess=main believes no other.
+        self.upward(f"READY=1\nMAINPID={self.main_pid(current)}\nSTATUS={current.offer.status} (pid {current.pid})", os.getpid())
         if self.ready_fd is not None:
             fd, self.ready_fd = self.ready_fd, None
             readiness.tell_supervisor(fd, self.say)
