@@ -68,12 +68,16 @@ def probe():
     return go
 
 
+def cannot_run(reason):
+    """Skip a test this machine cannot run, saying why; in CI, where every test must run, fail it."""
+    if REQUIRE_PEERS:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def missing(what):
     """Skip a test whose peer is not installed; in CI, where every peer must be, fail it."""
-    message = f"{what} is not installed (.ci/run installs it)"
-    if REQUIRE_PEERS:
-        pytest.fail(message)
-    pytest.skip(message)
+    cannot_run(f"{what} is not installed (.ci/run installs it)")
 
 
 def require(program):
@@ -127,13 +131,18 @@ def http_get(port, path="/", seconds=15):
 
 @contextlib.contextmanager
 def s6_supervised(service, env=None):
-    """A real s6-supervise on service, once it has made supervise/; at the end s6-svc -xd, and it is waited for."""
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
+    """A real s6-supervise on service, once it has written supervise/status; at the end s6-svc -xd, and it is waited for.
+
+    s6-svok succeeds as soon as supervise/ is locked, before the status file
+    exists, which s6-svwait needs ('unable to s6_svstatus_read'); s6-svstat
+    succeeds only once both are there.
+    """
+    for tool in ("s6-supervise", "s6-svwait", "s6-svstat", "s6-svc"):
         require(tool)
     supervise = subprocess.Popen(["s6-supervise", str(service)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while run(["s6-svok", str(service)]).returncode != 0:  # supervise/ is not made yet
+        while run(["s6-svstat", str(service)]).returncode != 0:
             assert time.monotonic() < deadline, "s6-supervise did not start"
             time.sleep(0.05)
         yield supervise

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, http_get, require, require_root, run
+from conftest import TIMEOUT, free_port, http_get, require, require_root, run, s6_supervised
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -147,7 +147,7 @@ def test_the_service_daemons_are_copies_of_the_demo_daemon():
 
 def test_s6_service(public_tmp, checkout_unchanged):
     require_root()
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svstat", "s6-svc"):
+    for tool in ("s6-supervise", "s6-svwait", "s6-svstat", "s6-svc"):
         require(tool)
     port = free_port()
     service, (start, status_command, curl, stop) = copy_as_written("s6", "hello", public_tmp, port)
@@ -167,7 +167,7 @@ def test_s6_service(public_tmp, checkout_unchanged):
 def test_s6_greet_service_as_written(public_tmp, checkout_unchanged):
     """The per-connection example, copied and started with the commands at the top of its run script."""
     require_root()
-    for tool in ("s6-supervise", "s6-svok", "s6-svwait", "s6-svc", "nc"):
+    for tool in ("s6-supervise", "s6-svstat", "s6-svwait", "s6-svc", "nc"):
         require(tool)
     port = free_port()
     service, (start, client, stop) = copy_as_written("s6", "greet", public_tmp, port)
@@ -180,6 +180,27 @@ def test_s6_greet_service_as_written(public_tmp, checkout_unchanged):
     finally:
         started.stop(stop)
     assert (service / "supervise").is_dir() and (service / "event").is_dir(), "s6 wrote into the copy"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in (EXAMPLES / "s6").iterdir()))
+def test_s6_headers_wait_until_s6_svwait_can_read_the_status(name, tmp_path):
+    """s6-supervise locks supervise/ before it writes supervise/status: in between, s6-svwait fails
+    ('unable to s6_svstatus_read'), so the header's wait loop must not end there. A running
+    s6-supervise whose status file is removed is that moment, held still."""
+    require_root()
+    start = commands_beside(EXAMPLES / "s6" / name / "run")[1]
+    waited = re.fullmatch(r"s6-supervise \. & until (.+); do sleep 0\.1; done; s6-svwait -U -t 10000 \.", start)
+    assert waited, start
+    service = tmp_path / "service"
+    service.mkdir()
+    (service / "run").write_text("#!/bin/sh\nexec sleep 60\n")
+    (service / "run").chmod(0o755)
+    with s6_supervised(service):
+        assert run(["s6-svwait", "-u", "-t", "10000", str(service)]).returncode == 0  # then nothing rewrites the status
+        (service / "supervise" / "status").unlink()
+        done = run(["s6-svwait", "-u", "-t", "1000", str(service)])
+        assert done.returncode == 111 and "unable to s6_svstatus_read" in done.stderr, "this is the moment s6-svwait fails"
+        assert run(["sh", "-c", waited[1]], cwd=service).returncode != 0, "the header's wait would have ended here"
 
 
 def test_runit_service(public_tmp, checkout_unchanged):

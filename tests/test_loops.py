@@ -96,7 +96,9 @@ def test_handoff_settings_stay_as_built():
         handoff.tell_ready(instance)  # a second READY=1 writes nothing more to the closed fd
         assert os.read(read_end, 16) == b"\n"
         assert handoff.settings == settings and settings.ready_fd == write_end
-        assert [pid for _, pid in told] == [child.pid, child.pid]
+        # the first READY=1 names the instance, but comes from the main pid the supervisor knows: ours
+        assert [pid for _, pid in told] == [os.getpid(), os.getpid()]
+        assert all(f"MAINPID={child.pid}\n" in message for message, _ in told)
     finally:
         child.kill()
         child.wait()

@@ -740,15 +740,21 @@ def test_forward_drops_a_bad_mainpid_and_goes_on_relaying(mainpid, env, tmp_path
 
 
 def test_forward_believes_a_mainpid_below_the_program(env, tmp_path):
-    """The daemon's own child as MAINPID: relayed, and the credentials sent up claim it."""
+    """The daemon's own child as MAINPID: relayed, claiming the program's credentials, then the child's.
+
+    systemd's NotifyAccess=main believes only the main pid it knows: the
+    program until it reads MAINPID=child, the child after.
+    """
     upstream = Upstream(tmp_path)
     childfile = tmp_path / "child"
-    script = f"sleep 30 & echo $! > {childfile}; fdlaunch-notify READY=1 MAINPID=$!; wait"
+    script = f"sleep 30 & echo $! > {childfile}; fdlaunch-notify READY=1 MAINPID=$!; fdlaunch-notify STATUS=later; wait"
     program = subprocess.Popen(["fdlaunch-notify-wait", "--forward", "--", "sh", "-c", script], env={**env, "NOTIFY_SOCKET": upstream.path})
     try:
         message = upstream.receive()
         child = int(childfile.read_text())
         assert message == f"READY=1\nMAINPID={child}"
+        assert upstream.sender == program.pid
+        assert upstream.receive() == "STATUS=later"
         assert upstream.sender == child
     finally:
         program.kill()

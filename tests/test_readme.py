@@ -252,3 +252,65 @@ def test_ci_runs_the_readme_test_command():
     ci_install = re.search(r"apt-get install -y -qq --no-install-recommends \\\n\s+(.*?) >/dev/null", ci)[1]
     assert readme_packages <= set(ci_install.split())
     assert ci.rstrip().endswith("\nmake test") and suite.endswith(" && make test")
+
+
+# The Debian package of every program the tests run that is not ours; those of
+# priority required (util-linux, passwd, coreutils) are on every Debian system.
+PACKAGE_OF = {
+    "nc": "netcat-openbsd",
+    "pkill": "procps",
+    "ps": "procps",
+    "kill": "procps",  # systemd units' ExecReload=/bin/kill
+    "s6-supervise": "s6",
+    "s6-svwait": "s6",
+    "s6-svstat": "s6",
+    "s6-svc": "s6",
+    "s6-setuidgid": "s6",
+    "runsv": "runit",
+    "sv": "runit",
+    "kresd": "knot-resolver",
+    "dnsmasq": "dnsmasq-base",
+    "systemd-socket-activate": "systemd",
+    "systemd-notify": "systemd",
+    "systemctl": "systemd",
+    "mandoc": "mandoc",
+    "ip": "iproute2",
+    "setcap": "libcap2-bin",
+    "capsh": "libcap2-bin",
+    "setpriv": "util-linux",
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "useradd": "passwd",
+    "userdel": "passwd",
+}
+ON_EVERY_DEBIAN = {"util-linux", "passwd", "coreutils"}
+
+
+def programs_the_tests_require():
+    """Every name a test hands to require(), or lists in a `for tool in (...)` it checks."""
+    names = set()
+    for path in HERE.glob("*.py"):
+        text = path.read_text()
+        names.update(re.findall(r'require\("([^"]+)"\)', text))
+        for listed in re.findall(r"for (?:tool|program) in \(([^)]*)\):", text):
+            names.update(re.findall(r'"([^"]+)"', listed))
+    return {name for name in names if not name.startswith("fdlaunch-")}
+
+
+def test_the_test_command_installs_every_program_the_tests_run():
+    """A peer the README's command does not install makes its test skip, 'X is not installed (.ci/run installs it)'."""
+    packages = set(set_up_commands()[1].split("apt-get install -y ", 1)[1].split(" && ")[0].split())
+    assert programs_the_tests_require() <= set(PACKAGE_OF)
+    assert {package for package in PACKAGE_OF.values() if package not in ON_EVERY_DEBIAN} <= packages
+    if shutil.which("dpkg") is None:
+        return
+    paths = {}
+    for program in PACKAGE_OF:
+        path = shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if path is not None:
+            found = {path, os.path.realpath(path)}  # through /etc/alternatives; dpkg may know either as /bin (merged /usr)
+            paths[program] = found | {re.sub(r"^/usr/(s?bin)/", r"/\1/", candidate) for candidate in found}
+    listed = run(["dpkg", "-S", *sorted(set().union(*paths.values()))]).stdout  # it says nothing of a path no package has
+    owner = {path: package for package, path in re.findall(r"^(\S+): (\S+)$", listed, re.M)}
+    for program, found in paths.items():
+        assert PACKAGE_OF[program] in {owner.get(path) for path in found}, (program, found)

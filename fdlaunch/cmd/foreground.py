@@ -66,7 +66,9 @@ def tell_ready(relays, daemon, verbose):
     if verbose:
         told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
         warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
-    relays.ready(None, daemon, [("READY", "1")])  # Fatal if one fails: the daemon is stopped (main's except)
+    # Sent as ourselves: until it reads MAINPID=daemon, the supervisor knows our pid as the main one,
+    # and systemd's NotifyAccess=main believes no other. Fatal if a relay fails: main's except stops the daemon.
+    relays.ready(None, daemon, [("READY", "1")], None)
 
 
 def read_settings(options, environ):

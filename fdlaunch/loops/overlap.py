@@ -124,6 +124,7 @@ class Handoff:
         self.program, self.settings, self.sockets, self.inbox, self.upward = program, settings, sockets, inbox, upward
         self.say, self.guard_say, self.become = say, guard_say, become
         self.guard = None
+        self.known_main = os.getpid()  # the main pid the supervisor knows, as told (or not yet: it started us)
         self.current = None
         self.candidate = None
         self.candidate_deadline = None
@@ -243,7 +244,7 @@ class Handoff:
         # The serving instance's words go upward; of a new one's, only a longer start.
         relayed = notifyproto.only(notice.fields, RELAYED if sender is self.current else ("EXTEND_TIMEOUT_USEC",))
         if relayed and sender in (self.current, self.candidate):
-            self.tell(notifyproto.message(relayed).decode(errors="replace"), self.current)
+            self.tell(notifyproto.message(relayed).decode(errors="replace"))
         return self.take_fdstore(sender, notice, message.fds)
 
     def take_watchdog(self, sender, fields):
@@ -253,7 +254,7 @@ class Handoff:
         if self.settings.relay_watchdog is not None:
             relayed = notifyproto.only(fields, ("WATCHDOG", "WATCHDOG_USEC"))
             if relayed and sender is self.current:
-                self.tell(notifyproto.message(relayed).decode(errors="replace"), sender)
+                self.tell(notifyproto.message(relayed).decode(errors="replace"))
             return
         if ping == "trigger" and sender in (self.current, self.candidate):
             self.bark(sender, "asked for it with WATCHDOG=trigger")
@@ -318,7 +319,7 @@ class Handoff:
         delay = FIRST_BACKOFF * 2 ** (len(self.crashes) - 1)
         self.respawn_at = now + delay
         self.say("warning", f"{how}; starting a new instance in {delay:g} seconds")
-        self.tell(f"STATUS={how}; starting a new instance in {delay:g} seconds", gone)
+        self.tell(f"STATUS={how}; starting a new instance in {delay:g} seconds")
 
     def respawn(self):
         gone = self.current
@@ -369,7 +370,7 @@ class Handoff:
         merged = f"; {counted(self.merged, 'reload signal')} that came meanwhile are merged into this one" if self.merged else ""
         self.merged = 0
         self.say("info", f"handing over from pid {self.current.pid}{merged}")
-        self.tell(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance", self.current)
+        self.tell(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=starting a new instance")
         try:
             offer = self.sockets.offer()
         except Fatal as error:
@@ -392,7 +393,8 @@ class Handoff:
         new.pinged()
         self.current, self.candidate, self.candidate_deadline = new, None, None
         self.sockets.commit(new.offer)
-        self.tell(f"READY=1\nMAINPID={self.main_pid(new)}\nSTATUS={new.offer.status} (pid {new.pid}, took over from pid {old.pid})", old)
+        main = self.main_pid(new)
+        self.tell(f"READY=1\nMAINPID={main}\nSTATUS={new.offer.status} (pid {new.pid}, took over from pid {old.pid})", main)
         self.retire(old)
         self.releasing.append((old, new.offer.removed))
         self.say("info", f"pid {new.pid} is ready; pid {old.pid} is stopping")
@@ -405,9 +407,8 @@ class Handoff:
         if self.current.status is not None:
             return  # the serving instance is gone too: nothing goes on serving, said by whoever ends or replaces it
         self.say("warning", f"handoff failed: {reason}; pid {self.current.pid} goes on serving")
-        self.tell(
-            f"READY=1\nMAINPID={self.main_pid(self.current)}\nSTATUS=handoff failed; pid {self.current.pid} still serving", self.current
-        )
+        main = self.main_pid(self.current)
+        self.tell(f"READY=1\nMAINPID={main}\nSTATUS=handoff failed; pid {self.current.pid} still serving", main)
 
     def retire(self, instance):
         instance.ask_to_stop(self.settings.stop, self.settings.grace)
@@ -426,7 +427,8 @@ class Handoff:
     def tell_ready(self, instance):
         """The serving instance is ready: at start, or as the replacement of one that exited."""
         after = "" if instance.replaced is None else f", replacing pid {instance.replaced}"
-        self.tell(f"READY=1\nMAINPID={self.main_pid(instance)}\nSTATUS={instance.offer.status} (pid {instance.pid}{after})", instance)
+        main = self.main_pid(instance)
+        self.tell(f"READY=1\nMAINPID={main}\nSTATUS={instance.offer.status} (pid {instance.pid}{after})", main)
         if self.ready_fd is not None:
             fd, self.ready_fd = self.ready_fd, None
             readiness.tell_supervisor(fd, self.say)
@@ -440,6 +442,13 @@ class Handoff:
         """The pid the supervisor should treat as the service's: us (--main-pid=self), or the serving instance."""
         return os.getpid() if self.settings.main_pid_self else instance.pid
 
-    def tell(self, message, speaker):
-        """A notification upward, sent with the credentials of the pid the supervisor knows as main."""
-        self.upward(message, os.getpid() if self.settings.main_pid_self else speaker.pid)
+    def tell(self, message, main_pid=None):
+        """A notification upward, main_pid the MAINPID= it names, if any.
+
+        It is sent with the credentials of the pid the supervisor knows as the
+        main one until it reads it (at first us, who it started): its default
+        NotifyAccess=main believes no other.
+        """
+        self.upward(message, self.known_main)
+        if main_pid is not None:
+            self.known_main = main_pid

@@ -52,15 +52,18 @@ class Relays:
         where += ["SIGSTOP"] if self.stop else []
         return ", ".join(where) or "no relay (no --fd, --forward, --command or --stop)"
 
-    def ready(self, program, main_pid, fields):
-        """Tell every relay; one that fails stops none of the others: the first failure (Fatal) once all were tried."""
+    def ready(self, program, main_pid, fields, sender):
+        """Tell every relay; one that fails stops none of the others: the first failure (Fatal) once all were tried.
+
+        main_pid is the main process from now on; sender the one the supervisor knew until now (see relay).
+        """
         if self.stop:
             signal.pidfd_send_signal(program.pidfd, signal.SIGSTOP)  # upstart's 'expect stop'
         failed = []
         if self.fd is not None:
             fd, self.fd = self.fd, None
             failed += tried(sdnotify.tell_s6, fd)
-        failed += tried(self.relay, fields, main_pid)
+        failed += tried(self.relay, fields, main_pid, sender)
         if self.command:
             failed += tried(self.run_command, main_pid)
         if failed:
@@ -81,16 +84,20 @@ class Relays:
             os.waitpid(pid, 0)
             os.close(pidfd)
 
-    def relay(self, fields, main_pid, fds=()):
-        """Pass fields upstream, sent as main_pid: one the watcher checked is the program or below it, or None."""
+    def relay(self, fields, main_pid, sender, fds=()):
+        """Pass fields upstream, with MAINPID=main_pid if they say READY=1 or RELOADING=1, sent as sender.
+
+        Both are pids the watcher checked are the program or below it, or None.
+        """
         if self.upstream is None:
             return
         message = notifyproto.relay_message(fields, main_pid)
         if message is not None:
-            # Claiming the program's pid lets NotifyAccess=main accept it; without privilege the
+            # systemd's NotifyAccess=main believes only the main pid it knows, the one before any
+            # MAINPID= in this message: claiming it lets the message in. Without privilege the
             # sender is us and the unit needs NotifyAccess=all.
             try:
-                sdnotify.send(message, self.upstream, pid=main_pid, fds=fds)
+                sdnotify.send(message, self.upstream, pid=sender, fds=fds)
             except OSError as error:
                 raise unable(f"notify {self.upstream!r}", error) from None
 
@@ -198,13 +205,13 @@ class Watcher:
             if self.watchdog is not None:
                 self.pinged([("READY", "1")])
             told = self.relays.describe()
-            self.tell_ready([("READY", "1")])
+            self.tell_ready([("READY", "1")], self.speaker())
             self.say("info", f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
 
-    def tell_ready(self, fields):
+    def tell_ready(self, fields, sender):
         """Hand readiness to the relays: one that fails is said, and stops neither the others nor the watcher."""
         try:
-            self.relays.ready(self.program, self.main_pid, fields)
+            self.relays.ready(self.program, self.main_pid, fields, sender)
         except Fatal as error:
             self.warn_once("relay", str(error))
 
@@ -257,6 +264,7 @@ class Watcher:
             return
         notice = message.notice
         fields, main_pid = self.checked_main_pid(notice)
+        sender = self.speaker()  # the main pid the supervisor knows until it reads this message
         extend = notifyproto.seconds(fields, "EXTEND_TIMEOUT_USEC")
         if extend is not None and self.deadline is not None and not self.ready:
             self.deadline, self.extended = max(self.deadline, time.monotonic() + extend), True
@@ -270,13 +278,13 @@ class Watcher:
         if notice.ready and not self.ready:
             self.ready = True
             self.ready_sender = message.pid
-            self.main_pid = main_pid or self.program.pid
+            self.main_pid = main_pid or self.main_pid  # a MAINPID= sent before READY=1 still holds
             told = self.relays.describe()
-            self.tell_ready(fields)
+            self.tell_ready(fields, sender)
             self.say("info", f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
         else:
             self.main_pid = main_pid or self.main_pid
-            self.relays.relay(fields, self.speaker(), fds=message.fds if notice.fdstore else ())
+            self.relays.relay(fields, self.speaker(), sender, fds=message.fds if notice.fdstore else ())
         if pings:
             self.pinged(pings)
 
