@@ -10,6 +10,7 @@ hello_httpd answers with.
 import os
 import re
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -287,38 +288,35 @@ def wait_served_on(systemd, unit, port, label):
     return wait_until(served, f"nobody answers on {port}", log=systemd.log)
 
 
-def habitual_reload_unit(systemd, unit, main_pid, sockets, warmup="0.3"):
+def habitual_reload_unit(systemd, unit, options, sockets, warmup="0.3", extra=""):
     """Type=notify, ExecReload=kill -HUP $MAINPID; sockets bound as root, instances as nobody."""
     web = free_port()
-    handoff = " ".join([f"{BIN}/fdlaunch-handoff", *main_pid.split(), f"--listen-from={sockets}"])
+    handoff = " ".join([f"{BIN}/fdlaunch-handoff", *options.split(), f"--listen-from={sockets}"])
     daemon = f"{BIN}/fdlaunch-setuidgid nobody -- /usr/bin/python3 {HELLO} {warmup}"
     systemd.write_unit(
         unit,
-        f"[Service]\nType=notify\nExecStart={BIN}/fdlaunch-listen {tcp('web', web)} -- {handoff} -- {daemon}\n"
+        f"[Service]\nType=notify\n{extra}ExecStart={BIN}/fdlaunch-listen {tcp('web', web)} -- {handoff} -- {daemon}\n"
         "ExecReload=/bin/kill -HUP $MAINPID\n",
     )
     systemd.systemctl("daemon-reload")
     return web
 
 
-HABITUAL_XFAIL = pytest.mark.xfail(
-    strict=True, reason="the default --main-pid=instance lets ExecReload's HUP reach the daemon; fixed by handoff's lifecycle work"
+@pytest.mark.parametrize(
+    "options, extra", [("", ""), ("--respawn --main-pid=self", "NotifyAccess=all\n")], ids=["default", "respawn-notifyaccess-all"]
 )
-
-
-@pytest.mark.parametrize("main_pid", [pytest.param("", marks=HABITUAL_XFAIL, id="default"), pytest.param("--main-pid=self", id="self")])
-def test_three_reloads_under_load_fail_no_request_and_bring_in_the_changed_socket_set(systemd, main_pid):
-    unit = f"habitual-{'self' if main_pid else 'default'}.service"
+def test_three_reloads_under_load_fail_no_request_and_bring_in_the_changed_socket_set(systemd, options, extra):
+    unit = f"habitual-{'all' if extra else 'default'}.service"
     sockets = systemd.state / f"{unit}.sockets"
     ports = [free_port() for _ in range(4)]
     write_sockets(sockets, [tcp("p0", ports[0])])
-    web = habitual_reload_unit(systemd, unit, main_pid, sockets)
+    web = habitual_reload_unit(systemd, unit, options, sockets, extra=extra)
     load = None
     try:
         systemd.systemctl("start", unit)
-        first_main = systemd.main_pid(unit)  # fdlaunch-handoff with --main-pid=self, else the first instance
+        main = systemd.main_pid(unit)  # fdlaunch-handoff, which ExecReload's SIGHUP must reach
         first = wait_served_on(systemd, unit, ports[0], "p0")
-        assert systemd.uids(first) == [NOBODY] * 4 and systemd.uids(systemd.main_pid(unit))[0] == (0 if main_pid else NOBODY)
+        assert systemd.uids(first) == [NOBODY] * 4 and systemd.uids(main)[0] == 0
         load = HttpLoad(web)
         serving = [first]
         for reload in (1, 2, 3):
@@ -328,10 +326,9 @@ def test_three_reloads_under_load_fail_no_request_and_bring_in_the_changed_socke
             pid = wait_served_on(systemd, unit, ports[reload], f"p{reload}")
             assert pid not in serving, "a new instance serves the added port"
             serving.append(pid)
-            wanted = first_main if main_pid else pid
-            wait_until(lambda: systemd.main_pid(unit) == wanted, f"MainPID is not {wanted}", log=systemd.log)  # noqa: B023
             systemd.wait_for_state(unit, "active/running")
-            assert systemd.host_pid(wanted) in systemd.unit_processes(unit), "MainPID is a live process of the unit"
+            assert systemd.main_pid(unit) == main
+            assert systemd.host_pid(main) in systemd.unit_processes(unit), "MainPID is a live process of the unit"
         wait_until(lambda: answer(ports[0]) is None, "the dropped port still answers", log=systemd.log)
         load.stop()
         assert load.failures == [], load.failures
@@ -361,12 +358,64 @@ def test_a_unit_stopped_during_a_handoff_leaves_no_process(systemd):
     first = wait_served_on(systemd, unit, port, "web")
     warmup.write_text("60")  # the next instance never becomes ready
     systemd.systemctl("reload", "--no-block", unit)  # the reload job would wait for a READY=1 that never comes
-    wait_until(lambda: len(systemd.unit_processes(unit)) == 3, "the new instance never started", log=systemd.log)
+    # fdlaunch-handoff, its guard, the old instance and the new one
+    wait_until(lambda: len(systemd.unit_processes(unit)) == 4, "the new instance never started", log=systemd.log)
     assert answering_pid(http_get(port), "web") == first, "the old instance serves while the new one starts"
     started = time.monotonic()
     stop_and_check_nothing_is_left(systemd, unit)
     assert time.monotonic() - started < 10, "stopped well before TimeoutStopSec"
     assert not [line for line in unit_log(systemd, unit) if "SIGKILL" in line], "systemd had nothing left to kill"
+
+
+def instance_of(systemd, unit, script):
+    """The host pid of the unit's one process that runs script (its argv[1]), not of those that were handed its name."""
+    found = [pid for pid in systemd.unit_processes(unit) if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].endswith(script)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_handoff_respawns_a_crashed_daemon_and_systemd_sees_no_restart(systemd):
+    unit = "respawn.service"
+    sockets = systemd.state / f"{unit}.sockets"
+    port = free_port()
+    write_sockets(sockets, [tcp("p0", port)])
+    habitual_reload_unit(systemd, unit, "--respawn", sockets)
+    try:
+        systemd.systemctl("start", unit)
+        main = systemd.main_pid(unit)
+        first = wait_served_on(systemd, unit, port, "p0")
+        os.kill(systemd.host_pid(first), signal.SIGKILL)
+        wait_until(lambda: (body := answer(port)) is not None and answering_pid(body, "p0") != first, "no replacement", log=systemd.log)
+        shown = systemd.show(unit, "NRestarts", "MainPID", "ActiveState")
+        assert shown == {"NRestarts": "0", "MainPID": str(main), "ActiveState": "active"}
+        stop_and_check_nothing_is_left(systemd, unit)
+    finally:
+        systemd.systemctl("stop", unit, check=False)
+
+
+def test_watchdog_through_handoff_restarts_a_unit_whose_daemon_stops_pinging(systemd):
+    unit = "watchdog-handoff.service"
+    systemd.write_unit(
+        unit,
+        "[Service]\nType=notify\nWatchdogSec=1\nRestart=on-watchdog\nRestartSec=0.1\n"
+        f"ExecStart={BIN}/fdlaunch-handoff -- /usr/bin/python3 {HERE}/watchdog_daemon.py\n",
+    )
+    systemd.systemctl("daemon-reload")
+    try:
+        systemd.systemctl("start", unit)
+        first = systemd.main_pid(unit)
+        began = int(systemd.show(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
+        pinged = lambda: int(systemd.show(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]) > began + 2_500_000
+        wait_until(pinged, "the serving instance's pings did not go through handoff for 2.5 s", timeout=10, log=systemd.log)
+        assert systemd.show(unit, "NRestarts")["NRestarts"] == "0"
+        os.kill(instance_of(systemd, unit, b"watchdog_daemon.py"), signal.SIGUSR1)  # silenced: it hangs, as far as anyone can tell
+        wait_until(lambda: systemd.show(unit, "NRestarts")["NRestarts"] == "1", "not restarted once silent", timeout=10, log=systemd.log)
+        systemd.wait_for_state(unit, "active/running")
+        assert systemd.main_pid(unit) != first
+        assert any("Watchdog timeout" in line for line in unit_log(systemd, unit)), systemd.log()
+        stop_and_check_nothing_is_left(systemd, unit)
+    finally:
+        systemd.systemctl("stop", unit, check=False)
 
 
 # fdlaunch-accept behind a socket unit
