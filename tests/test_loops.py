@@ -96,8 +96,9 @@ def test_handoff_settings_stay_as_built():
         handoff.tell_ready(instance)  # a second READY=1 writes nothing more to the closed fd
         assert os.read(read_end, 16) == b"\n"
         assert handoff.settings == settings and settings.ready_fd == write_end
-        # the first READY=1 names the instance, but comes from the main pid the supervisor knows: ours
-        assert [pid for _, pid in told] == [os.getpid(), os.getpid()]
+        # the first READY=1 names the instance, but comes from the main pid the supervisor knows: ours;
+        # the next comes from the instance it named
+        assert [pid for _, pid in told] == [os.getpid(), child.pid]
         assert all(f"MAINPID={child.pid}\n" in message for message, _ in told)
     finally:
         child.kill()
