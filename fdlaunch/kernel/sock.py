@@ -115,10 +115,11 @@ class Opened:
 
     def discard(self):
         """Close our sockets, remove our files and directories: each only if its name still holds our inode."""
-        fds.close_all(self.fds)
-        for path, inode in [*self.files, *reversed(self.directories)]:
-            sockfile.remove(path, inode)
-        self.fds, self.files, self.directories = [], [], []
+        with sockfile.stops_held():  # a second stop signal must not cut the cleanup short
+            fds.close_all(self.fds)
+            for path, inode in [*self.files, *reversed(self.directories)]:
+                sockfile.remove(path, inode)
+            self.fds, self.files, self.directories = [], [], []
 
     def open(self, endpoint):
         """Create, configure, bind and (for streams) listen; return the raw fd."""
@@ -131,7 +132,9 @@ class Opened:
         try:
             _set_options(sock, endpoint)
             if spec.is_unix and not spec.is_abstract:
-                self._bind_unix_path(sock, endpoint)
+                # Held: a stop between a bind and its record would leave a file nobody removes.
+                with sockfile.stops_held():
+                    self._bind_unix_path(sock, endpoint)
             else:
                 _bind(sock, endpoint)
             if endpoint.type != socket.SOCK_DGRAM:

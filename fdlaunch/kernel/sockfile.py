@@ -11,9 +11,11 @@ inode). fdlaunch-listen(1), Unix socket files, states the rules kept here.
 
 # The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
 import _socket as socket
+import contextlib
 import errno
 import fcntl
 import os
+import signal
 import stat
 
 from fdlaunch.errors import Fatal, UsageError, shown, unable
@@ -24,6 +26,18 @@ SIOCUNIXFILE = 0x89E0
 # An entry as it is, a symlink included; opening it needs no permission on it.
 ENTRY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 SYMLINKS_MAX = 40  # as the kernel's own path walk (path_resolution(7))
+# Cleanup runs to its end whatever comes: these are held (blocked) meanwhile.
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+@contextlib.contextmanager
+def stops_held():
+    """Stop signals wait (blocked) until the block ends, then act as they would have."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def through(fd):
