@@ -12,7 +12,7 @@ import select
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError, shown, unable
-from fdlaunch.kernel import fds, sockfile
+from fdlaunch.kernel import fds
 from fdlaunch.text import credspec
 from fdlaunch.text import spec as specs
 from fdlaunch.text.numbers import is_decimal
@@ -115,11 +115,15 @@ class Opened:
 
     def discard(self):
         """Close our sockets, remove our files and directories: each only if its name still holds our inode."""
-        with sockfile.stops_held():  # a second stop signal must not cut the cleanup short
-            fds.close_all(self.fds)
-            for path, inode in [*self.files, *reversed(self.directories)]:
-                sockfile.remove(path, inode)
-            self.fds, self.files, self.directories = [], [], []
+        fds.close_all(self.fds)
+        made = [*self.files, *reversed(self.directories)]
+        self.fds, self.files, self.directories = [], [], []
+        if made:
+            from fdlaunch.kernel import sockfile  # imported already by the bind that made them
+
+            with sockfile.stops_held():  # a second stop signal must not cut the cleanup short
+                for path, inode in made:
+                    sockfile.remove(path, inode)
 
     def open(self, endpoint):
         """Create, configure, bind and (for streams) listen; return the raw fd."""
@@ -132,9 +136,7 @@ class Opened:
         try:
             _set_options(sock, endpoint)
             if spec.is_unix and not spec.is_abstract:
-                # Held: a stop between a bind and its record would leave a file nobody removes.
-                with sockfile.stops_held():
-                    self._bind_unix_path(sock, endpoint)
+                self._bind_unix_path(sock, endpoint)
             else:
                 _bind(sock, endpoint)
             if endpoint.type != socket.SOCK_DGRAM:
@@ -147,9 +149,12 @@ class Opened:
 
     def _bind_unix_path(self, sock, endpoint):
         """Bind in the directory walked, then give exactly the file bound its owner and mode (fdlaunch-listen(1))."""
+        from fdlaunch.kernel import sockfile  # only a run with a unix socket path pays for its import
+
         spec = endpoint.spec
         made = self.directories if spec.mkdir else None
-        with sockfile.directory_of(spec.path, spec.shareddir, made) as directory:
+        # Held: a stop between a file made and its record would leave a file nobody removes.
+        with sockfile.stops_held(), sockfile.directory_of(spec.path, spec.shareddir, made) as directory:
             sockfile.remove_stale(directory, endpoint.type)
             # Bound under umask 0777 the file starts with no permissions at all,
             # so it is never reachable more widely than asked while chown and
@@ -160,7 +165,7 @@ class Opened:
             finally:
                 os.umask(previous)
             bound, inode = sockfile.bound_file(sock, directory)
-        self.files.append((spec.path, inode))
+            self.files.append((spec.path, inode))
         try:
             if endpoint.owner:
                 _call(os.chown, f"change the owner of {shown(spec.path)}", sockfile.through(bound), *endpoint.owner)
