@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 30
@@ -42,7 +43,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def commands():
+def commands(private):
+    """The rows: name -> (argv, extra environment); private: a directory of ours for unix socket files."""
     python = console_interpreter()
     account = "nobody" if os.geteuid() == 0 else str(os.getuid())
     port = free_port()
@@ -53,6 +55,8 @@ def commands():
         "floor: python -c pass": ([python, "-c", "pass"], {}),
         "true (no interpreter)": (["true"], {}),
         "fdlaunch-listen -tcp:127.0.0.1:0 -- true": (["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "true"], {}),
+        # The file each run leaves is stale for the next: walked, probed, removed, bound, checked, moded.
+        "fdlaunch-listen -unix::DIR/x.sock -- true": (["fdlaunch-listen", f"-unix::{private}/x.sock", "--", "true"], {}),
         f"fdlaunch-setuidgid {account} -- true": (["fdlaunch-setuidgid", account, "--", "true"], {}),
         "listen, setuidgid -- true": (chain[:6] + ["true"], {}),
         "listen, setuidgid -- true  FDLAUNCH_FUSE=0": (chain[:6] + ["true"], {"FDLAUNCH_FUSE": "0"}),
@@ -119,7 +123,14 @@ def peak_rss_kib(argv, extra):
 
 
 def main():
-    rows = commands()
+    private = tempfile.mkdtemp(prefix="fdlaunch-bench-")
+    try:
+        measure(commands(private))
+    finally:
+        shutil.rmtree(private)
+
+
+def measure(rows):
     times = {name: [] for name in rows}
     for _ in range(RUNS):
         for name, (argv, extra) in rows.items():

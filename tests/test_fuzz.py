@@ -223,7 +223,7 @@ def spec_text():
             st.sampled_from(["99999999999", "0:4294967295", "nosuchuser", "a\x01b", "nobody:nosuchgroup"]),
         ),
     }
-    flags = ["reuseport", "v6only", "freebind", "mkdir", "transparent", "bogus"]
+    flags = ["reuseport", "v6only", "freebind", "mkdir", "shareddir", "transparent", "bogus"]
     item = st.one_of(
         st.sampled_from(flags),
         st.sampled_from(sorted(option_value)).flatmap(lambda name: option_value[name].map(lambda value: f"{name}={value}")),

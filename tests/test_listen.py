@@ -318,6 +318,32 @@ def test_lazy_stopped_by_sigterm_cleans_up(tmp_path):
         child.wait()
 
 
+def test_a_second_stop_signal_never_cuts_the_cleanup_short(tmp_path):
+    """--lazy with 200 unix sockets: SIGTERM, then SIGINT once the cleanup has begun; every file goes, and the first stop is the status."""
+    count = 200
+    for attempt in range(20):
+        directory = tmp_path / str(attempt)
+        directory.mkdir()
+        paths = [directory / f"{i}.sock" for i in range(count)]
+        argv = ["fdlaunch-listen", "-v", "--lazy", *(f"-unix:{p}" for p in paths), "true"]
+        child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        try:
+            said = [child.stderr.readline() for _ in range(count)]  # the last is said just before the wait
+            assert said[-1].startswith(f"fdlaunch-listen: info: fd {count + 2}: unix "), said[-1]
+            child.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + TIMEOUT
+            while paths[0].exists():  # no sleep: the second stop must come while the cleanup runs
+                assert time.monotonic() < deadline, "the cleanup never began"
+            child.send_signal(signal.SIGINT)
+            assert child.wait(TIMEOUT) == 128 + signal.SIGTERM
+            assert child.stderr.read() == "fdlaunch-listen: fatal: stopped by SIGTERM before exec\n"
+            assert sorted(directory.iterdir()) == [], f"attempt {attempt}: files left behind"
+        finally:
+            child.kill()
+            child.wait()
+            child.stderr.close()
+
+
 def test_unix_mode_owner_and_mkdir(probe, tmp_path):
     require_root()
     path = tmp_path / "a" / "b" / "ctl.sock"

@@ -45,7 +45,8 @@ def test_options_are_read():
     assert parsed.reuseport and parsed.freebind and not parsed.transparent
     assert (parsed.rcvbuf, parsed.sndbuf, parsed.device) == (65536, 1 << 20, "lo")
     unix = spec.parse("-unix:mode=640,owner=0:0,mkdir:/run/a/b")
-    assert (unix.mode, unix.owner, unix.mkdir) == (0o640, "0:0", True)
+    assert (unix.mode, unix.owner, unix.mkdir, unix.shareddir) == (0o640, "0:0", True, False)
+    assert spec.parse("-unix:shareddir:/run/a/b").shareddir
 
 
 REFUSED = [
@@ -67,6 +68,8 @@ REFUSED = [
     ("-tcp4:v6only:80", "only for tcp, tcp6, udp and udp6"),
     ("-tcp:mode=0600:80", "only for unix sockets with a path"),
     ("-unix:mode=0600:@abstract", "only for unix sockets with a path"),
+    ("-unix:shareddir:@abstract", "only for unix sockets with a path"),
+    ("-tcp:shareddir:80", "only for unix sockets with a path"),
     ("-unix:mode=0800:/x", "octal"),
     ("-unix:owner=a,:/x", "owner"),
     ("-tcp:rcvbuf=0:80", "buffer size"),

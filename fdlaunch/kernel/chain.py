@@ -244,9 +244,18 @@ def exec_failed(name, number):
 
 @contextlib.contextmanager
 def stopping_signals_raise(numbers=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
-    """While waiting before an exec, turn a stop signal into Fatal so cleanup runs."""
+    """While waiting before an exec, turn a stop signal into Fatal so cleanup runs.
+
+    The first stop ends the run: from then on these signals are ignored, so
+    that a second one can neither cut the cleanup short nor kill the process
+    before it has said why it stopped.
+    """
+    stopped = []
 
     def stop(number, frame):
+        for each in numbers:
+            signal.signal(each, signal.SIG_IGN)
+        stopped.append(number)
         raise Fatal(f"stopped by {signal.Signals(number).name} before exec", 128 + number)
 
     # A signal the caller ignores (nohup) stays ignored: it was never a stop request.
@@ -255,8 +264,9 @@ def stopping_signals_raise(numbers=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        if not stopped:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def describe_exit(status):

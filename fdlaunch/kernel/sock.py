@@ -7,10 +7,8 @@ the run gets as far as exec.
 
 # The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
 import _socket as socket
-import errno
 import os
 import select
-import stat
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError, shown, unable
@@ -101,8 +99,8 @@ class Opened:
 
     def __init__(self):
         self.fds = []
-        self.files = []  # (path, st_dev, st_ino) of socket files we bound
-        self.directories = []  # made by mkdir, outermost first
+        self.files = []  # (path, (st_dev, st_ino)) of socket files we bound
+        self.directories = []  # (path, (st_dev, st_ino)) made by mkdir, outermost first
 
     def __enter__(self):
         return self
@@ -116,19 +114,16 @@ class Opened:
         self.fds = [where.get(fd, fd) for fd in self.fds]
 
     def discard(self):
+        """Close our sockets, remove our files and directories: each only if its name still holds our inode."""
         fds.close_all(self.fds)
-        for path, device, inode in self.files:
-            try:
-                now = os.lstat(path)
-                if (now.st_dev, now.st_ino) == (device, inode):
-                    os.unlink(path)
-            except OSError:
-                pass
-        for directory in reversed(self.directories):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass
+        made = [*self.files, *reversed(self.directories)]
+        self.fds, self.files, self.directories = [], [], []
+        if made:
+            from fdlaunch.kernel import sockfile  # imported already by the bind that made them
+
+            with sockfile.stops_held():  # a second stop signal must not cut the cleanup short
+                for path, inode in made:
+                    sockfile.remove(path, inode)
 
     def open(self, endpoint):
         """Create, configure, bind and (for streams) listen; return the raw fd."""
@@ -153,35 +148,31 @@ class Opened:
         return fd
 
     def _bind_unix_path(self, sock, endpoint):
-        spec = endpoint.spec
-        parent = os.path.dirname(spec.path)
-        if spec.mkdir and parent:
-            self._make_directories(parent)
-        _remove_stale(endpoint)
-        # Bound under umask 0777 the file starts with no permissions at all,
-        # so it is never reachable more widely than asked while chown and
-        # chmod are still to come.
-        previous = os.umask(0o777)
-        try:
-            _bind(sock, endpoint)
-        finally:
-            os.umask(previous)
-        info = os.lstat(spec.path)
-        self.files.append((spec.path, info.st_dev, info.st_ino))
-        if endpoint.owner:
-            _call(os.chown, f"change the owner of {shown(spec.path)}", spec.path, *endpoint.owner)
-        mode = spec.mode if spec.mode is not None else DEFAULT_SOCKET_MODE & ~previous
-        _call(os.chmod, f"change the mode of {shown(spec.path)}", spec.path, mode)
+        """Bind in the directory walked, then give exactly the file bound its owner and mode (fdlaunch-listen(1))."""
+        from fdlaunch.kernel import sockfile  # only a run with a unix socket path pays for its import
 
-    def _make_directories(self, directory):
-        missing = []
-        while directory and not os.path.isdir(directory):
-            missing.append(directory)
-            directory = os.path.dirname(directory)
-        for path in reversed(missing):
-            _call(os.mkdir, f"create directory {shown(path)}", path, 0o755)
-            self.directories.append(path)
-            _call(os.chmod, f"change the mode of {shown(path)}", path, 0o755)
+        spec = endpoint.spec
+        made = self.directories if spec.mkdir else None
+        # Held: a stop between a file made and its record would leave a file nobody removes.
+        with sockfile.stops_held(), sockfile.directory_of(spec.path, spec.shareddir, made) as directory:
+            sockfile.remove_stale(directory, endpoint.type)
+            # Bound under umask 0777 the file starts with no permissions at all,
+            # so it is never reachable more widely than asked while chown and
+            # chmod are still to come.
+            previous = os.umask(0o777)
+            try:
+                _bind(sock, endpoint)
+            finally:
+                os.umask(previous)
+            bound, inode = sockfile.bound_file(sock, directory)
+            self.files.append((spec.path, inode))
+        try:
+            if endpoint.owner:
+                _call(os.chown, f"change the owner of {shown(spec.path)}", sockfile.through(bound), *endpoint.owner)
+            mode = spec.mode if spec.mode is not None else DEFAULT_SOCKET_MODE & ~previous
+            _call(os.chmod, f"change the mode of {shown(spec.path)}", sockfile.through(bound), mode)
+        finally:
+            os.close(bound)
 
 
 def _call(function, what, *args):
@@ -201,36 +192,6 @@ def _bind(sock, endpoint):
         ) from None
     except OSError as error:
         raise unable(f"bind {endpoint_address(endpoint)}", error) from None
-
-
-def _remove_stale(endpoint):
-    """Remove a socket file nobody listens on; refuse a live socket or any other file."""
-    path = endpoint.spec.path
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise unable(f"examine {shown(path)}", error) from None
-    if not stat.S_ISSOCK(info.st_mode):
-        raise Fatal(f"unable to bind {shown(path)}: it exists and is not a socket; not removing it")
-    # Non-blocking: a live listener whose backlog is full answers EAGAIN
-    # (unix(7)) where a blocking connect would wait for it forever.
-    probe = socket.socket(socket.AF_UNIX, endpoint.type | socket.SOCK_NONBLOCK)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # stale: left by a listener that is gone
-        return
-    except BlockingIOError:
-        pass  # live, with its backlog full
-    except OSError as error:
-        if error.errno == errno.EPROTOTYPE:
-            raise Fatal(f"unable to bind {shown(path)}: a socket of another type is listening there") from None
-        raise unable(f"bind {shown(path)}", error) from None
-    finally:
-        probe.close()
-    raise Fatal(f"unable to bind {shown(path)}: a socket is already listening there")
 
 
 def _set_options(sock, endpoint):

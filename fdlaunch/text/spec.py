@@ -64,6 +64,7 @@ _SPEC_FIELDS = {
     "mode": None,
     "owner": None,
     "mkdir": False,
+    "shareddir": False,
 }
 
 
@@ -189,6 +190,7 @@ OPTIONS = {
     "mode": (octal_mode, UNIX_PATH),
     "owner": (_owner, UNIX_PATH),
     "mkdir": (None, UNIX_PATH),
+    "shareddir": (None, UNIX_PATH),
 }
 
 WHERE = {
