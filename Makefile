@@ -33,6 +33,8 @@ PYTEST_FLAGS ?=
 SOURCES := setup.cfg setup.py pyproject.toml $(shell find fdlaunch -name '*.py')
 MAN1 := $(wildcard man/*.1)
 MAN7 := $(wildcard man/*.7)
+# For PATH, whether VENV is given relative or absolute.
+VENV_BIN = $(abspath $(VENV))/bin
 
 .PHONY: all test lint install uninstall demo bench clean
 
@@ -45,7 +47,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 test: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
 
 lint: $(VENV)/.installed
 	mandoc -Tlint -W warning $(MAN1) $(MAN7)
@@ -59,14 +61,16 @@ install:
 uninstall:
 	$(PYTHON) build-aux/install.py uninstall --prefix="$(PREFIX)" --destdir="$(DESTDIR)"
 
+# demo.sh runs its daemon with $PYTHON: the virtualenv's, which has the package,
+# whatever PYTHON make was given.
 demo: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh examples/demo.sh
+	PATH="$(VENV_BIN):$$PATH" PYTHON="$(VENV_BIN)/python" sh examples/demo.sh
 
 bench: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/startup.py
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/handoff.py
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/accept.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/startup.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/handoff.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/accept.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache
