@@ -21,8 +21,11 @@
 # It needs a pip of the same Python version: the one of the virtualenv in $(VENV),
 # created by $(PYTHON) if missing.
 
-# Debian's interpreter, so that the tests that drop to nobody can still run
-# it (a pyenv under /root cannot be read by other users).
+# The interpreter the tools run under, and the one make test tests: the suite
+# reads it from FDLAUNCH_TEST_PYTHON. Debian's by default, so that the tests
+# that drop to nobody can run it (a pyenv under /root cannot be read by other
+# users: with one, those tests skip and say so). A virtualenv serves the Python
+# version that made it: another PYTHON needs another VENV (relative or absolute).
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 PREFIX ?= /usr/local
@@ -47,7 +50,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 test: $(VENV)/.installed
-	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
+	FDLAUNCH_TEST_PYTHON="$$(command -v $(PYTHON) || echo $(PYTHON))" PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
 
 lint: $(VENV)/.installed
 	mandoc -Tlint -W warning $(MAN1) $(MAN7)
