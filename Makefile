@@ -22,10 +22,11 @@
 # created by $(PYTHON) if missing.
 
 # The interpreter the tools run under, and the one make test tests: the suite
-# reads it from FDLAUNCH_TEST_PYTHON. Debian's by default, so that the tests
-# that drop to nobody can run it (a pyenv under /root cannot be read by other
-# users: with one, those tests skip and say so). A virtualenv serves the Python
-# version that made it: another PYTHON needs another VENV (relative or absolute).
+# reads its path from FDLAUNCH_TEST_PYTHON (asked before the virtualenv is on
+# PATH, where python3.X would be the virtualenv's). Debian's by default, so
+# that the tests that drop to nobody can run it (a pyenv under /root cannot be
+# read by other users: with one, those tests skip and say so). A virtualenv
+# serves the Python version that made it: another PYTHON needs another VENV.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 PREFIX ?= /usr/local
@@ -50,7 +51,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 test: $(VENV)/.installed
-	FDLAUNCH_TEST_PYTHON="$$(command -v $(PYTHON) || echo $(PYTHON))" PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
+	FDLAUNCH_TEST_PYTHON="$$($(PYTHON) -c 'import sys; print(sys.executable)')" PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
 
 lint: $(VENV)/.installed
 	mandoc -Tlint -W warning $(MAN1) $(MAN7)

@@ -109,7 +109,7 @@ def check_python_under_test():
     """The suite runs in a virtualenv made by the interpreter under test: a .venv of another version is refused."""
     ours = "{}.{}".format(*sys.version_info)
     if PYTHON_VERSION is None:
-        raise pytest.UsageError(f"FDLAUNCH_TEST_PYTHON={PYTHON_ASKED!r} does not run (make test PYTHON=...)")
+        raise pytest.UsageError(f"FDLAUNCH_TEST_PYTHON={PYTHON_ASKED!r} does not run: give make test a PYTHON that runs")
     if PYTHON_VERSION != ours:
         raise pytest.UsageError(
             f"the suite runs in a virtualenv of Python {ours} ({sys.prefix}), but {PYTHON} is Python {PYTHON_VERSION}:"
