@@ -21,8 +21,12 @@
 # It needs a pip of the same Python version: the one of the virtualenv in $(VENV),
 # created by $(PYTHON) if missing.
 
-# Debian's interpreter, so that the tests that drop to nobody can still run
-# it (a pyenv under /root cannot be read by other users).
+# The interpreter the tools run under, and the one make test tests: the suite
+# reads its path from FDLAUNCH_TEST_PYTHON (asked before the virtualenv is on
+# PATH, where python3.X would be the virtualenv's). Debian's by default, so
+# that the tests that drop to nobody can run it (a pyenv under /root cannot be
+# read by other users: with one, those tests skip and say so). A virtualenv
+# serves the Python version that made it: another PYTHON needs another VENV.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 PREFIX ?= /usr/local
@@ -33,6 +37,8 @@ PYTEST_FLAGS ?=
 SOURCES := setup.cfg setup.py pyproject.toml $(shell find fdlaunch -name '*.py')
 MAN1 := $(wildcard man/*.1)
 MAN7 := $(wildcard man/*.7)
+# For PATH, whether VENV is given relative or absolute.
+VENV_BIN = $(abspath $(VENV))/bin
 
 .PHONY: all test lint install uninstall demo bench clean
 
@@ -45,7 +51,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 test: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
+	FDLAUNCH_TEST_PYTHON="$$($(PYTHON) -c 'import sys; print(sys.executable)')" PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_FLAGS)
 
 lint: $(VENV)/.installed
 	mandoc -Tlint -W warning $(MAN1) $(MAN7)
@@ -59,14 +65,16 @@ install:
 uninstall:
 	$(PYTHON) build-aux/install.py uninstall --prefix="$(PREFIX)" --destdir="$(DESTDIR)"
 
+# demo.sh runs its daemon with $PYTHON: the virtualenv's, which has the package,
+# whatever PYTHON make was given.
 demo: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh examples/demo.sh
+	PATH="$(VENV_BIN):$$PATH" PYTHON="$(VENV_BIN)/python" sh examples/demo.sh
 
 bench: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/startup.py
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/handoff.py
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python benchmarks/accept.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/startup.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/handoff.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/accept.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

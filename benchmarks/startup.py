@@ -16,6 +16,7 @@ beside its C peers.
 """
 
 import os
+import pwd
 import shutil
 import socket
 import statistics
@@ -43,10 +44,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def account_for(python):
+    """Whom setuidgid drops to: nobody if it can run python (one under /root it cannot), else ourselves."""
+    if os.geteuid() == 0:
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", python, "-c", "pass"]
+        if subprocess.run(as_nobody, stderr=subprocess.DEVNULL).returncode == 0:
+            return "nobody"
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
 def commands(private):
     """The rows: name -> (argv, extra environment); private: a directory of ours for unix socket files."""
     python = console_interpreter()
-    account = "nobody" if os.geteuid() == 0 else str(os.getuid())
+    account = account_for(python)
     port = free_port()
     ready = shutil.which("systemd-notify")
     chain = ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", account, "--"]

@@ -5,6 +5,7 @@ a virtualenv), exec real programs and bind real sockets.
 """
 
 import contextlib
+import functools
 import json
 import os
 import pwd
@@ -28,6 +29,7 @@ REQUIRE_PEERS = os.environ.get("FDLAUNCH_REQUIRE_PEERS") == "1"
 
 
 def pytest_configure(config):
+    check_python_under_test()
     for tool in TOOLS:
         if shutil.which(tool) is None:
             raise pytest.UsageError(f"{tool} is not on PATH: install the package first (make test does)")
@@ -88,12 +90,60 @@ def require(program):
     return path
 
 
+def interpreter(python):
+    """(the path it gives itself, "X.Y") of the interpreter python, or None if it does not run."""
+    try:
+        done = run([python, "-c", "import sys; print(*sys.version_info[:2], sys.executable)"])
+    except OSError:
+        return None
+    if done.returncode != 0:
+        return None
+    major, minor, path = done.stdout.rstrip("\n").split(" ", 2)
+    return path, f"{major}.{minor}"
+
+
+# The interpreter under test: the Makefile's PYTHON, which make test passes down
+# (pytest run by hand: the one that made the virtualenv it runs in). Every test
+# that runs a Python other than the virtualenv's own (sys.executable) runs this one.
+PYTHON_ASKED = os.environ.get("FDLAUNCH_TEST_PYTHON", f"{sys.base_prefix}/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
+PYTHON, PYTHON_VERSION = interpreter(PYTHON_ASKED) or (PYTHON_ASKED, None)
+
+
+def check_python_under_test():
+    """The suite runs in a virtualenv made by the interpreter under test: a .venv of another version is refused."""
+    ours = "{}.{}".format(*sys.version_info)
+    if PYTHON_VERSION is None:
+        raise pytest.UsageError(f"FDLAUNCH_TEST_PYTHON={PYTHON_ASKED!r} does not run: give make test a PYTHON that runs")
+    if PYTHON_VERSION != ours:
+        raise pytest.UsageError(
+            f"the suite runs in a virtualenv of Python {ours} ({sys.prefix}), but {PYTHON} is Python {PYTHON_VERSION}:"
+            " a virtualenv serves the Python that made it: set VENV to a new directory"
+        )
+
+
+@functools.cache
+def nobody_can_run(python):
+    drop = ["setpriv", "--reuid=nobody", f"--regid={pwd.getpwnam('nobody').pw_gid}", "--clear-groups", "--"]
+    return run([*drop, python, "-c", "pass"]).returncode == 0
+
+
+def require_python_for_nobody(python=sys.executable):
+    """Skip a test that runs python (by default the virtualenv's, which the tools run under)
+    as nobody, when nobody cannot: it lies under a directory other users cannot enter
+    (a pyenv under /root)."""
+    require_root()
+    if not nobody_can_run(python):
+        pytest.skip(f"nobody cannot run {python} ({os.path.realpath(python)}): it lies where other users cannot enter (README, Pythons)")
+
+
 def python_systemd():
-    """Debian's interpreter, with python-systemd (package python3-systemd) importable."""
-    python = "/usr/bin/python3"
-    if not os.path.exists(python) or run([python, "-c", "import systemd.daemon"]).returncode != 0:
-        missing("python3-systemd")
-    return python
+    """The interpreter under test, with python-systemd (package python3-systemd) importable."""
+    if run([PYTHON, "-c", "import systemd.daemon"]).returncode == 0:
+        return PYTHON
+    debian = "/usr/bin/python3"
+    if os.path.exists(debian) and run([debian, "-c", "import systemd.daemon"]).returncode == 0:
+        pytest.skip(f"python-systemd is built for {debian} only, not for {PYTHON} (Python {PYTHON_VERSION})")
+    missing("python3-systemd")
 
 
 def require_root():

@@ -5,7 +5,8 @@ Usage: label_daemon.py fdlaunch|systemd
 fdlaunch: the sockets of fdlaunch.listen_sockets() (either convention),
 READY=1 by fdlaunch.notify(). systemd: only LISTEN_FDS and LISTEN_FDNAMES,
 read by python-systemd's listen_fds_with_names() as gunicorn reads them
-(run it with Debian's python3), READY=1 by systemd.daemon.notify(); it never
+(run it with an interpreter that has python-systemd: conftest's
+python_systemd()), READY=1 by systemd.daemon.notify(); it never
 looks at LISTEN_FD_MAP. Each stream connection gets, and each datagram is
 answered with, one JSON line: pid, label, fd, and the fds open at start.
 """

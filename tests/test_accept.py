@@ -14,7 +14,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, free_port, parse_probe, require, require_root, run, s6_supervised, unread_fd3_started, wait_for_line
+from conftest import (
+    PROBE,
+    TIMEOUT,
+    free_port,
+    parse_probe,
+    require,
+    require_python_for_nobody,
+    require_root,
+    run,
+    s6_supervised,
+    unread_fd3_started,
+    wait_for_line,
+)
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
@@ -186,6 +198,8 @@ def test_a_dual_stack_socket_shows_ipv4_clients_as_ipv4(server):
 
 def unix_client(path, user=None):
     """A client in its own process (as user): what it read, and its pid."""
+    if user is not None:
+        require_python_for_nobody()
     code = (
         "import socket,sys,os; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.shutdown(socket.SHUT_WR);"
         "r=b''\nwhile (c:=s.recv(4096)): r+=c\nprint(os.getpid()); print(r.decode(), end='')"
@@ -612,6 +626,7 @@ def test_readiness_on_an_s6_notification_fd(tmp_path):
 
 def test_after_setuidgid_nobody(server, public_dir):
     require_root()
+    require_python_for_nobody()
     port = free_port()
     chain = ["fdlaunch-setuidgid", "nobody", "--"]
     one = server(f"-tcp:127.0.0.1:{port}", [], ["sh", "-c", "id -u"], prefix=chain, directory=public_dir)
@@ -621,6 +636,7 @@ def test_after_setuidgid_nobody(server, public_dir):
 
 def test_s6_example_under_s6_supervise(public_dir):
     require_root()
+    require_python_for_nobody()
     port = free_port()
     service = public_dir / "greet"
     shutil.copytree(EXAMPLES / "s6" / "greet", service)

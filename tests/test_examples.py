@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, http_get, require, require_root, run, s6_supervised
+from conftest import TIMEOUT, free_port, http_get, require, require_python_for_nobody, require_root, run, s6_supervised
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -147,6 +147,7 @@ def test_the_service_daemons_are_copies_of_the_demo_daemon():
 
 def test_s6_service(public_tmp, checkout_unchanged):
     require_root()
+    require_python_for_nobody()
     for tool in ("s6-supervise", "s6-svwait", "s6-svstat", "s6-svc"):
         require(tool)
     port = free_port()
@@ -167,6 +168,7 @@ def test_s6_service(public_tmp, checkout_unchanged):
 def test_s6_greet_service_as_written(public_tmp, checkout_unchanged):
     """The per-connection example, copied and started with the commands at the top of its run script."""
     require_root()
+    require_python_for_nobody()
     for tool in ("s6-supervise", "s6-svstat", "s6-svwait", "s6-svc", "nc"):
         require(tool)
     port = free_port()
@@ -205,6 +207,7 @@ def test_s6_headers_wait_until_s6_svwait_can_read_the_status(name, tmp_path):
 
 def test_runit_service(public_tmp, checkout_unchanged):
     require_root()
+    require_python_for_nobody()
     require("runsv"), require("sv")
     port = free_port()
     service, (start, status_command, curl, stop) = copy_as_written("runit", "hello", public_tmp, port)
@@ -249,6 +252,7 @@ def exec_start(units, unit, port):
 def test_systemd_unit_with_an_fdlaunch_chain(units):
     """Type=notify: READY=1 must come from the pid systemd started (NotifyAccess=main)."""
     require_root()
+    require_python_for_nobody()
     port = free_port()
     public = Path(tempfile.mkdtemp(prefix="fdlaunch-systemd-", dir="/tmp"))
     os.chmod(public, 0o755)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, read_probe, require_root, run
+from conftest import PROBE, PYTHON, read_probe, require_python_for_nobody, run
 
 ROOT_ONLY = os.geteuid() != 0
 ME = f"{os.getuid()}:{os.getgid()}"
@@ -92,6 +92,8 @@ def test_the_program_cannot_tell_a_fused_chain(chain, public):
     argv = [word.replace("{tag}", f"fdl-fusion-{os.getpid()}") for word in CHAINS[chain]]
     if ROOT_ONLY and "fdlaunch-setuidgid" in argv:
         pytest.skip("needs root to change credentials")
+    if "nobody" in argv:
+        require_python_for_nobody()
     fused, report = run_chain(argv, public, "fused", fuse=True)
     exec_d, expected = run_chain(argv, public, "exec", fuse=False)
     assert (fused.returncode, re.sub(r"pid \d+", "pid N", fused.stderr)) == (exec_d.returncode, re.sub(r"pid \d+", "pid N", exec_d.stderr))
@@ -144,13 +146,13 @@ def test_a_script_named_like_a_tool_elsewhere_is_execd(tmp_path):
 
 
 def private_installation(base):
-    """This installation copied into a venv of Debian's python3 inside a 0700 directory."""
+    """This installation copied into a venv of the interpreter under test inside a 0700 directory."""
     import docopt
 
     import fdlaunch
 
     private = base / "private"
-    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(private / "venv")], check=True, timeout=60)
+    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(private / "venv")], check=True, timeout=60)
     site = next((private / "venv" / "lib").glob("python3*/site-packages"))
     for package in (fdlaunch, docopt):
         source = os.path.dirname(package.__file__)
@@ -165,9 +167,7 @@ def private_installation(base):
 
 
 def test_a_chain_goes_on_after_dropping_to_a_user_who_cannot_read_the_interpreter(public):
-    require_root()
-    if not os.access("/usr/bin/python3", os.X_OK):
-        pytest.skip("needs Debian's /usr/bin/python3")
+    require_python_for_nobody(PYTHON)  # the program at the end is run by nobody
     bindir = private_installation(public)
     out = public
     argv = [
@@ -175,7 +175,7 @@ def test_a_chain_goes_on_after_dropping_to_a_user_who_cannot_read_the_interprete
         "fdlaunch-setuidgid", "--no-new-privs", "nobody", "--",  # prctl after the drop: nothing left to import
         "fdlaunch-notify-wait", "--",
         "fdlaunch-fdmap", "--map", "--",
-        "/usr/bin/python3", PROBE, str(out / "report.json"),
+        PYTHON, PROBE, str(out / "report.json"),
     ]  # fmt: skip
     env = {"PATH": f"{bindir}:/usr/bin:/bin"}
     done = run(argv, env=env)

@@ -1,6 +1,7 @@
 """fdlaunch-handoff: overlapped restarts under load, failures that keep the old instance, signals."""
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -334,7 +335,7 @@ def test_a_sender_gone_before_it_was_read_does_not_complete_a_handoff(tmp_path):
 SHORT_LIVED = {
     "systemd-notify": "systemd-notify --ready",
     "fdlaunch-notify": "fdlaunch-notify READY=1",
-    "python-systemd": "exec /usr/bin/python3 -c 'import time; from systemd import daemon; daemon.notify(\"READY=1\"); time.sleep(60)'",
+    "python-systemd": "exec {python} -c 'import time; from systemd import daemon; daemon.notify(\"READY=1\"); time.sleep(60)'",
 }
 
 
@@ -342,11 +343,12 @@ SHORT_LIVED = {
 def test_short_lived_senders_make_an_instance_ready_though_handoff_is_slow(sender, tmp_path):
     """A sender that waits on its BARRIER (systemd-notify, fdlaunch-notify) is still there when read."""
     if sender == "python-systemd":
-        python_systemd()
+        command = SHORT_LIVED[sender].format(python=shlex.quote(python_systemd()))
     else:
         require(sender)
+        command = SHORT_LIVED[sender]
     go, pidfile = tmp_path / "go", tmp_path / "pid"
-    program = ["sh", "-c", f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; {SHORT_LIVED[sender]}; exec sleep 60"]
+    program = ["sh", "-c", f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; {command}; exec sleep 60"]
     handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{free_port()}", program)
     try:
         time.sleep(0.5)  # the instance is started and waits for go

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, require_root, run
+from conftest import TIMEOUT, free_port, require_python_for_nobody, require_root, run
 from test_handoff import HELLO, HttpLoad, Upstream
 
 
@@ -232,6 +232,7 @@ def uids(pid):
 
 def test_as_root_a_reload_binds_port_853_for_instances_that_run_as_nobody(tmp_path):
     require_root()
+    require_python_for_nobody()
     if not privileged_port_free(853):
         pytest.skip("127.0.0.1:853 is in use")
     keep = free_port()

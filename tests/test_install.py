@@ -1,23 +1,40 @@
-"""make install into a DESTDIR: the layout, the staged tools run by the system's
-interpreter (as root and as nobody), the shipped systemd units, make uninstall."""
+"""make install into a DESTDIR: the layout, the staged tools run by the interpreter
+under test (as root and as nobody), and by a second Python version where one is
+installed, the shipped systemd units, make uninstall."""
 
 import configparser
+import glob
 import os
 import re
 import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, free_port, http_get, missing, parse_probe, require, require_root, run
+from conftest import (
+    PROBE,
+    PYTHON,
+    PYTHON_VERSION,
+    TIMEOUT,
+    free_port,
+    http_get,
+    interpreter,
+    parse_probe,
+    require,
+    require_python_for_nobody,
+    require_root,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "/usr/local"
-PYTHON = "/usr/bin/python3"  # the Makefile's interpreter where it exists, and every user can run it
 MAKE_TIMEOUT = 300  # pip may have to fetch setuptools and docopt-ng
+# Where Pythons are installed besides the one under test: Debian's, built from source, pyenv's.
+PYTHON_PLACES = ["/usr/bin/python3*", "/usr/local/bin/python3*", f"{os.environ.get('PYENV_ROOT', '~/.pyenv')}/versions/*/bin/python3"]
 
 
 def console_scripts():
@@ -27,8 +44,26 @@ def console_scripts():
     return sorted(line.split("=")[0].strip() for line in lines)
 
 
-def make(*arguments):
-    return run(["make", "-C", str(ROOT), *arguments], timeout=MAKE_TIMEOUT)
+def make(*arguments, python=PYTHON, venv=sys.prefix, **kwargs):
+    """make in the checkout for python, whose pip is the virtualenv venv's (the suite's own by default)."""
+    return run(["make", "-C", str(ROOT), *arguments, f"PYTHON={python}", f"VENV={venv}"], timeout=MAKE_TIMEOUT, **kwargs)
+
+
+def second_python():
+    """An interpreter of a Python version the package supports other than the one under test, as
+    (path, "X.Y"): FDLAUNCH_TEST_SECOND_PYTHON, else the first found in PYTHON_PLACES; None if there is none."""
+    asked = os.environ.get("FDLAUNCH_TEST_SECOND_PYTHON")
+    if asked:
+        found = interpreter(asked)
+        if found is None or found[1] == PYTHON_VERSION:
+            pytest.fail(f"FDLAUNCH_TEST_SECOND_PYTHON={asked!r} is not a Python other than {PYTHON_VERSION}")
+        return found
+    for place in PYTHON_PLACES:
+        for path in sorted(glob.glob(os.path.expanduser(place))):
+            found = re.search(r"/python3(\.\d+)?$", path) and interpreter(path)
+            if found and found[1] != PYTHON_VERSION and tuple(map(int, found[1].split("."))) >= (3, 11):
+                return found
+    return None
 
 
 def listing(top):
@@ -41,15 +76,28 @@ def listing(top):
     return found
 
 
-def system_site_dirs():
-    done = run([PYTHON, "-c", "import site; print('\\n'.join(site.getsitepackages()))"])
+def system_site_dirs(python):
+    done = run([python, "-c", "import site; print('\\n'.join(site.getsitepackages()))"])
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
 
-def system_state():
+def site_dir(python):
+    """Where make install links the package: python's site directory under PREFIX, or, if it
+    searches none there (a pyenv's), where its posix_prefix scheme puts one under PREFIX."""
+    code = (
+        "import site, sys, sysconfig; prefix = sys.argv[1]; scheme = {'base': prefix, 'platbase': prefix};"
+        "print(next((d for d in site.getsitepackages() if d.startswith(prefix + '/lib/python')),"
+        " sysconfig.get_path('purelib', 'posix_prefix', vars=scheme)))"
+    )
+    done = run([python, "-c", code, PREFIX])
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def system_state(python):
     """What a real install would touch: the prefix and the interpreter's site directories."""
-    return {top: listing(top) for top in (PREFIX, *system_site_dirs())}
+    return {top: listing(top) for top in (PREFIX, *system_site_dirs(python))}
 
 
 def staged_env(stage, **extra):
@@ -57,8 +105,8 @@ def staged_env(stage, **extra):
     return {"PATH": f"{stage}{PREFIX}/bin:/usr/bin:/bin", **extra}
 
 
-def install(destdir):
-    done = make("install", f"DESTDIR={destdir}", f"PREFIX={PREFIX}")
+def install(destdir, python=PYTHON, venv=sys.prefix):
+    done = make("install", f"DESTDIR={destdir}", f"PREFIX={PREFIX}", python=python, venv=venv)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -69,32 +117,47 @@ def public_tempdir():
     return top
 
 
+@pytest.fixture(scope="module", params=["python-under-test", "second-python"])
+def python(request):
+    """The interpreter make install is given: the one under test, then another Python version's."""
+    if request.param == "python-under-test":
+        return PYTHON
+    found = second_python()
+    if found is None:
+        pytest.skip(f"no Python 3.11 or later but {PYTHON_VERSION} in {', '.join(PYTHON_PLACES)}: set FDLAUNCH_TEST_SECOND_PYTHON")
+    return found[0]
+
+
 @pytest.fixture(scope="module")
-def stage():
-    if not os.access(PYTHON, os.X_OK):
-        missing(PYTHON)
+def stage(python):
+    """A DESTDIR that make install PYTHON=python filled; another version's pip is a new virtualenv's."""
     destdir = public_tempdir()
-    before = system_state()
+    venv = sys.prefix if python == PYTHON else tempfile.mkdtemp(prefix="fdlaunch-venv-")
+    before = system_state(python)
     try:
-        install(destdir)
-        assert system_state() == before, "make install DESTDIR=... created something outside DESTDIR"
+        install(destdir, python, venv)
+        assert system_state(python) == before, "make install DESTDIR=... created something outside DESTDIR"
         yield destdir
     finally:
         shutil.rmtree(destdir)
+        if venv != sys.prefix:
+            shutil.rmtree(venv)
 
 
-def test_layout(stage):
+def test_layout(stage, python):
     prefix = Path(stage + PREFIX)
     for tool in console_scripts():
         script = prefix / "bin" / tool
         assert os.access(script, os.X_OK), tool
-        assert script.read_text().startswith(f"#!{PYTHON}\n"), tool
+        assert script.read_text().startswith(f"#!{python}\n"), tool
         assert (prefix / "share/man/man1" / f"{tool}.1").is_file(), tool
     assert (prefix / "share/man/man7/fdlaunch.7").is_file()
     assert not (prefix / "local").exists(), "Debian's sysconfig scheme doubled /local"
     assert (prefix / "lib/fdlaunch/docopt/__init__.py").is_file()
-    for site_dir in system_site_dirs():
-        assert not Path(stage + site_dir, "docopt").exists(), site_dir
+    link = Path(stage + site_dir(python), "fdlaunch")
+    assert link.is_symlink() and link.resolve() == (prefix / "lib/fdlaunch/fdlaunch").resolve(), link
+    for directory in system_site_dirs(python):
+        assert not Path(stage + directory, "docopt").exists(), directory
     for path in listing(stage):
         target = Path(stage, path)
         if target.is_file() and not target.is_symlink():
@@ -118,10 +181,10 @@ def test_staged_tools_answer_help_and_version(stage):
         assert versioned.returncode == 0 and re.fullmatch(r"fdlaunch \S+\n", versioned.stdout), (tool, versioned.stderr)
 
 
-def test_staged_tools_import_the_staged_package_without_scanning_metadata(stage):
+def test_staged_tools_import_the_staged_package_without_scanning_metadata(stage, python):
     library = f"{stage}{PREFIX}/lib/fdlaunch"
     for tool in console_scripts():
-        done = run([PYTHON, "-v", "-X", "importtime", f"{stage}{PREFIX}/bin/{tool}", "--version"], env=staged_env(stage))
+        done = run([python, "-v", "-X", "importtime", f"{stage}{PREFIX}/bin/{tool}", "--version"], env=staged_env(stage))
         assert done.returncode == 0, done.stderr
         imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
         assert not imported & {"importlib.metadata", "pkg_resources", "importlib_metadata"}, tool
@@ -131,8 +194,8 @@ def test_staged_tools_import_the_staged_package_without_scanning_metadata(stage)
         assert ours and all(path.startswith(f"{library}/") and "/__pycache__/" in path for path in ours), (tool, ours)
 
 
-def test_a_chain_from_the_staged_tree(stage):
-    chain = ["fdlaunch-listen", "-tcp:label=web:127.0.0.1:0", "--", "fdlaunch-fdmap", "--vars", "--", PYTHON, PROBE, "-"]
+def test_a_chain_from_the_staged_tree(stage, python):
+    chain = ["fdlaunch-listen", "-tcp:label=web:127.0.0.1:0", "--", "fdlaunch-fdmap", "--vars", "--", python, PROBE, "-"]
     done = run(chain, env=staged_env(stage))
     assert done.returncode == 0, done.stderr
     report = parse_probe(done.stdout)
@@ -140,10 +203,10 @@ def test_a_chain_from_the_staged_tree(stage):
     assert report["env"]["FD_WEB"] == "3"
 
 
-def test_a_staged_chain_runs_as_nobody(stage):
-    """The tools run for any user who can read the tree: nothing under /root, no venv."""
-    require_root()
-    drop = ["fdlaunch-setuidgid", "nobody", "--", "fdlaunch-fdmap", "--vars", "--", PYTHON, PROBE, "-"]
+def test_a_staged_chain_runs_as_nobody(stage, python):
+    """The tools run for any user who can read the tree and the interpreter: no venv."""
+    require_python_for_nobody(python)
+    drop = ["fdlaunch-setuidgid", "nobody", "--", "fdlaunch-fdmap", "--vars", "--", python, PROBE, "-"]
     done = run(["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", *drop], env=staged_env(stage))
     assert done.returncode == 0, done.stderr
     report = parse_probe(done.stdout)
@@ -164,12 +227,14 @@ def unit_fields(path):
     return fields
 
 
-def staged_exec_start(stage, unit, port):
-    """The unit's ExecStart=, run from the staged prefix, on a free port of the loopback."""
+def staged_exec_start(stage, python, unit, port):
+    """The unit's ExecStart=, run from the staged prefix by python, on a free port of the loopback."""
     words = []
     for word in shlex.split(unit["ExecStart"]):
         if word.startswith(f"{PREFIX}/"):
             word = stage + word
+        elif word == "/usr/bin/python3":
+            word = python
         elif word.startswith("-tcp"):
             word = re.sub(r":[^:]*:\d+$", f":127.0.0.1:{port}", word)
         words.append(word)
@@ -177,12 +242,14 @@ def staged_exec_start(stage, unit, port):
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in (ROOT / "examples/systemd").glob("*.service")))
-def test_shipped_unit_runs_from_the_staged_tree(stage, name):
+def test_shipped_unit_runs_from_the_staged_tree(stage, python, name):
     """As systemd would run it, with /usr/local being the staged copy: readiness, then an answer."""
     require_root()  # the units drop to nobody or bind as root
     unit = unit_fields(ROOT / "examples/systemd" / name)
+    if "fdlaunch-setuidgid" in unit["ExecStart"]:
+        require_python_for_nobody(python)
     port = free_port()
-    command = staged_exec_start(stage, unit, port)
+    command = staged_exec_start(stage, python, unit, port)
     socket_unit = ROOT / "examples/systemd" / unit.get("Requires", name.replace(".service", ".socket"))
     if socket_unit.suffix == ".socket" and socket_unit.exists():
         activate = [require("systemd-socket-activate"), "-l", f"127.0.0.1:{port}"]
@@ -198,8 +265,7 @@ def test_shipped_unit_runs_from_the_staged_tree(stage, name):
         upstream.settimeout(TIMEOUT)
         os.chmod(public / "notify", 0o777)  # as /run/systemd/notify: anyone may send
         # PYTHONPATH stands for the site directory a real install links the package into
-        site_dir = next(d for d in system_site_dirs() if d.startswith(f"{PREFIX}/lib/"))
-        env = staged_env(stage, NOTIFY_SOCKET=str(public / "notify"), PYTHONPATH=stage + site_dir)
+        env = staged_env(stage, NOTIFY_SOCKET=str(public / "notify"), PYTHONPATH=stage + site_dir(python))
         main = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             # a socket unit's service starts on the first connection (systemd-socket-activate waits for it)
@@ -219,8 +285,6 @@ def test_shipped_unit_runs_from_the_staged_tree(stage, name):
 
 
 def test_uninstall_removes_exactly_what_install_put_there():
-    if not os.access(PYTHON, os.X_OK):
-        missing(PYTHON)
     destdir = public_tempdir()
     try:
         # things that were there before, in the directories install also uses
@@ -228,7 +292,7 @@ def test_uninstall_removes_exactly_what_install_put_there():
         Path(destdir, "usr/local/bin/mytool").write_text("#!/bin/sh\n")
         Path(destdir, "usr/local/share/man/man7").mkdir(parents=True)
         Path(destdir, "usr/local/share/man/man7/other.7").write_text(".TH OTHER 7\n")
-        before, system = listing(destdir), system_state()
+        before, system = listing(destdir), system_state(PYTHON)
         install(destdir)
         install(destdir)  # a second install replaces the first
         assert {"usr/local/bin/fdlaunch-listen", "usr/local/lib/fdlaunch"} <= listing(destdir)
@@ -237,23 +301,21 @@ def test_uninstall_removes_exactly_what_install_put_there():
         assert listing(destdir) == before
         again = make("uninstall", f"DESTDIR={destdir}", f"PREFIX={PREFIX}")
         assert again.returncode == 0 and "nothing installed" in again.stdout, again.stdout + again.stderr
-        assert system_state() == system
+        assert system_state(PYTHON) == system
     finally:
         shutil.rmtree(destdir)
 
 
 def test_install_refuses_to_replace_a_package_it_did_not_install():
     """A foreign fdlaunch in the site directory is left alone, and so is everything else."""
-    if not os.access(PYTHON, os.X_OK):
-        missing(PYTHON)
     destdir = public_tempdir()
     try:
-        site_dir = next(d for d in system_site_dirs() if d.startswith(f"{PREFIX}/lib/"))
-        Path(destdir + site_dir, "fdlaunch").mkdir(parents=True)
+        site = site_dir(PYTHON)
+        Path(destdir + site, "fdlaunch").mkdir(parents=True)
         before = listing(destdir)
         done = make("install", f"DESTDIR={destdir}", f"PREFIX={PREFIX}")
         assert done.returncode != 0
-        assert f"{destdir}{site_dir}/fdlaunch" in done.stderr and "make install did not make it" in done.stderr, done.stderr
+        assert f"{destdir}{site}/fdlaunch" in done.stderr and "make install did not make it" in done.stderr, done.stderr
         assert listing(destdir) == before
     finally:
         shutil.rmtree(destdir)
@@ -262,8 +324,6 @@ def test_install_refuses_to_replace_a_package_it_did_not_install():
 def test_a_plain_pip_install_gives_console_scripts_that_scan_no_metadata():
     """pyproject.toml: even a pip that would fall back to 'setup.py install' (Debian's 23.0, no
     wheel package) builds a wheel, whose scripts import their main directly."""
-    if not os.access(PYTHON, os.X_OK):
-        missing(PYTHON)
     top = tempfile.mkdtemp(prefix="fdlaunch-pip-", dir="/tmp")
     try:
         assert run([PYTHON, "-m", "venv", f"{top}/venv"], timeout=MAKE_TIMEOUT).returncode == 0
@@ -280,15 +340,13 @@ def test_a_plain_pip_install_gives_console_scripts_that_scan_no_metadata():
 
 def test_a_failed_install_leaves_nothing_behind():
     """pip cannot fetch what the build needs: make install fails, and DESTDIR is as it was."""
-    if not os.access(PYTHON, os.X_OK):
-        missing(PYTHON)
     destdir = public_tempdir()
     nowhere = tempfile.mkdtemp(prefix="fdlaunch-nowheels-", dir="/tmp")
     try:
         Path(destdir, "usr/local/bin").mkdir(parents=True)
         before = listing(destdir)
         offline = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": nowhere}
-        done = run(["make", "-C", str(ROOT), "install", f"DESTDIR={destdir}", f"PREFIX={PREFIX}"], timeout=MAKE_TIMEOUT, env=offline)
+        done = make("install", f"DESTDIR={destdir}", f"PREFIX={PREFIX}", env=offline)
         assert done.returncode != 0, done.stdout
         assert "install: fatal: unable to install the package" in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert listing(destdir) == before

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import PROBE, TIMEOUT, free_port, probe_argv, read_probe, require_root, run, sockets
+from conftest import PROBE, TIMEOUT, free_port, probe_argv, read_probe, require_python_for_nobody, require_root, run, sockets
 
 FAMILY = {4: "AF_INET", 6: "AF_INET6", "unix": "AF_UNIX"}
 
@@ -463,6 +463,7 @@ def test_missing_program_leaves_no_socket_file(tmp_path):
 
 def test_privileged_port_without_privilege():
     require_root()
+    require_python_for_nobody()
     done = run(["fdlaunch-listen", "-udp:127.0.0.1:53", "true"], user="nobody")
     assert done.returncode == 111
     assert done.stderr == "fdlaunch-listen: fatal: unable to bind 127.0.0.1:53/udp: Permission denied\n"

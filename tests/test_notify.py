@@ -4,6 +4,7 @@ import array
 import contextlib
 import os
 import select
+import shlex
 import signal
 import socket
 import struct
@@ -674,7 +675,7 @@ def test_a_sender_gone_before_it_was_read_is_not_believed(mode, waiting):
 SHORT_LIVED = {
     "systemd-notify": "systemd-notify --ready",
     "fdlaunch-notify": "fdlaunch-notify READY=1",
-    "python-systemd": "exec /usr/bin/python3 -c 'import time; from systemd import daemon; daemon.notify(\"READY=1\"); time.sleep(60)'",
+    "python-systemd": "exec {python} -c 'import time; from systemd import daemon; daemon.notify(\"READY=1\"); time.sleep(60)'",
 }
 
 
@@ -683,10 +684,11 @@ SHORT_LIVED = {
 def test_short_lived_senders_are_believed_though_the_watcher_is_slow(sender, mode, waiting):
     """A sender that waits on its BARRIER (or is the program) is still there when its READY=1 is read."""
     if sender == "python-systemd":
-        python_systemd()
+        command = SHORT_LIVED[sender].format(python=shlex.quote(python_systemd()))
     else:
         require(sender)
-    waiting = waiting(mode, sender=SHORT_LIVED[sender])
+        command = SHORT_LIVED[sender]
+    waiting = waiting(mode, sender=command)
     os.kill(waiting.watcher, signal.SIGSTOP)
     try:
         waiting.go.touch()

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import HERE, TIMEOUT, python_systemd, require_root, run, s6_supervised
+from conftest import HERE, TIMEOUT, python_systemd, require_python_for_nobody, require_root, run, s6_supervised
 
 README = HERE.parent / "README.md"
 DAEMON = str(HERE / "label_daemon.py")
@@ -88,6 +88,7 @@ def ask_udp(port):
 def test_headline_chain_under_s6_with_notification_fd_3(tmp_path):
     """The first chain of the README, ports and paths changed, as an s6 run script."""
     require_root()
+    require_python_for_nobody()
     port, tls_port = free_port_both(), free_port_both()
     control = tmp_path / "control"
     os.chmod(tmp_path, 0o755)

@@ -12,7 +12,7 @@ import tempfile
 import termios
 
 import pytest
-from conftest import require, require_root, run, sockets
+from conftest import require, require_python_for_nobody, require_root, run, sockets
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: changes credentials for real")
 
@@ -72,6 +72,7 @@ def test_user_colon_group_and_explicit_groups(multi_group_user):
 
 
 def test_unprivileged_asked_for_root_fails():
+    require_python_for_nobody()
     done = run(["fdlaunch-setuidgid", "root", "id"], user="nobody", group="nogroup", extra_groups=[])
     assert done.returncode == 111
     assert done.stderr == "fdlaunch-setuidgid: fatal: unable to set supplementary groups: Operation not permitted\n"
@@ -116,6 +117,7 @@ def status_masks(text):
 
 
 def test_keep_cap_binds_port_53_as_nobody():
+    require_python_for_nobody()
     port = privileged_udp_port()
     kept = run(["fdlaunch-setuidgid", "--keep-cap=net_bind_service", "nobody", sys.executable, "-c", BIND_53, str(port)])
     assert kept.returncode == 0, kept.stderr
@@ -143,6 +145,7 @@ def test_export_sets_only_the_three_variables():
 
 
 def test_sockets_from_fdlaunch_listen_still_work_after_the_drop(probe):
+    require_python_for_nobody()
     serve = (
         "import os, socket; s = socket.socket(fileno=3);"
         "c = socket.create_connection(s.getsockname()); a, _ = s.accept(); c.sendall(b'hi');"
@@ -158,6 +161,7 @@ def test_sockets_from_fdlaunch_listen_still_work_after_the_drop(probe):
 
 
 def test_environment_untouched_without_env_and_set_with_it(probe):
+    require_python_for_nobody()
     caller = {"PATH": os.environ["PATH"], "HOME": "/root", "ODD": "x y"}
     done, report = probe(["fdlaunch-setuidgid", "nobody"], env=caller)
     assert done.returncode == 0 and report["env"] == caller
