@@ -5,11 +5,13 @@ is unshare's child, and everything in it is below that process.
 """
 
 import contextlib
+import json
 import os
 import pty
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HERE, TIMEOUT, require, require_root, run, wait_for_line
+from conftest import HERE, TIMEOUT, free_port, require, require_root, run, wait_for_line
 
 ORPHANS = [sys.executable, str(HERE / "orphan_daemon.py")]
+LABEL_DAEMON = [sys.executable, str(HERE / "label_daemon.py"), "fdlaunch"]
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
 
 
@@ -127,6 +130,60 @@ def test_sigterm_to_pid_1_stops_a_daemon_without_handlers(public):
             for pidfd in held:
                 os.close(pidfd)
     assert lingerer.read_text().splitlines()[-1] == "stopped by SIGTERM"
+
+
+def test_the_container_chain_serves_and_its_ready_file_lasts_as_long_as_the_daemon(public):
+    """init, listen, setuidgid nobody, notify-wait --touch: ready file, no zombie, SIGTERM to PID 1 stops it all."""
+    port = free_port()
+    directory = public / "run"
+    directory.mkdir()
+    os.chown(directory, 65534, 65534)
+    ready = directory / "ready"
+    chain = ["fdlaunch-init", "--", "fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", "fdlaunch-setuidgid", "nobody", "--"]
+    chain += ["fdlaunch-notify-wait", f"--touch={ready}", "--", *LABEL_DAEMON]
+    with namespace(chain, stderr=subprocess.PIPE, text=True) as ns:
+        wait_until(ready.exists, "the ready file")
+        assert ready.stat().st_mode & 0o777 == 0o644 and ready.stat().st_uid == 65534
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
+            answer = json.loads(client.makefile().readline())
+        assert answer["label"] == "tcp"
+        processes = ns.processes()
+        assert not ns.zombies(), "a zombie while serving"
+        assert len(processes) == 3, "PID 1, the daemon, and the watcher holding the ready file"
+        os.kill(ns.init, signal.SIGTERM)
+        assert ns.wait(10) == 128 + signal.SIGTERM
+        assert ns.unshare.stderr.read() == ""
+    assert not ready.exists()
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["under fdlaunch-init", "without (warned, and a zombie)"])
+def test_the_watcher_of_notify_wait_leaves_no_zombie(init):
+    """Chain mode's watcher exits once the program is ready: fdlaunch-init reaps it; a program that is PID 1 does not."""
+    read_end, write_end = os.pipe()
+    argv = [*(["fdlaunch-init", "--"] if init else []), "fdlaunch-notify-wait", f"--fd={write_end}", "--"]
+    argv += [sys.executable, "-c", "import fdlaunch, time; fdlaunch.notify('READY=1'); time.sleep(60)"]  # it reaps nothing
+    try:
+        with namespace(argv, pass_fds=(write_end,), stderr=subprocess.PIPE, text=True) as ns:
+            os.close(write_end)
+            assert os.read(read_end, 1) == b"\n"
+            if init:
+                wait_until(lambda: sorted(ns.processes().values()) == ["S", "S"], "PID 1 and the program alone, the watcher reaped")
+                os.kill(ns.init, signal.SIGTERM)
+                assert ns.wait() == 128 + signal.SIGTERM
+            else:
+                wait_until(lambda: sorted(ns.processes().values()) == ["S", "Z"], "the program as PID 1 and the watcher, a zombie")
+                ns.stop()  # SIGKILL: a PID 1 without a handler never gets SIGTERM
+            said = [line for line in ns.unshare.stderr.read().splitlines() if not line.startswith("unshare: ")]
+    finally:
+        os.close(read_end)
+    if init:
+        assert said == []
+    else:
+        assert said == [
+            f"fdlaunch-notify-wait: warning: this is pid 1, and so will be {sys.executable!r}: the watcher is its child, a zombie"
+            f" once it exits unless {sys.executable!r} reaps it; start the chain with fdlaunch-init"
+            " (fdlaunch-init -- fdlaunch-notify-wait ...), which reaps every orphan"
+        ]
 
 
 def test_group_sends_the_signals_to_the_whole_process_group(tmp_path):

@@ -13,6 +13,8 @@ Options:
                      close it (s6).
   --forward          Relay every notification to the NOTIFY_SOCKET this was
                      started with, READY=1 with MAINPID.
+  --touch=FILE       Once ready, create FILE (mode 0644); remove it when PROG
+                     exits (for an orchestrator's probe: test -e FILE).
   --command=CMD      Once ready, run CMD with /bin/sh, its output to stderr.
   --stop             Once ready, stop PROG with SIGSTOP (upstart).
   --timeout=SECONDS  Say so if PROG is not ready in time.
@@ -33,14 +35,15 @@ Options:
 """
 
 import os
+import select
 import signal
 import time
 from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, say_as, unable
-from fdlaunch.kernel import chain, fds, proc, sdnotify
+from fdlaunch.errors import Fatal, UsageError, say_as, shown, unable, warn
+from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
@@ -50,11 +53,16 @@ PROG = "fdlaunch-notify-wait"
 EXITED_BEFORE_READY = 1
 NOT_READY_IN_TIME = 2
 GRACE_SECONDS = 5  # after SIGTERM at --timeout in --fork mode, before SIGKILL
+# What a process holding --touch's FILE ignores: FILE must stay exactly as long
+# as PROG runs, and a stop signal sent to PROG's whole process group is PROG's
+# to act on; PROG's exit, seen through a pidfd, is what ends the holder.
+HOLDER_IGNORES = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 # fd: the s6 notification fd, or None; upstream: the NOTIFY_SOCKET to
 # forward to, or None; timeout: seconds, or None; kill: --kill; say: speaks
-# for the watcher; check: a readiness.Check, or None.
-Settings = namedtuple("Settings", "fd upstream timeout kill say check")
+# for the watcher; check: a readiness.Check, or None; touch: a
+# readyfile.ReadyFile, or None.
+Settings = namedtuple("Settings", "fd upstream timeout kill say check touch")
 
 
 @tool(PROG)
@@ -66,11 +74,12 @@ def main(argv, environ):
     settings = read_settings(options, environ, say)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
-    relays = readiness.Relays(settings.fd, settings.upstream, options["--command"], options["--stop"], environ)
+    relays = readiness.Relays(settings.fd, settings.upstream, options["--command"], options["--stop"], environ, settings.touch)
     environ = {**environ, "NOTIFY_SOCKET": inbox.path}  # PROG's; --command keeps the caller's (issue 9)
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
     start_watcher(inbox, relays, settings)
+    warn_if_pid_1(program)
     return chain.Exec(path, program, environ)
 
 
@@ -84,7 +93,8 @@ def read_settings(options, environ, say):
     if options["--kill"] and timeout is None:
         raise UsageError("--kill goes with --timeout")
     check = read_check(options, environ, say)
-    return Settings(fd, upstream, timeout, options["--kill"], say, check)
+    touch = None if options["--touch"] is None else readyfile.ReadyFile(options["--touch"])
+    return Settings(fd, upstream, timeout, options["--kill"], say, check, touch)
 
 
 def read_check(options, environ, say):
@@ -108,6 +118,7 @@ def start_watcher(inbox, relays, settings):
     """Leave a watcher behind (double fork: PROG never has to reap it), then get ready to exec."""
     program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
     keep = {inbox.fileno(), program.pidfd, 2, *([relays.fd] if relays.fd is not None else [])}
+    keep |= {relays.touch.fileno()} if relays.touch is not None else set()
     middle = os.fork()
     if middle == 0:
         try:
@@ -120,11 +131,26 @@ def start_watcher(inbox, relays, settings):
     inbox.sock.close()  # the watcher's now
     if relays.fd is not None:
         os.close(relays.fd)  # PROG does not inherit the notification fd
+    if relays.touch is not None:
+        relays.touch.close()  # nor the directory of --touch's FILE
+
+
+def warn_if_pid_1(program):
+    """Said once, as PROG is about to become PID 1: nothing will reap the watcher but PROG, unless fdlaunch-init runs later."""
+    if os.getpid() == 1 and "fdlaunch-init" not in {os.path.basename(word) for word in program}:
+        warn(
+            PROG,
+            "warning",
+            f"this is pid 1, and so will be {program[0]!r}: the watcher is its child, a zombie once it exits unless"
+            f" {program[0]!r} reaps it; start the chain with fdlaunch-init (fdlaunch-init -- {PROG} ...), which reaps every orphan",
+        )
 
 
 def watch(inbox, relays, settings, program, keep):
-    """The detached watcher: until PROG is ready (and gone, with --forward). Its exit status is unused."""
+    """The detached watcher: until PROG is ready (and gone, with --forward or --touch). Its exit status is unused."""
     isolate(keep)
+    if relays.touch is not None:
+        ignore_stops()
     say = settings.say
     watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check)
     try:
@@ -147,7 +173,47 @@ def watch(inbox, relays, settings, program, keep):
     finally:
         stop_check(settings)
         inbox.close()
+        if relays.touch is not None:
+            hold_until_exit(relays.touch, program.pidfd, say)
     return 0
+
+
+def ignore_stops():
+    for number in HOLDER_IGNORES:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def hold_until_exit(touch, pidfd, say):
+    """Keep --touch's FILE, if it was made, until PROG (behind pidfd) exits; then remove it."""
+    if touch.made is not None:
+        select.select([pidfd], [], [])  # no deadline: FILE lasts as long as PROG
+    try:
+        touch.remove()
+    except Fatal as error:
+        say("warning", str(error))
+
+
+def start_holder(touch, child, pidfd):
+    """Fork mode: leave a process that removes FILE when PROG exits (orphaned as we exit: init or a subreaper reaps it).
+
+    If it cannot be started, FILE is removed and PROG stopped: a FILE that
+    outlived PROG would tell a probe that PROG is still ready.
+    """
+    try:
+        holder = os.fork()
+    except OSError as error:
+        touch.remove()
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        reap(child, pidfd, GRACE_SECONDS)
+        raise unable(f"start a process to remove {shown(touch.path)} when pid {child} exits (so stopped it)", error) from None
+    if holder == 0:
+        try:
+            # It outlives us: it names itself as the chain-mode watcher does.
+            fds.keep_only({pidfd, touch.fileno()})
+            ignore_stops()
+            hold_until_exit(touch, pidfd, say_as(f"{PROG} (watcher)"))
+        finally:
+            os._exit(0)
 
 
 def stop_check(settings):
@@ -168,6 +234,8 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
         if outcome == readiness.READY:
+            if relays.touch is not None and relays.touch.made is not None:
+                start_holder(relays.touch, child, pidfd)
             tell_pid(watcher.main_pid, child, pidfd)
             watcher.linger()
             return 0
