@@ -305,6 +305,14 @@ def name_of(pid):
         return "?"
 
 
+def age_of(pid):
+    """Seconds since pid started (to a clock tick, field 22 of /proc/PID/stat), or None if it is gone."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def pin_below(pids, ancestor):
     """{pid: pidfd} for each of pids still below ancestor: the pidfd pins the process meant, never a reuse of its pid."""
     pinned = {}
