@@ -1,5 +1,7 @@
 """The examples, run the way their README and unit files say, under real supervisors."""
 
+import contextlib
+import json
 import os
 import re
 import shlex
@@ -292,3 +294,47 @@ def test_systemd_socket_unit_through_fdlaunch_fdmap(units):
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def test_container_entrypoint_under_unshare(public_tmp, checkout_unchanged):
+    """examples/container: the commands its header gives, run as written (another port and directory), are its ENTRYPOINT as PID 1."""
+    require_root()
+    require("unshare")
+    containerfile = (EXAMPLES / "container" / "Containerfile").read_text()
+    commands = [line[4:].split("   # ")[0].strip() for line in containerfile.splitlines() if line.startswith("#   ") and line[4] != " "]
+    assert len(commands) == 5, commands
+    entrypoint = json.loads(next(line for line in containerfile.splitlines() if line.startswith("ENTRYPOINT "))[len("ENTRYPOINT ") :])
+    start = commands[1].removesuffix(" & unshare=$!")
+    assert entrypoint[-1] == "/usr/local/share/fdlaunch/examples/hello_httpd.py"
+    assert shlex.split(start) == ["unshare", "--pid", "--fork", "--mount-proc", *entrypoint[:-1], "examples/hello_httpd.py"]
+    assert commands[2] == "until test -e /var/lib/hello/ready; do sleep 0.1; done; curl http://127.0.0.1:8080/"
+    port, directory = free_port(), public_tmp / "hello"
+    ready = directory / "ready"
+
+    def ours(command):
+        command = command.replace("-tcp:label=http::8080", f"-tcp:label=http:127.0.0.1:{port}")
+        return command.replace("/var/lib/hello", str(directory))
+
+    assert run(["sh", "-c", ours(commands[0])]).returncode == 0
+    container = subprocess.Popen(shlex.split(ours(start)), cwd=EXAMPLES.parent)  # its pid is $unshare's
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not ready.exists():  # the header's until loop, bounded
+            assert container.poll() is None and time.monotonic() < deadline, "the daemon never got ready"
+            time.sleep(0.05)
+        assert answering_pid(http_get(port, "/container")) == 2, "the daemon is PID 1's child"
+        assert run(["sh", "-c", f"unshare={container.pid}; {commands[3]}"]).returncode == 0
+        assert container.wait(TIMEOUT) == 0, "hello_httpd stops on SIGTERM and exits 0"
+        assert run(["sh", "-c", ours(commands[4].removeprefix("wait $unshare; "))]).stdout == "removed\n"
+    finally:
+        for pid in reversed([container.pid, *children_of(container.pid)]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        container.wait()
+
+
+def children_of(pid):
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []

@@ -41,6 +41,8 @@ CHAINS = {
     "notify-wait --fork, listen": ["fdlaunch-notify-wait", "--fork", "--", "fdlaunch-listen", "-udp:127.0.0.1:0", "--"],
     "listen, setuidgid, notify-wait": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--"]
     + ["fdlaunch-notify-wait", "--"],
+    "init, listen": ["fdlaunch-init", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "-unix:@{tag}", "--"],
+    "listen, setuidgid, init": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--", "fdlaunch-init", "--"],
 }
 
 

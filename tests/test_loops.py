@@ -60,7 +60,9 @@ def test_building_a_loop_changes_nothing_process_wide(tmp_path):
         forking.Keeper(forking.Settings(None, 1, 1), say, say)
         assert process_wide() == before
         assert listener.getblocking()  # the server makes it non-blocking when it runs
-        assert said == [("info", f"watching pid {os.getpid()}; once it is ready: no relay (no --fd, --forward, --command or --stop)")]
+        assert said == [
+            ("info", f"watching pid {os.getpid()}; once it is ready: no relay (no --fd, --forward, --touch, --command or --stop)")
+        ]
     finally:
         listener.close()
         os.close(pidfd)

@@ -67,7 +67,7 @@ def test_notify_wait_fork_mode_verbose(tmp_path):
     assert done.returncode == 0, done.stderr
     pid = int(done.stdout)
     lines = info_lines(done.stderr, "fdlaunch-notify-wait")
-    assert lines[0] == f"watching pid {pid}; once it is ready: no relay (no --fd, --forward, --command or --stop)"
+    assert lines[0] == f"watching pid {pid}; once it is ready: no relay (no --fd, --forward, --touch, --command or --stop)"
     assert re.fullmatch(rf"pid {pid} ready after \d+\.\d{{3}} seconds; did: no relay .*", lines[1])
     assert len(lines) == 2
 

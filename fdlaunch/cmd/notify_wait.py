@@ -13,6 +13,8 @@ Options:
                      close it (s6).
   --forward          Relay every notification to the NOTIFY_SOCKET this was
                      started with, READY=1 with MAINPID.
+  --touch=FILE       Once ready, create FILE (mode 0644); remove it when PROG
+                     exits (for an orchestrator's probe: test -e FILE).
   --command=CMD      Once ready, run CMD with /bin/sh, its output to stderr.
   --command-timeout=SECS  With --command, stop a run that takes longer
                      (default 60).
@@ -37,14 +39,15 @@ Options:
 """
 
 import os
+import select
 import signal
 import time
 from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, say_as, unable
-from fdlaunch.kernel import chain, fds, proc, sdnotify
+from fdlaunch.errors import Fatal, UsageError, say_as, shown, unable, warn
+from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
@@ -53,13 +56,17 @@ PROG = "fdlaunch-notify-wait"
 # --fork exit statuses, besides 0 (ready) and those of fdlaunch(7), EXIT STATUS
 EXITED_BEFORE_READY = 1
 NOT_READY_IN_TIME = 2
+# What a process holding --touch's FILE ignores: FILE must stay exactly as long
+# as PROG runs, and a stop signal sent to PROG's whole process group is PROG's
+# to act on; PROG's exit, seen through a pidfd, is what ends the holder.
+HOLDER_IGNORES = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 # fd: the s6 notification fd, or None; upstream: the NOTIFY_SOCKET to
 # forward to, or None; timeout: seconds, or None; kill: --kill; say: speaks
 # for the watcher; check: a readiness.Check, or None; command: a
 # readiness.Command, or None; watchdog: seconds between PROG's WATCHDOG=1
-# that we enforce, or None.
-Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog")
+# that we enforce, or None; touch: a readyfile.ReadyFile, or None.
+Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog touch")
 
 
 @tool(PROG)
@@ -71,12 +78,13 @@ def main(argv, environ):
     settings = read_settings(options, environ, say)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
-    relays = readiness.Relays(settings.fd, settings.upstream, settings.command, options["--stop"], environ)
+    relays = readiness.Relays(settings.fd, settings.upstream, settings.command, options["--stop"], environ, settings.touch)
     # PROG's; --command keeps the caller's
     environ = {**environ, **watchdog_environment(settings.watchdog), "NOTIFY_SOCKET": inbox.path}
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
     start_watcher(inbox, relays, settings)
+    warn_if_pid_1(program)
     return chain.Exec(path, program, environ)
 
 
@@ -91,7 +99,8 @@ def read_settings(options, environ, say):
         raise UsageError("--kill goes with --timeout")
     check = read_check(options, environ, say)
     watchdog = read_watchdog(options, environ, say)
-    return Settings(fd, upstream, timeout, options["--kill"], say, check, read_command(options), watchdog)
+    touch = None if options["--touch"] is None else readyfile.ReadyFile(options["--touch"])
+    return Settings(fd, upstream, timeout, options["--kill"], say, check, read_command(options), watchdog, touch)
 
 
 def read_watchdog(options, environ, say):
@@ -148,6 +157,7 @@ def start_watcher(inbox, relays, settings):
     """Leave a watcher behind (double fork: PROG never has to reap it), then get ready to exec."""
     program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
     keep = {inbox.fileno(), program.pidfd, 2, *([relays.fd] if relays.fd is not None else [])}
+    keep |= {relays.touch.fileno()} if relays.touch is not None else set()
     middle = os.fork()
     if middle == 0:
         try:
@@ -160,11 +170,26 @@ def start_watcher(inbox, relays, settings):
     inbox.sock.close()  # the watcher's now
     if relays.fd is not None:
         os.close(relays.fd)  # PROG does not inherit the notification fd
+    if relays.touch is not None:
+        relays.touch.close()  # nor the directory of --touch's FILE
+
+
+def warn_if_pid_1(program):
+    """Said once, as PROG is about to become PID 1: nothing will reap the watcher but PROG, unless fdlaunch-init runs later."""
+    if os.getpid() == 1 and "fdlaunch-init" not in {os.path.basename(word) for word in program}:
+        warn(
+            PROG,
+            "warning",
+            f"this is pid 1, and so will be {program[0]!r}: the watcher is its child, a zombie once it exits unless"
+            f" {program[0]!r} reaps it; start the chain with fdlaunch-init (fdlaunch-init -- {PROG} ...), which reaps every orphan",
+        )
 
 
 def watch(inbox, relays, settings, program, keep):
-    """The detached watcher: until PROG is ready (and gone, with --forward or --watchdog). Its exit status is unused."""
+    """The detached watcher: until PROG is ready (and gone, with --forward, --watchdog or --touch). Its exit status is unused."""
     isolate(keep)
+    if relays.touch is not None:
+        ignore_stops()
     say = settings.say
     watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check, watchdog=settings.watchdog)
     try:
@@ -190,6 +215,8 @@ def watch(inbox, relays, settings, program, keep):
     finally:
         stop_check(settings)
         inbox.close()
+        if relays.touch is not None:
+            hold_until_exit(relays.touch, program.pidfd, say)
     return 0
 
 
@@ -216,6 +243,44 @@ def stop_watched(watcher, why, number):
         watcher.until_exit(time.monotonic() + readiness.GRACE_SECONDS)
 
 
+def ignore_stops():
+    for number in HOLDER_IGNORES:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def hold_until_exit(touch, pidfd, say):
+    """Keep --touch's FILE, if it was made, until PROG (behind pidfd) exits; then remove it."""
+    if touch.made is not None:
+        select.select([pidfd], [], [])  # no deadline: FILE lasts as long as PROG
+    try:
+        touch.remove()
+    except Fatal as error:
+        say("warning", str(error))
+
+
+def start_holder(touch, child, pidfd):
+    """Fork mode: leave a process that removes FILE when PROG exits (orphaned as we exit: init or a subreaper reaps it).
+
+    If it cannot be started, FILE is removed and PROG stopped: a FILE that
+    outlived PROG would tell a probe that PROG is still ready.
+    """
+    try:
+        holder = os.fork()
+    except OSError as error:
+        touch.remove()
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        reap(child, pidfd, signal.SIGTERM)
+        raise unable(f"start a process to remove {shown(touch.path)} when pid {child} exits (so stopped it)", error) from None
+    if holder == 0:
+        try:
+            # It outlives us: it names itself as the chain-mode watcher does.
+            fds.keep_only({pidfd, touch.fileno()})
+            ignore_stops()
+            hold_until_exit(touch, pidfd, say_as(f"{PROG} (watcher)"))
+        finally:
+            os._exit(0)
+
+
 def stop_check(settings):
     if settings.check is not None:
         settings.check.stop()
@@ -234,6 +299,8 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
         if outcome == readiness.READY:
+            if relays.touch is not None and relays.touch.made is not None:
+                start_holder(relays.touch, child, pidfd)
             tell_pid(watcher.main_pid, child, pidfd)
             watcher.linger()
             pass_stops(stops, pidfd)  # a stop that came after READY=1 is still PROG's

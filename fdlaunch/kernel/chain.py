@@ -29,6 +29,7 @@ TOOLS = {
     "fdlaunch-handoff": "handoff",
     "fdlaunch-foreground": "foreground",
     "fdlaunch-accept": "accept",
+    "fdlaunch-init": "init",
 }
 FUSE_VARIABLE = "FDLAUNCH_FUSE"
 # What execve(2) says when there is no such program: 127; every other errno is 126.

@@ -341,3 +341,58 @@ def name_self(name):
         prctl(PR_SET_NAME, name.encode()[:15])
     except OSError:
         pass
+
+
+def procfs_is_ours():
+    """True if /proc shows this process's pid namespace: its 'self' is our own pid.
+
+    Under a /proc mounted for another namespace (unshare --pid without
+    --mount-proc) every pid read there would name some other process here.
+    """
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
+def name_of(pid):
+    """The command name /proc/PID/comm gives (15 bytes at most), or '?' if pid is gone."""
+    try:
+        return read_proc(f"/proc/{pid}/comm").strip()
+    except OSError:
+        return "?"
+
+
+def age_of(pid):
+    """Seconds since pid started (to a clock tick, field 22 of /proc/PID/stat), or None if it is gone."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def terminal_we_lead():
+    """0 if stdin is a terminal whose foreground process group is ours, else None: whether a child may take it."""
+    try:
+        return 0 if os.tcgetpgrp(0) == os.getpgrp() else None
+    except OSError:
+        return None  # not a terminal, or none of ours
+
+
+def lead_own_group(terminal):
+    """Make this process the leader of a new process group, and with terminal (a fd) that terminal's foreground group.
+
+    Done by the new group's own member, as tini does: with SIGTTOU blocked,
+    tcsetpgrp(3) from a background group is allowed. A terminal refused is
+    not fatal: the program still runs, only not in the foreground.
+    """
+    os.setpgid(0, 0)
+    if terminal is None:
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+    try:
+        os.tcsetpgrp(terminal, os.getpgrp())
+    except OSError:
+        pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -33,9 +33,9 @@ FORWARDED = (
     signal.SIGALRM,
 )
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-# Without --pidfile: how long the one process left below us must stay the
-# only one before it is taken as the daemon. The middle process of a double
-# fork exits microseconds after forking; this is that, with room to spare.
+# Without --pidfile: how long the one process left below us must have run
+# before it is taken as the daemon. The middle process of a double fork
+# exits microseconds after it was forked; this is that, with room to spare.
 SETTLE_SECONDS = 0.05
 PIDFILE_POLL_SECONDS = 0.02
 # Exit statuses of fdlaunch-foreground itself, besides those of fdlaunch(7).
@@ -104,7 +104,6 @@ class Keeper:
 
     def find_daemon(self, name, deadline):
         """The daemon's pid: from the PID file if one was named, else the one process left below us."""
-        candidate, since, why = None, None, None
         while True:
             self.reap()
             below = self.below()
@@ -115,23 +114,38 @@ class Keeper:
                 pid, why = self.from_pidfile(below)
                 if pid is not None:
                     return pid
+                wake = time.monotonic() + PIDFILE_POLL_SECONDS
             else:
-                direct = sorted(pid for pid, ppid in below.items() if ppid == os.getpid())
-                if len(direct) == 1 and direct[0] == candidate and time.monotonic() - since >= SETTLE_SECONDS:
-                    return candidate
-                if len(direct) != 1 or direct[0] != candidate:
-                    candidate, since = (direct[0], time.monotonic()) if len(direct) == 1 else (None, None)
-                    pids = ", ".join(map(str, direct))
-                    why = f"left {len(direct)} processes (pids {pids}), and without --pidfile cannot tell which is the daemon"
+                pid, why, wake = self.only_one_left(below)
+                if pid is not None:
+                    return pid
             if time.monotonic() >= deadline:
                 where = f"the PID file {self.settings.pidfile!r} " if self.settings.pidfile is not None else f"{name} "
                 self.fail(f"{where}{why}", NO_DAEMON)
-            wait = PIDFILE_POLL_SECONDS if self.settings.pidfile is not None else SETTLE_SECONDS
-            self.wait([], min(deadline, time.monotonic() + wait))
+            self.wait([], min(deadline, wake or deadline))
             for number in self.signals():
                 if number in STOPS:
                     self.fail(f"stopped by {signal.Signals(number).name} before the daemon was up", 128 + number)
                 self.pending.append(number)
+
+    def only_one_left(self, below):
+        """(pid, None, None) if one process is left directly below us and has run SETTLE_SECONDS, else (None, why not,
+        when to look again: None for at the next signal).
+
+        A process leaves that set only by exiting, which SIGCHLD tells us; so
+        with several there, the next look is due at the next signal, and with
+        one, at the next signal or once it has run long enough.
+        """
+        direct = sorted(pid for pid, ppid in below.items() if ppid == os.getpid())
+        if len(direct) != 1:
+            pids = ", ".join(map(str, direct))
+            return None, f"left {len(direct)} processes (pids {pids}), and without --pidfile cannot tell which is the daemon", None
+        age = proc.age_of(direct[0])
+        if age is None:
+            return None, f"left pid {direct[0]}, which exited at once", time.monotonic()  # reaped at the next look
+        if age >= SETTLE_SECONDS:
+            return direct[0], None, None
+        return None, f"left pid {direct[0]}, which might be the middle of a double fork", time.monotonic() + SETTLE_SECONDS - age
 
     def from_pidfile(self, below):
         """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it.

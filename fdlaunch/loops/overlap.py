@@ -92,11 +92,12 @@ def received_dispositions(numbers):
     return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
 
 
-def spawn(path, argv, environ, dispositions, moves=(), become=None):
+def spawn(path, argv, environ, dispositions, moves=(), become=None, more_setup=None):
     """Start one instance (chain.spawn): it dies with us, with the signal dispositions we received.
 
     Fatal (126/127) if the exec fails. become, if given, runs in the child a
-    program that is one of our own tools in that process (fusion).
+    program that is one of our own tools in that process (fusion);
+    more_setup, if given, runs in the child last before that or the exec.
     """
     parent = os.getpid()
 
@@ -106,6 +107,8 @@ def spawn(path, argv, environ, dispositions, moves=(), become=None):
             signal.signal(number, disposition)
         if not proc.die_with(parent):  # an instance left behind would hold the sockets
             os._exit(NOT_EXECUTABLE)
+        if more_setup is not None:
+            more_setup()
 
     pid = chain.spawn(path, argv, environ, setup, moves, become)
     try:

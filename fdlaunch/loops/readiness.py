@@ -39,18 +39,20 @@ def tell_supervisor(fd, say):
 
 
 class Relays:
-    """Where readiness goes: an s6 notification fd, an upstream NOTIFY_SOCKET, a command, SIGSTOP."""
+    """Where readiness goes: an s6 notification fd, an upstream NOTIFY_SOCKET, a command, SIGSTOP, a file to create."""
 
-    def __init__(self, fd=None, upstream=None, command=None, stop=False, environ=None):
-        self.fd, self.upstream, self.command, self.stop = fd, upstream, command, stop
+    def __init__(self, fd=None, upstream=None, command=None, stop=False, environ=None, touch=None):
+        """touch: a kernel.readyfile.ReadyFile, or None."""
+        self.fd, self.upstream, self.command, self.stop, self.touch = fd, upstream, command, stop, touch
         self.environ = environ or {}
 
     def describe(self):
         where = [f"a newline on fd {self.fd}"] if self.fd is not None else []
         where += [f"READY=1 to {self.upstream!r}"] if self.upstream else []
+        where += [f"create {self.touch.path!r}"] if self.touch is not None else []
         where += [f"run {self.command.text!r}"] if self.command else []
         where += ["SIGSTOP"] if self.stop else []
-        return ", ".join(where) or "no relay (no --fd, --forward, --command or --stop)"
+        return ", ".join(where) or "no relay (no --fd, --forward, --touch, --command or --stop)"
 
     def ready(self, program, main_pid, fields, sender):
         """Tell every relay; one that fails stops none of the others: the first failure (Fatal) once all were tried.
@@ -64,6 +66,8 @@ class Relays:
             fd, self.fd = self.fd, None
             failed += tried(sdnotify.tell_s6, fd)
         failed += tried(self.relay, fields, main_pid, sender)
+        if self.touch is not None:
+            failed += tried(self.touch.create)
         if self.command:
             failed += tried(self.run_command, main_pid)
         if failed:
