@@ -41,6 +41,9 @@ CHAINS = {
     "notify-wait --fork, listen": ["fdlaunch-notify-wait", "--fork", "--", "fdlaunch-listen", "-udp:127.0.0.1:0", "--"],
     "listen, setuidgid, notify-wait": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--"]
     + ["fdlaunch-notify-wait", "--"],
+    "listen, adopt": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "-udp:127.0.0.1:0", "--", "fdlaunch-adopt", "--"],
+    "listen, setuidgid, adopt": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--", "fdlaunch-adopt", "--"],
+    "handoff, adopt": ["fdlaunch-handoff", "--", "fdlaunch-adopt", "--"],
 }
 
 

@@ -28,6 +28,7 @@ TOOLS = {
     "fdlaunch-handoff": "handoff",
     "fdlaunch-foreground": "foreground",
     "fdlaunch-accept": "accept",
+    "fdlaunch-adopt": "adopt",
 }
 FUSE_VARIABLE = "FDLAUNCH_FUSE"
 
