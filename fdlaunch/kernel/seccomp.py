@@ -131,9 +131,8 @@ def native():
         raise Fatal(f"unable to adopt sockets on {machine}: fdlaunch-adopt knows the system calls of x86-64 and aarch64 only")
     if ctypes.sizeof(ctypes.c_void_p) != 8:
         raise Fatal(f"unable to adopt sockets: this Python is a 32-bit program on {arch.name}; the filter needs a 64-bit one")
-    sizes = NotifSizes()
     try:
-        _syscall(arch.seccomp, SECCOMP_GET_NOTIF_SIZES, 0, ctypes.addressof(sizes))
+        sizes = kernel_sizes(arch)
     except OSError as error:
         raise Fatal(
             f"unable to adopt sockets: the kernel offers no seccomp user notification ({error.strerror}); "
@@ -143,6 +142,13 @@ def native():
         if getattr(sizes, name) < ctypes.sizeof(ours):
             raise Fatal(f"unable to adopt sockets: the kernel's struct {name} is {getattr(sizes, name)} bytes, not {ctypes.sizeof(ours)}")
     return arch
+
+
+def kernel_sizes(arch):
+    """The kernel's sizes of the notification structures (SECCOMP_GET_NOTIF_SIZES); OSError without user notification."""
+    sizes = NotifSizes()
+    _syscall(arch.seccomp, SECCOMP_GET_NOTIF_SIZES, 0, ctypes.addressof(sizes))
+    return sizes
 
 
 def bind_filter(arch):
@@ -233,10 +239,14 @@ class Listener:
         self.id_valid_number, self.addfd_number = numbers["id_valid"], numbers["addfd"]
         library = libc()
         self.ioctl, self.readv = library.ioctl, library.process_vm_readv
-        self.notif = Notif()
-        self.notif_address, self.notif_size = ctypes.addressof(self.notif), ctypes.sizeof(Notif)
-        self.response = NotifResp()
-        self.response_address = ctypes.addressof(self.response)
+        # Buffers as large as the kernel's structures, should a later kernel's be larger than ours.
+        sizes = kernel_sizes(arch)
+        self.notif_buffer = ctypes.create_string_buffer(max(sizes.seccomp_notif, ctypes.sizeof(Notif)))
+        self.notif = Notif.from_buffer(self.notif_buffer)
+        self.notif_address, self.notif_size = ctypes.addressof(self.notif_buffer), len(self.notif_buffer)
+        self.response_buffer = ctypes.create_string_buffer(max(sizes.seccomp_notif_resp, ctypes.sizeof(NotifResp)))
+        self.response = NotifResp.from_buffer(self.response_buffer)
+        self.response_address = ctypes.addressof(self.response_buffer)
         self.addfd = NotifAddfd()
         self.checked_id = ctypes.c_uint64()
         self.buffer = ctypes.create_string_buffer(256)
