@@ -107,10 +107,10 @@ def listening_socket(kind=socket.SOCK_STREAM, family=socket.AF_INET, host="127.0
 class Binder:
     """tests/binder.py run under fdlaunch-adopt -v with the given sockets handed down; reads its steps' reports."""
 
-    def __init__(self, sockets, steps, options=(), tmp=None):
+    def __init__(self, sockets, steps, options=()):
         fds = [s.fileno() for s in sockets]
         environ = {**os.environ, "LISTEN_FD_MAP": ",".join(f"s{i}={fd}" for i, fd in enumerate(fds))}
-        self.stderr_path = Path(tempfile.mkstemp(prefix="fdl-adopt-stderr.", dir=tmp)[1])
+        self.stderr_path = Path(tempfile.mkstemp(prefix="fdl-adopt-stderr.")[1])
         with self.stderr_path.open("w") as stderr:
             self.process = subprocess.Popen(
                 ["fdlaunch-adopt", "-v", *options, "--", sys.executable, BINDER, *steps],
@@ -121,7 +121,11 @@ class Binder:
                 stderr=stderr,
                 text=True,
             )
-        wait_for_line(self.stderr_path, "binds answered by pid")
+        try:
+            wait_for_line(self.stderr_path, "binds answered by pid")
+        except BaseException:
+            self.kill()
+            raise
         self.supervisor = supervisor_of(self.stderr_path.read_text())
 
     def next(self):
