@@ -6,7 +6,8 @@
 #   make uninstall removes exactly what make install put there
 #   make demo      the README demo: a daemon started through fdlaunch-listen
 #   make bench     start-up cost, readiness relay latency, handoffs under load,
-#                  connections per second of fdlaunch-accept
+#                  connections per second of fdlaunch-accept, the cost of a bind
+#                  through fdlaunch-adopt
 #
 # make install PREFIX=/usr/local [DESTDIR=/tmp/stage] installs:
 #   $(PREFIX)/lib/fdlaunch/       the package and its dependency docopt-ng (pip install
@@ -75,6 +76,7 @@ bench: $(VENV)/.installed
 	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/notify_relay.py
 	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/handoff.py
 	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/accept.py
+	PATH="$(VENV_BIN):$$PATH" $(VENV)/bin/python benchmarks/adopt.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

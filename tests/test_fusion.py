@@ -43,6 +43,9 @@ CHAINS = {
     + ["fdlaunch-notify-wait", "--"],
     "init, listen": ["fdlaunch-init", "--", "fdlaunch-listen", "-tcp:127.0.0.1:0", "-unix:@{tag}", "--"],
     "listen, setuidgid, init": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--", "fdlaunch-init", "--"],
+    "listen, adopt": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "-udp:127.0.0.1:0", "--", "fdlaunch-adopt", "--"],
+    "listen, setuidgid, adopt": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--", "fdlaunch-adopt", "--"],
+    "handoff, adopt": ["fdlaunch-handoff", "--", "fdlaunch-adopt", "--"],
 }
 
 

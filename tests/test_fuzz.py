@@ -124,10 +124,17 @@ def passed_fds(environ):
 
 @pytest.fixture(scope="module")
 def sources():
-    """Descriptors the caller may hand down: two sockets and a regular file, at fds above pytest's own."""
+    """Descriptors the caller may hand down: two sockets, a regular file and a listening TCP socket, at fds above pytest's own."""
     left, right = socket.socketpair()
+    listening = socket.create_server(("127.0.0.1", 0))
     made = {}
-    for name, fd in (("socket", left.detach()), ("socket2", right.detach()), ("file", os.open(os.devnull, os.O_RDONLY))):
+    handed = (
+        ("socket", left.detach()),
+        ("socket2", right.detach()),
+        ("file", os.open(os.devnull, os.O_RDONLY)),
+        ("listening", listening.detach()),
+    )
+    for name, fd in handed:
         made[name] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)  # above every fd a case hands down
         os.close(fd)
     yield made
@@ -377,6 +384,26 @@ def test_notify_wait(sources, options, environ, layout, program):
     run_case(argv, "fdlaunch-notify-wait", environ, layout, sources, statuses=statuses, probe=not forked and "--fd=1" not in options)
 
 
+# fdlaunch-adopt: what it is handed (the bind filter itself is test_adopt.py's)
+
+
+@settings(FUZZ, max_examples=30)
+@given(
+    handed=st.one_of(
+        handed_down(), st.builds(lambda labels: ({3: "listening"}, {"LISTEN_FD_MAP": f"{labels}=3"}), st.sampled_from(["web", "dns"]))
+    ),
+    options=st.lists(st.sampled_from(["--strict", "-v", "--bogus"]), max_size=2, unique=True),
+    program=PROGRAMS,
+)
+def test_adopt(sources, handed, options, program):
+    layout, environ = handed
+    report = run_case(["fdlaunch-adopt", *options, "--", *program], "fdlaunch-adopt", environ, layout, sources)
+    if report is not None:
+        assert not [name for name in report["env"] if name.startswith("LISTEN_")]
+        mapped = passed_fds({"LISTEN_FD_MAP": environ.get("LISTEN_FD_MAP", "")})  # a map that a run which went on has read
+        assert not set(report["fds"]) & mapped, "the passed sockets are not the program's"
+
+
 # The Python API, in-process, on real descriptors.
 
 
@@ -461,7 +488,7 @@ def test_listen_sockets_api(api_fds, environ, unset):
 # argv with options, a one-line usage error, or --help/--version.
 
 TOOL_DOCS = {
-    name: __import__(f"fdlaunch.cmd.{name}", fromlist=["main"]).__doc__ for name in ("listen", "fdmap", "notify_wait", "setuidgid")
+    name: __import__(f"fdlaunch.cmd.{name}", fromlist=["main"]).__doc__ for name in ("listen", "fdmap", "notify_wait", "setuidgid", "adopt")
 }
 
 

@@ -30,6 +30,7 @@ TOOLS = {
     "fdlaunch-foreground": "foreground",
     "fdlaunch-accept": "accept",
     "fdlaunch-init": "init",
+    "fdlaunch-adopt": "adopt",
 }
 FUSE_VARIABLE = "FDLAUNCH_FUSE"
 # What execve(2) says when there is no such program: 127; every other errno is 126.

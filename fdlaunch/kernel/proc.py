@@ -1,5 +1,6 @@
 """Processes: who descends from whom as /proc shows them, which pid a pidfd holds, PID files, signalling, prctl(2)."""
 
+import errno
 import functools
 import os
 import select
@@ -63,6 +64,59 @@ def read_proc(path):
         return os.read(fd, 4096).decode(errors="replace")
     finally:
         os.close(fd)
+
+
+def tgid_of(tid):
+    """The process a thread belongs to (Tgid in /proc/TID/status), or None if the thread is gone."""
+    try:
+        status = read_proc(f"/proc/{tid}/status")
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Tgid:"):
+            return int(line.split()[1])
+    return None
+
+
+def name_of(pid):
+    """The command name ps(1) shows for pid (/proc/PID/comm), or '?' if it is gone."""
+    try:
+        return read_proc(f"/proc/{pid}/comm").strip()
+    except OSError:
+        return "?"
+
+
+def fd_flags(tid, fd):
+    """The open flags of fd in tid's descriptor table, O_CLOEXEC among them if it is close-on-exec (proc(5), fdinfo)."""
+    for line in read_proc(f"/proc/{tid}/fdinfo/{fd}").splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise OSError(errno.ENOENT, f"no flags in /proc/{tid}/fdinfo/{fd}")
+
+
+def sockets_held(pid, inodes):
+    """Which of these socket inodes pid holds on any descriptor, from the links in /proc/PID/fd."""
+    names = {f"socket:[{inode}]": inode for inode in inodes}
+    held = set()
+    directory = f"/proc/{pid}/fd"
+    for fd in os.listdir(directory):
+        try:
+            target = os.readlink(f"{directory}/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target in names:
+            held.add(names[target])
+    return held
+
+
+def file_seen_by(tid, path):
+    """(st_dev, st_ino) of the socket file path names for tid (inside its root, from its cwd); None if there is none."""
+    where = b"/proc/%d/%s/" % (tid, b"root" if path.startswith(b"/") else b"cwd")
+    try:
+        info = os.stat(where + path.lstrip(b"/"))
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
 
 
 def read_pidfile(path):

@@ -245,3 +245,30 @@ def wait_for_activity(fds):
 def endpoint_address(endpoint):
     """The address an endpoint will bind, its names looked up, printed by spec.format_address."""
     return specs.format_address(endpoint.sockaddr, endpoint.spec.protocol.transport)
+
+
+def facts(fd):
+    """(family, type, protocol, IPV6_V6ONLY, getsockname()) of the socket at fd, as the kernel says.
+
+    OSError (ENOTSOCK) if fd is not a socket. The name is None for a family
+    whose addresses Python cannot show.
+    """
+    sock = socket.socket(fileno=fd)  # its family, type and protocol read with SO_DOMAIN, SO_TYPE, SO_PROTOCOL
+    try:
+        v6only = sock.family == socket.AF_INET6 and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+        try:
+            name = sock.getsockname()
+        except OSError:
+            name = None
+        return sock.family, sock.type, sock.proto, v6only, name
+    finally:
+        sock.detach()
+
+
+def file_of(path):
+    """(st_dev, st_ino) of the socket file at path (str or bytes), or None if there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
