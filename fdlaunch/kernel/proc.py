@@ -409,14 +409,6 @@ def procfs_is_ours():
         return False
 
 
-def name_of(pid):
-    """The command name /proc/PID/comm gives (15 bytes at most), or '?' if pid is gone."""
-    try:
-        return read_proc(f"/proc/{pid}/comm").strip()
-    except OSError:
-        return "?"
-
-
 def age_of(pid):
     """Seconds since pid started (to a clock tick, field 22 of /proc/PID/stat), or None if it is gone."""
     fields = stat_fields(pid)

@@ -9,6 +9,7 @@ the run gets as far as exec.
 import _socket as socket
 import os
 import select
+import stat
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, UsageError, shown, unable
