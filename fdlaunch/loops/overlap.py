@@ -93,6 +93,8 @@ class Handoff:
         self.ready_fd = settings.ready_fd  # None once told
         self.dispositions = received_dispositions((*STOPS, settings.reload))
         self.wakeup_read = None
+        self.family = proc.Family(os.getpid())  # the instances are our children
+        self.ignored = readiness.Ignored(say)
 
     def run(self):
         """Until the current instance exits; returns its wait status."""
@@ -124,7 +126,7 @@ class Handoff:
         poller = select.poll()
         for fd in (self.wakeup_read, self.inbox.fileno(), *(i.pidfd for i in self.instances())):
             poller.register(fd, select.POLLIN)
-        poller.poll(proc.poll_timeout(self.candidate_deadline, *(old.kill_at for old in self.retiring)))
+        poller.poll(proc.poll_timeout(self.candidate_deadline, self.ignored.due(), *(old.kill_at for old in self.retiring)))
 
     def instances(self):
         return [i for i in (self.current, self.candidate, *self.retiring) if i is not None and i.status is None]
@@ -141,26 +143,41 @@ class Handoff:
                     instance.send(number)
 
     def take_notifications(self):
-        while (message := self.inbox.receive()) is not None:
-            fds.close_all(message.fds)
-            if message.truncated:
-                continue
-            sender = self.sender_of(message)
-            if sender is None:
-                continue  # not an instance: None would pass for "no candidate" below
-            ready = message.notice.ready
-            if sender is self.candidate and ready and not self.candidate.ready:
-                self.complete_handoff()
-            elif sender is self.current and ready and not self.current.ready:
-                self.current.ready = True
-                self.tell_ready_first()
+        """A turn's worth of what waits in the inbox (sdnotify.Inbox.receive_some): a flood never holds the loop.
+
+        A notification that cannot be checked for want of descriptors is
+        dropped and said: the instances go on serving.
+        """
+        try:
+            for message in self.inbox.receive_some(self.family):
+                fds.close_all(message.fds)
+                self.take_notification(message)
+        except fds.OutOfDescriptors as error:
+            self.ignored.add("out of descriptors", None, f"{error}; it was dropped")
+        self.ignored.flush_due()
+
+    def take_notification(self, message):
+        if self.family.top not in message.lineage:
+            self.ignored.stranger(message, "an instance or below one")
+            return
+        if message.truncated:
+            return
+        sender = self.sender_of(message)
+        if sender is None:
+            return  # a stopping instance, or below it; None would pass for "no candidate" below
+        ready = message.notice.ready
+        if sender is self.candidate and ready and not self.candidate.ready:
+            self.complete_handoff()
+        elif sender is self.current and ready and not self.current.ready:
+            self.current.ready = True
+            self.tell_ready_first()
 
     def sender_of(self, message):
         """The instance a notification came from, by the sender's lineage; None for anyone else.
 
         A sender gone before its datagram was read has no lineage and counts
-        for nobody (issue 10): the socket is abstract, anyone could have sent
-        it. An instance's pid cannot be reused: it is our child, not yet reaped.
+        for nobody: the socket is abstract, anyone could have sent it. An
+        instance's pid cannot be reused: it is our child, not yet reaped.
         """
         for instance in (self.candidate, self.current):
             if instance is not None and instance.pid in message.lineage:
