@@ -133,9 +133,9 @@ def test_the_inbox_hands_out_the_decoded_datagram():
     inbox = sdnotify.Inbox()
     try:
         sdnotify.send(b"READY=1\nSTATUS=up\nMAINPID=7", inbox.path)
-        message = inbox.receive()
+        message = inbox.receive(proc.Family(os.getpid()))
         assert message.notice == notifyproto.decode(b"READY=1\nSTATUS=up\nMAINPID=7")
-        assert message.pid == os.getpid() and message.lineage[0] == os.getpid()
+        assert message.lineage == (os.getpid(),) and message.unchecked is None
     finally:
         inbox.close()
 

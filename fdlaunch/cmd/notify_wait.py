@@ -155,14 +155,19 @@ def read_check(options, environ, say):
 
 def start_watcher(inbox, relays, settings):
     """Leave a watcher behind (double fork: PROG never has to reap it), then get ready to exec."""
-    program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
+    try:
+        program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
+    except OSError as error:
+        raise fds.syscall_error(f"watch pid {os.getpid()}", error) from None
     keep = {inbox.fileno(), program.pidfd, 2, *([relays.fd] if relays.fd is not None else [])}
     keep |= {relays.touch.fileno()} if relays.touch is not None else set()
     middle = os.fork()
     if middle == 0:
         try:
             if os.fork() == 0:
-                os._exit(watch(inbox, relays, settings, program, keep))
+                # Nobody reads its status: what ends it is said on stderr, under its own name.
+                status, _ = cli.attempt(f"{PROG} (watcher)", watch, inbox, relays, settings, program, keep)
+                os._exit(status)
         finally:
             os._exit(0)
     os.waitpid(middle, 0)
@@ -288,7 +293,10 @@ def stop_check(settings):
 
 def isolate(keep):
     """The watcher holds nothing of PROG's: not its sockets, not its stdin or stdout."""
-    fds.keep_only(keep)
+    try:
+        fds.keep_only(keep)
+    except OSError as error:
+        raise fds.syscall_error("close the program's descriptors in the watcher", error) from None
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -297,7 +305,13 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check, stops)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
-        outcome = watcher.run(deadline)
+        try:
+            outcome = watcher.run(deadline)
+        except Fatal as error:
+            # A program whose readiness nobody can learn is stopped, not left behind.
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            status = reap(child, pidfd, GRACE_SECONDS)
+            raise Fatal(f"{error}; stopped {program[0]} (pid {child}): {chain.describe_exit(status)}", error.status) from None
         if outcome == readiness.READY:
             if relays.touch is not None and relays.touch.made is not None:
                 start_holder(relays.touch, child, pidfd)

@@ -1,10 +1,11 @@
 """Descriptor mechanics: what is open, and moving descriptors into place."""
 
+import errno
 import fcntl
 import os
 import resource
 
-from fdlaunch.errors import UsageError, unable
+from fdlaunch.errors import Fatal, UsageError, unable
 from fdlaunch.text.numbers import is_decimal
 
 
@@ -25,6 +26,23 @@ def open_fds():
 def limit():
     """One past the highest descriptor number this process may use."""
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class OutOfDescriptors(Fatal):
+    """No descriptor to be had: this process is at its limit (RLIMIT_NOFILE), or the system at its own."""
+
+
+def syscall_error(verb_object, error):
+    """errors.unable's Fatal for a failed call; for EMFILE or ENFILE an OutOfDescriptors, naming our limit.
+
+    Running out of descriptors is ours to say as such: never the fault of
+    what we were handling when it happened.
+    """
+    if error.errno == errno.EMFILE:
+        return OutOfDescriptors(f"unable to {verb_object}: {os.strerror(error.errno)} (ulimit -n is {limit()})")
+    if error.errno == errno.ENFILE:
+        return OutOfDescriptors(f"unable to {verb_object}: {os.strerror(error.errno)}")
+    return unable(verb_object, error)
 
 
 def check_inherited(passed, open_now, variable="LISTEN_FDS/LISTEN_FD_MAP"):
@@ -108,10 +126,12 @@ def close_all(fds):
 def keep_only(keep):
     """For a helper process that must hold nothing of the program's: stdin and
     stdout on /dev/null, every descriptor closed but stderr and those in keep."""
+    close_all(open_fds() - set(keep) - {0, 1, 2})  # first: under a tight limit, that makes room for /dev/null
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)
-    close_all(open_fds() - set(keep) - {0, 1, 2})
+    if devnull > 2:
+        os.close(devnull)
 
 
 def make_inheritable(fds):

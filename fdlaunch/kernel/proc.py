@@ -37,16 +37,81 @@ def lineage(pid, pidfd):
     return tuple(chain)
 
 
-def lineage_of(pid):
-    """lineage() of a pid read in a message (a MAINPID): () unless it is a process here now."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return ()
-    try:
-        return lineage(pid, pidfd)
-    finally:
-        os.close(pidfd)
+# A walk up /proc from a sender goes no further than this many levels: a
+# chain of processes is cheap to make, and how deep it is, is the sender's choice.
+WALK_DEPTH_MAX = 128
+# Processes found not to be below the top, kept so that their next datagram costs one read.
+STRANGERS_KEPT = 1024
+
+
+class Family:
+    """Which processes are top or below it, told by walking up /proc from them.
+
+    The walk stops at top; at an ancestor that started before top (nothing
+    older than top can be below it); at a process already found not to be
+    below top; or after WALK_DEPTH_MAX levels. What a sender costs is so
+    bounded by numbers it does not choose, however deep a chain it forks.
+    Raises OSError if /proc cannot be read (EMFILE): that is never "gone".
+    """
+
+    def __init__(self, top):
+        self.top = top
+        self.top_started = start_time(top) or 0
+        self.strangers = {}  # (pid, start time) of processes not below top: None; oldest first
+
+    def lineage(self, pid, pidfd):
+        """pid and its ancestors up to top, or up to where the walk stopped; () if that cannot be known for sure.
+
+        pidfd is a descriptor on the process meant (None: no pidfd to check
+        with). A lineage that reaches top counts only if that process still
+        has the pid once the walk is done, so a pid freed and reused
+        meanwhile is never taken for the sender.
+        """
+        chain, walked = [], []
+        child_started = None
+        while len(chain) < WALK_DEPTH_MAX:
+            chain.append(pid)
+            if pid == self.top:
+                return tuple(chain) if pidfd is None or pid_of(pidfd) == chain[0] else ()
+            fields = read_stat(pid)
+            if fields is None:
+                return ()  # gone, or an ancestor went away under us
+            started = int(fields[19])
+            if child_started is not None and started > child_started:
+                return ()  # younger than its child: the parent died and its pid was taken meanwhile
+            walked.append((pid, started))
+            pid, child_started = int(fields[1]), started
+            if started < self.top_started or walked[-1] in self.strangers or pid == 0:
+                self.remember_strangers(walked)  # all of them: none is below top
+                return tuple(chain)
+        self.remember_strangers(walked[:1])  # too deep to be believed, which stays so
+        return tuple(chain)
+
+    def lineage_of(self, pid):
+        """lineage() of a pid read in a message (a MAINPID): () unless it is a process here now."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            return ()
+        try:
+            return self.lineage(pid, pidfd)
+        finally:
+            os.close(pidfd)
+
+    def remember_strangers(self, walked):
+        for key in walked:
+            self.strangers.pop(key, None)  # to the end: the last to be forgotten
+            self.strangers[key] = None
+        while len(self.strangers) > STRANGERS_KEPT:
+            del self.strangers[next(iter(self.strangers))]
+
+
+def start_time(pid):
+    """When pid started, in clock ticks since boot (proc(5), /proc/PID/stat field 22); None if it is gone."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def pid_of(pidfd):
@@ -174,11 +239,19 @@ def uids_of(pid):
 
 
 def stat_fields(pid):
-    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or None if it is gone."""
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or None if it is gone or unreadable."""
+    try:
+        return read_stat(pid)
+    except OSError:
+        return None
+
+
+def read_stat(pid):
+    """stat_fields(pid), None only if there is no such process to see; OSError if it could not be read (EMFILE)."""
     try:
         return read_proc(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return None  # gone (ESRCH while it is being reaped), or hidden from us (hidepid=)
 
 
 def state_of(pid):

@@ -11,10 +11,11 @@ import os
 import select
 import socket
 import struct
+import time
 from collections import namedtuple
 
-from fdlaunch.errors import unable
-from fdlaunch.kernel import proc
+from fdlaunch.errors import Fatal, unable
+from fdlaunch.kernel import fds
 from fdlaunch.text import notifyproto
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
@@ -23,10 +24,16 @@ PIDFD = struct.Struct("i")
 SO_PASSPIDFD, SCM_PIDFD = 76, 0x04
 
 # pid, uid and gid from SCM_CREDENTIALS; lineage, the sender's pid and its
-# ancestors' (empty when the sender was gone: nobody knows whose it was);
-# notice, the datagram decoded (notifyproto.Notice); fds received (ours to
-# close); truncated when the datagram was longer than the protocol allows.
-Message = namedtuple("Message", "pid uid gid lineage notice fds truncated")
+# ancestors' as proc.Family.lineage gives them; unchecked, why lineage is
+# empty (nobody knows whose it was), else None; notice, the datagram decoded
+# (notifyproto.Notice); fds received (ours to close); truncated when the
+# datagram was longer than the protocol allows.
+Message = namedtuple("Message", "pid uid gid lineage unchecked notice fds truncated")
+GONE = "gone before it could be checked"
+# A poll turn reads no more datagrams than this, and no longer: what comes
+# after them (a deadline, a signal, an exit) is never held up by a flood.
+TURN_DATAGRAMS = 64
+TURN_SECONDS = 0.002
 
 
 def address(notify_socket):
@@ -97,11 +104,12 @@ def barrier(notify_socket, timeout):
 
 
 class Inbox:
-    """A private notification socket: abstract, so nothing is left behind however we die (issue 9).
+    """A private notification socket: abstract, so nothing is left behind however we die.
 
-    Anyone on the host can send to an abstract name, so a datagram comes
-    with the sender's lineage (its pid and its ancestors'), and only that
-    says who spoke.
+    Anyone on the host can send to an abstract name (it shows in
+    /proc/net/unix), so a datagram comes with the sender's lineage (its pid
+    and its ancestors'), and only that says who spoke; and a reader takes a
+    turn's worth at a time (receive_some), so that no flood holds it.
     """
 
     def __init__(self):
@@ -118,29 +126,68 @@ class Inbox:
     def fileno(self):
         return self.sock.fileno()
 
-    def receive(self):
-        """The next datagram as a Message, or None when none is waiting."""
+    def receive(self, family):
+        """The next datagram as a Message, its sender placed by family (a proc.Family), or None when none is waiting.
+
+        Raises fds.OutOfDescriptors when we have none left to check the
+        sender with: a datagram whose own descriptors took the last ones is
+        unchecked instead, since a sender must not be able to stop us.
+        """
         space = socket.CMSG_SPACE(UCRED.size) + socket.CMSG_SPACE(PIDFD.size) + socket.CMSG_SPACE(notifyproto.FDS_MAX * 4)
         try:
             data, ancillary, flags, _ = self.sock.recvmsg(notifyproto.DATAGRAM_MAX + 1, space, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return None
-        pid = uid = gid = pidfd = -1
-        fds = []
+        pid = uid = gid = -1
+        pidfd = None
+        fds_received = []
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 pid, uid, gid = UCRED.unpack(payload[: UCRED.size])
             elif level == socket.SOL_SOCKET and kind == SCM_PIDFD:
-                (pidfd,) = PIDFD.unpack(payload[: PIDFD.size])  # below 0: an errno, the sender was gone
+                (pidfd,) = PIDFD.unpack(payload[: PIDFD.size])  # below 0: the errno pidfd_open(2) would give
             elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+                fds_received.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        truncated = bool(flags & socket.MSG_TRUNC) or len(data) > notifyproto.DATAGRAM_MAX
         try:
-            family = proc.lineage(pid, pidfd if self.pidfds else None)
+            lineage, unchecked = self.place(family, pid, pidfd, fds_received or flags & socket.MSG_CTRUNC)
+        except Fatal:
+            fds.close_all(fds_received)
+            raise
         finally:
-            if pidfd >= 0:
+            if pidfd is not None and pidfd >= 0:
                 os.close(pidfd)
-        truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > notifyproto.DATAGRAM_MAX
-        return Message(pid, uid, gid, family, notifyproto.decode(data), fds, truncated)
+        return Message(pid, uid, gid, lineage, unchecked, notifyproto.decode(data), fds_received, truncated)
+
+    def place(self, family, pid, pidfd, came_with_fds):
+        """(lineage, None), or ((), why it could not be known)."""
+        if not self.pidfds:
+            pidfd = None  # the kernel has none to give (before Linux 6.5)
+        elif pidfd is None:
+            return (), GONE
+        elif pidfd < 0:
+            # The kernel installs a datagram's own descriptors (SCM_RIGHTS) before the pidfd.
+            if -pidfd not in (errno.EMFILE, errno.ENFILE):
+                return (), GONE
+            if came_with_fds:
+                return (), f"its descriptors took the last of ours (ulimit -n is {fds.limit()}): who sent it cannot be checked"
+            raise fds.syscall_error("check who sent a notification", OSError(-pidfd, os.strerror(-pidfd)))
+        try:
+            lineage = family.lineage(pid, pidfd)
+        except OSError as error:
+            raise fds.syscall_error("check who sent a notification", error) from None
+        return lineage, None if lineage else GONE
+
+    def receive_some(self, family):
+        """The datagrams waiting, as Messages, up to TURN_DATAGRAMS of them or TURN_SECONDS, whichever ends first."""
+        turn_ends = time.monotonic() + TURN_SECONDS
+        for _ in range(TURN_DATAGRAMS):
+            message = self.receive(family)
+            if message is None:
+                return
+            yield message
+            if time.monotonic() >= turn_ends:
+                return
 
     def close(self):
         self.sock.close()

@@ -143,6 +143,8 @@ class Handoff:
         self.dispositions = received_dispositions((*STOPS, settings.reload))
         self.warned = set()  # warnings said once per run
         self.wakeup_read = None
+        self.family = proc.Family(os.getpid())  # the instances are our children
+        self.ignored = readiness.Ignored(say)
 
     def run(self):
         """Until the serving instance has exited and no other is left; returns the serving one's wait status."""
@@ -195,7 +197,7 @@ class Handoff:
         for fd in self.store.watched():
             poller.register(fd, 0)  # POLLHUP and POLLERR: a stored connection that hung up
         deadlines = [self.candidate_deadline, self.respawn_at, *(i.kill_at for i in self.instances())]
-        poller.poll(proc.poll_timeout(*deadlines, *(i.ping_due for i in self.instances())))
+        poller.poll(proc.poll_timeout(*deadlines, *(i.ping_due for i in self.instances()), self.ignored.due()))
 
     def instances(self):
         return [i for i in (self.current, self.candidate, *self.retiring) if i is not None and i.status is None]
@@ -218,18 +220,31 @@ class Handoff:
             instance.ask_to_stop(number, self.settings.grace)
 
     def take_notifications(self):
-        while (message := self.inbox.receive()) is not None:
-            kept = []
-            try:
-                if not message.truncated:
+        """A turn's worth of what waits in the inbox (sdnotify.Inbox.receive_some): a flood never holds the loop.
+
+        A notification that cannot be checked for want of descriptors is
+        dropped and said: the instances go on serving.
+        """
+        try:
+            for message in self.inbox.receive_some(self.family):
+                kept = []
+                try:
                     kept = self.take(message)
-            finally:
-                fds.close_all(fd for fd in message.fds if fd not in kept)
+                finally:
+                    fds.close_all(fd for fd in message.fds if fd not in kept)
+        except fds.OutOfDescriptors as error:
+            self.ignored.add("out of descriptors", None, f"{error}; it was dropped")
+        self.ignored.flush_due()
         for name in self.store.hung_up():
             self.say("info", f"dropped the stored descriptor {name!r}: it hung up")
 
     def take(self, message):
         """Act on one notification; the descriptors of it that the fd store kept."""
+        if self.family.top not in message.lineage:
+            self.ignored.stranger(message, "an instance or below one")
+            return []
+        if message.truncated:
+            return []
         sender = self.sender_of(message)
         if sender is None or self.stopping:
             return []  # not an instance (None would pass for "no candidate" below), or nothing to hand over to

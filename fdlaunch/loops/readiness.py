@@ -24,6 +24,11 @@ COMMAND_SECONDS = 60
 
 # --command: what to run once ready, and how long a run may take before it is stopped.
 Command = namedtuple("Command", "text seconds")
+# Notifications ignored: in each period the first of each kind is said in
+# full, the others counted and said in one line when it ends; the senders
+# counted are kept up to a number, so a flood costs neither lines nor memory.
+IGNORED_PERIOD_SECONDS = 10
+IGNORED_SENDERS_KEPT = 1000
 # What a check must not be handed: the program's notify socket and sockets are not its own.
 NOT_FOR_CHECKS = ("NOTIFY_SOCKET", *listenenv.VARIABLES)
 # /bin/sh's statuses for a command it could not run (POSIX 2.8.2): retrying cannot help.
@@ -107,14 +112,28 @@ class Relays:
 
 
 class Program:
-    """The process whose readiness is awaited: its pid, a pidfd on it."""
+    """The process whose readiness is awaited: its pid, a pidfd on it, its family (who is below it)."""
 
     def __init__(self, pid, pidfd):
         self.pid, self.pidfd = pid, pidfd
+        self.family = proc.Family(pid)  # read now, while pid is surely the program's
 
     def heads(self, lineage):
         """True if lineage (a process and its ancestors) runs through the program, not through a reuse of its pid."""
-        return self.pid in lineage and proc.pid_of(self.pidfd) == self.pid
+        if self.pid not in lineage:
+            return False
+        try:
+            return proc.pid_of(self.pidfd) == self.pid
+        except OSError as error:
+            raise fds.syscall_error(f"check that pid {self.pid} is still the program", error) from None
+
+    def heads_pid(self, pid):
+        """True if pid (a MAINPID) is the program or a live process below it."""
+        try:
+            lineage = self.family.lineage_of(pid)
+        except OSError as error:
+            raise fds.syscall_error(f"check MAINPID={pid}", error) from None
+        return self.heads(lineage)
 
 
 class Watcher:
@@ -134,6 +153,7 @@ class Watcher:
         self.ready = False
         self.main_pid = program.pid
         self.warn_once = once(say)
+        self.ignored = Ignored(say)
         self.check = check  # a Check, polled alongside the inbox (--check); None once given up
         self.ready_sender = None
         self.started = time.monotonic()
@@ -145,27 +165,37 @@ class Watcher:
         deadline: when a program not yet ready is LATE, unless its EXTEND_TIMEOUT_USEC= moves it.
         """
         self.deadline = deadline
-        while True:
-            poller = select.poll()
-            for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds(), *([self.stops] if self.stops is not None else [])):
-                poller.register(fd, select.POLLIN)
-            events = dict(poller.poll(proc.poll_timeout(self.deadline, self.check_due(), self.ping_due)))
-            if self.stops in events:
-                return STOPPED
-            self.drain()  # before looking at an exit: a last datagram may be queued
-            self.take_check()
-            if self.ping_due is not None and time.monotonic() >= self.ping_due:
-                self.bark(f"sent no WATCHDOG=1 for {self.watchdog:g} seconds")
-            if self.barked is not None:
-                return WATCHDOG
-            if self.ready and not self.keep_relaying and self.watchdog is None:
-                return READY
-            if self.program.pidfd in events:
-                return EXITED
-            if self.check is not None and self.check.gave_up and not self.ready:
-                return GAVE_UP
-            if self.deadline is not None and time.monotonic() >= self.deadline and not self.ready:
-                return LATE
+        try:
+            while (outcome := self.turn()) is None:
+                pass
+        finally:
+            self.ignored.flush()
+        return outcome
+
+    def turn(self):
+        """One wait and what came of it: an outcome, or None to go on."""
+        poller = select.poll()
+        for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds(), *([self.stops] if self.stops is not None else [])):
+            poller.register(fd, select.POLLIN)
+        events = dict(poller.poll(proc.poll_timeout(self.deadline, self.check_due(), self.ping_due, self.ignored.due())))
+        if self.stops in events:
+            return STOPPED
+        self.drain()  # before looking at an exit: a last datagram may be queued
+        self.ignored.flush_due()
+        self.take_check()
+        if self.ping_due is not None and time.monotonic() >= self.ping_due:
+            self.bark(f"sent no WATCHDOG=1 for {self.watchdog:g} seconds")
+        if self.barked is not None:
+            return WATCHDOG
+        if self.ready and not self.keep_relaying and self.watchdog is None:
+            return READY
+        if self.program.pidfd in events:
+            return EXITED
+        if self.check is not None and self.check.gave_up and not self.ready:
+            return GAVE_UP
+        if self.deadline is not None and time.monotonic() >= self.deadline and not self.ready:
+            return LATE
+        return None
 
     def until_exit(self, deadline):
         """Relay what comes until the program exits (True) or deadline passes (False)."""
@@ -242,14 +272,20 @@ class Watcher:
                 self.drain()
                 if sender is None or sender in events:
                     return
+        except fds.OutOfDescriptors as error:
+            self.say("warning", str(error))  # readiness is told already: only a barrier goes unanswered
         finally:
+            self.ignored.flush()
             if sender is not None:
                 os.close(sender)
 
     def drain(self):
-        while (message := self.inbox.receive()) is not None:
+        """What is waiting in the inbox, a turn's worth (sdnotify.Inbox.receive_some)."""
+        for message in self.inbox.receive_some(self.program.family):
             try:
                 self.handle(message)
+            except fds.OutOfDescriptors:
+                raise  # ours, not the datagram's: said as such, and the end
             except Exception as error:  # no datagram may stop the watcher
                 self.warn_once(("error", type(error)), f"ignored a notification: {error}")
             finally:
@@ -257,14 +293,12 @@ class Watcher:
 
     def handle(self, message):
         if message.truncated:
-            self.warn_once(
-                ("truncated", message.pid), f"ignored a notification from pid {message.pid}: longer than {notifyproto.DATAGRAM_MAX} bytes"
-            )
+            text = f"ignored a notification from pid {message.pid}: longer than {notifyproto.DATAGRAM_MAX} bytes"
+            self.ignored.add("truncated", message.pid, text)
             return
         if not self.program.heads(message.lineage):
-            # A sender gone before its datagram is read has no lineage: it could have been anyone (issue 10).
-            why = f"not pid {self.program.pid} or below it" if message.lineage else "gone before it could be checked"
-            self.warn_once(("stranger", message.pid), f"ignored a notification from pid {message.pid}, {why}")
+            # A sender gone before its datagram is read has no lineage: it could have been anyone.
+            self.ignored.stranger(message, f"pid {self.program.pid} or below it")
             return
         notice = message.notice
         fields, main_pid = self.checked_main_pid(notice)
@@ -293,20 +327,78 @@ class Watcher:
             self.pinged(pings)
 
     def checked_main_pid(self, notice):
-        """(fields with one MAINPID, that pid) if it names the program or a live process below it; else none (issue 10)."""
+        """(fields with one MAINPID, that pid) if it names the program or a live process below it; else none."""
         text = notice.main_pid_text
         if text is None:
             return notice.fields, None
         kept = [(name, value) for name, value in notice.fields if name != "MAINPID"]
         pid = notice.main_pid
-        if pid is not None and self.program.heads(proc.lineage_of(pid)):
+        if pid is not None and self.program.heads_pid(pid):
             return [*kept, ("MAINPID", str(pid))], pid
         self.warn_once(("mainpid", text), f"ignored MAINPID={text[:40]!r}: not pid {self.program.pid} or a live process below it")
         return kept, None
 
     def speaker(self):
         """The main pid, to send as, while it is still the program or below it; else None: we speak as ourselves."""
-        return self.main_pid if self.program.heads(proc.lineage_of(self.main_pid)) else None
+        return self.main_pid if self.program.heads_pid(self.main_pid) else None
+
+
+class Ignored:
+    """Says which notifications were not believed: a few lines and a few bytes kept, however many there are.
+
+    In each period of IGNORED_PERIOD_SECONDS the first notification ignored
+    for each reason (its kind) is said in full; the others are counted, with
+    their senders (up to IGNORED_SENDERS_KEPT of them), and said in one line
+    when the period ends, or sooner when the loop ends (flush).
+    """
+
+    def __init__(self, say, clock=time.monotonic):
+        self.say, self.clock = say, clock
+        self.period_ends = None  # None: no period going on
+        self.kinds_said = set()
+        self.count, self.counted_since, self.senders = 0, None, set()
+
+    def stranger(self, message, believed):
+        """message is from no one believed (believed says who would be: 'pid 12 or below it')."""
+        why = message.unchecked or f"not {believed}"
+        self.add(message.unchecked or "stranger", message.pid, f"ignored a notification from pid {message.pid}, {why}")
+
+    def add(self, kind, pid, text):
+        """One more notification ignored, of this kind, from pid (None: unknown); text says it in full."""
+        self.flush_due()
+        if self.period_ends is None:
+            self.period_ends = self.clock() + IGNORED_PERIOD_SECONDS
+        if kind not in self.kinds_said:
+            self.kinds_said.add(kind)
+            self.say("warning", text)
+            return
+        if not self.count:
+            self.counted_since = self.clock()
+        self.count += 1
+        if pid is not None and len(self.senders) < IGNORED_SENDERS_KEPT:
+            self.senders.add(pid)
+
+    def due(self):
+        """When a count waits to be said (time.monotonic()), or None."""
+        return self.period_ends if self.count else None
+
+    def flush_due(self):
+        """At the end of a period, say its count; the next notification ignored begins a new one."""
+        if self.period_ends is not None and self.clock() >= self.period_ends:
+            self.flush()
+            self.period_ends, self.kinds_said = None, set()
+
+    def flush(self):
+        """Say the count so far, if there is one."""
+        if self.count:
+            senders = plural(f"{len(self.senders)}{' or more' if len(self.senders) >= IGNORED_SENDERS_KEPT else ''}", "sender")
+            seconds = self.clock() - self.counted_since
+            self.say("warning", f"ignored {plural(self.count, 'more notification')} from {senders} in {seconds:.1f} seconds")
+            self.count, self.senders = 0, set()
+
+
+def plural(number, noun):
+    return f"{number} {noun}" if str(number) == "1" else f"{number} {noun}s"
 
 
 class Check:
