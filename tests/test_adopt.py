@@ -280,7 +280,8 @@ def test_nginx_under_handoff_five_reloads_under_load_fail_nothing(public, tmp_pa
     upstream = Upstream(tmp_path)
     # nginx sends no READY=1: an instance is ready once its master has started a worker.
     ready = ["fdlaunch-notify-wait", "--forward", "--check=grep -q . /proc/$MAINPID/task/$MAINPID/children", "--interval=0.05", "--"]
-    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", "fdlaunch-handoff", "-v", "--main-pid=instance", "--stop-signal=QUIT", "--", *ready]
+    overlapping = ["fdlaunch-handoff", "-v", "--main-pid=instance", "--stop-signal=QUIT", "--"]
+    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", *overlapping, *ready]
     argv += ["fdlaunch-setuidgid", "nobody", "--", "fdlaunch-adopt", "--", *nginx_argv(public, port)]
     handoff = subprocess.Popen(argv, env={**os.environ, "NOTIFY_SOCKET": upstream.path}, stderr=(public / "stderr").open("w"))
     try:

@@ -310,8 +310,8 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
         except Fatal as error:
             # A program whose readiness nobody can learn is stopped, not left behind.
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            status = reap(child, pidfd, GRACE_SECONDS)
-            raise Fatal(f"{error}; stopped {program[0]} (pid {child}): {chain.describe_exit(status)}", error.status) from None
+            status, killed = reap(child, pidfd, signal.SIGTERM)
+            raise Fatal(f"{error}; stopped {program[0]} (pid {child}): {chain.describe_exit(status)}{killed}", error.status) from None
         if outcome == readiness.READY:
             if relays.touch is not None and relays.touch.made is not None:
                 start_holder(relays.touch, child, pidfd)
