@@ -313,14 +313,16 @@ def test_the_strangers_a_family_keeps_are_bounded(chain, monkeypatch):
             older.wait()
 
 
-# fork mode holds 0, 1, 2, the notify socket and a pidfd on the program: under this limit one
-# descriptor is left, and a notification needs two (the sender's pidfd, one /proc file at a time).
+# The chain-mode watcher holds 0, 1, 2, the notify socket and a pidfd on the program: under
+# this limit one descriptor is left, and a notification needs two (the sender's pidfd, one
+# /proc file at a time). Fork mode holds two more, the wakeup pipe its stop signals go to.
 ONE_SHORT = 6
+FORK_ONE_SHORT = ONE_SHORT + 2
 
 
 def test_out_of_descriptors_is_said_as_such_in_fork_mode(tmp_path):
     """The program's own READY=1 cannot be checked: 111, the limit named, the program stopped; never 'gone'."""
-    waiter, errors = waiting_for_go(tmp_path, limit=ONE_SHORT)
+    waiter, errors = waiting_for_go(tmp_path, limit=FORK_ONE_SHORT)
     (tmp_path / "go").touch()
     try:
         status = waiter.wait(TIMEOUT)
@@ -329,7 +331,7 @@ def test_out_of_descriptors_is_said_as_such_in_fork_mode(tmp_path):
     said = errors.read_text()
     assert status == 111, said
     assert re.fullmatch(
-        rf"fdlaunch-notify-wait: fatal: unable to check who sent a notification: Too many open files \(ulimit -n is {ONE_SHORT}\);"
+        rf"fdlaunch-notify-wait: fatal: unable to check who sent a notification: Too many open files \(ulimit -n is {FORK_ONE_SHORT}\);"
         rf" stopped {PYTHON} \(pid (\d+)\): was killed by SIGTERM\n",
         said,
     ), said
@@ -358,7 +360,7 @@ def test_out_of_descriptors_is_said_by_the_watcher_in_chain_mode(tmp_path):
 
 def test_a_stranger_whose_descriptors_take_the_last_of_ours_cannot_stop_the_watcher(tmp_path):
     """One descriptor more than fork mode needs; a stranger sends two: its datagram is unchecked, the watcher goes on."""
-    waiter, errors = waiting_for_go(tmp_path, limit=ONE_SHORT + 1)
+    waiter, errors = waiting_for_go(tmp_path, limit=FORK_ONE_SHORT + 1)
     try:
         read_end, write_end = os.pipe()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
@@ -375,13 +377,13 @@ def test_a_stranger_whose_descriptors_take_the_last_of_ours_cannot_stop_the_watc
         stopped(waiter)
     assert errors.read_text() == (
         f"fdlaunch-notify-wait: warning: ignored a notification from pid {os.getpid()}, its descriptors took the last of ours"
-        f" (ulimit -n is {ONE_SHORT + 1}): who sent it cannot be checked\n"
+        f" (ulimit -n is {FORK_ONE_SHORT + 1}): who sent it cannot be checked\n"
     )
 
 
 def test_out_of_descriptors_is_said_by_handoff_which_goes_on_serving(tmp_path):
-    """fdlaunch-handoff holds two more descriptors (its wakeup pipe): the notification is dropped and said, nothing stops."""
-    limit = ONE_SHORT + 2
+    """fdlaunch-handoff holds three more (its wakeup pipe, its guard's socket): the notification is dropped and said, nothing stops."""
+    limit = ONE_SHORT + 3
     errors = tmp_path / "stderr"
     with errors.open("w") as stderr:
         handoff = subprocess.Popen(
