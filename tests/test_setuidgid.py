@@ -16,7 +16,8 @@ from conftest import require, require_python_for_nobody, require_root, run, sock
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: changes credentials for real")
 
-USER, GROUPS = "fdlaunch-t", ("fdlaunch-g1", "fdlaunch-g2")
+# Names of this run's own: two suites at once must not make or remove each other's accounts.
+USER, GROUPS = f"fdlt{os.getpid()}", (f"fdlg1-{os.getpid()}", f"fdlg2-{os.getpid()}")
 CAP_NET_BIND_SERVICE = 10
 # setpriv(1)'s --inh-caps for a caller with inheritable capabilities, as some container runtimes start services
 INHERITED = "+net_raw,+sys_admin,+dac_override"
