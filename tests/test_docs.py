@@ -56,7 +56,7 @@ def test_man_pages_lint_clean():
 
 
 def test_stdin_says_it_passes_the_listening_socket():
-    """--stdin is inetd's 'wait' style (the program accepts), not one connection per program (issue 9)."""
+    """--stdin is inetd's 'wait' style (the program accepts), not one connection per program."""
     usage = run(["fdlaunch-fdmap", "--help"]).stdout
     page = (MAN / "fdlaunch-fdmap.1").read_text()
     option = page.split(".BI \\-\\-stdin= LABEL\nPut", 1)[1].split(".TP", 1)[0]

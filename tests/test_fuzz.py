@@ -1,4 +1,4 @@
-"""Hostile input, generated (issue #10): the installed tools and the Python API never misbehave.
+"""Hostile input, generated: the installed tools and the Python API never misbehave.
 
 For every generated command line, environment and set of descriptors handed
 down, a tool either runs the program or fails with one of fdlaunch(7)'s
@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 import fdlaunch
 import fdlaunch.errors
 from fdlaunch import cli
+from fdlaunch.cmd import notify_wait
 from fdlaunch.errors import BadCall, Finished, UsageError
 from fdlaunch.text import usage
 
@@ -373,10 +374,10 @@ NOTIFY_SOCKET = st.fixed_dictionaries(
 @settings(FUZZ, max_examples=30)
 @given(options=NOTIFY_OPTIONS, environ=NOTIFY_SOCKET, layout=CALLER_FDS, program=PROGRAMS)
 def test_notify_wait(sources, options, environ, layout, program):
-    # --fork's own statuses (fdlaunch-notify-wait(1)): 1, the program exited before it was ready;
-    # 2, not ready in time. Its program writes to our stderr, so it is one that prints nothing.
+    # --fork's own statuses (fdlaunch-notify-wait(1)): the program exited before it was ready, or
+    # was not ready in time. Its program writes to our stderr, so it is one that prints nothing.
     forked = "--fork" in options
-    statuses = STATUSES | ({1, 2} if forked else set())
+    statuses = STATUSES | ({notify_wait.EXITED_BEFORE_READY, notify_wait.NOT_READY_IN_TIME} if forked else set())
     if forked and program == PROBE_ARGV:
         program = ["true"]
     # --fd=1 makes stdout the notification fd, which the program does not inherit: no report to read.

@@ -310,7 +310,7 @@ def told_notify_socket(path, seconds=10):
 
 
 def test_a_sender_gone_before_it_was_read_does_not_complete_a_handoff(tmp_path):
-    """Issue 10.1: with fdlaunch-handoff stopped, a stranger says READY=1 and exits; the candidate never takes over."""
+    """With fdlaunch-handoff stopped, a stranger says READY=1 and exits; the candidate never takes over."""
     port = free_port()
     slow, told = tmp_path / "slow", tmp_path / "told"
     program = ["sh", "-c", f'[ -e {slow} ] && {{ echo "$NOTIFY_SOCKET" > {told}; exec sleep 60; }}; exec {sys.executable} {HELLO} 0']
@@ -364,7 +364,7 @@ def test_short_lived_senders_make_an_instance_ready_though_handoff_is_slow(sende
 
 
 def test_nothing_is_left_when_handoff_is_killed(tmp_path):
-    """Issue 9.6: SIGKILL of fdlaunch-handoff leaves no file in TMPDIR and no socket."""
+    """SIGKILL of fdlaunch-handoff leaves no file in TMPDIR and no socket."""
     tmpdir, told = tmp_path / "tmpdir", tmp_path / "told"
     tmpdir.mkdir()
     program = ["sh", "-c", f'echo "$NOTIFY_SOCKET" > {told}; exec sleep 60']

@@ -1,4 +1,4 @@
-"""Hostile input (issue #10, items 4 to 10): each case a real run that once hung, crashed or lied."""
+"""Hostile input, case by case: each a real run that once hung, crashed or lied, grouped by the behaviour it pins."""
 
 import fcntl
 import os
@@ -23,7 +23,7 @@ def one_line(done):
     return lines[0]
 
 
-# 4. A live unix socket with a full backlog is refused at once, not waited on.
+# A live unix socket with a full backlog is refused at once, not waited on.
 
 
 def test_live_unix_socket_with_a_full_backlog_is_refused_at_once(tmp_path):
@@ -51,7 +51,7 @@ def test_live_unix_socket_with_a_full_backlog_is_refused_at_once(tmp_path):
         listener.close()
 
 
-# 5. listen_sockets() closes nothing and unsets nothing when it raises.
+# listen_sockets() closes nothing and unsets nothing when it raises.
 
 
 def high_fd(fd):
@@ -121,7 +121,7 @@ print(os.environ["LISTEN_FDS"], os.get_inheritable(3))
     assert done.stdout.splitlines() == [refusal, "3 True"]
 
 
-# 6. A LISTEN_FD_MAP naming stdin, stdout or stderr is refused.
+# A LISTEN_FD_MAP naming stdin, stdout or stderr is refused.
 
 
 @pytest.mark.parametrize("fd", [0, 1, 2])
@@ -144,7 +144,7 @@ def test_map_naming_stderr_is_a_value_error(monkeypatch):
     os.fstat(2)
 
 
-# 7. Counts and fds beyond the descriptor limit are refused before anything is allocated.
+# Counts and fds beyond the descriptor limit are refused before anything is allocated.
 
 
 def small_limits():
@@ -178,7 +178,7 @@ def test_map_fd_beyond_the_limit_names_the_variable(monkeypatch):
         fdlaunch.listen_sockets()
 
 
-# 8. Numbers out of range are usage errors naming the value, in every tool.
+# Numbers out of range are usage errors naming the value, in every tool.
 
 BIG = "99999999999999999999"
 
@@ -241,7 +241,7 @@ def test_every_limit_the_man_page_names_can_be_set():
     assert "Max file locks            5                    7                    locks" in done.stdout
 
 
-# 9. A target gid of 0 is what was asked, not a way back to root.
+# A target gid of 0 is what was asked, not a way back to root.
 
 
 # s6-setuidgid takes UID:GID but not USER:GROUP names
@@ -264,7 +264,7 @@ def test_keeping_setgid_is_still_a_way_back_to_root():
     assert "it could become root again" in one_line(done)
 
 
-# 10. Whatever a message echoes, it stays one line.
+# Whatever a message echoes, it stays one line.
 
 
 @pytest.mark.parametrize(

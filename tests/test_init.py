@@ -190,7 +190,7 @@ def test_group_sends_the_signals_to_the_whole_process_group(tmp_path):
     log = tmp_path / "log"
     log.touch()
     inner = f"trap 'echo grandchild got USR1 >> {log}' USR1; echo up >> {log}; while :; do sleep 0.05; done"
-    # 2>/dev/null: the shells' word on each sleep the signal killed
+    # stderr to /dev/null: the shells' word on each sleep the signal killed
     outer = f"exec 2>/dev/null; trap 'echo child got USR1 >> {log}' USR1; sh -c \"{inner}\" & while :; do sleep 0.05; done"
     init = subprocess.Popen(["fdlaunch-init", "--group", "--", "sh", "-c", outer], stderr=subprocess.PIPE, text=True)
     try:

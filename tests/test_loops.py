@@ -1,4 +1,4 @@
-"""The loops and the process layer under them, in-process (issue 11).
+"""The loops and the process layer under them, in-process.
 
 Building a loop object changes nothing process-wide; a loop's settings are
 one immutable value; a notify datagram is decoded once; kernel/proc.py is

@@ -659,7 +659,7 @@ def waiting(tmp_path, env):
 
 @pytest.mark.parametrize("mode", ["fork", "chain"])
 def test_a_sender_gone_before_it_was_read_is_not_believed(mode, waiting):
-    """Issue 10.1: the watcher is stopped, a stranger says READY=1 and exits, the watcher goes on."""
+    """The watcher is stopped, a stranger says READY=1 and exits, the watcher goes on: a sender gone is nobody."""
     waiting = waiting(mode)
     os.kill(waiting.watcher, signal.SIGSTOP)
     try:
@@ -701,7 +701,7 @@ def test_short_lived_senders_are_believed_though_the_watcher_is_slow(sender, mod
 
 @pytest.mark.parametrize("mainpid", ["1", "99999999999999999999", "2147483648", "0", "-5", "12x", "١٢"])
 def test_fork_mode_does_not_believe_a_mainpid_outside_the_program(mainpid, env, tmp_path):
-    """Issue 10.3: MAINPID=1 or a number that is no pid: the program's pid is printed, with one warning."""
+    """MAINPID=1 or a number that is no pid: the program's pid is printed, with one warning."""
     pidfile = tmp_path / "pid"
     script = f"echo $$ > {pidfile}; fdlaunch-notify READY=1 MAINPID={mainpid}; exec sleep 30"
     done = run_fork(["fdlaunch-notify-wait", "--fork", "--timeout=20", "--", "sh", "-c", script], env=env)
@@ -717,7 +717,7 @@ def test_fork_mode_does_not_believe_a_mainpid_outside_the_program(mainpid, env, 
 
 @pytest.mark.parametrize("mainpid", ["2147483648", "1", "unrelated"])
 def test_forward_drops_a_bad_mainpid_and_goes_on_relaying(mainpid, env, tmp_path):
-    """Issues 10.2 and 10.3: the message still counts, the credentials and MAINPID= sent up name the program."""
+    """A MAINPID= not believed: the message still counts, the credentials and MAINPID= sent up name the program."""
     upstream = Upstream(tmp_path)
     unrelated = subprocess.Popen(["sleep", "30"])
     claimed = str(unrelated.pid) if mainpid == "unrelated" else mainpid
@@ -766,7 +766,7 @@ def test_forward_believes_a_mainpid_below_the_program(env, tmp_path):
 
 
 def test_command_sees_the_callers_environment(env):
-    """Issue 9.5: --command gets the caller's NOTIFY_SOCKET (and the rest), plus MAINPID; not the private socket."""
+    """--command gets the caller's NOTIFY_SOCKET (and the rest), plus MAINPID; not the private socket."""
     command = 'echo "NOTIFY_SOCKET=${NOTIFY_SOCKET-unset} KEEP=$KEEP MAINPID=$MAINPID"'
     for caller in ({}, {"NOTIFY_SOCKET": "@the-callers-own"}):
         program = subprocess.Popen(
@@ -798,7 +798,7 @@ def wait_gone(pid, seconds=5):
 @pytest.mark.parametrize("mode", ["fork", "chain"])
 @pytest.mark.parametrize("killed", ["program", "watcher"])
 def test_nothing_is_left_when_killed(killed, mode, waiting, env, tmp_path):
-    """Issue 9.6: SIGKILL of the program or of the watcher leaves no file and no socket behind."""
+    """SIGKILL of the program or of the watcher leaves no file and no socket behind."""
     waiting = waiting(mode)
     assert waiting.notify_socket in abstract_sockets() or Path(waiting.notify_socket).exists()
     victim = waiting.program if killed == "program" else waiting.watcher
@@ -813,7 +813,7 @@ def test_nothing_is_left_when_killed(killed, mode, waiting, env, tmp_path):
 
 
 def test_lineage_is_known_only_while_the_process_is_there():
-    """A pidfd on a process reaped since is never taken for whoever has its pid now (issue 10)."""
+    """A pidfd on a process reaped since is never taken for whoever has its pid now."""
     ours = os.pidfd_open(os.getpid())
     try:
         family = proc.lineage(os.getpid(), ours)

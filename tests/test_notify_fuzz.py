@@ -1,4 +1,4 @@
-"""Issue 10's notify fuzzer: hostile datagrams at a running notify-wait watcher and a running handoff.
+"""The notify fuzzer: hostile datagrams at a running notify-wait watcher and a running handoff.
 
 Every datagram comes from a process outside the program's tree (this test,
 or a pid it forges as root), so none may count as readiness, whatever it
@@ -112,7 +112,7 @@ def deliver(kind, case, target, pids):
     elif kind == "forged sender":
         who, uid, data = case
         send(target.notify_socket, data, [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, array.array("i", [pids[who], uid, uid]))])
-    else:  # sent by a process that exits before the stopped watcher reads it (issue 10.1)
+    else:  # sent by a process that exits before the stopped watcher reads it: it could have been anyone
         os.kill(target.watcher, signal.SIGSTOP)
         try:
             child = os.fork()

@@ -147,7 +147,7 @@ def open_fd_option(option, text, passed=()):
 
     passed: the sockets handed to this process (listenenv.inherited). One of
     them is never a notification fd: the program would lose it and the
-    readiness newline would go into the socket (issue 9).
+    readiness newline would go into the socket.
     """
     fd = int(text) if is_decimal(text) and len(text) <= 10 else -1
     if fd in STANDARD:

@@ -183,7 +183,7 @@ def _make(here, info, component, below, root, made):
             "who could replace it; as root a socket's path goes through directories only root can change"
         )
     try:
-        # 0700 until it has its mode: never reachable more widely than asked.
+        # Mode 0700 until it has its own: never reachable more widely than asked.
         os.mkdir(component, 0o700, dir_fd=here)
         created = True
     except FileExistsError:

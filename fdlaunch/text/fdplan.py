@@ -10,7 +10,7 @@ from fdlaunch.errors import Fatal, UsageError
 from fdlaunch.text.listenenv import LABEL, SYSTEMD_FIRST_FD, VARIABLES, Passed
 from fdlaunch.text.spec import VARIABLE
 
-# The chain for a daemon that reads only LISTEN_FDS under s6 with notification-fd 3 (issue 9).
+# The chain for a daemon that reads only LISTEN_FDS under s6 with notification-fd 3: fd 3 is s6's, the sockets go above it.
 S6_SYSTEMD_RECIPE = "fdlaunch-listen --map SPEC... -- fdlaunch-notify-wait --fd=3 -- fdlaunch-fdmap --systemd -- PROG"
 
 # One socket this run opens: its spec, the fd it is passed at, and, as the
