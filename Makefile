@@ -41,13 +41,17 @@ MAN7 := $(wildcard man/*.7)
 # For PATH, whether VENV is given relative or absolute.
 VENV_BIN = $(abspath $(VENV))/bin
 
-.PHONY: all test lint install uninstall demo bench clean
+.PHONY: all test lint install uninstall demo bench clean fresh-build
 
 all: lint
 
-$(VENV)/.installed: $(SOURCES)
+# setuptools builds in build/lib and keeps what an earlier build left there:
+# a module since moved or removed would be installed too.
+fresh-build:
+	rm -rf build/lib
+
+$(VENV)/.installed: $(SOURCES) | fresh-build
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	rm -rf build/lib  # setuptools would install what an earlier build left there
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --use-pep517 '.[test,lint]'
 	touch $@
 
@@ -59,7 +63,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check fdlaunch tests examples benchmarks build-aux
 	$(VENV)/bin/ruff format --check fdlaunch tests examples benchmarks build-aux
 
-install:
+install: fresh-build
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PYTHON) build-aux/install.py install --prefix="$(PREFIX)" --mandir="$(MANDIR)" --destdir="$(DESTDIR)" --pip="$(VENV)/bin/python"
 

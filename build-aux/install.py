@@ -140,9 +140,7 @@ class Installer:
         self.mkdirs(os.path.dirname(libdir))
         staged = self.staged(libdir)
         quiet = ["--quiet", "--disable-pip-version-check"]
-        # setuptools builds in SOURCE/build/lib and keeps what an earlier build left
-        # there: a module since moved or removed would be installed too.
-        shutil.rmtree(SOURCE / "build" / "lib", ignore_errors=True)
+        # SOURCE/build/lib, where setuptools builds, is emptied by the Makefile first (fresh-build).
         command = [*pip, "-m", "pip", "install", *quiet, "--no-compile", "--target", str(staged), str(SOURCE)]
         if subprocess.run(command).returncode != 0:
             raise SystemExit(f"install: fatal: unable to install the package and its dependencies: {shlex.join(command)} failed")

@@ -4,6 +4,7 @@ The tests run the console scripts found on PATH (make test installs them in
 a virtualenv), exec real programs and bind real sockets.
 """
 
+import configparser
 import contextlib
 import functools
 import json
@@ -33,6 +34,14 @@ def pytest_configure(config):
     for tool in TOOLS:
         if shutil.which(tool) is None:
             raise pytest.UsageError(f"{tool} is not on PATH: install the package first (make test does)")
+
+
+def console_scripts():
+    """{script: module under fdlaunch.cmd} of setup.cfg's console_scripts, read as setuptools reads it."""
+    config = configparser.ConfigParser()
+    config.read(HERE.parent / "setup.cfg")
+    entries = (line.split("=", 1) for line in config["options.entry_points"]["console_scripts"].split("\n") if line.strip())
+    return {name.strip(): target.strip().removeprefix("fdlaunch.cmd.").removesuffix(":main") for name, target in entries}
 
 
 def run(argv, timeout=TIMEOUT, **kwargs):

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import missing, run
+from conftest import console_scripts, missing, run
 
 from fdlaunch.kernel import chain
 
@@ -40,8 +40,7 @@ def test_synopsis_matches_help(tool):
 
 
 def test_every_console_script_has_a_page():
-    setup = (MAN.parent / "setup.cfg").read_text()
-    scripts = re.findall(r"^\s+(fdlaunch-[a-z-]+) =", setup, re.M)
+    scripts = console_scripts()
     assert sorted(scripts) == sorted(TOOLS)
     for tool in scripts:
         assert (MAN / f"{tool}.1").exists()
@@ -68,6 +67,4 @@ def test_stdin_says_it_passes_the_listening_socket():
 
 def test_every_console_script_is_a_tool_the_runtime_knows():
     """chain.TOOLS (what fusion, python -m fdlaunch and these tests go by) lists setup.cfg's console scripts."""
-    text = (MAN.parent / "setup.cfg").read_text()
-    scripts = dict(re.findall(r"^\s+(fdlaunch-[a-z-]+) = fdlaunch\.cmd\.([a-z_]+):main$", text, re.M))
-    assert scripts == chain.TOOLS
+    assert console_scripts() == chain.TOOLS

@@ -2,7 +2,6 @@
 under test (as root and as nobody), and by a second Python version where one is
 installed, the shipped systemd units, make uninstall."""
 
-import configparser
 import glob
 import os
 import re
@@ -20,6 +19,7 @@ from conftest import (
     PYTHON,
     PYTHON_VERSION,
     TIMEOUT,
+    console_scripts,
     free_port,
     http_get,
     interpreter,
@@ -35,13 +35,6 @@ PREFIX = "/usr/local"
 MAKE_TIMEOUT = 300  # pip may have to fetch setuptools and docopt-ng
 # Where Pythons are installed besides the one under test: Debian's, built from source, pyenv's.
 PYTHON_PLACES = ["/usr/bin/python3*", "/usr/local/bin/python3*", f"{os.environ.get('PYENV_ROOT', '~/.pyenv')}/versions/*/bin/python3"]
-
-
-def console_scripts():
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    lines = config["options.entry_points"]["console_scripts"].strip().splitlines()
-    return sorted(line.split("=")[0].strip() for line in lines)
 
 
 def make(*arguments, python=PYTHON, venv=sys.prefix, **kwargs):
@@ -146,7 +139,7 @@ def stage(python):
 
 def test_layout(stage, python):
     prefix = Path(stage + PREFIX)
-    for tool in console_scripts():
+    for tool in sorted(console_scripts()):
         script = prefix / "bin" / tool
         assert os.access(script, os.X_OK), tool
         assert script.read_text().startswith(f"#!{python}\n"), tool
@@ -173,7 +166,7 @@ def test_the_installed_package_is_the_checkout_s_package(stage):
 
 
 def test_staged_tools_answer_help_and_version(stage):
-    for tool in console_scripts():
+    for tool in sorted(console_scripts()):
         assert shutil.which(tool, path=staged_env(stage)["PATH"]) == f"{stage}{PREFIX}/bin/{tool}"
         helped = run([tool, "--help"], env=staged_env(stage))
         assert helped.returncode == 0 and "Usage:" in helped.stdout, (tool, helped.stderr)
@@ -183,7 +176,7 @@ def test_staged_tools_answer_help_and_version(stage):
 
 def test_staged_tools_import_the_staged_package_without_scanning_metadata(stage, python):
     library = f"{stage}{PREFIX}/lib/fdlaunch"
-    for tool in console_scripts():
+    for tool in sorted(console_scripts()):
         done = run([python, "-v", "-X", "importtime", f"{stage}{PREFIX}/bin/{tool}", "--version"], env=staged_env(stage))
         assert done.returncode == 0, done.stderr
         imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
@@ -213,7 +206,7 @@ def test_a_staged_chain_runs_as_nobody(stage, python):
     assert report["uid"] == [65534, 65534, 65534]
     assert report["env"]["FD_TCP"] == "3"
     setpriv = require("setpriv")
-    for tool in console_scripts():
+    for tool in sorted(console_scripts()):
         done = run([setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", tool, "--version"], env=staged_env(stage))
         assert done.returncode == 0, (tool, done.stderr)
 
