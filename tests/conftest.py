@@ -226,11 +226,27 @@ def unread_fd3_started(argv, stderr_path):
         os.close(write_end)
 
 
-def wait_for_line(path, text, count=1, timeout=TIMEOUT):
-    """Until the file at path holds text count times, or a failure at timeout."""
+def wait_queued(abstract_name, timeout=TIMEOUT):
+    """Until a datagram waits unread on the abstract unix socket ('@name'), as ss(8) shows its Recv-Q."""
+    require("ss")
     deadline = time.monotonic() + timeout
-    while Path(path).read_text().count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} never said; said: {Path(path).read_text()!r}"
+    while True:
+        listed = run(["ss", "-x", "-a", "-n"]).stdout.splitlines()
+        if any(line.split()[4:5] == [abstract_name] and int(line.split()[2]) > 0 for line in listed if len(line.split()) > 4):
+            return
+        assert time.monotonic() < deadline, f"nothing waits unread on {abstract_name}"
+        time.sleep(0.02)
+
+
+def wait_for_line(path, text, count=1, timeout=TIMEOUT):
+    """Until the file at path (made meanwhile, perhaps) holds text count times, or a failure at timeout."""
+    deadline = time.monotonic() + timeout
+
+    def held():
+        return Path(path).read_text() if Path(path).exists() else ""
+
+    while held().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} never said; said: {held()!r}"
         time.sleep(0.02)
 
 

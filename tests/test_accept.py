@@ -526,14 +526,14 @@ def test_a_bad_rules_file_is_refused_at_start(tmp_path, text, fault):
 
 def test_sigterm_stops_accepting_and_waits_for_handlers(server):
     port = free_port()
-    one = server(f"-tcp:127.0.0.1:{port}", ["--grace=15"], ["sh", "-c", "sleep 1; echo finished"])
+    one = server(f"-tcp:127.0.0.1:{port}", ["-v", "--grace=15"], ["sh", "-c", "sleep 1; echo finished"])
     replies = []
     client = threading.Thread(target=lambda: replies.append(talk(("127.0.0.1", port))[0]))
     client.start()
     one.wait_for_line("start pid")
     started = time.monotonic()
     one.signal(signal.SIGTERM)
-    time.sleep(0.2)
+    one.wait_for_line("no new connections")  # -v: the listening socket is closed
     with pytest.raises(ConnectionRefusedError):
         talk(("127.0.0.1", port))
     assert one.process.wait(TIMEOUT) == 0

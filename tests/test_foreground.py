@@ -46,6 +46,18 @@ def daemon_pid(log):
     return int(log.read_text().split("up ", 1)[1].split()[0])
 
 
+def pidfds_held_by(pid):
+    """The pids of the processes pid holds a pidfd on (proc(5), fdinfo's Pid: line)."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        held.update(int(line.split()[1]) for line in info.splitlines() if line.startswith("Pid:"))
+    return held
+
+
 def kill_quietly(pid):
     try:
         os.kill(pid, signal.SIGKILL)
@@ -129,8 +141,7 @@ def test_a_pid_file_naming_a_stranger_is_refused_and_it_is_never_signalled(env, 
                 "which is not a process this daemon started: refused, and never signalled\n"
             )
             assert not alive(daemon), "the real daemon was left running"
-            time.sleep(0.2)
-            assert received == []
+            assert received == [], "a signal it held reached the pid the PID file named"  # delivered as it was sent, before its exit
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -294,7 +305,8 @@ def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
         daemon = daemon_pid(log)
         children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
         wait_for(lambda: len(children.read_text().split()) == 2 and str(daemon) in children.read_text().split(), "the launcher to exit")
-        time.sleep(0.2)  # a few turns of reading the PID file
+        guard = next(int(pid) for pid in children.read_text().split() if int(pid) != daemon)
+        wait_for(lambda: daemon in pidfds_held_by(guard), "the guard to hold the daemon")
         keeper.kill()
         keeper.wait()
         wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
@@ -364,15 +376,15 @@ def test_a_stop_waits_no_longer_than_what_is_left_takes(env, tmp_path):
     """--grace is a bound, not a pause: with nothing left but our own guard, the stop is at once."""
     log = tmp_path / "log"
     with keeper_running(
-        ["fdlaunch-foreground", "-v", "--grace=10", "--", *DAEMON, str(log)], env, log, stderr=subprocess.PIPE, text=True
+        ["fdlaunch-foreground", "-v", "--grace=10", "--", *DAEMON, str(log)], env, log, stderr=(tmp_path / "stderr").open("w")
     ) as keeper:
         daemon = daemon_pid(log)
-        time.sleep(0.5)  # supervised by now
+        wait_for(lambda: "the daemon is pid" in (tmp_path / "stderr").read_text(), "the daemon to be kept")
         started = time.monotonic()
         keeper.terminate()
         assert keeper.wait(TIMEOUT) == 0
         assert time.monotonic() - started < 5, "waited out --grace with nothing left to stop"
-        lines = keeper.stderr.read().splitlines()
+        lines = (tmp_path / "stderr").read_text().splitlines()
         assert lines[0] == f"fdlaunch-foreground: info: the daemon is pid {daemon}; it is ready: nobody to tell (no --fd or --forward)"
         assert lines[-1] == f"fdlaunch-foreground: info: the daemon (pid {daemon}) exited with status 0"
 

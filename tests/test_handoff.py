@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, free_port, python_systemd, require, run, unread_fd3_started, wait_for_line
+from conftest import TIMEOUT, free_port, python_systemd, require, run, unread_fd3_started, wait_for_line, wait_queued
 from test_notify import abstract_sockets, send, send_and_exit_at_once
 
 HERE = Path(__file__).resolve().parent
@@ -94,6 +94,14 @@ class HttpLoad:
         self.running = False
         self.thread.join(TIMEOUT)
 
+    def wait_answered_by(self, pid):
+        """Until a request made from now on is answered by pid: the load has reached it."""
+        start = len(self.pids)
+        deadline = time.monotonic() + TIMEOUT
+        while pid not in self.pids[start:]:
+            assert time.monotonic() < deadline, f"pid {pid} answered nothing; failures: {self.failures[-3:]}"
+            time.sleep(0.02)
+
 
 @pytest.fixture
 def http(tmp_path):
@@ -101,6 +109,12 @@ def http(tmp_path):
     handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", [sys.executable, HELLO, WARMUP])
     yield handoff, port
     handoff.kill()
+
+
+def notify_socket_of_pid(pid):
+    """The NOTIFY_SOCKET a process was started with."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(entry.split(b"=", 1)[1].decode() for entry in entries if entry.startswith(b"NOTIFY_SOCKET="))
 
 
 def test_ten_handoffs_under_load_fail_nothing(http):
@@ -111,12 +125,12 @@ def test_ten_handoffs_under_load_fail_nothing(http):
     serving = [int(first["MAINPID"])]
     try:
         for _ in range(10):
-            time.sleep(0.2)
+            load.wait_answered_by(serving[-1])
             handoff.reload()
             fields = handoff.upstream.wait_ready()
             serving.append(int(fields["MAINPID"]))
             assert "took over from pid" in fields["STATUS"]
-        time.sleep(0.3)
+        load.wait_answered_by(serving[-1])
     finally:
         load.stop()
     assert load.failures == []
@@ -148,7 +162,7 @@ def test_a_new_instance_that_fails_leaves_the_old_one_serving(tmp_path):
         fail.touch()
         handoff.reload()
         after = handoff.upstream.wait_ready()
-        time.sleep(0.3)
+        load.wait_answered_by(old)
         load.stop()
         assert int(after["MAINPID"]) == old and "handoff failed" in after["STATUS"]
         assert load.failures == [] and set(load.pids) == {old}
@@ -170,8 +184,10 @@ def test_a_new_instance_that_is_never_ready_is_stopped(tmp_path):
         assert "was not ready after 0.5 seconds" in handoff.stderr.read_text()
         # its own pid, not every "sleep 60" on the machine: other tests run at the same time
         failed = int(handoff.stderr.read_text().split("the new instance (pid ")[1].split(")")[0])
-        time.sleep(1)
-        assert not Path(f"/proc/{failed}").exists(), "the failed instance was killed after its grace"
+        deadline = time.monotonic() + TIMEOUT
+        while Path(f"/proc/{failed}").exists():
+            assert time.monotonic() < deadline, "the failed instance was not killed after its grace"
+            time.sleep(0.02)
     finally:
         handoff.kill()
 
@@ -351,11 +367,11 @@ def test_short_lived_senders_make_an_instance_ready_though_handoff_is_slow(sende
     program = ["sh", "-c", f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; {command}; exec sleep 60"]
     handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{free_port()}", program)
     try:
-        time.sleep(0.5)  # the instance is started and waits for go
+        wait_for_line(pidfile, "\n")  # the instance is started and waits for go
         os.kill(handoff.process.pid, signal.SIGSTOP)
         try:
             go.touch()
-            time.sleep(0.5)  # READY=1 is sent and waits unread
+            wait_queued(notify_socket_of_pid(int(pidfile.read_text())))  # READY=1 is sent and waits unread
         finally:
             os.kill(handoff.process.pid, signal.SIGCONT)
         assert handoff.upstream.wait_ready()["MAINPID"] == pidfile.read_text().strip()
@@ -403,8 +419,8 @@ def test_a_notification_fd_nobody_reads_is_a_warning_and_the_instance_serves_on(
     handoff = unread_fd3_started(["fdlaunch-handoff", "--fd=3", "--", "sh", "-c", "fdlaunch-notify READY=1; exec sleep 30"], err)
     try:
         wait_for_line(err, "fdlaunch-handoff: warning: unable to write the readiness newline on fd 3: Broken pipe")
-        time.sleep(0.2)
-        assert handoff.poll() is None, err.read_text()
-    finally:
         handoff.terminate()
-        assert handoff.wait(TIMEOUT) == -signal.SIGTERM
+        assert handoff.wait(TIMEOUT) == -signal.SIGTERM, "it served on, until its stop: " + err.read_text()
+    finally:
+        handoff.kill()
+        handoff.wait()

@@ -100,7 +100,8 @@ def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_o
         assert environ_of(old)["LISTEN_FD_MAP"] == "web=3,old=4,ctl=5,api=6"
         before = {fd: socket_inode(old, fd) for fd in (3, 6)}
         loads = [HttpLoad(web), HttpLoad(api)]
-        time.sleep(0.3)
+        for load in loads:
+            load.wait_answered_by(old)
         fields = handoff.reload(["# the web", tcp("web", web), tcp("api", api), tcp("new", add)])
         new = int(fields["MAINPID"])
         assert new != old
@@ -116,8 +117,8 @@ def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_o
             time.sleep(0.02)
         assert refused(remove)
         assert not control.exists(), "the removed unix socket's file is gone"
-        time.sleep(0.3)
         for load in loads:
+            load.wait_answered_by(new)
             load.stop()
             assert load.failures == []
             assert set(load.pids) == {old, new}
@@ -159,7 +160,7 @@ def test_a_failed_reload_leaves_the_old_instance_and_the_old_set(tmp_path, fault
         load = HttpLoad(keep)
         bad = tcp("new", "80x") if fault == "bad line" else tcp("new", other)
         fields = handoff.reload([tcp("keep", keep), f"-unix:label=ctl:{added}", bad])
-        time.sleep(0.3)
+        load.wait_answered_by(old)
         load.stop()
         assert int(fields["MAINPID"]) == old and "handoff failed" in fields["STATUS"]
         assert load.failures == [] and set(load.pids) == {old}

@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import PROBE, TIMEOUT, free_port, probe_argv, read_probe, require_python_for_nobody, require_root, run, sockets
@@ -241,6 +242,14 @@ def test_dry_run_binds_nothing(tmp_path):
     assert bad.returncode == 100
 
 
+def blocked_in(pid, kernel_function):
+    """Whether pid sleeps in the kernel in kernel_function (proc(5), wchan): 'poll', 'pipe_write'."""
+    try:
+        return kernel_function in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
 def wait_for(predicate, seconds=5.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -262,8 +271,8 @@ def test_lazy_execs_on_first_client_and_leaves_it_queued(tmp_path, kind):
     )
     child = subprocess.Popen(["fdlaunch-listen", "--lazy", f"-{kind}:127.0.0.1:{port}", sys.executable, "-c", script, str(out)])
     try:
-        time.sleep(0.3)
-        assert child.poll() is None and not out.exists()
+        assert wait_for(lambda: blocked_in(child.pid, "poll"), TIMEOUT), "it never waited for a client"
+        assert child.poll() is None and not out.exists(), "it ran the program before a client came"
         if kind == "tcp":
             client = socket.create_connection(("127.0.0.1", port))
         else:
@@ -292,7 +301,7 @@ def test_a_stop_between_bind_and_exec_removes_the_socket_file(tmp_path):
     os.close(write_end)
     try:
         assert wait_for(path.exists)
-        time.sleep(0.2)  # blocked in the write of its -v line
+        assert wait_for(lambda: blocked_in(child.pid, "pipe_write"), TIMEOUT), "it never blocked in the write of its -v line"
         child.send_signal(signal.SIGTERM)
         with os.fdopen(read_end, "rb") as drained:
             said = drained.read()  # lets the stop be reported, up to EOF

@@ -25,6 +25,7 @@ from conftest import (
     s6_supervised,
     unread_fd3_started,
     wait_for_line,
+    wait_queued,
 )
 
 import fdlaunch
@@ -136,7 +137,7 @@ def test_fork_mode_timeout_stops_and_reaps(env, tmp_path):
 def test_fork_mode_passes_sigterm_to_the_program(env):
     waiter = subprocess.Popen(["fdlaunch-notify-wait", "--fork", "--", "sleep", "30"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)
+        wait_for_child(waiter.pid, "sleep")  # the program runs: the signal is its to get
         waiter.send_signal(signal.SIGTERM)
         assert waiter.wait(TIMEOUT) == 1
         assert "was killed by SIGTERM before it was ready" in waiter.stderr.read()
@@ -196,7 +197,6 @@ def test_forward_relays_ready_with_mainpid_and_later_status(env, tmp_path):
     finally:
         program.kill()
         program.wait()
-    time.sleep(0.3)
     assert_nothing_left(env)
 
 
@@ -275,9 +275,8 @@ def test_a_stranger_is_not_believed_and_junk_does_not_stop_the_watcher(env, tmp_
         send(path, b"\xff\xfe\nREADY\n=1\n", fds=[write_end] * 100)
         os.close(write_end)
         send(path, b"STATUS=" + b"x" * 60000)
-        time.sleep(0.5)
+        assert readable(read_end, TIMEOUT) and os.read(read_end, 1) == b"", "every fd sent with the junk is closed once it is read"
         assert waiter.poll() is None, "a stranger or junk counted as readiness"
-        assert os.read(read_end, 1) == b""  # every fd sent with the junk was closed
         go.touch()
         out = waiter.stdout.readline()
         assert waiter.wait(TIMEOUT) == 0
@@ -692,7 +691,7 @@ def test_short_lived_senders_are_believed_though_the_watcher_is_slow(sender, mod
     os.kill(waiting.watcher, signal.SIGSTOP)
     try:
         waiting.go.touch()
-        time.sleep(0.5)  # READY=1 is sent and waits unread
+        wait_queued(waiting.notify_socket)  # READY=1 is sent and waits unread
     finally:
         os.kill(waiting.watcher, signal.SIGCONT)
     assert waiting.is_ready(TIMEOUT), waiting.errors.read_text()
@@ -784,8 +783,17 @@ def test_command_sees_the_callers_environment(env):
 
 
 def abstract_sockets():
-    with open("/proc/net/unix") as table:
-        return {line.split()[-1] for line in table if line.split()[-1].startswith("@")}
+    with open("/proc/net/unix", "rb") as table:  # another run's names need not be UTF-8
+        names = (line.split()[-1].decode(errors="surrogateescape") for line in table if line.split())
+        return {name for name in names if name.startswith("@")}
+
+
+def wait_for_child(parent, name, seconds=TIMEOUT):
+    """Until parent has a child whose command name is name."""
+    deadline = time.monotonic() + seconds
+    while name not in [proc.name_of(pid) for pid in proc.children_of(parent)]:
+        assert time.monotonic() < deadline, f"pid {parent} never started {name}"
+        time.sleep(0.02)
 
 
 def wait_gone(pid, seconds=5):

@@ -276,6 +276,7 @@ PACKAGE_OF = {
     "systemctl": "systemd",
     "mandoc": "mandoc",
     "ip": "iproute2",
+    "ss": "iproute2",
     "setcap": "libcap2-bin",
     "capsh": "libcap2-bin",
     "nginx": "nginx",
