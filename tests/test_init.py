@@ -307,3 +307,26 @@ def test_the_child_takes_the_terminal_it_was_in_the_foreground_of():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(terminal)
+
+
+def test_a_killed_init_that_is_not_pid_1_leaves_no_child_behind(tmp_path):
+    """The child dropped to nobody and lost its parent death signal: the guard stops it."""
+    require_root()
+    script = "echo $$; trap '' TERM; exec sleep 60"  # a daemon deaf to SIGTERM: the guard's SIGKILL ends it
+    argv = ["fdlaunch-init", "--grace=1", "--", "fdlaunch-setuidgid", "nobody", "--", "sh", "-c", script]
+    errors = tmp_path / "stderr"
+    with errors.open("w") as stderr:
+        init = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        child = int(init.stdout.readline())
+        assert "Uid:\t65534" in Path(f"/proc/{child}/status").read_text()
+        init.kill()
+        init.wait()
+        deadline = time.monotonic() + 1 + 1
+        while Path(f"/proc/{child}").exists() and "State:\tZ" not in Path(f"/proc/{child}/status").read_text():
+            assert time.monotonic() < deadline, "the child outlived its killed fdlaunch-init"
+            time.sleep(0.02)
+        wait_for_line(errors, f"fdlaunch-init (guard): warning: its parent (pid {init.pid}) died; stopping its child (pids {child})")
+    finally:
+        init.kill()
+        init.wait()

@@ -36,6 +36,6 @@ def main(argv, environ):
     program = [options["PROG"], *options["ARGS"]]
     settings = reaping.Settings(options["--group"], cli.seconds("--grace", options["--grace"], zero=True))
     path = chain.find_program(program[0], environ)
-    init = reaping.Init(settings, say_as(PROG, options["--verbose"]))
+    init = reaping.Init(settings, say_as(PROG, options["--verbose"]), say_as(f"{PROG} (guard)"))
     status = init.run(path, program, environ, become=lambda step: cli.become(PROG, step))
     return forking.exit_code(status)

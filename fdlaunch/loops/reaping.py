@@ -15,6 +15,7 @@ from collections import namedtuple
 
 from fdlaunch.errors import Fatal
 from fdlaunch.kernel import chain, fds, proc
+from fdlaunch.kernel.guard import PidfdGuard
 from fdlaunch.loops import overlap
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -31,9 +32,10 @@ Settings = namedtuple("Settings", "group grace")
 class Init:
     """Runs PROG as its child: passes it signals, reaps every process that ends below us, stops what PROG leaves."""
 
-    def __init__(self, settings, say):
-        """say(kind, text) speaks for us."""
-        self.settings, self.say = settings, say
+    def __init__(self, settings, say, guard_say):
+        """say(kind, text) speaks for us; guard_say for the guard, a process of its own."""
+        self.settings, self.say, self.guard_say = settings, say, guard_say
+        self.guard = None
         self.wakeup_read = None
         self.child = None  # an overlap.Instance: pid and pidfd
 
@@ -44,12 +46,18 @@ class Init:
         tools (fusion): the runtime's business, handed down.
         """
         dispositions = self.start_up()
+        if os.getpid() != 1:
+            # Killed, even by SIGKILL, we leave the child to a guard: as PID 1 our end ends the namespace
+            # and all in it, but elsewhere a child that changed its user ids no longer gets its parent death signal.
+            self.guard = PidfdGuard(self.guard_say, self.settings.grace, "its child")
         # A group of its own for --group (a group to signal), and for the terminal we lead, which it then takes;
         # else it stays in ours, where it can still start a session of its own (fdlaunch-setuidgid --setsid).
         terminal = proc.terminal_we_lead()
         grouped = self.settings.group or terminal is not None
         setup = own_group(terminal) if grouped else None
         self.child = overlap.spawn(path, argv, environ, dispositions, become=become, more_setup=setup)
+        if self.guard is not None:
+            self.guard.hand({self.child.pid: os.getpid()})
         # What the child was handed is its own: a socket still open here would outlive it, answering nobody.
         fds.close_all(sorted(fd for fd in fds.inheritable() if fd > 2))
         group = "the leader of its own process group" if grouped else "in our process group"
@@ -57,6 +65,8 @@ class Init:
         status = self.serve()
         self.say("info", f"{argv[0]} (pid {self.child.pid}) {chain.describe_exit(status)}")
         self.stop_left(argv[0])
+        if self.guard is not None:
+            self.guard.dismiss()
         return status
 
     def start_up(self):
@@ -146,7 +156,10 @@ class Init:
 
     def below(self, held):
         """{pid: pidfd} for the live processes below us that held does not have yet."""
-        pinned = proc.pin_below(os.getpid(), None, proc.descendants(os.getpid()))  # all: each is checked through its parent
+        found = proc.descendants(os.getpid())
+        if self.guard is not None:
+            found.pop(self.guard.pid, None)  # ours, not the child's: it leaves when dismissed
+        pinned = proc.pin_below(os.getpid(), None, found)  # all: each is checked through its parent
         fds.close_all(pidfd for pid, pidfd in pinned.items() if pid in held)
         return {pid: pidfd for pid, pidfd in pinned.items() if pid not in held}
 
