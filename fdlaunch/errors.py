@@ -59,9 +59,10 @@ def one_line(text):
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def counted(number, noun):
-    """'1 handler', '3 handlers': a count and its noun, in the plural when it is not one."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+def counted(number, noun, or_more=False):
+    """'1 handler', '3 handlers', '0.5 seconds', '1000 or more senders': a count and its noun, in the plural unless it is one."""
+    text = f"{number:g}" if isinstance(number, float) else str(number)
+    return f"{text}{' or more' if or_more else ''} {noun}{'' if number == 1 and not or_more else 's'}"
 
 
 def unable(verb_object, error):

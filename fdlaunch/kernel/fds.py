@@ -165,3 +165,24 @@ def open_fd_option(option, text, passed=()):
     except (OSError, ValueError, OverflowError):  # not a number at all, or beyond a C int
         raise UsageError(f"{option}={text!r}: not an open descriptor (s6 opens it when the service has a notification-fd file)") from None
     return fd
+
+
+def free_fd_option(option, text, passed=(), taken_from_program=None):
+    """--ready-fd=N: N as a number, 3 or more and below our limit, that the program does not hold.
+
+    An open descriptor (a passed socket, one the caller gave) would be lost
+    to the program once N is put there; taken_from_program, a descriptor
+    the program will not get (--fd's), is free.
+    """
+    fd = int(text) if is_decimal(text) and len(text) <= 10 else -1
+    if fd in STANDARD:
+        raise UsageError(f"{option}={text!r}: fd {fd} is standard {STANDARD[fd]}, which the program keeps; give 3 or more")
+    if not 3 <= fd < limit():
+        raise UsageError(f"{option}={text!r} is not a descriptor number from 3 to {limit() - 1} (ulimit -n)")
+    open_now = open_fds() - {taken_from_program}
+    if fd in open_now:
+        label = next((p.label for p in passed if p.fd == fd), None)
+        what = f"the socket labelled {label!r} passed in LISTEN_FDS/LISTEN_FD_MAP" if label is not None else "open already"
+        free = next(n for n in range(3, limit() + 1) if n not in open_now)
+        raise UsageError(f"{option}={text!r}: fd {fd} is {what}, and the program would lose it; give a free one, such as {option}={free}")
+    return fd
