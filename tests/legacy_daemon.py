@@ -12,7 +12,7 @@ place, 'job NAME' (UPSTART_JOB as it found it, or
 said so, and the signals it gets (SIGHUP, SIGTERM). With --go=PATH it
 waits for PATH to exist before it says it is ready; with --close-only it
 closes its fd without the newline. It serves the sockets it was handed,
-if any, answering every HTTP request with 'legacy pid PID', and exits 0
+if any, answering every HTTP request with 'hello from pid PID', and exits 0
 on SIGTERM.
 
 Usage: legacy_daemon.py LOG (upstart | fd N | fd-var NAME) [--go=PATH] [--close-only] [--threads]
@@ -38,7 +38,7 @@ def answer(connection):
         connection.setblocking(True)
         connection.settimeout(5)
         connection.recv(4096)
-        body = f"legacy pid {os.getpid()}\n".encode()
+        body = f"hello from pid {os.getpid()} (a legacy daemon)\n".encode()
         connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
 

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, require_python_for_nobody, run
+from conftest import TIMEOUT, free_port, require_python_for_nobody, run
+from test_handoff import Handoff, HttpLoad
 from test_notify import Upstream, assert_nothing_left, kill_quietly, readable, run_fork, s6_service
 
 HERE = Path(__file__).resolve().parent
@@ -300,7 +301,7 @@ ERRORS = [
     (["--ready-fd=x"], "--ready-fd='x' is not a descriptor number from 3 to"),
     (["--ready-fd-var=FD"], "--ready-fd-var goes with --ready-fd"),
     (["--ready-fd=5", "--ready-fd-var=9FD"], "--ready-fd-var='9FD' is not a variable name"),
-    (["--ready-fd=5", "--ready-fd-var=NOTIFY_SOCKET"], "--ready-fd-var='NOTIFY_SOCKET': NOTIFY_SOCKET is one of the variables"),
+    (["--ready-fd=5", "--ready-fd-var=NOTIFY_SOCKET"], "--ready-fd-var='NOTIFY_SOCKET': NOTIFY_SOCKET is one of the variables this tool"),
     (["--upstart="], "--upstart= needs a job name"),
 ]
 
@@ -319,3 +320,39 @@ def test_a_ready_fd_that_is_a_passed_socket_is_refused(env):
         "fdlaunch-notify-wait: fatal: --ready-fd='3': fd 3 is the socket labelled 'web' passed in LISTEN_FDS/LISTEN_FD_MAP,"
         " and the program would lose it; give a free one, such as --ready-fd=4\n",
     )
+
+
+# fdlaunch-handoff's instances
+
+
+@pytest.mark.parametrize(("options", "how"), [(["--upstart"], ["upstart"]), (["--ready-fd=5"], ["fd", "5"])])
+def test_handoff_overlaps_restarts_of_a_daemon_that_never_heard_of_sd_notify(options, how, tmp_path):
+    port = free_port()
+    handoff = Handoff(tmp_path, f"-tcp:label=http:127.0.0.1:{port}", daemon(tmp_path / "log", *how), options)
+    try:
+        serving = [int(handoff.upstream.wait_ready()["MAINPID"])]
+        load = HttpLoad(port)
+        try:
+            for _ in range(3):
+                time.sleep(0.2)
+                handoff.reload()
+                fields = handoff.upstream.wait_ready()
+                assert "took over from pid" in fields["STATUS"], fields
+                serving.append(int(fields["MAINPID"]))
+            time.sleep(0.3)
+        finally:
+            load.stop()
+        assert load.failures == []
+        assert len(set(serving)) == 4, "every handoff brings a new pid"
+        assert list(dict.fromkeys(load.pids)) == serving, "each new instance served once it said it was ready"
+        assert all(not stopped(pid) for pid in serving[-1:]), "the serving instance was sent SIGCONT"
+        assert handoff.stop() == 0
+    finally:
+        handoff.kill()
+
+
+def test_handoff_refuses_a_ready_fd_that_is_a_passed_socket():
+    argv = ["fdlaunch-listen", "-tcp:label=web:127.0.0.1:0", "--", "fdlaunch-handoff", "--ready-fd=3", "--", "true"]
+    done = run(argv)
+    assert done.returncode == 100
+    assert done.stderr.startswith("fdlaunch-handoff: fatal: --ready-fd='3': fd 3 is the socket labelled 'web' passed in"), done.stderr

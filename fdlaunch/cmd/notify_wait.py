@@ -72,7 +72,7 @@ HOLDER_IGNORES = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 # How long the watcher may take to start tracing PROG (--upstart, chain mode): it does so at once.
 TRACE_START_SECONDS = 5
-# What PROG's environment may not be made to hold by --ready-fd-var.
+# What --ready-fd-var may not name: variables we set or read ourselves.
 OURS = ("NOTIFY_SOCKET", "UPSTART_JOB", "WATCHDOG_USEC", "WATCHDOG_PID", *listenenv.VARIABLES)
 
 # fd: the s6 notification fd, or None; upstream: the NOTIFY_SOCKET to
@@ -120,48 +120,11 @@ def read_settings(options, environ, say, program):
         raise UsageError("--kill goes with --timeout")
     check = read_check(options, environ, say)
     watchdog = read_watchdog(options, environ, say)
-    ready_fd, ready_fd_var = read_ready_fd(options, passed, fd)
-    upstart = read_upstart(options["--upstart"], program)
+    ready_fd, ready_fd_var = cli.ready_fd(options, passed, fd, OURS)
+    upstart = cli.upstart_job(options["--upstart"], program)
     touch = None if options["--touch"] is None else readyfile.ReadyFile(options["--touch"])
     command = read_command(options)
     return Settings(fd, upstream, timeout, options["--kill"], say, check, command, watchdog, touch, upstart, ready_fd, ready_fd_var)
-
-
-def read_upstart(value, program):
-    """UPSTART_JOB's value: NAME of --upstart=NAME, PROG's basename for a bare --upstart; None without it."""
-    if value is None:
-        return None
-    if value is True:
-        return os.path.basename(program[0]) or program[0]
-    if not value:
-        raise UsageError("--upstart= needs a job name, or no '=' at all for PROG's basename")
-    return value
-
-
-def read_ready_fd(options, passed, notification_fd):
-    """(--ready-fd's number, --ready-fd-var's name), each or None.
-
-    N must be free in PROG: not one of its descriptors (a passed socket, its
-    stdin), which it would lose. --fd's own number is free once it is
-    taken from PROG, so the two may be the same.
-    """
-    text, variable = options["--ready-fd"], options["--ready-fd-var"]
-    if text is None:
-        if variable is not None:
-            raise UsageError("--ready-fd-var goes with --ready-fd")
-        return None, None
-    return fds.free_fd_option("--ready-fd", text, passed, notification_fd), read_variable_name("--ready-fd-var", variable)
-
-
-def read_variable_name(option, name):
-    """An environment variable's name for option, or None; not one that fdlaunch(7) gives a meaning."""
-    if name is None:
-        return None
-    if not (name and name.isascii() and (name[0].isalpha() or name[0] == "_") and name.replace("_", "a").isalnum()):
-        raise UsageError(f"{option}={name!r} is not a variable name (a letter or _, then letters, digits or _)")
-    if name in OURS:
-        raise UsageError(f"{option}={name!r}: {name} is one of the variables fdlaunch-notify-wait sets or reads itself")
-    return name
 
 
 def inputs_environment(settings):
