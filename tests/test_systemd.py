@@ -217,6 +217,25 @@ def test_notify_wait_forward_follows_the_main_pid_a_daemon_hands_to_its_worker(s
     stop_and_check_nothing_is_left(systemd, unit)
 
 
+@pytest.mark.parametrize(("option", "how"), [("--upstart", "upstart"), ("--ready-fd=3", "fd 3")])
+def test_a_daemon_that_never_heard_of_sd_notify_is_a_type_notify_service(systemd, option, how):
+    """upstart's SIGSTOP, or s6's newline on its fd, is READY=1 with MAINPID= the daemon for a Type=notify unit."""
+    unit = f"legacy-{how.split()[0]}.service"
+    log = systemd.state / f"{unit}.log"
+    daemon = f"/usr/bin/python3 {HERE}/legacy_daemon.py {log} {how}"
+    systemd.write_unit(unit, f"[Service]\nType=notify\nExecStart={BIN}/fdlaunch-notify-wait --forward {option} -- {daemon}\n")
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("start", unit)  # returns once systemd has READY=1
+    assert systemd.state_of(unit) == "active/running"
+    main = systemd.host_pid(systemd.main_pid(unit))
+    assert "legacy_daemon.py" in Path(f"/proc/{main}/cmdline").read_text(), "systemd's main pid is the daemon"
+    said = "continued" if how == "upstart" else "ready"
+    wait_until(lambda: said in log.read_text().splitlines(), f"the daemon never logged {said!r}", log=systemd.log)
+    assert Path(f"/proc/{main}/status").read_text().count("TracerPid:\t0\n") == 1, "not traced once ready"
+    stop_and_check_nothing_is_left(systemd, unit)
+    assert log.read_text().splitlines()[-1] == "SIGTERM"
+
+
 def test_foreground_forward_makes_the_daemon_that_forked_away_the_main_pid(systemd):
     """Type=notify around a daemon that double-forks: systemd's MainPID is the daemon, not fdlaunch-foreground."""
     unit = "forking.service"
