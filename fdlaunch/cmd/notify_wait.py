@@ -47,6 +47,7 @@ Options:
 
 import errno
 import os
+import re
 import select
 import signal
 import socket
@@ -182,7 +183,38 @@ def read_check(options, environ, say):
     text = options["--tries"] or "0"
     if not (is_decimal(text) and len(text) <= 9):
         raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
+    if options["--verbose"]:
+        warn_if_check_connects(options["--check"], listenenv.inherited(environ, os.getpid()), say)
     return readiness.Check(options["--check"], interval, timeout, int(text), environ, say)
+
+
+def warn_if_check_connects(command, passed, say):
+    """-v: said once if the check names the port (or path) of a socket passed to PROG, bound and listening already.
+
+    The kernel completes a connect to a listening socket into its backlog
+    whether or not anyone accepts: a check that only connects (nc -z) passes
+    at once, before the program serves. One with a URL in it asks the
+    program something in its protocol, and is not warned about.
+    """
+    if "://" in command:
+        return
+    from fdlaunch.kernel import sock  # only for -v with --check: a start-up cost the others do not pay
+
+    for p in passed:
+        try:
+            name = sock.facts(p.fd)[4]
+        except OSError:
+            continue  # not a socket: nothing is listening there
+        named = name if isinstance(name, str) else str(name[1]) if isinstance(name, tuple) else None
+        # A port as a word of its own (':80', ' 80', '/dev/tcp/host/80', not 8080 or 10.0.0.80); a path whole.
+        apart = r"[0-9A-Za-z.]" if isinstance(name, tuple) else r"[0-9A-Za-z/._-]"
+        if named and re.search(rf"(?<!{apart}){re.escape(named)}(?!{apart})", command):
+            advice = "a connect succeeds there before the program serves; ask the program itself, with a request it must answer"
+            what = shown(named)
+            if isinstance(name, tuple):
+                what, advice = f"port {named}", f"{advice} (--check='curl -fsS -o /dev/null http://127.0.0.1:{named}/', say)"
+            say("warning", f"the check {command!r} names {what} of the socket labelled {p.label!r}, bound and listening already: {advice}")
+            return
 
 
 def start_watcher(inbox, relays, settings):
