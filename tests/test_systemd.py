@@ -20,6 +20,7 @@ import systemd_harness
 from conftest import TIMEOUT, cannot_run, free_port, http_get, missing
 from systemd_harness import Systemd, wait_until
 from test_examples import commands_beside
+from test_foreground import NGINX_CONF
 from test_handoff import HttpLoad
 from test_install import PREFIX, PYTHON, install, public_tempdir
 
@@ -248,6 +249,32 @@ def test_foreground_forward_makes_the_daemon_that_forked_away_the_main_pid(syste
     assert systemd.state_of(unit) == "active/running"
     stop_and_check_nothing_is_left(systemd, unit)
     assert log.read_text().splitlines()[-1] == "SIGTERM", "the daemon got systemd's SIGTERM"
+
+
+def test_foreground_follows_nginx_through_its_binary_upgrade(systemd):
+    """USR2 to the main pid (nginx starts a new master), QUIT to it (the old one quits): the unit stays up, on the new master."""
+    directory = systemd.state / "nginx"
+    directory.mkdir()
+    directory.chmod(0o777)
+    port, pidfile = free_port(), directory / "nginx.pid"
+    (directory / "nginx.conf").write_text(NGINX_CONF.format(dir=directory, port=port))
+    nginx = f"/usr/sbin/nginx -p {directory} -c {directory}/nginx.conf"
+    unit = "nginx-upgrade.service"
+    keep = f"{BIN}/fdlaunch-foreground -v --forward --pidfile={pidfile}"
+    systemd.write_unit(unit, f"[Service]\nType=notify\nExecStart={keep} -- {BIN}/fdlaunch-setuidgid nobody -- {nginx}\n")
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("start", unit)
+    old = systemd.main_pid(unit)
+    assert old == int(pidfile.read_text()), "systemd's main pid is the master"
+    systemd.systemctl("kill", "--kill-whom=main", "--signal=SIGUSR2", unit)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != str(old), "no new master", log=systemd.log)
+    new = int(pidfile.read_text())
+    systemd.systemctl("kill", "--kill-whom=main", "--signal=SIGQUIT", unit)
+    wait_until(lambda: systemd.main_pid(unit) == new, "systemd's main pid is not the new master", log=systemd.log)
+    wait_until(lambda: systemd.host_pid(old) is None, "the old master never quit", log=systemd.log)
+    assert systemd.state_of(unit) == "active/running"
+    assert answer(port).startswith("hello from pid "), "the new master serves"
+    stop_and_check_nothing_is_left(systemd, unit)
 
 
 def test_watchdog_pings_are_relayed_and_a_daemon_that_stops_pinging_is_restarted(systemd):

@@ -29,7 +29,7 @@ import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, say_as, warn
+from fdlaunch.errors import Fatal, UsageError, say_as, shown, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
 from fdlaunch.text import listenenv
@@ -50,6 +50,10 @@ def main(argv, environ):
         daemon = keeper.launch(path, program, environ)
         tell_ready(relays, daemon, options["--verbose"])
         status = keeper.supervise()
+        while isinstance(status, forking.Successor):
+            daemon = status.pid
+            tell_successor(relays, status, options["--pidfile"], options["--verbose"])
+            status = keeper.supervise()
     except BaseException:  # whatever went wrong, nothing we started is left running unsupervised
         keeper.stop_all()
         keeper.stop_guard()
@@ -69,6 +73,22 @@ def tell_ready(relays, daemon, verbose):
     # Sent as ourselves: until it reads MAINPID=daemon, the supervisor knows our pid as the main one,
     # and systemd's NotifyAccess=main believes no other. Fatal if a relay fails: main's except stops the daemon.
     relays.ready(None, daemon, [("READY", "1")], None)
+
+
+def tell_successor(relays, successor, pidfile, verbose):
+    """The daemon handed over to the process its PID file names now: MAINPID= that one, upward.
+
+    Sent as the old daemon, still unreaped: the supervisor knows it as the
+    main pid until it reads this, and NotifyAccess=main believes no other.
+    """
+    if verbose:
+        warn(
+            PROG, "info", f"the daemon (pid {successor.previous}) exited; pid {successor.pid}, named by {shown(pidfile)}, is the daemon now"
+        )
+    try:
+        relays.relay([("MAINPID", str(successor.pid))], successor.pid, successor.previous)
+    except Fatal as error:
+        warn(PROG, "warning", str(error))
 
 
 def read_settings(options, environ):
