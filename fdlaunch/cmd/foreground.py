@@ -32,7 +32,6 @@ from fdlaunch.cli import tool
 from fdlaunch.errors import Fatal, UsageError, say_as, shown, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
-from fdlaunch.text import listenenv
 
 PROG = "fdlaunch-foreground"
 
@@ -100,7 +99,7 @@ def read_settings(options, environ):
         raise UsageError("--pidfile needs a path")
     fd = None
     if options["--fd"] is not None:
-        fd = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
+        fd = fds.open_fd_option("--fd", options["--fd"], environ)
         os.set_inheritable(fd, False)  # the daemon must not hold it
     timeout, grace = cli.seconds("--timeout", options["--timeout"]), cli.seconds("--grace", options["--grace"])
     return forking.Settings(options["--pidfile"], timeout, grace), readiness.Relays(fd, upstream)
