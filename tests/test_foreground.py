@@ -162,7 +162,7 @@ def test_sigkill_to_the_keeper_stops_the_daemon(env, tmp_path):
         keeper.kill()
         keeper.wait()
         wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
-        said = f"fdlaunch-foreground (guard): warning: its parent (pid {keeper.pid}) died; stopping the daemon (pids {daemon})\n"
+        said = f"fdlaunch-foreground (guard): warning: its parent (pid {keeper.pid}) died; stopping the daemon (pid {daemon})\n"
         assert keeper.stderr.read() == said  # the guard, a process of its own, names itself
 
 

@@ -220,7 +220,7 @@ def test_verbose_names_the_real_port(probe):
     assert done.returncode == 0
     port = sockets(report)[3]["address"][1]
     assert done.stderr.splitlines() == [
-        f"fdlaunch-listen: info: fd 3: tcp 127.0.0.1:{port}/tcp, label web",
+        f"fdlaunch-listen: info: fd 3: 127.0.0.1:{port}/tcp, label web",
         "fdlaunch-listen: info: fd 4: unix @fdlaunch-verbose, label unix",
     ]
 
@@ -231,7 +231,7 @@ def test_dry_run_binds_nothing(tmp_path):
     done = run(["fdlaunch-listen", "--dry-run", f"-tcp:127.0.0.1:{port}", f"-unix:var=CTL:{path}", "--", "sh", "-x"])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[:2] == [f"fd 3: tcp 127.0.0.1:{port}/tcp, label tcp", f"fd 4: unix {path}, label unix"]
+    assert lines[:2] == [f"fd 3: 127.0.0.1:{port}/tcp, label tcp", f"fd 4: unix {path}, label unix"]
     assert "CTL=4" in lines and "LISTEN_FD_MAP=tcp=3,unix=4" in lines
     assert lines[-1] == "exec sh -x"
     assert not path.exists()

@@ -109,18 +109,26 @@ def refuse_what_would_fail(layout, program, environ):
 
 
 def describe(layout):
-    """One line per passed socket: fd, protocol, address actually bound, label."""
+    """One line per passed socket: fd, address actually bound (with its protocol), label."""
     for passed in layout.passed:
         s = layout.new_at(passed.fd)
-        where = "inherited" if s is None else f"{s.spec.proto} {sock.describe(passed.fd, s.spec)}"
+        where = "inherited" if s is None else socket_words(s.spec, sock.describe(passed.fd, s.spec))
         yield f"fd {passed.fd}: {where}, label {passed.label}"
+
+
+def socket_words(spec, address):
+    """'127.0.0.1:80/tcp', '[::]:53/udp (udp6)', 'unix-dgram /run/x': an inet address says its transport
+    already, so only a protocol that says more (tcp4, udp6) is added; a unix socket's word comes first."""
+    if spec.is_unix:
+        return f"{spec.proto} {address}"
+    return address if spec.proto == spec.protocol.transport else f"{address} ({spec.proto})"
 
 
 def print_plan(layout, before, after, program):
     lines = []
     for passed in layout.passed:
         s = layout.new_at(passed.fd)
-        where = "inherited" if s is None else f"{s.spec.proto} {sock.endpoint_address(s.endpoint)}"
+        where = "inherited" if s is None else socket_words(s.spec, sock.endpoint_address(s.endpoint))
         lines.append(f"fd {passed.fd}: {where}, label {passed.label}")
     lines += [f"{name}={after[name]}" for name in sorted(after) if before.get(name) != after[name]]
     lines += [f"unset {name}" for name in sorted(set(before) - set(after))]

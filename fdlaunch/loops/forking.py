@@ -16,7 +16,7 @@ import signal
 import time
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, counted
+from fdlaunch.errors import Fatal, counted, pids_listed
 from fdlaunch.kernel import chain, proc
 from fdlaunch.kernel.guard import PidfdGuard
 from fdlaunch.loops import overlap
@@ -92,7 +92,9 @@ class Keeper:
                 launcher.send(number)
             self.reap()
             if launcher.pid not in self.statuses and time.monotonic() >= deadline:
-                self.fail(f"{argv[0]} (pid {launcher.pid}) was still starting after {self.settings.timeout:g} seconds", NOT_UP_IN_TIME)
+                self.fail(
+                    f"{argv[0]} (pid {launcher.pid}) was still starting after {counted(self.settings.timeout, 'second')}", NOT_UP_IN_TIME
+                )
         os.close(launcher.pidfd)
         status = self.statuses[launcher.pid]
         if status != 0:
@@ -143,8 +145,9 @@ class Keeper:
         """
         direct = sorted(pid for pid, ppid in below.items() if ppid == os.getpid())
         if len(direct) != 1:
-            pids = ", ".join(map(str, direct))
-            return None, f"left {len(direct)} processes (pids {pids}), and without --pidfile cannot tell which is the daemon", None
+            left = f"left {counted(len(direct), 'process', 'processes')} directly below us"
+            listed = f" ({pids_listed(direct)})" if direct else ""
+            return None, f"{left}{listed}, and without --pidfile cannot tell which is the daemon", None
         age = proc.age_of(direct[0])
         if age is None:
             return None, f"left pid {direct[0]}, which exited at once", time.monotonic()  # reaped at the next look
@@ -278,10 +281,11 @@ class Keeper:
             below = self.below()
             if below and time.monotonic() >= deadline:
                 if killed:
-                    self.say("warning", f"pids {', '.join(map(str, below))} survived SIGKILL; leaving them")
+                    self.say("warning", f"{pids_listed(below)} survived SIGKILL; leaving {'it' if len(below) == 1 else 'them'}")
                     return
-                pids = ", ".join(map(str, below))
-                self.say("warning", f"pids {pids} still running {self.settings.grace:g} seconds after SIGTERM; sent them SIGKILL")
+                them = "it" if len(below) == 1 else "them"
+                grace = counted(self.settings.grace, "second")
+                self.say("warning", f"{pids_listed(below)} still running {grace} after SIGTERM; sent {them} SIGKILL")
                 signal_below(below, signal.SIGKILL)
                 killed, deadline = True, time.monotonic() + 5
 

@@ -358,7 +358,7 @@ class Handoff:
         """FDSTORE=1 (with FDNAME=, FDPOLL=) keeps the descriptors; FDSTOREREMOVE=1 drops those of FDNAME=. The fds kept."""
         name = notifyproto.value(notice.fields, "FDNAME")
         if notifyproto.value(notice.fields, "FDSTOREREMOVE") == "1" and name is not None:
-            self.say("info", f"pid {sender.pid} removed {self.store.remove(name)} stored descriptor(s) named {name!r}")
+            self.say("info", f"pid {sender.pid} removed {counted(self.store.remove(name), 'stored descriptor')} named {name!r}")
         if not (notice.fdstore and received):
             return []
         if self.settings.fdstore_max == 0:
@@ -368,7 +368,7 @@ class Handoff:
         if refusal is not None:
             self.say("warning", f"refused FDSTORE=1 from pid {sender.pid}: {refusal}; closed what it sent")
             return list(received)  # closed already
-        self.say("info", f"pid {sender.pid} stored {len(received)} descriptor(s) as {name or 'stored'!r}")
+        self.say("info", f"pid {sender.pid} stored {counted(len(received), 'descriptor')} as {name or 'stored'!r}")
         return list(received)
 
     def sender_of(self, message):
@@ -402,7 +402,7 @@ class Handoff:
             self.crashes.popleft()
         if not self.settings.respawn or len(self.crashes) >= CRASH_LIMIT:
             if self.settings.respawn:
-                self.say("warning", f"{how}: {len(self.crashes)} exits within {CRASH_WINDOW} seconds; giving up")
+                self.say("warning", f"{how}: {counted(len(self.crashes), 'exit')} within {CRASH_WINDOW} seconds; giving up")
             self.stop(self.settings.stop)
             return
         if self.candidate is not None:
@@ -433,10 +433,11 @@ class Handoff:
             self.respawn()
         if self.candidate is not None and self.candidate_deadline is not None and now >= self.candidate_deadline:
             self.retire(self.candidate)
-            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {self.settings.ready_timeout:g} seconds")
+            late = counted(self.settings.ready_timeout, "second")
+            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {late}")
         for instance in self.instances():
             if instance.ping_due is not None and now >= instance.ping_due:
-                self.bark(instance, f"sent no WATCHDOG=1 for {instance.watchdog:g} seconds")
+                self.bark(instance, f"sent no WATCHDOG=1 for {counted(instance.watchdog, 'second')}")
             if instance.kill_at is not None and now >= instance.kill_at:
                 instance.kill_at = None
                 instance.send(signal.SIGKILL)

@@ -92,7 +92,9 @@ class Relays:
                 os.killpg(pid, signal.SIGTERM)  # the shell, still unreaped, pins its group id
                 killed = ", then SIGKILL" if proc.end_within([pidfd], GRACE_SECONDS) else ""
                 os.killpg(pid, signal.SIGKILL)  # and whatever it left in its session
-                raise Fatal(f"the command {command.text!r} was still running after {command.seconds:g} seconds; sent it SIGTERM{killed}")
+                raise Fatal(
+                    f"the command {command.text!r} was still running after {counted(command.seconds, 'second')}; sent it SIGTERM{killed}"
+                )
         finally:
             os.waitpid(pid, 0)
             os.close(pidfd)
@@ -579,7 +581,7 @@ class Check:
         if self.pid is not None and select.select([self.pidfd], [], [], 0)[0]:
             return self.finished(self.end())
         if self.pid is not None and self.kill_at is not None and now >= self.kill_at:
-            self.warn_once("hung", f"the check {self.command!r} ran longer than {self.timeout:g} seconds; killed it")
+            self.warn_once("hung", f"the check {self.command!r} ran longer than {counted(self.timeout, 'second')}; killed it")
             self.end()
             self.failed()
         elif self.pid is None and now >= self.next_at:
@@ -623,7 +625,7 @@ class Check:
         self.failures += 1
         self.next_at = time.monotonic() + self.interval
         if self.tries and self.failures >= self.tries:
-            self.give_up(f"the check {self.command!r} failed {self.failures} times; gave up")
+            self.give_up(f"the check {self.command!r} failed {counted(self.failures, 'time')}; gave up")
 
     def give_up(self, text):
         self.gave_up = True
