@@ -120,7 +120,7 @@ def test_fork_mode_an_upstart_daemon_is_ready_once_it_stops_itself_and_then_runs
 @pytest.mark.parametrize("where", ["main thread", "another thread"])
 def test_chain_mode_an_upstart_daemon_is_ready_once_it_stops_itself_and_is_let_go(where, chain):
     how = ["upstart", *(["--threads"] if where == "another thread" else [])]
-    program = chain(["--upstart=web"], how)
+    program = chain(["-v", "--upstart=web"], how)
     wait_until(lambda: traced(program.pid), "the watcher never traced the program")
     assert not program.is_ready(0.3), "ready before it stopped itself"
     program.go.touch()
@@ -129,6 +129,13 @@ def test_chain_mode_an_upstart_daemon_is_ready_once_it_stops_itself_and_is_let_g
     assert program.log.read_text().splitlines() == ["started", "job web", "stopping", "continued"]
     wait_until(lambda: not traced(program.pid), "the watcher still traces the program once it is ready")
     assert not stopped(program.pid)
+    said = program.stderr.read_text().splitlines()
+    assert said[0].startswith(
+        f"fdlaunch-notify-wait (watcher): info: watching pid {program.pid}; once it is ready (by READY=1, its SIGSTOP):"
+    )
+    assert re.fullmatch(
+        rf"fdlaunch-notify-wait \(watcher\): info: pid {program.pid} ready by its SIGSTOP after [0-9.]+ seconds; did: .*", said[1]
+    )
 
 
 def test_a_traced_program_gets_its_signals_and_its_parent_its_exit(chain):

@@ -77,7 +77,9 @@ def allow_tracer(pid):
     CAP_SYS_PTRACE may trace it; the exec that follows makes it dumpable
     again in any case (execve(2)), so it is made so a moment sooner.
     """
-    if proc.libc().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0:
+    import ctypes
+
+    if proc.libc().prctl(ctypes.c_int(PR_GET_DUMPABLE), *[ctypes.c_ulong(0)] * 4) == 0:
         proc.prctl(PR_SET_DUMPABLE, 1)
     name_tracer(pid)
 

@@ -327,7 +327,8 @@ class Handoff:
     def take_inputs(self):
         """A new or serving instance not yet ready that says so its other ways (--ready-fd, --upstart)."""
         for instance in (self.candidate, self.current):
-            if instance is not None and instance.status is None and not instance.ready and not self.stopping and instance.said_ready():
+            # Looked at while stopping too: one that stopped itself is continued, so that it can act on its stop signal.
+            if instance is not None and instance.status is None and not instance.ready and instance.said_ready() and not self.stopping:
                 self.instance_ready(instance)
 
     def instance_ready(self, instance):

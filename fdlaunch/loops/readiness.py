@@ -167,7 +167,9 @@ class Watcher:
         self.stop_signals = []  # SIGINT and SIGTERM read from signals, in order
         self.ready_sender = None
         self.started = time.monotonic()
-        self.say("info", f"watching pid {program.pid}; once it is ready: {relays.describe()}")
+        ways = "".join(f", {source.words}" for source in self.inputs)
+        heard = f" (by READY=1{ways})" if ways else ""
+        self.say("info", f"watching pid {program.pid}; once it is ready{heard}: {relays.describe()}")
 
     def run(self, deadline=None):
         """Until ready (and, with keep_relaying or a watchdog, until the program is gone), gone, stopped, or late.
