@@ -142,6 +142,7 @@ def test_a_traced_program_gets_its_signals_and_its_parent_its_exit(chain):
     """Until it is ready the program is traced: every signal reaches it as sent, and its exit reaches its parent."""
     program = chain(["--upstart"], ["upstart"])
     wait_until(lambda: traced(program.pid), "the watcher never traced the program")
+    watcher = int(status_field(program.pid, "TracerPid"))
     wait_logged(program.log, "started")
     os.kill(program.pid, signal.SIGHUP)
     wait_logged(program.log, "SIGHUP")
@@ -149,6 +150,16 @@ def test_a_traced_program_gets_its_signals_and_its_parent_its_exit(chain):
     assert program.process.wait(TIMEOUT) == 0, "its parent did not get its exit status"
     assert program.log.read_text().splitlines() == ["started", "SIGHUP", "SIGTERM"]
     assert not program.is_ready(0), "an exit is not readiness"
+    wait_until(lambda: not Path(f"/proc/{watcher}").exists(), "the watcher outlived the program")
+
+
+def test_a_traced_program_killed_is_reaped_by_its_parent_and_leaves_nothing(chain):
+    program = chain(["--upstart"], ["upstart"])
+    wait_until(lambda: traced(program.pid), "the watcher never traced the program")
+    watcher = int(status_field(program.pid, "TracerPid"))
+    os.kill(program.pid, signal.SIGKILL)
+    assert program.process.wait(TIMEOUT) == -signal.SIGKILL
+    wait_until(lambda: not Path(f"/proc/{watcher}").exists(), "the watcher outlived the program")
 
 
 def test_a_stop_by_someone_else_is_not_readiness_before_it_nor_after_it(chain):
