@@ -183,7 +183,9 @@ def test_fork_mode_a_terminal_stop_is_not_readiness(env, tmp_path):
     log, go = tmp_path / "log", tmp_path / "go"
     argv = ["fdlaunch-notify-wait", "--fork", "--upstart", "--", *daemon(log, "upstart", f"--go={go}")]
     with (tmp_path / "stderr").open("w") as stderr:
-        waiter = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        # A group of its own in our session: in an orphaned one (no parent in the session outside it),
+        # the kernel discards SIGTSTP (signal(7)), and the test could start so.
+        waiter = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, process_group=0)
     children = Path(f"/proc/{waiter.pid}/task/{waiter.pid}/children")
     pid = None
     try:

@@ -75,11 +75,7 @@ def main(argv, environ):
     if not passed and not options["--listen-from"]:
         say("info", "no sockets were passed in; instances still overlap, each with its own")
     upstream = environ.pop("NOTIFY_SOCKET", None)
-    sockets = listenfrom.Handed(environ)
-    if options["--listen-from"]:
-        # --ready-fd's number counts as taken: no socket of FILE is put there.
-        taken = fds.open_fds() | ({settings.instance_fd} if settings.instance_fd is not None else set())
-        sockets = listenfrom.FromFile(options["--listen-from"], environ, passed, taken, not options["--map"])
+    sockets = instance_sockets(options, settings, environ, passed)
     inbox = sdnotify.Inbox()
     try:
         guard_say = say_as(f"{PROG} (guard)")
@@ -89,6 +85,15 @@ def main(argv, environ):
         inbox.close()
         sockets.close()
     return exit_like(status)
+
+
+def instance_sockets(options, settings, environ, passed):
+    """What each instance gets: what was handed in, and with --listen-from FILE's sockets too."""
+    if not options["--listen-from"]:
+        return listenfrom.Handed(environ)
+    # --ready-fd's number counts as taken: no socket of FILE is put there.
+    taken = fds.open_fds() | ({settings.instance_fd} if settings.instance_fd is not None else set())
+    return listenfrom.FromFile(options["--listen-from"], environ, passed, taken, not options["--map"])
 
 
 def read_settings(options, environ, program):
