@@ -6,6 +6,11 @@ the newline on the s6 fd, the datagram upstream, the command's write, the
 SIGSTOP, the pid printed in fork mode. Prints the median and 90th percentile
 of the difference and the median's ratio to the 2 ms target.
 
+The other inputs are measured the same way, to the newline on the s6 fd
+(chain mode) or the pid printed (fork mode): --upstart from just before the
+program's SIGSTOP to itself (in chain mode the watcher traces it), and
+--ready-fd from just before its newline on its fd.
+
 fdlaunch-foreground is measured the same way from the moment its
 launching process exits 0 (stamped just before _exit) to the newline on
 the s6 fd.
@@ -32,6 +37,27 @@ target = os.environ["NOTIFY_SOCKET"]
 target = "\\0" + target[1:] if target.startswith("@") else target  # abstract
 stamp = time.monotonic()
 s.sendto(b"READY=1", target)
+open(sys.argv[1], "w").write(repr(stamp))
+time.sleep(30)
+"""
+
+
+# The same, saying it is ready as an upstart daemon does (UPSTART_JOB set: SIGSTOP to itself).
+UPSTART = """
+import os, signal, sys, time
+time.sleep(0.15)
+stamp = time.monotonic()
+os.kill(os.getpid(), signal.SIGSTOP)
+open(sys.argv[1], "w").write(repr(stamp))
+time.sleep(30)
+"""
+
+# And as an s6 daemon does: a newline on its notification fd, 5.
+READY_FD = """
+import os, sys, time
+time.sleep(0.15)
+stamp = time.monotonic()
+os.write(5, b"\\n")
 open(sys.argv[1], "w").write(repr(stamp))
 time.sleep(30)
 """
@@ -119,6 +145,29 @@ def via_fork(work):
     return None, seen
 
 
+def via_input(option, code, fork=False):
+    """Readiness from another input (--upstart, --ready-fd=5): to the s6 fd's newline, or with fork to the pid printed."""
+
+    def relay(work):
+        argv = [option, "--", sys.executable, "-c", code, work.stamp]
+        if fork:
+            child = subprocess.Popen(["fdlaunch-notify-wait", "--fork", *argv], stdout=subprocess.PIPE, text=True)
+            pid = int(child.stdout.readline())
+            seen = time.monotonic()
+            child.wait()
+            os.kill(pid, 9)
+            return None, seen
+        read_end, write_end = os.pipe()
+        child = subprocess.Popen(["fdlaunch-notify-wait", f"--fd={write_end}", *argv], pass_fds=(write_end,))
+        os.close(write_end)
+        os.read(read_end, 1)
+        seen = time.monotonic()
+        os.close(read_end)
+        return child, seen
+
+    return relay
+
+
 def via_foreground(options):
     """fdlaunch-foreground: the launching process's exit 0 -> the newline on the s6 fd."""
 
@@ -163,6 +212,15 @@ def main():
     print(f"READY=1 sent -> relay done, {RUNS} runs each; target {TARGET_MS} ms")
     print(f"{'relay':30} {'median ms':>10} {'p90 ms':>8} {'median/target':>14}")
     for name, relay in relays.items():
+        report(name, measure(relay))
+    print("other inputs: the program's SIGSTOP to itself, its newline on its fd -> newline on the s6 fd, or the pid printed")
+    inputs = {
+        "--upstart (chain, traced)": via_input("--upstart", UPSTART),
+        "--upstart --fork": via_input("--upstart", UPSTART, fork=True),
+        "--ready-fd=5 (chain)": via_input("--ready-fd=5", READY_FD),
+        "--ready-fd=5 --fork": via_input("--ready-fd=5", READY_FD, fork=True),
+    }
+    for name, relay in inputs.items():
         report(name, measure(relay))
     print("fdlaunch-foreground: the launching process's exit -> newline on the s6 fd")
     report("foreground --pidfile", measure(via_foreground(["--pidfile=PIDFILE"])))

@@ -224,3 +224,37 @@ def seconds(option, text, zero=False):
 def synopsis(doc):
     """The first form of doc's usage, as one line."""
     return doc.split("Usage:", 1)[1].strip().splitlines()[0].strip()
+
+
+def upstart_job(value, program):
+    """UPSTART_JOB's value for --upstart[=NAME]: NAME, or PROG's basename when bare; None without it."""
+    if value is None:
+        return None
+    if value is True:
+        return os.path.basename(program[0]) or program[0]
+    if not value:
+        raise UsageError("--upstart= needs a job name, or no '=' at all for PROG's basename")
+    return value
+
+
+def ready_fd(options, passed, taken_from_program, reserved):
+    """(--ready-fd's number, --ready-fd-var's name), each or None.
+
+    N must be free in the program: not one of its descriptors (a passed
+    socket, one its caller gave), which it would lose. taken_from_program
+    (--fd's number, which the program does not inherit) is free. The
+    variable may not be one of reserved, which the tool sets or reads.
+    """
+    text, variable = options["--ready-fd"], options["--ready-fd-var"]
+    if text is None:
+        if variable is not None:
+            raise UsageError("--ready-fd-var goes with --ready-fd")
+        return None, None
+    number = fds.free_fd_option("--ready-fd", text, passed, taken_from_program)
+    if variable is None:
+        return number, None
+    if not (variable and variable.isascii() and (variable[0].isalpha() or variable[0] == "_") and variable.replace("_", "a").isalnum()):
+        raise UsageError(f"--ready-fd-var={variable!r} is not a variable name (a letter or _, then letters, digits or _)")
+    if variable in reserved:
+        raise UsageError(f"--ready-fd-var={variable!r}: {variable} is one of the variables this tool sets or reads itself")
+    return number, variable

@@ -59,9 +59,18 @@ def one_line(text):
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def counted(number, noun):
-    """'1 handler', '3 handlers': a count and its noun, in the plural when it is not one."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+def counted(number, noun, plural=None, or_more=False):
+    """'1 handler', '3 handlers', '0.5 seconds', '2 processes', '1000 or more senders': a count and its noun,
+    in the plural (noun + 's', unless plural is given) when it is not one."""
+    text = f"{number:g}" if isinstance(number, float) else str(number)
+    said = noun if number == 1 and not or_more else plural or f"{noun}s"
+    return f"{text}{' or more' if or_more else ''} {said}"
+
+
+def pids_listed(pids):
+    """'pid 815', 'pids 815, 816': process ids in the order given, under the word that fits."""
+    pids = list(pids)
+    return f"pid{'' if len(pids) == 1 else 's'} {', '.join(map(str, pids))}"
 
 
 def unable(verb_object, error):

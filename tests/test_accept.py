@@ -396,7 +396,7 @@ def test_C_counts_by_uid_on_a_unix_socket(server, public_dir):
     assert unix_client(path)[0] == ""
     assert unix_client(path, user=65534)[0] == "served\n"
     holder.join(TIMEOUT)
-    assert "connections from uid 0 already (-C 1)" in one.stderr()
+    assert "1 connection from uid 0 already (-C 1)" in one.stderr()
 
 
 # Rules
@@ -790,3 +790,10 @@ def test_a_notification_fd_nobody_reads_is_a_warning_and_the_server_serves_on(tm
     finally:
         server.terminate()
         assert server.wait(TIMEOUT) == 0
+
+
+def test_a_stop_with_no_handler_running_says_so(server):
+    """Not 'waiting up to 10 seconds for 0 handlers'."""
+    one = server("-tcp:127.0.0.1:0", ["-v"], ["true"])
+    one.signal(signal.SIGTERM)
+    one.wait_for_line("fdlaunch-accept: info: SIGTERM: no new connections; no handler running\n")

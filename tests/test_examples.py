@@ -115,7 +115,7 @@ def test_demo_daemon_answers_through_fdlaunch_listen():
     port = free_port()
     done = run(["sh", str(EXAMPLES / "demo.sh")], env={"PATH": os.environ["PATH"], "PORT": str(port), "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr
-    assert f"fdlaunch-listen: info: fd 3: tcp 127.0.0.1:{port}/tcp, label http" in done.stderr
+    assert f"fdlaunch-listen: info: fd 3: 127.0.0.1:{port}/tcp, label http" in done.stderr
     answer = re.search(r"hello from pid (\d+) on http, you asked for /demo\n\(fdlaunch-listen started as pid (\d+)", done.stdout)
     assert answer, done.stdout
     assert answer[1] == answer[2]

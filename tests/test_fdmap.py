@@ -215,7 +215,7 @@ def test_stdin_leaves_no_other_socket_and_no_variables():
         (
             ["--map", "true"],
             {"LISTEN_FDS": "2", "LISTEN_PID": "PID", "LISTEN_FDNAMES": "a"},
-            "LISTEN_FDNAMES='a' has 1 names but LISTEN_FDS=2",
+            "LISTEN_FDNAMES='a' has 1 name but LISTEN_FDS=2",
         ),
         (["--map", "true"], {"LISTEN_FDS": "x", "LISTEN_PID": "PID"}, "LISTEN_FDS='x' is not a count"),
         (["--vars=9", "true"], {"LISTEN_FD_MAP": "a=7"}, "gives '9A', which is not a variable name"),

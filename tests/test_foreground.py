@@ -4,16 +4,18 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import HERE, TIMEOUT, free_port, require, require_root, run, unread_fd3_started
+from conftest import HERE, TIMEOUT, free_port, http_get, require, require_python_for_nobody, require_root, run, unread_fd3_started
 from test_notify import Upstream, s6_service
 
 DAEMON = [sys.executable, str(HERE / "selfdaemon.py")]
@@ -171,7 +173,7 @@ def test_sigkill_to_the_keeper_stops_the_daemon(env, tmp_path):
         keeper.kill()
         keeper.wait()
         wait_for(lambda: not alive(daemon), "the daemon to stop after its keeper's SIGKILL", 10)
-        said = f"fdlaunch-foreground (guard): warning: its parent (pid {keeper.pid}) died; stopping the daemon (pids {daemon})\n"
+        said = f"fdlaunch-foreground (guard): warning: its parent (pid {keeper.pid}) died; stopping the daemon (pid {daemon})\n"
         assert keeper.stderr.read() == said  # the guard, a process of its own, names itself
 
 
@@ -265,6 +267,66 @@ def test_dnsmasq_in_its_default_forking_mode(pidfile, env, tmp_path):
         keeper.send_signal(signal.SIGTERM)
         assert keeper.wait(TIMEOUT) == 0
         assert not alive(daemon)
+
+
+# nginx started as nobody, forking into the background as it does by default, answering with its worker's pid.
+NGINX_CONF = """pid {dir}/nginx.pid;
+worker_processes 1;
+error_log {dir}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello from pid $pid\\n"; }} }}
+}}
+"""
+
+
+@pytest.fixture
+def public():
+    """A directory nobody (nginx's user here) may write in: pytest's tmp_path is root's, 0700."""
+    path = Path(tempfile.mkdtemp(prefix="fdl-foreground."))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def parent_of(pid):
+    return int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{pid}/status").read_text(), re.M)[1])
+
+
+def test_nginx_binary_upgrade_under_s6_keeps_the_service_up(env, tmp_path, public):
+    """s6-svc -2 (USR2: the old master starts a new one), then -q (the old one quits): the new master is the daemon."""
+    require_python_for_nobody()
+    nginx = require("nginx")  # by absolute path: nginx re-executes its argv[0] on USR2
+    port, pidfile = free_port(), public / "nginx.pid"
+    (public / "nginx.conf").write_text(NGINX_CONF.format(dir=public, port=port))
+    upstream = Upstream(tmp_path)
+    keep = f"fdlaunch-foreground -v --fd=3 --forward --pidfile={pidfile}"
+    script = f"exec {keep} -- fdlaunch-setuidgid nobody -- {nginx} -p {public} -c {public}/nginx.conf 2>{tmp_path}/stderr\n"
+    with s6_service(tmp_path, script, {**env, "NOTIFY_SOCKET": upstream.path}) as service:
+        assert run(["s6-svwait", "-U", "-t", "15000", str(service)], env=env).returncode == 0
+        old = int(pidfile.read_text())
+        assert upstream.receive() == f"READY=1\nMAINPID={old}"
+        keeper = run(["s6-svstat", "-o", "pid", str(service)], env=env).stdout.strip()
+        assert parent_of(int(http_get(port).split()[-1])) == old
+        assert run(["s6-svc", "-2", str(service)], env=env).returncode == 0
+        wait_for(
+            lambda: (public / "nginx.pid.oldbin").exists() and pidfile.exists() and pidfile.read_text().strip() != str(old), "a new master"
+        )
+        new = int(pidfile.read_text())
+        assert run(["s6-svc", "-q", str(service)], env=env).returncode == 0
+        assert upstream.receive() == f"MAINPID={new}", "the new master told upward"
+        assert upstream.sender == old, "as the old one, the main pid the supervisor knew"
+        wait_for(lambda: not alive(old), "the old master to quit")
+        assert parent_of(int(http_get(port).split()[-1])) == new, "the new master's worker answers"
+        status = run(["s6-svstat", "-o", "up,ready,pid", str(service)], env=env).stdout.split()
+        assert status == ["true", "true", keeper], "the service was neither restarted nor stopped"
+        said = (tmp_path / "stderr").read_text()
+        assert f"fdlaunch-foreground: info: the daemon (pid {old}) exited; pid {new}, named by {pidfile}, is the daemon now" in said
+        assert run(["s6-svc", "-d", str(service)], env=env).returncode == 0
+        wait_for(lambda: not alive(new), "the new master to stop with the service")
 
 
 @pytest.mark.parametrize(

@@ -221,7 +221,7 @@ def test_verbose_names_the_real_port(probe):
     assert done.returncode == 0
     port = sockets(report)[3]["address"][1]
     assert done.stderr.splitlines() == [
-        f"fdlaunch-listen: info: fd 3: tcp 127.0.0.1:{port}/tcp, label web",
+        f"fdlaunch-listen: info: fd 3: 127.0.0.1:{port}/tcp, label web",
         "fdlaunch-listen: info: fd 4: unix @fdlaunch-verbose, label unix",
     ]
 
@@ -229,12 +229,12 @@ def test_verbose_names_the_real_port(probe):
 def test_dry_run_binds_nothing(tmp_path):
     path = tmp_path / "dry.sock"
     port = free_port()
-    done = run(["fdlaunch-listen", "--dry-run", f"-tcp:127.0.0.1:{port}", f"-unix:var=CTL:{path}", "--", "daemon", "-x"])
+    done = run(["fdlaunch-listen", "--dry-run", f"-tcp:127.0.0.1:{port}", f"-unix:var=CTL:{path}", "--", "sh", "-x"])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[:2] == [f"fd 3: tcp 127.0.0.1:{port}/tcp, label tcp", f"fd 4: unix {path}, label unix"]
+    assert lines[:2] == [f"fd 3: 127.0.0.1:{port}/tcp, label tcp", f"fd 4: unix {path}, label unix"]
     assert "CTL=4" in lines and "LISTEN_FD_MAP=tcp=3,unix=4" in lines
-    assert lines[-1] == "exec daemon -x"
+    assert lines[-1] == "exec sh -x"
     assert not path.exists()
     with socket.create_server(("127.0.0.1", port)):
         pass  # the port was never taken
@@ -248,6 +248,47 @@ def blocked_in(pid, kernel_function):
         return kernel_function in Path(f"/proc/{pid}/wchan").read_text()
     except OSError:
         return False
+
+
+DRY_RUN_FAILURES = [
+    (
+        ["-unix:{tmp}/none/x.sock", "--", "true"],
+        111,
+        "unable to bind {tmp}/none/x.sock: directory {tmp}/none does not exist (the mkdir option makes it)",
+    ),
+    (["-unix:/etc/passwd/x.sock", "--", "true"], 111, "unable to open directory /etc/passwd: Not a directory"),
+    (["-tcp:127.0.0.1:0", "--", "no-such-program-fdl"], 127, "unable to exec no-such-program-fdl: No such file or directory"),
+    (["-tcp:web:8080", "--", "true"], 100, "web:8080/tcp: host 'web' not found; if 'web' is a label: -tcp:label=web:8080"),
+]
+
+
+@pytest.mark.parametrize(("argv", "status", "message"), DRY_RUN_FAILURES)
+def test_dry_run_fails_as_the_real_run_would(argv, status, message, tmp_path):
+    """What can be known without binding or running anything is checked: the same line, the same status."""
+    argv = [word.format(tmp=tmp_path) for word in argv]
+    dry = run(["fdlaunch-listen", "--dry-run", *argv])
+    real = run(["fdlaunch-listen", *argv])
+    assert (dry.returncode, dry.stdout) == (status, "")
+    assert dry.stderr == real.stderr == f"fdlaunch-listen: fatal: {message.format(tmp=tmp_path)}\n"
+    assert real.returncode == status
+
+
+def test_a_privileged_port_refused_says_how_to_get_it(tmp_path):
+    """As a user without CAP_NET_BIND_SERVICE: root binds and drops after, or the user keeps the capability; --dry-run knows too."""
+    require_root()
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all", "--"]
+    hint = (
+        "fdlaunch-listen: fatal: unable to bind 127.0.0.1:443/tcp: Permission denied (ports below 1024 need root or"
+        " CAP_NET_BIND_SERVICE: bind as root and drop privileges after, fdlaunch-listen -tcp::443 -- fdlaunch-setuidgid USER -- PROG,"
+        " or give the user the capability before the bind, fdlaunch-setuidgid --keep-cap=net_bind_service USER -- fdlaunch-listen"
+        " -tcp::443 -- PROG)\n"
+    )
+    for dry in ([], ["--dry-run"]):
+        done = run([*nobody, "fdlaunch-listen", *dry, "-tcp:127.0.0.1:443", "--", "true"], cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (111, hint), dry
+    kept = ["fdlaunch-setuidgid", "--keep-cap=net_bind_service", "nobody", "--", "fdlaunch-listen", "--dry-run", "-tcp:127.0.0.1:443"]
+    done = run([*kept, "--", "true"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 def wait_for(predicate, seconds=5.0):
@@ -475,7 +516,7 @@ def test_privileged_port_without_privilege():
     require_python_for_nobody()
     done = run(["fdlaunch-listen", "-udp:127.0.0.1:53", "true"], user="nobody")
     assert done.returncode == 111
-    assert done.stderr == "fdlaunch-listen: fatal: unable to bind 127.0.0.1:53/udp: Permission denied\n"
+    assert done.stderr.startswith("fdlaunch-listen: fatal: unable to bind 127.0.0.1:53/udp: Permission denied (ports below 1024 need root")
 
 
 def test_privileged_port_as_root(probe):

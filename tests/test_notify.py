@@ -17,6 +17,7 @@ import pytest
 from conftest import (
     PROBE,
     TIMEOUT,
+    free_port,
     python_systemd,
     read_probe,
     require,
@@ -576,6 +577,35 @@ def test_check_readiness_is_relayed_with_mainpid_and_ready_1_still_counts(env, t
     finally:
         kill_quietly(int(done.stdout))
     assert not Path(f"/proc/{check_pid.read_text().strip()}").exists(), "the check still running was not stopped"
+
+
+CONNECTS = [
+    ("nc -z 127.0.0.1 {port}", True),
+    ("exec 3<>/dev/tcp/127.0.0.1/{port}", True),
+    ("curl -fsS -o /dev/null http://127.0.0.1:{port}/", False),
+    ("nc -z 127.0.0.1 1{port}", False),
+]
+
+
+@pytest.mark.parametrize(("check", "warned"), CONNECTS)
+def test_verbose_warns_once_of_a_check_that_names_the_port_of_a_passed_socket(check, warned, env):
+    """A connect to a socket fdlaunch-listen bound succeeds at once, into its backlog, before the program serves."""
+    port = free_port()
+    text = "true # " + check.format(port=port)  # what is said about the check goes by its text; this one passes
+    listen = ["fdlaunch-listen", f"-tcp:label=http:127.0.0.1:{port}", f"-tcp:label=again:127.0.0.1:{free_port()}", "--"]
+    done = run_fork([*listen, "fdlaunch-notify-wait", "-v", "--fork", f"--check={text}", "--", "sleep", "30"], env=env)
+    try:
+        assert done.returncode == 0, done.stderr
+        warning = (
+            f"fdlaunch-notify-wait: warning: the check {text!r} names port {port} of the socket labelled 'http', bound and listening"
+            " already: a connect succeeds there before the program serves; ask the program itself, with a request it must answer"
+            f" (--check='curl -fsS -o /dev/null http://127.0.0.1:{port}/', say)\n"
+        )
+        assert done.stderr.count(warning) == (1 if warned else 0), done.stderr
+    finally:
+        kill_quietly(int(done.stdout))
+    quiet = run_fork([*listen, "fdlaunch-notify-wait", "--fork", f"--check={text}", "--", "true"], env=env)
+    assert "warning" not in quiet.stderr, "said only with -v"
 
 
 def send_and_exit_at_once(notify_socket, data=b"READY=1"):

@@ -32,7 +32,7 @@ def test_inherited(environ, expected):
     [
         ({"LISTEN_FDS": "x", "LISTEN_PID": str(PID)}, "LISTEN_FDS='x'"),
         ({"LISTEN_FDS": "1", "LISTEN_PID": "me"}, "LISTEN_PID='me'"),
-        ({"LISTEN_FDS": "2", "LISTEN_PID": str(PID), "LISTEN_FDNAMES": "a"}, "has 1 names but LISTEN_FDS=2"),
+        ({"LISTEN_FDS": "2", "LISTEN_PID": str(PID), "LISTEN_FDNAMES": "a"}, "has 1 name but LISTEN_FDS=2"),
         ({"LISTEN_FDS": "1", "LISTEN_PID": str(PID), "LISTEN_FDNAMES": "a b"}, "'a b' is not a label"),
         ({"LISTEN_FD_MAP": "udp"}, "'udp' is not LABEL=FD"),
         ({"LISTEN_FD_MAP": "udp=x"}, "'udp=x' is not LABEL=FD"),

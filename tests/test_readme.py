@@ -144,10 +144,17 @@ def test_fd_option_refuses_a_passed_socket(tool, convention, tmp_path):
     listen = ["fdlaunch-listen", *(["--map"] if convention == "LISTEN_FD_MAP" else []), "-udp:127.0.0.1:0", "-tcp:127.0.0.1:0", "--"]
     done = run([*listen, tool, "--fd=3", "--", "true"], env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)})
     assert done.returncode == 100, done.stderr
-    assert done.stderr == (
-        f"{tool}: fatal: --fd='3': fd 3 is the socket labelled 'udp' passed in LISTEN_FDS/LISTEN_FD_MAP, "
-        "not a notification fd; under s6 start the chain with fdlaunch-listen --map, which leaves fd 3 alone\n"
-    )
+    if convention == "LISTEN_FDS":  # put on fd 3 over what was there: --map would have left it alone
+        assert done.stderr == (
+            f"{tool}: fatal: --fd='3': fd 3 is the socket labelled 'udp' passed in LISTEN_FDS/LISTEN_FD_MAP, "
+            "not a notification fd; under s6 start the chain with fdlaunch-listen --map, which leaves fd 3 alone\n"
+        )
+    else:  # --map put it there because fd 3 was free: nobody gave one (the chain was started by hand)
+        assert done.stderr == (
+            f"{tool}: fatal: --fd='3': fd 3 is the socket labelled 'udp' of LISTEN_FD_MAP, not a notification fd: fd 3 was"
+            " not open when that socket was put on a free fd, so no supervisor gave one (s6-supervise opens it for a service"
+            " whose notification-fd file says 3); started by hand, give it one: 3>&1\n"
+        )
     assert os.listdir(tmp_path) == []
 
 

@@ -78,6 +78,13 @@ REFUSED = [
     ("-tcp::http!", "service name"),
     ("-tcp:", "service name"),
     ("-tcp:::1:53", "brackets"),
+    ("-tcp:fe80::1:53", "brackets"),
+    (
+        "-tcp:http:127.0.0.1:9300",
+        "'http' is neither an option nor part of the address: a label is given as label=http, e.g. -tcp:label=http:127.0.0.1:9300",
+    ),
+    ("-udp:dns:[::1]:53", "a label is given as label=dns, e.g. -udp:label=dns:[::1]:53"),
+    ("-tcp:reuseprot:127.0.0.1:80", "unknown option 'reuseprot', did you mean 'reuseport'?"),
     ("-tcp:[::1]53", "[IPV6]:PORT"),
     ("-tcp:[1.2.3.4]:53", "not an IPv6 address"),
     ("-tcp4:[::1]:53", "IPv4 only"),

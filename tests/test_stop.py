@@ -147,7 +147,7 @@ def test_handoff_killed_during_its_stop_leaves_no_instance(tmp_path):
         handoff.wait()
         wait_for("the guard to stop the instance", lambda: gone(pid), seconds=1 + 1)
         wait_for_line(
-            tmp_path / "stderr", f"fdlaunch-handoff (guard): warning: pids {pid} still running 1 seconds after SIGTERM: sent SIGKILL"
+            tmp_path / "stderr", f"fdlaunch-handoff (guard): warning: pid {pid} still running 1 second after SIGTERM: sent SIGKILL"
         )
     finally:
         kill_all(handoff, log)
@@ -197,7 +197,7 @@ def test_accept_handlers_still_running_after_grace_are_killed_and_named(tmp_path
         assert stopped_within(server, 1 + 1) == 0
         assert gone(pid)
         stderr = (tmp_path / "stderr").read_text()
-        expected = f"fdlaunch-accept: warning: 1 handler still running 1 seconds after the stop signal; sent it SIGKILL (pid {pid})"
+        expected = f"fdlaunch-accept: warning: 1 handler still running 1 second after the stop signal; sent it SIGKILL (pid {pid})"
         assert expected in stderr.splitlines()
     finally:
         client.close()
@@ -213,7 +213,7 @@ def test_accept_guard_stops_stubborn_handlers_of_a_killed_server_and_says_so(tmp
         wait_for_line(log, f"{pid} got TERM")  # the guard's SIGTERM, caught and ignored
         wait_for("the guard to kill the handler", lambda: gone(pid), seconds=1 + 1)
         stderr = tmp_path / "stderr"
-        wait_for_line(stderr, "fdlaunch-accept (guard): warning: handlers still running 1 seconds after SIGTERM; sent them SIGKILL")
+        wait_for_line(stderr, "fdlaunch-accept (guard): warning: handlers still running 1 second after SIGTERM; sent them SIGKILL")
         assert f"fdlaunch-accept (guard): warning: its server (pid {server.pid}) died; stopping the handlers" in stderr.read_text()
     finally:
         client.close()
@@ -235,7 +235,7 @@ def test_foreground_kills_a_daemon_that_will_not_stop_after_grace(tmp_path):
         keeper.send_signal(signal.SIGTERM)
         assert stopped_within(keeper, 1 + 1) == 128 + signal.SIGKILL
         assert gone(pid)
-        expected = f"fdlaunch-foreground: warning: the daemon (pid {pid}) was still running 1 seconds after SIGTERM; sent it SIGKILL"
+        expected = f"fdlaunch-foreground: warning: the daemon (pid {pid}) was still running 1 second after SIGTERM; sent it SIGKILL"
         assert expected in (tmp_path / "stderr").read_text().splitlines()
     finally:
         kill_all(keeper, log)

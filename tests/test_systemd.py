@@ -20,6 +20,7 @@ import systemd_harness
 from conftest import TIMEOUT, cannot_run, free_port, http_get, missing
 from systemd_harness import Systemd, wait_until
 from test_examples import commands_beside
+from test_foreground import NGINX_CONF
 from test_handoff import HttpLoad
 from test_install import PREFIX, PYTHON, install, public_tempdir
 
@@ -217,6 +218,25 @@ def test_notify_wait_forward_follows_the_main_pid_a_daemon_hands_to_its_worker(s
     stop_and_check_nothing_is_left(systemd, unit)
 
 
+@pytest.mark.parametrize(("option", "how"), [("--upstart", "upstart"), ("--ready-fd=3", "fd 3")])
+def test_a_daemon_that_never_heard_of_sd_notify_is_a_type_notify_service(systemd, option, how):
+    """upstart's SIGSTOP, or s6's newline on its fd, is READY=1 with MAINPID= the daemon for a Type=notify unit."""
+    unit = f"legacy-{how.split()[0]}.service"
+    log = systemd.state / f"{unit}.log"
+    daemon = f"/usr/bin/python3 {HERE}/legacy_daemon.py {log} {how}"
+    systemd.write_unit(unit, f"[Service]\nType=notify\nExecStart={BIN}/fdlaunch-notify-wait --forward {option} -- {daemon}\n")
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("start", unit)  # returns once systemd has READY=1
+    assert systemd.state_of(unit) == "active/running"
+    main = systemd.host_pid(systemd.main_pid(unit))
+    assert "legacy_daemon.py" in Path(f"/proc/{main}/cmdline").read_text(), "systemd's main pid is the daemon"
+    said = "continued" if how == "upstart" else "ready"
+    wait_until(lambda: said in log.read_text().splitlines(), f"the daemon never logged {said!r}", log=systemd.log)
+    assert Path(f"/proc/{main}/status").read_text().count("TracerPid:\t0\n") == 1, "not traced once ready"
+    stop_and_check_nothing_is_left(systemd, unit)
+    assert log.read_text().splitlines()[-1] == "SIGTERM"
+
+
 def test_foreground_forward_makes_the_daemon_that_forked_away_the_main_pid(systemd):
     """Type=notify around a daemon that double-forks: systemd's MainPID is the daemon, not fdlaunch-foreground."""
     unit = "forking.service"
@@ -229,6 +249,32 @@ def test_foreground_forward_makes_the_daemon_that_forked_away_the_main_pid(syste
     assert systemd.state_of(unit) == "active/running"
     stop_and_check_nothing_is_left(systemd, unit)
     assert log.read_text().splitlines()[-1] == "SIGTERM", "the daemon got systemd's SIGTERM"
+
+
+def test_foreground_follows_nginx_through_its_binary_upgrade(systemd):
+    """USR2 to the main pid (nginx starts a new master), QUIT to it (the old one quits): the unit stays up, on the new master."""
+    directory = systemd.state / "nginx"
+    directory.mkdir()
+    directory.chmod(0o777)
+    port, pidfile = free_port(), directory / "nginx.pid"
+    (directory / "nginx.conf").write_text(NGINX_CONF.format(dir=directory, port=port))
+    nginx = f"/usr/sbin/nginx -p {directory} -c {directory}/nginx.conf"
+    unit = "nginx-upgrade.service"
+    keep = f"{BIN}/fdlaunch-foreground -v --forward --pidfile={pidfile}"
+    systemd.write_unit(unit, f"[Service]\nType=notify\nExecStart={keep} -- {BIN}/fdlaunch-setuidgid nobody -- {nginx}\n")
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("start", unit)
+    old = systemd.main_pid(unit)
+    assert old == int(pidfile.read_text()), "systemd's main pid is the master"
+    systemd.systemctl("kill", "--kill-whom=main", "--signal=SIGUSR2", unit)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != str(old), "no new master", log=systemd.log)
+    new = int(pidfile.read_text())
+    systemd.systemctl("kill", "--kill-whom=main", "--signal=SIGQUIT", unit)
+    wait_until(lambda: systemd.main_pid(unit) == new, "systemd's main pid is not the new master", log=systemd.log)
+    wait_until(lambda: systemd.host_pid(old) is None, "the old master never quit", log=systemd.log)
+    assert systemd.state_of(unit) == "active/running"
+    assert answer(port).startswith("hello from pid "), "the new master serves"
+    stop_and_check_nothing_is_left(systemd, unit)
 
 
 def test_watchdog_pings_are_relayed_and_a_daemon_that_stops_pinging_is_restarted(systemd):

@@ -29,10 +29,9 @@ import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, say_as, warn
+from fdlaunch.errors import Fatal, UsageError, say_as, shown, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
-from fdlaunch.text import listenenv
 
 PROG = "fdlaunch-foreground"
 
@@ -50,6 +49,10 @@ def main(argv, environ):
         daemon = keeper.launch(path, program, environ)
         tell_ready(relays, daemon, options["--verbose"])
         status = keeper.supervise()
+        while isinstance(status, forking.Successor):
+            daemon = status.pid
+            tell_successor(relays, status, options["--pidfile"], options["--verbose"])
+            status = keeper.supervise()
     except BaseException:  # whatever went wrong, nothing we started is left running unsupervised
         keeper.stop_all()
         keeper.stop_guard()
@@ -71,6 +74,22 @@ def tell_ready(relays, daemon, verbose):
     relays.ready(None, daemon, [("READY", "1")], None)
 
 
+def tell_successor(relays, successor, pidfile, verbose):
+    """The daemon handed over to the process its PID file names now: MAINPID= that one, upward.
+
+    Sent as the old daemon, still unreaped: the supervisor knows it as the
+    main pid until it reads this, and NotifyAccess=main believes no other.
+    """
+    if verbose:
+        warn(
+            PROG, "info", f"the daemon (pid {successor.previous}) exited; pid {successor.pid}, named by {shown(pidfile)}, is the daemon now"
+        )
+    try:
+        relays.relay([("MAINPID", str(successor.pid))], successor.pid, successor.previous)
+    except Fatal as error:
+        warn(PROG, "warning", str(error))
+
+
 def read_settings(options, environ):
     """Every option checked before anything starts: the keeper's settings, and where readiness goes."""
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
@@ -80,7 +99,7 @@ def read_settings(options, environ):
         raise UsageError("--pidfile needs a path")
     fd = None
     if options["--fd"] is not None:
-        fd = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
+        fd = fds.open_fd_option("--fd", options["--fd"], environ)
         os.set_inheritable(fd, False)  # the daemon must not hold it
     timeout, grace = cli.seconds("--timeout", options["--timeout"]), cli.seconds("--grace", options["--grace"])
     return forking.Settings(options["--pidfile"], timeout, grace), readiness.Relays(fd, upstream)

@@ -33,6 +33,12 @@ Options:
                         FDSTORE=1, for the instances after them [default: 0].
   --main-pid=WHO        The MAINPID= told upward: 'self' or 'instance' (the
                         serving one) [default: self].
+  --upstart[=NAME]      An instance is also ready once it stops itself with
+                        SIGSTOP; it then gets SIGCONT. Instances get
+                        UPSTART_JOB=NAME (default: PROG's basename).
+  --ready-fd=N          An instance is also ready once it writes a newline
+                        to fd N, a pipe it is given.
+  --ready-fd-var=NAME   With --ready-fd, also give instances N in NAME.
   -v, --verbose         Say on stderr what happens.
   -h, --help            Print this help.
   --version             Print the version.
@@ -43,7 +49,7 @@ import signal
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, say_as, warn
+from fdlaunch.errors import BadCall, UsageError, say_as, warn
 from fdlaunch.kernel import fds, sdnotify
 from fdlaunch.loops import listenfrom, overlap
 from fdlaunch.text import listenenv
@@ -51,22 +57,25 @@ from fdlaunch.text.numbers import is_decimal
 
 PROG = "fdlaunch-handoff"
 FDSTORE_CEILING = 4096
+# What --ready-fd-var may not name: variables we set or read ourselves.
+OURS = ("NOTIFY_SOCKET", "UPSTART_JOB", "WATCHDOG_USEC", "WATCHDOG_PID", *listenenv.VARIABLES)
 
 
 @tool(PROG)
 def main(argv, environ):
-    options = cli.parse(__doc__, argv)
+    # Our own reader, not docopt's: docopt cannot read an option's optional value (--upstart[=NAME]); see cli.
+    options = cli.read(__doc__, argv)
+    if options["PROG"] is None:
+        raise BadCall(cli.synopsis(__doc__))
     program = [options["PROG"], *options["ARGS"]]
-    settings = read_settings(options, environ)
+    settings = read_settings(options, environ, program)
     say = say_as(PROG, options["--verbose"])
     passed = listenenv.inherited(environ, os.getpid(), fds.limit())
     fds.check_inherited(passed, fds.open_fds())
     if not passed and not options["--listen-from"]:
         say("info", "no sockets were passed in; instances still overlap, each with its own")
     upstream = environ.pop("NOTIFY_SOCKET", None)
-    sockets = listenfrom.Handed(environ)
-    if options["--listen-from"]:
-        sockets = listenfrom.FromFile(options["--listen-from"], environ, passed, fds.open_fds(), not options["--map"])
+    sockets = instance_sockets(options, settings, environ, passed)
     inbox = sdnotify.Inbox()
     try:
         guard_say = say_as(f"{PROG} (guard)")
@@ -78,7 +87,16 @@ def main(argv, environ):
     return exit_like(status)
 
 
-def read_settings(options, environ):
+def instance_sockets(options, settings, environ, passed):
+    """What each instance gets: what was handed in, and with --listen-from FILE's sockets too."""
+    if not options["--listen-from"]:
+        return listenfrom.Handed(environ)
+    # --ready-fd's number counts as taken: no socket of FILE is put there.
+    taken = fds.open_fds() | ({settings.instance_fd} if settings.instance_fd is not None else set())
+    return listenfrom.FromFile(options["--listen-from"], environ, passed, taken, not options["--map"])
+
+
+def read_settings(options, environ, program):
     """Every option checked before anything starts; the loop's settings."""
     reload = signal_number("--signal", options["--signal"])
     stop = signal_number("--stop-signal", options["--stop-signal"])
@@ -99,12 +117,27 @@ def read_settings(options, environ):
     if not (is_decimal(fdstore_max) and int(fdstore_max) <= FDSTORE_CEILING):
         raise UsageError(f"--fdstore-max={fdstore_max!r} is not a number of descriptors from 0 to {FDSTORE_CEILING}")
     ready_fd = None
+    passed = listenenv.inherited(environ, os.getpid())
     if options["--fd"] is not None:
-        ready_fd = fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
+        ready_fd = fds.open_fd_option("--fd", options["--fd"], environ)
         os.set_inheritable(ready_fd, False)  # the instances must not hold it
+    instance_fd, instance_fd_var = cli.ready_fd(options, passed, ready_fd, OURS)
+    upstart = cli.upstart_job(options["--upstart"], program)
     main_pid_self = options["--main-pid"] == "self"
     return overlap.Settings(
-        reload, stop, ready_timeout, grace, ready_fd, main_pid_self, options["--respawn"], int(fdstore_max), watchdog, relay
+        reload,
+        stop,
+        ready_timeout,
+        grace,
+        ready_fd,
+        main_pid_self,
+        options["--respawn"],
+        int(fdstore_max),
+        watchdog,
+        relay,
+        upstart,
+        instance_fd,
+        instance_fd_var,
     )
 
 

@@ -18,11 +18,13 @@ Options:
   --version      Print the version.
 """
 
+import errno
 import os
+import stat
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Finished, UsageError, warn
+from fdlaunch.errors import BadCall, Fatal, Finished, UsageError, shown, warn
 from fdlaunch.kernel import chain, fds, sock
 from fdlaunch.text import fdplan, listenenv, spec
 
@@ -41,6 +43,7 @@ def main(argv, caller):
     layout = plan(caller, pid, wanted, systemd)
     environ = listenenv.environment(caller, layout.passed, pid, systemd, layout.variables)
     if options["--dry-run"]:
+        refuse_what_would_fail(layout, program, environ)
         print_plan(layout, caller, environ, program)
         raise Finished(0)
     path = chain.find_program(program[0], environ)
@@ -75,19 +78,57 @@ def plan(caller, pid, wanted, systemd):
     return layout._replace(new=[s._replace(endpoint=sock.resolve(s.spec, ipv6)) for s in layout.new])
 
 
+def refuse_what_would_fail(layout, program, environ):
+    """--dry-run: the failures of the real run that show without doing anything, with its message and status.
+
+    The program not found on PATH (127, or 126); a unix socket's directory
+    that does not exist, without mkdir; a port below
+    ip_unprivileged_port_start without CAP_NET_BIND_SERVICE. An address
+    in use shows only by binding.
+    """
+    if program:
+        chain.find_program(program[0], environ)
+    for s in layout.new:
+        spec = s.spec
+        if spec.is_unix and not spec.is_abstract and not spec.mkdir:
+            directory = os.path.dirname(spec.path) or "."
+            try:
+                is_directory = stat.S_ISDIR(os.stat(directory).st_mode)
+            except FileNotFoundError:
+                raise Fatal(
+                    f"unable to bind {spec.address()}: directory {shown(directory)} does not exist (the mkdir option makes it)"
+                ) from None
+            except OSError:
+                continue  # out of our reach, say: what the real run meets there, it says
+            if not is_directory:
+                raise Fatal(f"unable to open directory {shown(directory)}: {os.strerror(errno.ENOTDIR)}")
+        if not spec.is_unix and not sock.may_bind_privileged_ports():
+            hint = sock.privileged_port_hint(s.endpoint)
+            if hint:
+                raise Fatal(f"unable to bind {sock.endpoint_address(s.endpoint)}: {os.strerror(errno.EACCES)}{hint}")
+
+
 def describe(layout):
-    """One line per passed socket: fd, protocol, address actually bound, label."""
+    """One line per passed socket: fd, address actually bound (with its protocol), label."""
     for passed in layout.passed:
         s = layout.new_at(passed.fd)
-        where = "inherited" if s is None else f"{s.spec.proto} {sock.describe(passed.fd, s.spec)}"
+        where = "inherited" if s is None else socket_words(s.spec, sock.describe(passed.fd, s.spec))
         yield f"fd {passed.fd}: {where}, label {passed.label}"
+
+
+def socket_words(spec, address):
+    """'127.0.0.1:80/tcp', '[::]:53/udp (udp6)', 'unix-dgram /run/x': an inet address says its transport
+    already, so only a protocol that says more (tcp4, udp6) is added; a unix socket's word comes first."""
+    if spec.is_unix:
+        return f"{spec.proto} {address}"
+    return address if spec.proto == spec.protocol.transport else f"{address} ({spec.proto})"
 
 
 def print_plan(layout, before, after, program):
     lines = []
     for passed in layout.passed:
         s = layout.new_at(passed.fd)
-        where = "inherited" if s is None else f"{s.spec.proto} {sock.endpoint_address(s.endpoint)}"
+        where = "inherited" if s is None else socket_words(s.spec, sock.endpoint_address(s.endpoint))
         lines.append(f"fd {passed.fd}: {where}, label {passed.label}")
     lines += [f"{name}={after[name]}" for name in sorted(after) if before.get(name) != after[name]]
     lines += [f"unset {name}" for name in sorted(set(before) - set(after))]

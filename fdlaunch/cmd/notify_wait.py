@@ -18,7 +18,8 @@ Options:
   --command=CMD      Once ready, run CMD with /bin/sh, its output to stderr.
   --command-timeout=SECS  With --command, stop a run that takes longer
                      (default 60).
-  --stop             Once ready, stop PROG with SIGSTOP (upstart).
+  --stop             Once ready, stop PROG with SIGSTOP, for an upstart
+                     job's 'expect stop' above this.
   --timeout=SECONDS  Say so if PROG is not ready in time.
   --kill             With --timeout, then send PROG SIGTERM.
   --watchdog=SECS    Once ready, PROG must send WATCHDOG=1 at least this
@@ -32,22 +33,31 @@ Options:
                      (default 10).
   --tries=N          With --check, give up after N failed runs (default 0:
                      no limit).
+  --upstart[=NAME]   PROG is also ready once it stops itself with SIGSTOP
+                     (upstart's 'expect stop'); it then gets SIGCONT. PROG
+                     gets UPSTART_JOB=NAME (default: its basename).
+  --ready-fd=N       PROG is also ready once it writes a newline to fd N, a
+                     pipe it is given (s6's notification-fd).
+  --ready-fd-var=NAME  With --ready-fd, also give PROG N in variable NAME.
   -v, --verbose      Say on stderr what is relayed where, and when PROG
                      got ready.
   -h, --help         Print this help.
   --version          Print the version.
 """
 
+import errno
 import os
+import re
 import select
 import signal
+import socket
 import time
 from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, say_as, shown, unable, warn
-from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify
+from fdlaunch.errors import BadCall, Fatal, UsageError, counted, say_as, shown, unable, warn
+from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify, trace
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
@@ -61,26 +71,37 @@ NOT_READY_IN_TIME = 2
 # to act on; PROG's exit, seen through a pidfd, is what ends the holder.
 HOLDER_IGNORES = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
+# How long the watcher may take to start tracing PROG (--upstart, chain mode): it does so at once.
+TRACE_START_SECONDS = 5
+# What --ready-fd-var may not name: variables we set or read ourselves.
+OURS = ("NOTIFY_SOCKET", "UPSTART_JOB", "WATCHDOG_USEC", "WATCHDOG_PID", *listenenv.VARIABLES)
+
 # fd: the s6 notification fd, or None; upstream: the NOTIFY_SOCKET to
 # forward to, or None; timeout: seconds, or None; kill: --kill; say: speaks
 # for the watcher; check: a readiness.Check, or None; command: a
 # readiness.Command, or None; watchdog: seconds between PROG's WATCHDOG=1
-# that we enforce, or None; touch: a readyfile.ReadyFile, or None.
-Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog touch")
+# that we enforce, or None; touch: a readyfile.ReadyFile, or None;
+# upstart: UPSTART_JOB's value (--upstart), or None; ready_fd: the fd
+# PROG writes its readiness newline to (--ready-fd), or None; ready_fd_var:
+# the variable that tells PROG that number, or None.
+Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog touch upstart ready_fd ready_fd_var")
 
 
 @tool(PROG)
 def main(argv, environ):
-    options = cli.parse(__doc__, argv)
+    # Our own reader, not docopt's: docopt cannot read an option's optional value (--upstart[=NAME]); see cli.
+    options = cli.read(__doc__, argv)
+    if options["PROG"] is None:
+        raise BadCall(cli.synopsis(__doc__))
     program = [options["PROG"], *options["ARGS"]]
     # Without --fork the watching is done by a process forked for it, and it says so (s6-notifyoncheck's "(child)").
     say = say_as(PROG if options["--fork"] else f"{PROG} (watcher)", options["--verbose"])
-    settings = read_settings(options, environ, say)
+    settings = read_settings(options, environ, say, program)
     path = chain.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings.fd, settings.upstream, settings.command, options["--stop"], environ, settings.touch)
     # PROG's; --command keeps the caller's
-    environ = {**environ, **watchdog_environment(settings.watchdog), "NOTIFY_SOCKET": inbox.path}
+    environ = {**environ, **watchdog_environment(settings.watchdog), **inputs_environment(settings), "NOTIFY_SOCKET": inbox.path}
     if options["--fork"]:
         return fork_and_wait(inbox, relays, settings, path, program, environ)
     start_watcher(inbox, relays, settings)
@@ -88,9 +109,10 @@ def main(argv, environ):
     return chain.Exec(path, program, environ)
 
 
-def read_settings(options, environ, say):
+def read_settings(options, environ, say, program):
     """Every option checked before anything is created; say(kind, text) speaks for the watcher."""
-    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"], listenenv.inherited(environ, os.getpid()))
+    passed = listenenv.inherited(environ, os.getpid())
+    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"], environ)
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
         raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")
@@ -99,8 +121,19 @@ def read_settings(options, environ, say):
         raise UsageError("--kill goes with --timeout")
     check = read_check(options, environ, say)
     watchdog = read_watchdog(options, environ, say)
+    ready_fd, ready_fd_var = cli.ready_fd(options, passed, fd, OURS)
+    upstart = cli.upstart_job(options["--upstart"], program)
     touch = None if options["--touch"] is None else readyfile.ReadyFile(options["--touch"])
-    return Settings(fd, upstream, timeout, options["--kill"], say, check, read_command(options), watchdog, touch)
+    command = read_command(options)
+    return Settings(fd, upstream, timeout, options["--kill"], say, check, command, watchdog, touch, upstart, ready_fd, ready_fd_var)
+
+
+def inputs_environment(settings):
+    """What PROG reads to say it is ready our other ways: UPSTART_JOB, --ready-fd-var's name."""
+    environ = {} if settings.upstart is None else {"UPSTART_JOB": settings.upstart}
+    if settings.ready_fd_var is not None:
+        environ[settings.ready_fd_var] = str(settings.ready_fd)
+    return environ
 
 
 def read_watchdog(options, environ, say):
@@ -150,23 +183,63 @@ def read_check(options, environ, say):
     text = options["--tries"] or "0"
     if not (is_decimal(text) and len(text) <= 9):
         raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
+    if options["--verbose"]:
+        warn_if_check_connects(options["--check"], listenenv.inherited(environ, os.getpid()), say)
     return readiness.Check(options["--check"], interval, timeout, int(text), environ, say)
 
 
+def warn_if_check_connects(command, passed, say):
+    """-v: said once if the check names the port (or path) of a socket passed to PROG, bound and listening already.
+
+    The kernel completes a connect to a listening socket into its backlog
+    whether or not anyone accepts: a check that only connects (nc -z) passes
+    at once, before the program serves. One with a URL in it asks the
+    program something in its protocol, and is not warned about.
+    """
+    if "://" in command:
+        return
+    from fdlaunch.kernel import sock  # only for -v with --check: a start-up cost the others do not pay
+
+    for p in passed:
+        try:
+            name = sock.facts(p.fd)[4]
+        except OSError:
+            continue  # not a socket: nothing is listening there
+        named = name if isinstance(name, str) else str(name[1]) if isinstance(name, tuple) else None
+        # A port as a word of its own (':80', ' 80', '/dev/tcp/host/80', not 8080 or 10.0.0.80); a path whole.
+        apart = r"[0-9A-Za-z.]" if isinstance(name, tuple) else r"[0-9A-Za-z/._-]"
+        if named and re.search(rf"(?<!{apart}){re.escape(named)}(?!{apart})", command):
+            advice = "a connect succeeds there before the program serves; ask the program itself, with a request it must answer"
+            what = shown(named)
+            if isinstance(name, tuple):
+                what, advice = f"port {named}", f"{advice} (--check='curl -fsS -o /dev/null http://127.0.0.1:{named}/', say)"
+            say("warning", f"the check {command!r} names {what} of the socket labelled {p.label!r}, bound and listening already: {advice}")
+            return
+
+
 def start_watcher(inbox, relays, settings):
-    """Leave a watcher behind (double fork: PROG never has to reap it), then get ready to exec."""
+    """Leave a watcher behind (double fork: PROG never has to reap it), then get ready to exec.
+
+    With --upstart the watcher traces this process from before the exec
+    (kernel.trace): it tells us its pid, we let it, it seizes us.
+    """
     try:
         program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
+        ready_pipe = None if settings.ready_fd is None else os.pipe2(os.O_CLOEXEC)
+        tracing = None if settings.upstart is None else socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     except OSError as error:
         raise fds.syscall_error(f"watch pid {os.getpid()}", error) from None
+    ready_read = None if ready_pipe is None else ready_pipe[0]
+    tracer_end = None if tracing is None else tracing[1]
     keep = {inbox.fileno(), program.pidfd, 2, *([relays.fd] if relays.fd is not None else [])}
     keep |= {relays.touch.fileno()} if relays.touch is not None else set()
+    keep |= {fd for fd in (ready_read, None if tracer_end is None else tracer_end.fileno()) if fd is not None}
     middle = os.fork()
     if middle == 0:
         try:
             if os.fork() == 0:
                 # Nobody reads its status: what ends it is said on stderr, under its own name.
-                status, _ = cli.attempt(f"{PROG} (watcher)", watch, inbox, relays, settings, program, keep)
+                status, _ = cli.attempt(f"{PROG} (watcher)", watch, inbox, relays, settings, program, keep, ready_read, tracer_end)
                 os._exit(status)
         finally:
             os._exit(0)
@@ -177,6 +250,55 @@ def start_watcher(inbox, relays, settings):
         os.close(relays.fd)  # PROG does not inherit the notification fd
     if relays.touch is not None:
         relays.touch.close()  # nor the directory of --touch's FILE
+    if tracing is not None:
+        tracer_end.close()
+        with tracing[0]:
+            let_watcher_trace(tracing[0])
+    if ready_pipe is not None:
+        os.close(ready_read)  # first: it may be on fd N itself, which the write end then takes
+        fds.place([(ready_pipe[1], settings.ready_fd)])
+
+
+def let_watcher_trace(channel):
+    """Our side of the watcher's PTRACE_SEIZE: Fatal (111) if it could not trace us, or did not say within TRACE_START_SECONDS."""
+    pid = answer_of(channel)
+    trace.allow_tracer(int(pid))
+    try:
+        channel.send(b"go")
+        answer = answer_of(channel)
+    finally:
+        trace.name_tracer(0)  # the watcher is attached, or will not be: Yama may forget it
+    if answer != b"ok":
+        number = int(answer) if answer.isdigit() else errno.EIO
+        raise Fatal(f"unable to trace pid {os.getpid()} for --upstart: {os.strerror(number)}{trace.refusal_hint()}")
+
+
+def answer_of(channel):
+    """The watcher's next message; Fatal if it has none for us within TRACE_START_SECONDS, or is gone."""
+    if not select.select([channel], [], [], TRACE_START_SECONDS)[0]:
+        raise Fatal(f"unable to trace pid {os.getpid()} for --upstart: the watcher did not answer within {TRACE_START_SECONDS} seconds")
+    answer = channel.recv(64)
+    if not answer:
+        raise Fatal(f"unable to trace pid {os.getpid()} for --upstart: the watcher exited")
+    return answer
+
+
+def trace_program(channel, program, wakeup):
+    """The watcher's side: tell our pid, wait for leave, seize the program; a TracedStops, or None if that failed.
+
+    A failure is the program's side to say: it does not exec the program then.
+    """
+    with channel:
+        channel.send(str(os.getpid()).encode())
+        if not select.select([channel], [], [], TRACE_START_SECONDS)[0] or channel.recv(64) != b"go":
+            return None
+        try:
+            trace.seize(program.pid)
+        except OSError as error:
+            channel.send(str(error.errno).encode())
+            return None
+        channel.send(b"ok")
+    return readiness.TracedStops(program.pid, program.pidfd, wakeup)
 
 
 def warn_if_pid_1(program):
@@ -190,13 +312,22 @@ def warn_if_pid_1(program):
         )
 
 
-def watch(inbox, relays, settings, program, keep):
+def watch(inbox, relays, settings, program, keep, ready_read, tracer_end):
     """The detached watcher: until PROG is ready (and gone, with --forward, --watchdog or --touch). Its exit status is unused."""
     isolate(keep)
     if relays.touch is not None:
         ignore_stops()
     say = settings.say
-    watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check, watchdog=settings.watchdog)
+    inputs, wakeup = [], None
+    if ready_read is not None:
+        inputs.append(readiness.ReadyPipe(ready_read, settings.ready_fd))
+    if tracer_end is not None:
+        wakeup = proc.catch_signals((signal.SIGCHLD,))  # before the seize: no stop goes unseen
+        traced = trace_program(tracer_end, program, wakeup)
+        if traced is None:
+            return 0  # the program's side says why, and does not exec it
+        inputs.append(traced)
+    watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check, wakeup, settings.watchdog, inputs)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         outcome = watcher.run(deadline)
@@ -218,6 +349,7 @@ def watch(inbox, relays, settings, program, keep):
         if outcome == readiness.WATCHDOG:
             stop_watched(watcher, f"pid {program.pid} {watcher.barked}", signal.SIGABRT)
     finally:
+        watcher.close_inputs()
         stop_check(settings)
         inbox.close()
         if relays.touch is not None:
@@ -229,7 +361,7 @@ def waited(watcher, settings):
     """How long PROG was given to be ready, in words."""
     if watcher.extended:
         return f"{time.monotonic() - watcher.started:.1f} seconds (its EXTEND_TIMEOUT_USEC included)"
-    return f"{settings.timeout:g} seconds"
+    return counted(settings.timeout, "second")
 
 
 def stop_watched(watcher, why, number):
@@ -241,6 +373,7 @@ def stop_watched(watcher, why, number):
     program, say = watcher.program, watcher.say
     name = signal.Signals(number).name
     say("warning", f"{why}; sending it {name}")
+    watcher.close_inputs()  # a traced program is released first, to take the signal
     proc.send_pidfd(program.pidfd, number)
     if not watcher.until_exit(time.monotonic() + readiness.GRACE_SECONDS):
         say("warning", f"pid {program.pid} was still running {readiness.GRACE_SECONDS} seconds after {name}; sent it SIGKILL")
@@ -301,8 +434,10 @@ def isolate(keep):
 
 
 def fork_and_wait(inbox, relays, settings, path, program, environ):
-    child, pidfd, stops = spawn_catching_stops(path, program, environ)
-    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check, stops)
+    child, pidfd, signals, ready_read = spawn_catching_stops(path, program, environ, settings)
+    inputs = [] if ready_read is None else [readiness.ReadyPipe(ready_read, settings.ready_fd)]
+    inputs += [] if settings.upstart is None else [readiness.ChildStops(child, pidfd)]
+    watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check, signals, inputs=inputs)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         try:
@@ -317,14 +452,15 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
                 start_holder(relays.touch, child, pidfd)
             tell_pid(watcher.main_pid, child, pidfd)
             watcher.linger()
-            pass_stops(stops, pidfd)  # a stop that came after READY=1 is still PROG's
+            pass_stops(watcher, pidfd)  # a stop that came after READY=1 is still PROG's
             return 0
     finally:
+        watcher.close_inputs()
         stop_check(settings)
         inbox.close()
     name = f"{program[0]} (pid {child})"
     if outcome == readiness.STOPPED:
-        asked = pass_stops(stops, pidfd)
+        asked = pass_stops(watcher, pidfd)
         status, killed = reap(child, pidfd, asked)
         raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready{killed}", EXITED_BEFORE_READY)
     if outcome in (readiness.GAVE_UP, readiness.LATE):
@@ -336,14 +472,17 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
 
 
-def spawn_catching_stops(path, program, environ):
-    """Start PROG as a child; SIGINT and SIGTERM, from the moment it exists, go to a wakeup pipe. (pid, pidfd, pipe).
+def spawn_catching_stops(path, program, environ, settings):
+    """Start PROG as a child; SIGINT and SIGTERM (and SIGCHLD for --upstart), from the moment it exists, go to a wakeup
+    pipe. (pid, pidfd, that pipe, the read end of --ready-fd's pipe or None).
 
     They stay blocked until the pipe is in place: one that came while PROG
     was being exec'd would have killed us and left it.
     """
     stops = (signal.SIGINT, signal.SIGTERM)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    caught = [number for number in stops if signal.getsignal(number) is not signal.SIG_IGN]
+    caught += [signal.SIGCHLD] if settings.upstart is not None else []  # what tells us PROG stopped
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (*stops, signal.SIGCHLD))
 
     def setup():
         # PROG's stdout is our stderr: our stdout carries the one line a script reads
@@ -351,18 +490,26 @@ def spawn_catching_stops(path, program, environ):
         os.dup2(2, 1)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # PROG gets the mask we were given
 
+    ready_pipe = None
     try:
-        child = chain.spawn(path, program, environ, setup=setup, become=lambda step: cli.become(PROG, step))
+        if settings.ready_fd is not None:
+            ready_pipe = os.pipe2(os.O_CLOEXEC)
+        moves = [] if ready_pipe is None else [(ready_pipe[1], settings.ready_fd)]
+        child = chain.spawn(path, program, environ, setup=setup, moves=moves, become=lambda step: cli.become(PROG, step))
         pidfd = os.pidfd_open(child)
-        caught = proc.catch_signals([number for number in stops if signal.getsignal(number) is not signal.SIG_IGN])
+        wakeup = proc.catch_signals(caught)
+    except OSError as error:
+        raise fds.syscall_error(f"start {program[0]!r}", error) from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    return child, pidfd, caught
+        if ready_pipe is not None:
+            os.close(ready_pipe[1])  # PROG's alone: its end of file is PROG's
+    return child, pidfd, wakeup, None if ready_pipe is None else ready_pipe[0]
 
 
-def pass_stops(stops, pidfd):
+def pass_stops(watcher, pidfd):
     """Pass PROG the stop signals we caught; the first of them, or None."""
-    caught = proc.caught_signals(stops)
+    caught = watcher.caught()
     for number in caught:
         proc.send_pidfd(pidfd, number)
     return caught[0] if caught else None

@@ -6,6 +6,7 @@ import os
 import resource
 
 from fdlaunch.errors import Fatal, UsageError, unable
+from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
 
 
@@ -142,26 +143,58 @@ def make_inheritable(fds):
 STANDARD = {0: "input", 1: "output", 2: "error"}
 
 
-def open_fd_option(option, text, passed=()):
+def open_fd_option(option, text, environ):
     """--fd=N: N as a number, which must be an open descriptor (s6's notification fd), not 0, 1 or 2.
 
-    passed: the sockets handed to this process (listenenv.inherited). One of
-    them is never a notification fd: the program would lose it and the
-    readiness newline would go into the socket.
+    Not one of the sockets passed to this process either (environ's
+    LISTEN_FDS or LISTEN_FD_MAP): the program would lose it and the
+    readiness newline would go into the socket. Where it is, says why:
+    the systemd convention puts sockets on 3, 4, ... over what was there;
+    LISTEN_FD_MAP alone names a socket put on a free fd, so fd N was not
+    open then, and no supervisor gave it.
     """
     fd = int(text) if is_decimal(text) and len(text) <= 10 else -1
     if fd in STANDARD:
         # The program keeps its stdin, stdout and stderr: a newline for the
         # supervisor there would be lost, or any line it prints would say 'ready'.
         raise UsageError(f"{option}={text!r}: fd {fd} is standard {STANDARD[fd]}, which the program keeps; a notification fd is 3 or more")
-    for p in passed:
-        if p.fd == fd:
+    systemd = {p.fd for p in listenenv.parse_systemd(environ, os.getpid())}
+    for p in listenenv.inherited(environ, os.getpid()):
+        if p.fd != fd:
+            continue
+        if fd in systemd:
             raise UsageError(
                 f"{option}={text!r}: fd {fd} is the socket labelled {p.label!r} passed in LISTEN_FDS/LISTEN_FD_MAP, "
                 f"not a notification fd; under s6 start the chain with fdlaunch-listen --map, which leaves fd {fd} alone"
             )
+        raise UsageError(
+            f"{option}={text!r}: fd {fd} is the socket labelled {p.label!r} of LISTEN_FD_MAP, not a notification fd: fd {fd} was"
+            f" not open when that socket was put on a free fd, so no supervisor gave one (s6-supervise opens it for a service"
+            f" whose notification-fd file says {fd}); started by hand, give it one: {fd}>&1"
+        )
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)
     except (OSError, ValueError, OverflowError):  # not a number at all, or beyond a C int
         raise UsageError(f"{option}={text!r}: not an open descriptor (s6 opens it when the service has a notification-fd file)") from None
+    return fd
+
+
+def free_fd_option(option, text, passed=(), taken_from_program=None):
+    """--ready-fd=N: N as a number, 3 or more and below our limit, that the program does not hold.
+
+    An open descriptor (a passed socket, one the caller gave) would be lost
+    to the program once N is put there; taken_from_program, a descriptor
+    the program will not get (--fd's), is free.
+    """
+    fd = int(text) if is_decimal(text) and len(text) <= 10 else -1
+    if fd in STANDARD:
+        raise UsageError(f"{option}={text!r}: fd {fd} is standard {STANDARD[fd]}, which the program keeps; give 3 or more")
+    if not 3 <= fd < limit():
+        raise UsageError(f"{option}={text!r} is not a descriptor number from 3 to {limit() - 1} (ulimit -n)")
+    open_now = open_fds() - {taken_from_program}
+    if fd in open_now:
+        label = next((p.label for p in passed if p.fd == fd), None)
+        what = f"the socket labelled {label!r} passed in LISTEN_FDS/LISTEN_FD_MAP" if label is not None else "open already"
+        free = next(n for n in range(3, limit() + 1) if n not in open_now)
+        raise UsageError(f"{option}={text!r}: fd {fd} is {what}, and the program would lose it; give a free one, such as {option}={free}")
     return fd

@@ -6,6 +6,7 @@ import select
 import signal
 import socket
 
+from fdlaunch.errors import counted, pids_listed
 from fdlaunch.kernel import fds, proc
 
 # What a supervisor or a terminal sends a whole process group.
@@ -98,7 +99,7 @@ def watch_over(sock, say, parent, grace, what):
     live = {pid: pidfd for pid, pidfd in held.items() if not select.select([pidfd], [], [], 0)[0]}
     if not live:
         return
-    say("warning", f"its parent (pid {parent}) died; stopping {what} (pids {', '.join(map(str, live))})")
+    say("warning", f"its parent (pid {parent}) died; stopping {what} ({pids_listed(live)})")
     # What they started since they were handed over: pinned now, so that the
     # SIGKILL after --grace reaches these processes, never others that took their pids.
     below = {}
@@ -115,4 +116,4 @@ def watch_over(sock, say, parent, grace, what):
     killed = proc.end_within(stopping.values(), grace)
     if killed:
         pids = [pid for pid, pidfd in stopping.items() if pidfd in killed]
-        say("warning", f"pids {', '.join(map(str, pids))} still running {grace:g} seconds after SIGTERM: sent SIGKILL")
+        say("warning", f"{pids_listed(pids)} still running {counted(grace, 'second')} after SIGTERM: sent SIGKILL")

@@ -377,6 +377,11 @@ def end_within(pidfds, grace):
     return left
 
 
+def exited(pidfd):
+    """True once the process behind pidfd has exited (a zombie or reaped): its pidfd is readable (pidfd_open(2))."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
 def running(pidfds, deadline):
     """Wait until every process behind pidfds has exited or deadline passes; the pidfds still running."""
     left = list(pidfds)

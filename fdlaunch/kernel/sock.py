@@ -27,6 +27,7 @@ IPV6_FREEBIND = 78
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 DEFAULT_SOCKET_MODE = 0o666  # as systemd's SocketMode=, before the umask
+CAP_NET_BIND_SERVICE = 10  # <linux/capability.h>
 
 
 # A spec with its names looked up: everything bind needs. owner is
@@ -72,7 +73,9 @@ def resolve(spec, ipv6):
         found = socket.getaddrinfo(host, port, wanted, kind)
     except socket.gaierror as error:
         if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None), getattr(socket, "EAI_ADDRFAMILY", None)):
-            raise UsageError(f"{spec.address()}: host {spec.host!r} not found") from None
+            # '-tcp:web:8080' reads as host web: a label without its 'label=' is the likely mistake.
+            meant = "" if "." in spec.host else f"; if {spec.host!r} is a label: -{spec.proto}:label={spec.host}:{spec.port}"
+            raise UsageError(f"{spec.address()}: host {spec.host!r} not found{meant}") from None
         raise Fatal(f"unable to look up host {spec.host!r}: {error.strerror}") from None
     address_family, _, _, _, sockaddr = found[0]
     return Endpoint(spec, address_family, kind, sockaddr, v6only and address_family == socket.AF_INET6)
@@ -191,8 +194,44 @@ def _bind(sock, endpoint):
         raise Fatal(
             f"unable to bind {endpoint.spec.address()}: directory {shown(directory)} does not exist (the mkdir option makes it)"
         ) from None
+    except PermissionError as error:
+        raise Fatal(f"unable to bind {endpoint_address(endpoint)}: {error.strerror}{privileged_port_hint(endpoint)}") from None
     except OSError as error:
         raise unable(f"bind {endpoint_address(endpoint)}", error) from None
+
+
+def privileged_port_hint(endpoint):
+    """Why a bind to a port below net.ipv4.ip_unprivileged_port_start was refused, and the two ways round it ('' otherwise)."""
+    if endpoint.family == socket.AF_UNIX:
+        return ""
+    port, floor = endpoint.sockaddr[1], unprivileged_port_start()
+    if not 0 < port < floor:
+        return ""
+    spec = f"-{endpoint.spec.proto}::{port}"
+    return (
+        f" (ports below {floor} need root or CAP_NET_BIND_SERVICE: bind as root and drop privileges after,"
+        f" fdlaunch-listen {spec} -- fdlaunch-setuidgid USER -- PROG, or give the user the capability before the bind,"
+        f" fdlaunch-setuidgid --keep-cap=net_bind_service USER -- fdlaunch-listen {spec} -- PROG)"
+    )
+
+
+def unprivileged_port_start():
+    """The lowest port a process without CAP_NET_BIND_SERVICE may bind (ip(7), ip_unprivileged_port_start); 1024 by default."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as setting:
+            return int(setting.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def may_bind_privileged_ports():
+    """Whether this process has CAP_NET_BIND_SERVICE in its effective set (proc(5), CapEff)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return True  # nothing to go by: the bind will tell
+    return bool(int(line.split()[1], 16) >> CAP_NET_BIND_SERVICE & 1)
 
 
 def _set_options(sock, endpoint):

@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 
-from fdlaunch.errors import Fatal, counted
+from fdlaunch.errors import Fatal, counted, pids_listed
 from fdlaunch.kernel import chain, fds, proc, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import rules, spec, ucspi
@@ -95,14 +95,14 @@ def _guard(alive, grace, server, say):
         return
     if not proc.others_in_group(group):
         return
-    say("warning", f"its server (pid {server}) died; stopping the handlers (SIGTERM, then SIGKILL after {grace:g} seconds)")
+    say("warning", f"its server (pid {server}) died; stopping the handlers (SIGTERM, then SIGKILL after {counted(grace, 'second')})")
     for number in (signal.SIGTERM, signal.SIGCONT):
         os.killpg(group, number)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and proc.others_in_group(group):
         time.sleep(0.05)
     if proc.others_in_group(group):
-        say("warning", f"handlers still running {grace:g} seconds after SIGTERM; sent them SIGKILL")
+        say("warning", f"handlers still running {counted(grace, 'second')} after SIGTERM; sent them SIGKILL")
     os.killpg(group, signal.SIGKILL)  # and the guard with them
 
 
@@ -256,22 +256,18 @@ class Server:
         for client in self.looking_up:
             client.connection.close()
             self.release(client.key)
+        grace = counted(self.settings.grace, "second")
         if self.looking_up:
-            self.say(
-                "warning",
-                f"closed {counted(len(self.looking_up), 'client')} still waiting for --lookup after {self.settings.grace:g} seconds",
-            )
+            self.say("warning", f"closed {counted(len(self.looking_up), 'client')} still waiting for --lookup after {grace}")
             self.looking_up.clear()
         if not self.running:
             return
         for handler in self.running.values():
             proc.send_pidfd(handler.pidfd, signal.SIGKILL)
-        pids = ", ".join(str(handler.pid) for handler in self.running.values())
-        them, label = ("it", "pid") if len(self.running) == 1 else ("them", "pids")
-        handlers = counted(len(self.running), "handler")
+        them = "it" if len(self.running) == 1 else "them"
+        pids = pids_listed(handler.pid for handler in self.running.values())
         self.say(
-            "warning",
-            f"{handlers} still running {self.settings.grace:g} seconds after the stop signal; sent {them} SIGKILL ({label} {pids})",
+            "warning", f"{counted(len(self.running), 'handler')} still running {grace} after the stop signal; sent {them} SIGKILL ({pids})"
         )
 
     def busy(self):
@@ -304,7 +300,7 @@ class Server:
     def take_accept_error(self, error):
         if error.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
             return  # that client is gone (or a firewall said no): the next one may come
-        self.say("warning", f"unable to accept: {error.strerror}; trying again in {PAUSE_SECONDS} second(s)")
+        self.say("warning", f"unable to accept: {error.strerror}; trying again in {counted(PAUSE_SECONDS, 'second')}")
         self.paused_until = time.monotonic() + PAUSE_SECONDS
 
     def serve(self, connection, address):
@@ -334,7 +330,7 @@ class Server:
         count = self.per_key.get(key, 0) + 1
         if self.settings.max_per is not None and count > self.settings.max_per:
             whose = f"uid {key}" if self.unix else key
-            self.say("warning", f"refused {shown}: {count - 1} connections from {whose} already (-C {self.settings.max_per})")
+            self.say("warning", f"refused {shown}: {counted(count - 1, 'connection')} from {whose} already (-C {self.settings.max_per})")
             return None
         self.per_key[key] = count
         return Client(connection, peer, key, count, local, decision.variables)
@@ -425,7 +421,9 @@ class Server:
         self.listen(False)
         self.listener.close()
         self.kill_at = time.monotonic() + self.settings.grace
-        waiting = f"waiting up to {self.settings.grace:g} seconds for {counted(len(self.running), 'handler')}"
+        waiting = "no handler running"
+        if self.running:
+            waiting = f"waiting up to {counted(self.settings.grace, 'second')} for {counted(len(self.running), 'handler')}"
         self.say("info", f"{signal.Signals(number).name}: no new connections; {waiting}")
         self.notify(b"STOPPING=1")
 
@@ -439,7 +437,7 @@ class Server:
         except Fatal as error:
             self.say("warning", f"kept the old rules: {error}")
             return
-        self.say("info", f"SIGHUP: read {len(self.rules)} rule(s) from {path}")
+        self.say("info", f"SIGHUP: read {counted(len(self.rules), 'rule')} from {path}")
 
     def lose_guard(self):
         for handler in self.running.values():

@@ -16,7 +16,7 @@ import signal
 import time
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal
+from fdlaunch.errors import Fatal, counted, pids_listed
 from fdlaunch.kernel import chain, proc
 from fdlaunch.kernel.guard import PidfdGuard
 from fdlaunch.loops import overlap
@@ -41,6 +41,11 @@ PIDFILE_POLL_SECONDS = 0.02
 # Exit statuses of fdlaunch-foreground itself, besides those of fdlaunch(7).
 NO_DAEMON = 1
 NOT_UP_IN_TIME = 2
+
+# A daemon that exited and the process that is the daemon from now on (the
+# PID file names it): pid the new one's, previous the old one's, a zombie
+# until the next supervise() reaps it.
+Successor = namedtuple("Successor", "pid previous")
 
 # pidfile: where PROG writes the daemon's pid, or None; timeout: seconds PROG
 # may take to leave a daemon; grace: seconds what is left may take to stop.
@@ -87,7 +92,9 @@ class Keeper:
                 launcher.send(number)
             self.reap()
             if launcher.pid not in self.statuses and time.monotonic() >= deadline:
-                self.fail(f"{argv[0]} (pid {launcher.pid}) was still starting after {self.settings.timeout:g} seconds", NOT_UP_IN_TIME)
+                self.fail(
+                    f"{argv[0]} (pid {launcher.pid}) was still starting after {counted(self.settings.timeout, 'second')}", NOT_UP_IN_TIME
+                )
         os.close(launcher.pidfd)
         status = self.statuses[launcher.pid]
         if status != 0:
@@ -138,8 +145,9 @@ class Keeper:
         """
         direct = sorted(pid for pid, ppid in below.items() if ppid == os.getpid())
         if len(direct) != 1:
-            pids = ", ".join(map(str, direct))
-            return None, f"left {len(direct)} processes (pids {pids}), and without --pidfile cannot tell which is the daemon", None
+            left = f"left {counted(len(direct), 'process', 'processes')} directly below us"
+            listed = f" ({pids_listed(direct)})" if direct else ""
+            return None, f"{left}{listed}, and without --pidfile cannot tell which is the daemon", None
         age = proc.age_of(direct[0])
         if age is None:
             return None, f"left pid {direct[0]}, which exited at once", time.monotonic()  # reaped at the next look
@@ -172,13 +180,18 @@ class Keeper:
         return found
 
     def supervise(self):
-        """Until the daemon exits: pass it the signals we get; then stop what is left. Its wait status.
+        """Until the daemon exits: pass it the signals we get; then stop what is left. Its wait status, or a Successor.
 
         A stop signal passed on gives it --grace seconds, then SIGKILL: a
         supervisor that never escalates (s6, runit) must still see the stop end.
+        A daemon that exits while the PID file names another process below
+        us has handed over to it (nginx's binary upgrade): supervise() then
+        returns that Successor, with the old daemon not yet reaped (its pid
+        still speaks for it upward), and is called again to supervise it.
         """
         for number in self.pending:
             self.send_main(number)
+        self.pending = []
         asked = kill_at = None
         while self.main not in self.statuses:
             # Wakes every GUARD_ROUND seconds too: a process the daemon double-forks later
@@ -188,6 +201,10 @@ class Keeper:
                 self.send_main(number)
                 if number in STOPS and asked is None:
                     asked, kill_at = number, time.monotonic() + self.settings.grace
+            if asked in (None, signal.SIGQUIT) and proc.exited(self.main_pidfd):
+                successor = self.successor()  # before the reap: until then its pid is not free
+                if successor is not None:
+                    return successor
             self.reap()
             if self.main_pidfd in events and self.main not in self.statuses and self.reap_one(self.main) is None:
                 break  # not our child when it died: its own parent had its status
@@ -197,12 +214,39 @@ class Keeper:
                 name = signal.Signals(asked).name
                 self.say(
                     "warning",
-                    f"the daemon (pid {self.main}) was still running {self.settings.grace:g} seconds after {name}; sent it SIGKILL",
+                    f"the daemon (pid {self.main}) was still running {counted(self.settings.grace, 'second')} after {name};"
+                    " sent it SIGKILL",
                 )
             self.guard.hand(self.below())
         self.stop_all()
         self.stop_guard()
         return self.statuses.get(self.main)
+
+    def successor(self):
+        """The daemon has exited: a Successor if the PID file now names another live process below us, else None.
+
+        Not after a stop signal other than SIGQUIT, which is what stops the
+        old master in nginx's upgrade: after SIGTERM or SIGINT the service is
+        stopping, and nothing takes over.
+        """
+        if self.settings.pidfile is None:
+            return None
+        below = self.below()
+        pid, _ = self.from_pidfile(below)
+        if pid is None or pid == self.main:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        if os.getpid() not in proc.lineage(pid, pidfd):
+            os.close(pidfd)  # gone, and its pid taken, between the two looks
+            return None
+        old, old_pidfd = self.main, self.main_pidfd
+        self.main, self.main_pidfd = pid, pidfd
+        os.close(old_pidfd)
+        self.guard.hand(below)
+        return Successor(pid, old)
 
     def send_main(self, number):
         proc.send_pidfd(self.main_pidfd, number)
@@ -237,10 +281,11 @@ class Keeper:
             below = self.below()
             if below and time.monotonic() >= deadline:
                 if killed:
-                    self.say("warning", f"pids {', '.join(map(str, below))} survived SIGKILL; leaving them")
+                    self.say("warning", f"{pids_listed(below)} survived SIGKILL; leaving {'it' if len(below) == 1 else 'them'}")
                     return
-                pids = ", ".join(map(str, below))
-                self.say("warning", f"pids {pids} still running {self.settings.grace:g} seconds after SIGTERM; sent them SIGKILL")
+                them = "it" if len(below) == 1 else "them"
+                grace = counted(self.settings.grace, "second")
+                self.say("warning", f"{pids_listed(below)} still running {grace} after SIGTERM; sent {them} SIGKILL")
                 signal_below(below, signal.SIGKILL)
                 killed, deadline = True, time.monotonic() + 5
 

@@ -17,7 +17,7 @@ from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.kernel.fdstore import FdStore
 from fdlaunch.kernel.guard import PidfdGuard
 from fdlaunch.loops import readiness
-from fdlaunch.text import notifyproto
+from fdlaunch.text import listenenv, notifyproto
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # What the serving instance says that goes on upward as it is (sd_notify(3)).
@@ -39,9 +39,16 @@ ORPHAN_GRACE = 1.0
 # many descriptors the fd store keeps (0: none); watchdog: seconds an instance
 # may go without WATCHDOG=1 once ready (None: no watchdog of ours);
 # relay_watchdog: our supervisor's WATCHDOG_USEC, whose pings the serving
-# instance sends through us (None: not under a watchdog).
+# instance sends through us (None: not under a watchdog); upstart: the
+# UPSTART_JOB an instance gets, which says it is ready by stopping itself
+# with SIGSTOP (None: not so); instance_fd: the fd an instance writes its
+# readiness newline to (None: none), instance_fd_var: the variable that
+# tells it that number (None: none).
 Settings = collections.namedtuple(
-    "Settings", "reload stop ready_timeout grace ready_fd main_pid_self respawn fdstore_max watchdog relay_watchdog"
+    "Settings",
+    "reload stop ready_timeout grace ready_fd main_pid_self respawn fdstore_max watchdog relay_watchdog"
+    " upstart instance_fd instance_fd_var",
+    defaults=(None, None, None),
 )
 
 
@@ -57,6 +64,7 @@ class Instance:
         self.watchdog = None  # seconds allowed between two WATCHDOG=1, once ready
         self.ping_due = None  # when its next WATCHDOG=1 is due
         self.replaced = None  # the pid of the serving instance it replaced, when it was respawned
+        self.inputs = []  # how it says it is ready besides READY=1, until it has (readiness.ReadyPipe, ChildStops)
 
     def send(self, number):
         proc.send_pidfd(self.pidfd, number)
@@ -83,8 +91,22 @@ class Instance:
             if pid == self.pid:
                 self.status = status
                 self.kill_at = self.ping_due = None
+                self.close_inputs()
                 os.close(self.pidfd)
         return self.status is not None
+
+    def close_inputs(self):
+        """It is ready, or gone: its other ways of saying so are not read any more (its pipe closed)."""
+        for source in self.inputs:
+            source.close()
+        self.inputs = []
+
+    def input_fds(self):
+        return [fd for source in self.inputs for fd in source.fds()]
+
+    def said_ready(self):
+        """True if it said it is ready one of its other ways since the last look (its newline, its SIGSTOP)."""
+        return any(source.take() for source in self.inputs)
 
 
 def received_dispositions(numbers):
@@ -148,7 +170,9 @@ class Handoff:
 
     def run(self):
         """Until the serving instance has exited and no other is left; returns the serving one's wait status."""
-        self.wakeup_read = proc.catch_signals((*STOPS, self.settings.reload))
+        # SIGCHLD: an instance that says it is ready by stopping itself (--upstart) is seen with waitid(2).
+        wakes = (signal.SIGCHLD,) if self.settings.upstart is not None else ()
+        self.wakeup_read = proc.catch_signals((*STOPS, self.settings.reload, *wakes))
         # Instances that dropped privileges lose their parent death signal: the guard stops them if we die.
         self.guard = PidfdGuard(self.guard_say, min(self.settings.grace, ORPHAN_GRACE), "its instances")
         try:
@@ -157,6 +181,7 @@ class Handoff:
                 self.wait()
                 self.take_signals()
                 self.take_notifications()
+                self.take_inputs()
                 self.take_exits()
                 self.take_deadlines()
                 self.release()
@@ -176,12 +201,48 @@ class Handoff:
     def start(self, offer):
         path = chain.find_program(self.program[0], offer.environ)
         environ, moves = self.store.handed(offer.environ, offer.moves, os.getpid())
-        environ = {**environ, **self.watchdog_environment(), "NOTIFY_SOCKET": self.inbox.path}
-        instance = spawn(path, self.program, environ, self.dispositions, moves, self.become)
+        environ = {**environ, **self.watchdog_environment(), **self.inputs_environment(), "NOTIFY_SOCKET": self.inbox.path}
+        ready_pipe = self.ready_pipe(environ, moves)
+        moves = moves if ready_pipe is None else [*moves, (ready_pipe[1], self.settings.instance_fd)]
+        try:
+            instance = spawn(path, self.program, environ, self.dispositions, moves, self.become)
+        except Fatal:
+            fds.close_all(ready_pipe or ())
+            raise
+        if ready_pipe is not None:
+            os.close(ready_pipe[1])  # the instance's alone: its end of file is the instance's
         self.guard.hand({instance.pid: os.getpid()})
         instance.offer = offer
         instance.watchdog = self.settings.watchdog
+        if ready_pipe is not None:
+            instance.inputs.append(readiness.ReadyPipe(ready_pipe[0], self.settings.instance_fd))
+        if self.settings.upstart is not None:
+            instance.inputs.append(readiness.ChildStops(instance.pid, instance.pidfd))
         return instance
+
+    def inputs_environment(self):
+        """UPSTART_JOB and --ready-fd-var's variable, for an instance that says it is ready those ways."""
+        environ = {} if self.settings.upstart is None else {"UPSTART_JOB": self.settings.upstart}
+        if self.settings.instance_fd_var is not None:
+            environ[self.settings.instance_fd_var] = str(self.settings.instance_fd)
+        return environ
+
+    def ready_pipe(self, environ, moves):
+        """The pipe an instance writes its readiness newline to (--ready-fd), or None; Fatal if its fd is taken.
+
+        Its fd must be free in the instance: not a socket or stored
+        descriptor it is handed, where it is handed it.
+        """
+        number = self.settings.instance_fd
+        if number is None:
+            return None
+        handed = {wanted for _, wanted in moves} | {p.fd for p in listenenv.inherited(environ, os.getpid())}
+        if number in handed:
+            raise Fatal(f"--ready-fd={number}: the new instance gets a socket or a stored descriptor on fd {number}; give a free one")
+        try:
+            return os.pipe2(os.O_CLOEXEC)
+        except OSError as error:
+            raise fds.syscall_error(f"make the readiness pipe of {shown(self.program[0])}", error) from None
 
     def watchdog_environment(self):
         """WATCHDOG_USEC and WATCHDOG_PID for an instance (spawn makes the pid its own) when a watchdog watches it."""
@@ -193,6 +254,8 @@ class Handoff:
     def wait(self):
         poller = select.poll()
         for fd in (self.wakeup_read, self.inbox.fileno(), *(i.pidfd for i in self.instances())):
+            poller.register(fd, select.POLLIN)
+        for fd in (fd for instance in self.instances() for fd in instance.input_fds()):
             poller.register(fd, select.POLLIN)
         for fd in self.store.watched():
             poller.register(fd, 0)  # POLLHUP and POLLERR: a stored connection that hung up
@@ -249,12 +312,8 @@ class Handoff:
         if sender is None or self.stopping:
             return []  # not an instance (None would pass for "no candidate" below), or nothing to hand over to
         notice = message.notice
-        if sender is self.candidate and notice.ready and not sender.ready:
-            self.complete_handoff()
-        elif sender is self.current and notice.ready and not sender.ready:
-            sender.ready = True
-            sender.pinged()
-            self.tell_ready(sender)
+        if notice.ready and not sender.ready:
+            self.instance_ready(sender)
         self.take_watchdog(sender, notice.fields)
         extend = notifyproto.seconds(notice.fields, "EXTEND_TIMEOUT_USEC")
         if extend is not None and sender is self.candidate and self.candidate_deadline is not None:
@@ -264,6 +323,23 @@ class Handoff:
         if relayed and sender in (self.current, self.candidate):
             self.tell(notifyproto.message(relayed).decode(errors="replace"))
         return self.take_fdstore(sender, notice, message.fds)
+
+    def take_inputs(self):
+        """A new or serving instance not yet ready that says so its other ways (--ready-fd, --upstart)."""
+        for instance in (self.candidate, self.current):
+            # Looked at while stopping too: one that stopped itself is continued, so that it can act on its stop signal.
+            if instance is not None and instance.status is None and not instance.ready and instance.said_ready() and not self.stopping:
+                self.instance_ready(instance)
+
+    def instance_ready(self, instance):
+        """instance is ready (its READY=1, its newline, its SIGSTOP): the new one takes over, or the serving one is told upward."""
+        instance.close_inputs()
+        if instance is self.candidate:
+            self.complete_handoff()
+        elif instance is self.current:
+            instance.ready = True
+            instance.pinged()
+            self.tell_ready(instance)
 
     def take_watchdog(self, sender, fields):
         """WATCHDOG=1 and WATCHDOG_USEC=: relayed upward from the serving instance, or kept to ourselves."""
@@ -283,7 +359,7 @@ class Handoff:
         """FDSTORE=1 (with FDNAME=, FDPOLL=) keeps the descriptors; FDSTOREREMOVE=1 drops those of FDNAME=. The fds kept."""
         name = notifyproto.value(notice.fields, "FDNAME")
         if notifyproto.value(notice.fields, "FDSTOREREMOVE") == "1" and name is not None:
-            self.say("info", f"pid {sender.pid} removed {self.store.remove(name)} stored descriptor(s) named {name!r}")
+            self.say("info", f"pid {sender.pid} removed {counted(self.store.remove(name), 'stored descriptor')} named {name!r}")
         if not (notice.fdstore and received):
             return []
         if self.settings.fdstore_max == 0:
@@ -293,7 +369,7 @@ class Handoff:
         if refusal is not None:
             self.say("warning", f"refused FDSTORE=1 from pid {sender.pid}: {refusal}; closed what it sent")
             return list(received)  # closed already
-        self.say("info", f"pid {sender.pid} stored {len(received)} descriptor(s) as {name or 'stored'!r}")
+        self.say("info", f"pid {sender.pid} stored {counted(len(received), 'descriptor')} as {name or 'stored'!r}")
         return list(received)
 
     def sender_of(self, message):
@@ -327,7 +403,7 @@ class Handoff:
             self.crashes.popleft()
         if not self.settings.respawn or len(self.crashes) >= CRASH_LIMIT:
             if self.settings.respawn:
-                self.say("warning", f"{how}: {len(self.crashes)} exits within {CRASH_WINDOW} seconds; giving up")
+                self.say("warning", f"{how}: {counted(len(self.crashes), 'exit')} within {CRASH_WINDOW} seconds; giving up")
             self.stop(self.settings.stop)
             return
         if self.candidate is not None:
@@ -358,10 +434,11 @@ class Handoff:
             self.respawn()
         if self.candidate is not None and self.candidate_deadline is not None and now >= self.candidate_deadline:
             self.retire(self.candidate)
-            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {self.settings.ready_timeout:g} seconds")
+            late = counted(self.settings.ready_timeout, "second")
+            self.fail_handoff(f"the new instance (pid {self.candidate.pid}) was not ready after {late}")
         for instance in self.instances():
             if instance.ping_due is not None and now >= instance.ping_due:
-                self.bark(instance, f"sent no WATCHDOG=1 for {instance.watchdog:g} seconds")
+                self.bark(instance, f"sent no WATCHDOG=1 for {counted(instance.watchdog, 'second')}")
             if instance.kill_at is not None and now >= instance.kill_at:
                 instance.kill_at = None
                 instance.send(signal.SIGKILL)

@@ -11,8 +11,8 @@ import signal
 import time
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, unable
-from fdlaunch.kernel import fds, proc, sdnotify
+from fdlaunch.errors import Fatal, counted, unable
+from fdlaunch.kernel import fds, proc, sdnotify, trace
 from fdlaunch.text import listenenv, notifyproto
 
 READY, EXITED, LATE, GAVE_UP, STOPPED, WATCHDOG = "ready", "exited", "late", "gave up", "stopped", "watchdog"
@@ -31,6 +31,10 @@ IGNORED_PERIOD_SECONDS = 10
 IGNORED_SENDERS_KEPT = 1000
 # What a check must not be handed: the program's notify socket and sockets are not its own.
 NOT_FOR_CHECKS = ("NOTIFY_SOCKET", *listenenv.VARIABLES)
+# How much of its ready fd a program's writes are read at a time.
+PIPE_READ = 4096
+# How long a traced program may take to stop for us to release it (it does at once, unless in the kernel's own wait).
+RELEASE_SECONDS = 1.0
 # /bin/sh's statuses for a command it could not run (POSIX 2.8.2): retrying cannot help.
 CANNOT_RUN = {126: "found but not executable", 127: "not found"}
 
@@ -88,7 +92,9 @@ class Relays:
                 os.killpg(pid, signal.SIGTERM)  # the shell, still unreaped, pins its group id
                 killed = ", then SIGKILL" if proc.end_within([pidfd], GRACE_SECONDS) else ""
                 os.killpg(pid, signal.SIGKILL)  # and whatever it left in its session
-                raise Fatal(f"the command {command.text!r} was still running after {command.seconds:g} seconds; sent it SIGTERM{killed}")
+                raise Fatal(
+                    f"the command {command.text!r} was still running after {counted(command.seconds, 'second')}; sent it SIGTERM{killed}"
+                )
         finally:
             os.waitpid(pid, 0)
             os.close(pidfd)
@@ -139,14 +145,16 @@ class Program:
 class Watcher:
     """Reads the inbox for program's notifications and hands them to relays; say(kind, text) speaks for it."""
 
-    def __init__(self, inbox, program, relays, keep_relaying, say, check=None, stops=None, watchdog=None):
-        """stops: the read end of a wakeup pipe (proc.catch_signals); a signal there ends run() with STOPPED.
+    def __init__(self, inbox, program, relays, keep_relaying, say, check=None, signals=None, watchdog=None, inputs=()):
+        """signals: the read end of a wakeup pipe (proc.catch_signals): SIGINT or SIGTERM there ends run() with
+        STOPPED (caught() has them); SIGCHLD only wakes it, for inputs that learn of a stop through it.
 
         watchdog: seconds the program may go without WATCHDOG=1 once ready
         (its WATCHDOG_USEC= changes it); a miss, or WATCHDOG=trigger, ends
-        run() with WATCHDOG, barked saying why.
+        run() with WATCHDOG, barked saying why. inputs: the other ways the
+        program says it is ready (ReadyPipe, ChildStops, TracedStops).
         """
-        self.inbox, self.program, self.relays, self.say, self.stops = inbox, program, relays, say, stops
+        self.inbox, self.program, self.relays, self.say, self.signals = inbox, program, relays, say, signals
         self.keep_relaying = keep_relaying
         self.watchdog, self.ping_due, self.barked = watchdog, None, None
         self.deadline, self.extended = None, False  # run()'s deadline, and whether EXTEND_TIMEOUT_USEC moved it
@@ -155,9 +163,13 @@ class Watcher:
         self.warn_once = once(say)
         self.ignored = Ignored(say)
         self.check = check  # a Check, polled alongside the inbox (--check); None once given up
+        self.inputs = list(inputs)
+        self.stop_signals = []  # SIGINT and SIGTERM read from signals, in order
         self.ready_sender = None
         self.started = time.monotonic()
-        self.say("info", f"watching pid {program.pid}; once it is ready: {relays.describe()}")
+        ways = "".join(f", {source.words}" for source in self.inputs)
+        heard = f" (by READY=1{ways})" if ways else ""
+        self.say("info", f"watching pid {program.pid}; once it is ready{heard}: {relays.describe()}")
 
     def run(self, deadline=None):
         """Until ready (and, with keep_relaying or a watchdog, until the program is gone), gone, stopped, or late.
@@ -175,16 +187,19 @@ class Watcher:
     def turn(self):
         """One wait and what came of it: an outcome, or None to go on."""
         poller = select.poll()
-        for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds(), *([self.stops] if self.stops is not None else [])):
+        for fd in (self.inbox.fileno(), self.program.pidfd, *self.check_fds(), *self.input_fds()):
             poller.register(fd, select.POLLIN)
+        if self.signals is not None:
+            poller.register(self.signals, select.POLLIN)
         events = dict(poller.poll(proc.poll_timeout(self.deadline, self.check_due(), self.ping_due, self.ignored.due())))
-        if self.stops in events:
+        if self.signals in events and self.take_signals():
             return STOPPED
         self.drain()  # before looking at an exit: a last datagram may be queued
         self.ignored.flush_due()
         self.take_check()
+        self.take_inputs()
         if self.ping_due is not None and time.monotonic() >= self.ping_due:
-            self.bark(f"sent no WATCHDOG=1 for {self.watchdog:g} seconds")
+            self.bark(f"sent no WATCHDOG=1 for {counted(self.watchdog, 'second')}")
         if self.barked is not None:
             return WATCHDOG
         if self.ready and not self.keep_relaying and self.watchdog is None:
@@ -197,8 +212,21 @@ class Watcher:
             return LATE
         return None
 
+    def take_signals(self):
+        """Read the wakeup pipe: True if a stop signal (SIGINT, SIGTERM) came, kept in stop_signals."""
+        stops = [number for number in proc.caught_signals(self.signals) if number in (signal.SIGINT, signal.SIGTERM)]
+        self.stop_signals += stops
+        return bool(stops)
+
+    def caught(self):
+        """Every stop signal received so far, those still in the pipe included, in order."""
+        if self.signals is not None:
+            self.take_signals()
+        return list(self.stop_signals)
+
     def until_exit(self, deadline):
         """Relay what comes until the program exits (True) or deadline passes (False)."""
+        self.close_inputs()  # a traced program must take the signals it is sent meanwhile
         poller = select.poll()
         for fd in (self.inbox.fileno(), self.program.pidfd):
             poller.register(fd, select.POLLIN)
@@ -235,12 +263,35 @@ class Watcher:
     def take_check(self):
         """A passing check is readiness, as a READY=1 from the program would be."""
         if self.check is not None and not self.ready and self.check.step(self.program.pid):
-            self.ready = True
-            if self.watchdog is not None:
-                self.pinged([("READY", "1")])
-            told = self.relays.describe()
-            self.tell_ready([("READY", "1")], self.speaker())
-            self.say("info", f"pid {self.main_pid} ready by its check after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+            self.ready_by("its check")
+
+    def input_fds(self):
+        return [] if self.ready else [fd for source in self.inputs for fd in source.fds()]
+
+    def take_inputs(self):
+        """A newline on its ready fd, a SIGSTOP it sent itself: readiness, as a READY=1 would be."""
+        for source in self.inputs:
+            if not self.ready and source.take():
+                self.ready_by(source.words)
+
+    def ready_by(self, how):
+        """The program is ready by how ('its check'), not by a datagram: every relay as for READY=1."""
+        self.ready = True
+        self.close_inputs()
+        if self.watchdog is not None:
+            self.pinged([("READY", "1")])
+        told = self.relays.describe()
+        self.tell_ready([("READY", "1")], self.speaker())
+        self.say("info", f"pid {self.main_pid} ready by {how} after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+
+    def close_inputs(self):
+        """No more readiness to wait for (ready, or the watcher leaves): every input let go, a traced program released."""
+        for source in self.inputs:
+            try:
+                source.close()
+            except Fatal as error:
+                self.warn_once(("input", source.words), str(error))
+        self.inputs = []
 
     def tell_ready(self, fields, sender):
         """Hand readiness to the relays: one that fails is said, and stops neither the others nor the watcher."""
@@ -315,6 +366,7 @@ class Watcher:
                 pings.append(("READY", "1"))  # the first interval starts at readiness
         if notice.ready and not self.ready:
             self.ready = True
+            self.close_inputs()
             self.ready_sender = message.pid
             self.main_pid = main_pid or self.main_pid  # a MAINPID= sent before READY=1 still holds
             told = self.relays.describe()
@@ -391,14 +443,110 @@ class Ignored:
     def flush(self):
         """Say the count so far, if there is one."""
         if self.count:
-            senders = plural(f"{len(self.senders)}{' or more' if len(self.senders) >= IGNORED_SENDERS_KEPT else ''}", "sender")
+            senders = counted(len(self.senders), "sender", or_more=len(self.senders) >= IGNORED_SENDERS_KEPT)
             seconds = self.clock() - self.counted_since
-            self.say("warning", f"ignored {plural(self.count, 'more notification')} from {senders} in {seconds:.1f} seconds")
+            self.say("warning", f"ignored {counted(self.count, 'more notification')} from {senders} in {seconds:.1f} seconds")
             self.count, self.senders = 0, set()
 
 
-def plural(number, noun):
-    return f"{number} {noun}" if str(number) == "1" else f"{number} {noun}s"
+class ReadyPipe:
+    """s6's notification fd, read: a newline the program writes there is readiness (s6-supervise(8)).
+
+    What comes before the newline is ignored, as s6-supervise ignores it;
+    end of file without one (every writer closed it, or exited) is not
+    readiness, only the end of this way of saying it.
+    """
+
+    def __init__(self, fd, number):
+        """fd: the read end, ours; number: the fd the program writes to, for the words said."""
+        self.fd, self.words = fd, f"a newline on fd {number}"
+        os.set_blocking(fd, False)
+
+    def fds(self):
+        return [] if self.fd is None else [self.fd]
+
+    def take(self):
+        """True once a newline was read; the pipe is then closed, as it is at end of file."""
+        if self.fd is None:
+            return False
+        try:
+            data = os.read(self.fd, PIPE_READ)
+        except BlockingIOError:
+            return False
+        if b"\n" in data or not data:
+            self.close()
+        return b"\n" in data
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class ChildStops:
+    """upstart's 'expect stop' for a child of ours: it stops itself with SIGSTOP once ready, and gets SIGCONT.
+
+    Its parent learns of the stop with waitid(2) (WSTOPPED), woken by
+    SIGCHLD; a stop by another signal (SIGTSTP from a terminal) is not
+    readiness, and is left alone.
+    """
+
+    words = "its SIGSTOP"
+
+    def __init__(self, pid, pidfd):
+        self.pid, self.pidfd = pid, pidfd
+
+    def fds(self):
+        return []  # SIGCHLD wakes the watcher
+
+    def take(self):
+        """True if it stopped with SIGSTOP since the last look; it has then been sent SIGCONT."""
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WSTOPPED | os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if info is None or info.si_code != os.CLD_STOPPED or info.si_status != signal.SIGSTOP:
+            return False
+        proc.send_pidfd(self.pidfd, signal.SIGCONT)
+        return True
+
+    def close(self):
+        pass
+
+
+class TracedStops:
+    """upstart's 'expect stop' for a program that is not our child (chain mode): traced until it stops itself.
+
+    Only its parent could see it stop with waitid(2), and we are not that;
+    so it is traced (kernel.trace) from before its exec until it is ready,
+    and a SIGSTOP counts only if it sent it to itself. Then the stop is
+    dropped as it is delivered, it is released, and sent SIGCONT, as
+    upstart resumes it: it runs on at once.
+    """
+
+    words = "its SIGSTOP"
+
+    def __init__(self, pid, pidfd, wakeup):
+        """wakeup: the read end of the pipe SIGCHLD is written to, which tells us of its stops."""
+        self.tracee, self.pidfd, self.wakeup = trace.Tracee(pid), pidfd, wakeup
+
+    def fds(self):
+        return []  # SIGCHLD wakes the watcher
+
+    def take(self):
+        if self.tracee.gone or self.tracee.take() != trace.STOPPED_ITSELF:
+            return False
+        self.close()
+        proc.send_pidfd(self.pidfd, signal.SIGCONT)
+        return True
+
+    def close(self):
+        """Release it; Fatal if it would not stop to be released within RELEASE_SECONDS (our exit releases it then)."""
+        if self.tracee.gone:
+            return
+        if not self.tracee.release(self.wakeup, time.monotonic() + RELEASE_SECONDS):
+            within = counted(RELEASE_SECONDS, "second")
+            raise Fatal(f"pid {self.tracee.pid} did not stop to be released within {within}: traced until we exit")
 
 
 class Check:
@@ -435,7 +583,7 @@ class Check:
         if self.pid is not None and select.select([self.pidfd], [], [], 0)[0]:
             return self.finished(self.end())
         if self.pid is not None and self.kill_at is not None and now >= self.kill_at:
-            self.warn_once("hung", f"the check {self.command!r} ran longer than {self.timeout:g} seconds; killed it")
+            self.warn_once("hung", f"the check {self.command!r} ran longer than {counted(self.timeout, 'second')}; killed it")
             self.end()
             self.failed()
         elif self.pid is None and now >= self.next_at:
@@ -479,7 +627,7 @@ class Check:
         self.failures += 1
         self.next_at = time.monotonic() + self.interval
         if self.tries and self.failures >= self.tries:
-            self.give_up(f"the check {self.command!r} failed {self.failures} times; gave up")
+            self.give_up(f"the check {self.command!r} failed {counted(self.failures, 'time')}; gave up")
 
     def give_up(self, text):
         self.gave_up = True

@@ -8,7 +8,7 @@ map: LISTEN_FD_MAP=<label>=<fd>,<label>=<fd>,... with any fd numbers.
 import re
 from collections import namedtuple
 
-from fdlaunch.errors import UsageError
+from fdlaunch.errors import UsageError, counted
 from fdlaunch.text.numbers import is_decimal
 
 SYSTEMD_FIRST_FD = 3
@@ -72,7 +72,7 @@ def parse_systemd(environ, pid, fd_limit=FD_CEILING):
     else:
         labels = names.split(":") if names else []  # as systemd splits it: '' names no descriptor
     if len(labels) != count:
-        raise UsageError(f"LISTEN_FDNAMES={names!r} has {len(labels)} names but LISTEN_FDS={count}")
+        raise UsageError(f"LISTEN_FDNAMES={names!r} has {counted(len(labels), 'name')} but LISTEN_FDS={count}")
     for label in labels:
         if not re.fullmatch(LABEL, label):
             raise UsageError(f"LISTEN_FDNAMES={names!r}: {label!r} is not a label (1 to 255 of A-Z a-z 0-9 . _ -)")

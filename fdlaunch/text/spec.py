@@ -11,7 +11,7 @@ import re
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError, shown
-from fdlaunch.text import credspec
+from fdlaunch.text import credspec, usage
 from fdlaunch.text.listenenv import LABEL, VARIABLES
 from fdlaunch.text.numbers import is_decimal, octal_mode
 
@@ -230,7 +230,13 @@ def _parse(text):
         raise ValueError(f"unknown protocol {proto!r}; expected one of {', '.join(PROTOCOLS)}")
     options_text, address = split_options(match["rest"])
     values = {"proto": proto}
-    values.update(_address(PROTOCOLS[proto], address))
+    try:
+        values.update(_address(PROTOCOLS[proto], address))
+    except ValueError:
+        meant = None if options_text else _word_before_address(proto, address)
+        if meant is not None:
+            raise ValueError(meant) from None
+        raise
     values.update(_options(options_text))
     spec = Spec(**values)
     _check_placement(spec)
@@ -251,6 +257,22 @@ def split_options(rest):
     if colon and re.match(r"[a-z][a-z0-9_-]*=", head):
         return head, tail  # meant as options, if malformed: let _options say how
     return "", rest
+
+
+def _word_before_address(proto, text):
+    """What was likely meant by an inet address that does not parse, WORD:HOST:PORT: an option, or (most often,
+    '-tcp:http:127.0.0.1:80') a label without its 'label='; None if it is not that shape."""
+    head, _, tail = text.partition(":")
+    if ":" not in tail or PROTOCOLS[proto].family == "unix" or not re.fullmatch(LABEL, head):
+        return None
+    try:
+        _address(PROTOCOLS[proto], tail)
+    except ValueError:
+        return None
+    near = usage.near_miss(head, list(OPTIONS))
+    if near is not None:
+        return f"unknown option {head!r}, did you mean {near!r}?"
+    return f"{head!r} is neither an option nor part of the address: a label is given as label={head}, e.g. -{proto}:label={head}:{tail}"
 
 
 def _is_option_item(item):
