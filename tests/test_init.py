@@ -326,7 +326,7 @@ def test_a_killed_init_that_is_not_pid_1_leaves_no_child_behind(tmp_path):
         while Path(f"/proc/{child}").exists() and "State:\tZ" not in Path(f"/proc/{child}/status").read_text():
             assert time.monotonic() < deadline, "the child outlived its killed fdlaunch-init"
             time.sleep(0.02)
-        wait_for_line(errors, f"fdlaunch-init (guard): warning: its parent (pid {init.pid}) died; stopping its child (pids {child})")
+        wait_for_line(errors, f"fdlaunch-init (guard): warning: its parent (pid {init.pid}) died; stopping its child (pid {child})")
     finally:
         init.kill()
         init.wait()
