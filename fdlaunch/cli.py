@@ -27,7 +27,11 @@ reader alone (read) and check the rest of their form themselves.
 A tool's body takes its argv and the environment it was handed, and returns
 an exit status or a chain.Exec. The runtime execs that program, unless it is
 a tool of this installation: then it runs that tool's body in this process
-(fusion, fdlaunch(7)), so a chain costs one interpreter start, not one per link.
+(fusion, fdlaunch(7)), so a chain costs one interpreter start, not one per
+link. This module is the one place that knows: it decides for the next step
+of a chain (run_chain), and for a program a loop is to start as its child
+(program(), a chain.Program that the child runs itself when it is one of
+ours); loops and the kernel only fork and exec, or run what they were given.
 """
 
 import errno
@@ -39,6 +43,22 @@ from fdlaunch import __version__
 from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report, unable
 from fdlaunch.kernel import chain, fds
 from fdlaunch.text import usage
+
+# The console scripts of this installation: name -> module under fdlaunch.cmd.
+TOOLS = {
+    "fdlaunch-listen": "listen",
+    "fdlaunch-setuidgid": "setuidgid",
+    "fdlaunch-notify-wait": "notify_wait",
+    "fdlaunch-notify": "notify",
+    "fdlaunch-fdmap": "fdmap",
+    "fdlaunch-handoff": "handoff",
+    "fdlaunch-foreground": "foreground",
+    "fdlaunch-accept": "accept",
+    "fdlaunch-init": "init",
+    "fdlaunch-adopt": "adopt",
+}
+FUSE_VARIABLE = "FDLAUNCH_FUSE"
+SCRIPT_BYTES_MAX = 65536  # a console script is a few hundred bytes; a larger file is not one of ours
 
 
 def tool(name):
@@ -53,7 +73,7 @@ def tool(name):
             load_chain(argv, environ)
             outcome, failed = attempt(name, body, argv, environ)
             if isinstance(outcome, chain.Exec):
-                return become(name, outcome)
+                return run_chain(name, outcome)
             return outcome
 
         main.body = body
@@ -63,14 +83,15 @@ def tool(name):
     return wrap
 
 
-def become(name, step):
-    """Run step's program: fused if it is one of our tools, else by execve.
+def run_chain(name, step):
+    """Run step's program: fused if it is one of our tools, else by execve; and so on down the chain.
 
     Returns only if that failed, with the status to exit with; a link that
     failed has said why under its own name, and what earlier links left for
     the program is taken back.
     """
     undo = []
+    failed = False
     while isinstance(step, chain.Exec):
         if step.undo is not None:
             undo.append(step.undo)
@@ -78,41 +99,170 @@ def become(name, step):
         if module is None:
             outcome, failed = attempt(name, chain.exec_program, step.path, step.argv, step.environ)
         else:
-            name, body = module.main.tool_name, module.main.body
-            outcome, failed = attempt(name, body, step.argv[1:], step.environ)
+            name = module.main.tool_name
+            outcome, failed = attempt(name, run_fused, module, step)
         step = outcome
     if failed:
         for take_back in reversed(undo):
             take_back()
-    return outcome
+    return step
 
 
 def fused_module(step):
     """The tool module to run in this process instead of exec'ing step.path, or None."""
-    module = chain.fused_tool(step.path, step.environ)
-    if module is None:
+    if os.path.basename(step.path) not in TOOLS:
         return None
-    # What exec would have done: flush what this link wrote, reset its signal handlers.
+    module = fusable_scripts(step.environ).get(os.path.abspath(step.path))
+    return None if module is None else load(module)
+
+
+def run_fused(module, step):
+    """What exec'ing step would have done to this process, then module's body on step's argv and environment.
+
+    Our buffered output is flushed and the handlers the last link set are
+    reset, as execve(2) resets them; the process takes the name and command
+    line the exec would have given it (comm is the script's name cut to 15
+    bytes; the command line is the interpreter, the script and the
+    arguments), so that ps(1) and pgrep(1) see the link that runs now.
+    """
+    from fdlaunch.kernel import proc  # loaded by load_chain or program(), with what renaming needs
+
     flush_output()
     chain.signals_as_after_exec()
-    return load(module)
+    proc.name_self(os.path.basename(step.path))
+    proc.set_arguments([step.path, *step.argv[1:]])
+    return module.main.body(step.argv[1:], step.environ)
+
+
+def program(argv, environ):
+    """argv as a loop is to start it as its child: a chain.Program, run by the child itself if it is one of our tools.
+
+    Decided here, once, by the environment this tool was given, as for the
+    next link of a chain. What that child runs is loaded now, before the
+    loop starts any thread: a child forked from a threaded process imports
+    nothing (fdlaunch(7), FUSION).
+    """
+    path = our_script(argv[0], environ)
+    if path is None:
+        return chain.Program(argv)
+    module = load(fusable_scripts(environ)[os.path.abspath(path)])
+    load_renaming()
+    return chain.Program(argv, functools.partial(run_in_child, module, chain.Exec(path, argv, None)))
+
+
+def our_script(name, environ):
+    """The path of the script of this installation that exec would run for name, or None."""
+    scripts = fusable_scripts(environ) if os.path.basename(name) in TOOLS else {}
+    if not scripts:
+        return None
+    try:
+        path = chain.find_program(name, environ, scripts.keys())
+    except Fatal:
+        return None
+    return path if os.path.abspath(path) in scripts else None
+
+
+def run_in_child(module, step, environ):
+    """A forked child runs our tool module itself (chain.Program.run_here), on step with environ: its exit status.
+
+    First what the exec would have closed: every close-on-exec descriptor
+    of the parent's, the fork's report pipe among them.
+    """
+    fds.close_all(fds.close_on_exec())
+    fds.hold_closed_standard_fds()
+    name = module.main.tool_name
+    outcome, _ = attempt(name, run_fused, module, step._replace(environ=environ))
+    return run_chain(name, outcome) if isinstance(outcome, chain.Exec) else outcome
+
+
+def find_program(name, environ):
+    """chain.find_program, with the scripts of this installation found without a look at them.
+
+    A link that dropped privileges may no longer see the file of the next
+    one, which runs in this process all the same (fdlaunch(7), FUSION).
+    """
+    ours = fusable_scripts(environ) if os.path.basename(name) in TOOLS else {}
+    return chain.find_program(name, environ, ours.keys())
 
 
 def load_chain(argv, environ):
-    """Import the tools this chain names while their files are still readable.
+    """Import the tools this chain names, and what renaming a fused link takes, while their files are still readable.
 
     A later link may run as a user who can no longer read the installation
     (fdlaunch-setuidgid nobody, with the interpreter under /root).
     """
-    named = {os.path.basename(word) for word in argv} & chain.TOOLS.keys()
+    named = {os.path.basename(word) for word in argv} & TOOLS.keys()
     if named:
-        scripts = chain.fusable_scripts(environ)
-        for module in set(scripts.values()) & {chain.TOOLS[n] for n in named}:
+        scripts = fusable_scripts(environ)
+        modules = set(scripts.values()) & {TOOLS[n] for n in named}
+        for module in modules:
             load(module)
+        if modules:
+            load_renaming()
+
+
+def load_renaming():
+    """What run_fused needs to rename the process, loaded now: proc, ctypes and the C library, and where the command line is."""
+    from fdlaunch.kernel import proc
+
+    proc.libc()
+    proc.command_line_area()
+
+
+def fusable_scripts(environ):
+    """{path: module} of the tools a link may run in this process instead of exec'ing them."""
+    if environ.get(FUSE_VARIABLE) == "0":
+        return {}
+    root, scripts = installation()
+    if scripts and root_identity() != root:
+        return {}  # chrooted since: the same path now names another file
+    return scripts
+
+
+@functools.cache
+def installation():
+    """(identity of /, {path: module}) for the console scripts of this installation.
+
+    A script is ours if it sits beside the script this process started
+    from and is, byte for byte, that script with the tool's module named in
+    place of ours: exec'ing it would run this interpreter on code we have
+    loaded already. Any other file, an edited script among them, is
+    exec'd (fdlaunch(7), FUSION says why this reads the files). Found once,
+    at the start of the first link, while the files are still readable (a
+    later link may run as a user who cannot read them): memoized facts
+    about the installation, not state that changes.
+    """
+    started = os.path.abspath(sys.argv[0])
+    home, own = os.path.split(started)
+    text = read_script(started) if own in TOOLS else None
+    marker = f"fdlaunch.cmd.{TOOLS.get(own)} import".encode()
+    interpreter = b"#!" + os.fsencode(sys.executable)
+    scripts = {}
+    if text is not None and text.count(marker) == 1 and text.partition(b"\n")[0].split()[:1] == [interpreter]:
+        for name, module in TOOLS.items():
+            path = os.path.join(home, name)
+            if read_script(path) == text.replace(marker, f"fdlaunch.cmd.{module} import".encode()):
+                scripts[path] = module
+    return root_identity(), scripts
+
+
+def read_script(path):
+    """The text of the file at path, or None if it cannot be read or is too large to be a console script."""
+    try:
+        with open(path, "rb") as script:
+            text = script.read(SCRIPT_BYTES_MAX + 1)
+    except OSError:
+        return None
+    return text if len(text) <= SCRIPT_BYTES_MAX else None
+
+
+def root_identity():
+    info = os.stat("/")
+    return info.st_dev, info.st_ino
 
 
 def load(module):
-    """The tool module fdlaunch.cmd.<module> (plain __import__: importlib costs start-up time)."""
+    """The tool module fdlaunch.cmd.<module> (plain __import__: tests/test_imports.py says why)."""
     name = f"fdlaunch.cmd.{module}"
     __import__(name)
     return sys.modules[name]

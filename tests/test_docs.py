@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import missing, run
 
-from fdlaunch.kernel import chain
+from fdlaunch import cli
 
 MAN = Path(__file__).resolve().parent.parent / "man"
-TOOLS = list(chain.TOOLS)
+TOOLS = list(cli.TOOLS)
 
 
 def words(text):
@@ -67,7 +67,7 @@ def test_stdin_says_it_passes_the_listening_socket():
 
 
 def test_every_console_script_is_a_tool_the_runtime_knows():
-    """chain.TOOLS (what fusion, python -m fdlaunch and these tests go by) lists setup.cfg's console scripts."""
+    """cli.TOOLS (what fusion, python -m fdlaunch and these tests go by) lists setup.cfg's console scripts."""
     text = (MAN.parent / "setup.cfg").read_text()
     scripts = dict(re.findall(r"^\s+(fdlaunch-[a-z-]+) = fdlaunch\.cmd\.([a-z_]+):main$", text, re.M))
-    assert scripts == chain.TOOLS
+    assert scripts == cli.TOOLS

@@ -43,7 +43,7 @@ def main(argv, caller):
     if options["--dry-run"]:
         print_plan(layout, caller, environ, program)
         raise Finished(0)
-    path = chain.find_program(program[0], environ)
+    path = cli.find_program(program[0], environ)
     with chain.stopping_signals_raise(), sock.Opened() as opened:  # a stop from the first bind on removes what was bound
         layout = layout._replace(new=[s._replace(opened=opened.open(s.endpoint)) for s in layout.new])
         moves = layout.inherited_moves + [(s.opened, s.fd) for s in layout.new]

@@ -76,13 +76,13 @@ def main(argv, environ):
     # Without --fork the watching is done by a process forked for it, and it says so (s6-notifyoncheck's "(child)").
     say = say_as(PROG if options["--fork"] else f"{PROG} (watcher)", options["--verbose"])
     settings = read_settings(options, environ, say)
-    path = chain.find_program(program[0], environ)
+    path = cli.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings.fd, settings.upstream, settings.command, options["--stop"], environ, settings.touch)
     # PROG's; --command keeps the caller's
     environ = {**environ, **watchdog_environment(settings.watchdog), "NOTIFY_SOCKET": inbox.path}
     if options["--fork"]:
-        return fork_and_wait(inbox, relays, settings, path, program, environ)
+        return fork_and_wait(inbox, relays, settings, program, environ)
     start_watcher(inbox, relays, settings)
     warn_if_pid_1(program)
     return chain.Exec(path, program, environ)
@@ -300,8 +300,8 @@ def isolate(keep):
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def fork_and_wait(inbox, relays, settings, path, program, environ):
-    child, pidfd, stops = spawn_catching_stops(path, program, environ)
+def fork_and_wait(inbox, relays, settings, program, environ):
+    child, pidfd, stops = spawn_catching_stops(program, environ)
     watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check, stops)
     try:
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
@@ -336,7 +336,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
 
 
-def spawn_catching_stops(path, program, environ):
+def spawn_catching_stops(program, environ):
     """Start PROG as a child; SIGINT and SIGTERM, from the moment it exists, go to a wakeup pipe. (pid, pidfd, pipe).
 
     They stay blocked until the pipe is in place: one that came while PROG
@@ -352,7 +352,7 @@ def spawn_catching_stops(path, program, environ):
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # PROG gets the mask we were given
 
     try:
-        child = chain.spawn(path, program, environ, setup=setup, become=lambda step: cli.become(PROG, step))
+        child = chain.spawn(cli.program(program, environ), environ, setup=setup)
         pidfd = os.pidfd_open(child)
         caught = proc.catch_signals([number for number in stops if signal.getsignal(number) is not signal.SIG_IGN])
     finally:

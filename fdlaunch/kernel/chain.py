@@ -1,38 +1,24 @@
-"""The last step of every tool: exec the rest of the command line, cleanly.
+"""The last step of every tool: exec the rest of the command line, cleanly; and starting a program as a child.
 
 fdlaunch(7), CHAIN LOADING: the program gets the signal dispositions the
 caller would have given it, and none of our buffered output is lost. A tool
-ends by returning an Exec; the runtime (cli.tool) either runs that program
-in this process, when it is a tool of this installation (fusion), or execs it.
+ends by returning an Exec, which the runtime (cli) carries out. A loop that
+starts a program as its child is handed a Program, which says how: exec'd
+in the child, or run by the child itself (the runtime's choice, made before
+the loop gets it; nothing here knows why).
 """
 
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import signal
 import stat
-import sys
 from collections import namedtuple
 
 from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, flush_output, shown, unable
 from fdlaunch.kernel import fds
 
-# The console scripts of this installation: name -> module under fdlaunch.cmd.
-TOOLS = {
-    "fdlaunch-listen": "listen",
-    "fdlaunch-setuidgid": "setuidgid",
-    "fdlaunch-notify-wait": "notify_wait",
-    "fdlaunch-notify": "notify",
-    "fdlaunch-fdmap": "fdmap",
-    "fdlaunch-handoff": "handoff",
-    "fdlaunch-foreground": "foreground",
-    "fdlaunch-accept": "accept",
-    "fdlaunch-init": "init",
-    "fdlaunch-adopt": "adopt",
-}
-FUSE_VARIABLE = "FDLAUNCH_FUSE"
 # What execve(2) says when there is no such program: 127; every other errno is 126.
 NOT_THERE = (errno.ENOENT, errno.ENOTDIR)
 
@@ -41,6 +27,12 @@ NOT_THERE = (errno.ENOENT, errno.ENOTDIR)
 # back what the tool left for the program (socket files) should a later link
 # fused into this process fail before its exec.
 Exec = namedtuple("Exec", "path argv environ undo", defaults=(None,))
+
+# A program a loop starts as its child: argv, exec'd from where PATH finds
+# argv[0]; or, when run_here is not None, run by the forked child itself:
+# run_here(environ) returns the status the child exits with, and ends in an
+# exec of its own unless it failed (then it has said why).
+Program = namedtuple("Program", "argv run_here", defaults=(None,))
 
 # Python sets these to SIG_IGN at start-up, and an ignored signal stays
 # ignored across execve(2) (signal(7)), so a daemon would never die of EPIPE.
@@ -67,15 +59,15 @@ def received_environment():
     return environ
 
 
-def find_program(name, environ):
+def find_program(name, environ, known=frozenset()):
     """The path execve will run for name, searched in environ's PATH as execvp does.
 
     Found nowhere: 127. Found but not executable (no x bit, a directory), or
     out of reach (a directory on the way that may not be searched, EACCES):
     126, with what stood in the way, as execvp(3) reports the first EACCES
-    once no later directory has the program. A script of this installation
-    is found without a look at the file, which a user we became may no
-    longer be allowed to read (see installation()).
+    once no later directory has the program. A candidate whose absolute
+    path is in known is found without a look at the file: the caller knows
+    it is there (a user we became may no longer be allowed to see it).
     """
     if not name:
         candidates = []  # execvp(3) finds nothing for '' (os.path.join would make it each PATH directory)
@@ -83,10 +75,9 @@ def find_program(name, environ):
         candidates = [name]
     else:
         candidates = [os.path.join(d or ".", name) for d in environ.get("PATH", os.defpath).split(os.pathsep)]
-    ours = fusable_scripts(environ) if os.path.basename(name) in TOOLS else {}
     refusal = None
     for path in candidates:
-        if ours and os.path.abspath(path) in ours:
+        if known and os.path.abspath(path) in known:
             return path
         try:
             mode = os.stat(path).st_mode
@@ -101,97 +92,96 @@ def find_program(name, environ):
     raise refusal or exec_failed(name, errno.ENOENT)
 
 
-def fusable_scripts(environ):
-    """{path: module} of the tools a link may run in this process instead of exec'ing them."""
-    if environ.get(FUSE_VARIABLE) == "0":
-        return {}
-    root, scripts = installation()
-    if scripts and _root_identity() != root:
-        return {}  # chrooted since: the same path now names another file
-    return scripts
-
-
-def fused_tool(path, environ):
-    """The module (under fdlaunch.cmd) the runtime would run in this process instead of exec'ing path, or None."""
-    if os.path.basename(path) not in TOOLS:
-        return None
-    return fusable_scripts(environ).get(os.path.abspath(path))
-
-
-@functools.cache
-def installation():
-    """(identity of /, {path: module}) for the console scripts beside the one running.
-
-    A script is ours if it sits in the directory of the script this process
-    started from, runs this very interpreter, and imports its tool's module:
-    the PATH lookup exec would do then lands on code we have already loaded.
-    Computed once, at the start of the first link, while the files are still
-    readable (a later link may run as a user who cannot read them): memoized
-    facts about the installation, not state that changes.
-    """
-    home = os.path.dirname(os.path.abspath(sys.argv[0]))
-    scripts = {}
-    for name, module in TOOLS.items():
-        path = os.path.join(home, name)
-        try:
-            with open(path, "rb") as script:
-                head = script.read(1024)
-        except OSError:
-            continue
-        shebang, _, body = head.partition(b"\n")
-        interpreter = shebang[2:].split(None, 1)[0] if shebang.startswith(b"#!") and len(shebang) > 2 else b""
-        if interpreter == os.fsencode(sys.executable) and f"fdlaunch.cmd.{module} import".encode() in body:
-            scripts[path] = module
-    return _root_identity(), scripts
-
-
-def _root_identity():
-    info = os.stat("/")
-    return info.st_dev, info.st_ino
-
-
-def spawn(path, argv, environ, setup=None, moves=(), become=None):
-    """Fork, and run argv in the child: exec'd, or fused through become. Returns the child's pid.
+def spawn(program, environ, setup=None, moves=()):
+    """Fork, and start program in the child: exec'd, or run there (program.run_here). Returns the child's pid.
 
     The one exec-failure path of a forked child: it reports errno over a
     close-on-exec pipe and the parent raises Fatal (127 not found, 126 not
-    executable), so only the parent speaks. In the child, first: the report
-    pipe goes above the fds of moves, moves (fd now, fd wanted) are made,
-    setup() runs, and a LISTEN_PID or WATCHDOG_PID that named us names the child.
+    executable), so only the parent speaks. A program to exec is found in
+    environ's PATH first (Fatal 126 or 127 before any fork). In the child,
+    first: the report pipe goes above the fds of moves, moves (fd now, fd
+    wanted) are made, setup() runs, and a LISTEN_PID or WATCHDOG_PID that
+    named us names the child.
     """
+    path = None if program.run_here is not None else find_program(program.argv[0], environ)
+    parent = os.getpid()
+
+    def prepare(report_write):
+        if moves:
+            floor = max(fd for move in moves for fd in move) + 1
+            report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
+            fds.place(moves)
+        if setup is not None:
+            setup()
+        child_environ = dict(environ)
+        if environ.get("LISTEN_PID") == str(parent):
+            child_environ["LISTEN_PID"] = str(os.getpid())
+            child_environ.pop("LISTEN_PIDFDID", None)
+        if environ.get("WATCHDOG_PID") == str(parent):
+            child_environ["WATCHDOG_PID"] = str(os.getpid())
+        return report_write, child_environ
+
+    return _fork(program, path, prepare)
+
+
+def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
+    """Start program in a child as posix_spawn(3) would have, with a fork; the child's pid.
+
+    For a program run in the child itself (program.run_here), which
+    posix_spawn cannot do: the child gets environ as it is, stdio (a
+    connection) on fds 0 and 1 (POSIX_SPAWN_DUP2), the process group group
+    (setpgroup), the signals of defaults at SIG_DFL (setsigdef) and every
+    other disposition and the signal mask as this process has them. Every
+    signal is blocked from before the fork until the child has reset its
+    handlers, as glibc's posix_spawn does: one that came meanwhile would run
+    a handler of ours in the child (and write to our wakeup pipe). Failures
+    before the program runs are raised here as posix_spawn's would be.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+    def prepare(report_write):
+        signal.set_wakeup_fd(-1)
+        for number in defaults:
+            signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for fd in (0, 1):
+            os.dup2(stdio, fd)
+        os.setpgid(0, group)
+        return report_write, environ
+
+    try:
+        return _fork(program, None, prepare)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _fork(program, path, prepare):
+    """Fork; in the child, prepare(report_write) -> (report_write, environ), then the exec of path or program.run_here(environ).
+
+    A child that runs the program itself exits with the status run_here
+    returns; run_here closes the report pipe with every other close-on-exec
+    descriptor, as the exec would, so the parent waits only until then.
+    """
+    name = program.argv[0]
     try:
         report_read, report_write = os.pipe2(os.O_CLOEXEC)
     except OSError as error:
-        raise unable(f"start {shown(argv[0])}", error) from None
-    parent = os.getpid()
+        raise unable(f"start {shown(name)}", error) from None
+    flush_output()  # else what is still buffered here would be written twice, once by the child
     try:
         pid = os.fork()
     except OSError as error:
         os.close(report_read)
         os.close(report_write)
-        raise unable(f"start {shown(argv[0])}", error) from None
+        raise unable(f"start {shown(name)}", error) from None
     if pid == 0:
         try:
             os.close(report_read)
-            if moves:
-                floor = max(fd for move in moves for fd in move) + 1
-                report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
-                fds.place(moves)
-            if setup is not None:
-                setup()
-            child_environ = dict(environ)
-            if environ.get("LISTEN_PID") == str(parent):
-                child_environ["LISTEN_PID"] = str(os.getpid())
-                child_environ.pop("LISTEN_PIDFDID", None)
-            if environ.get("WATCHDOG_PID") == str(parent):
-                child_environ["WATCHDOG_PID"] = str(os.getpid())
-            if become is not None and fused_tool(path, child_environ) is not None:
-                # What the exec would close: our report pipe (the fused tool speaks
-                # for itself) and every other close-on-exec descriptor of the parent's.
-                fds.close_all(fds.close_on_exec())
-                os._exit(become(Exec(path, argv, child_environ)))
+            report_write, environ = prepare(report_write)
+            if program.run_here is not None:
+                os._exit(program.run_here(environ))
             restore_signals()
-            os.execve(path, argv, child_environ)
+            os.execve(path, program.argv, environ)
         except OSError as error:
             os.write(report_write, str(error.errno).encode())
         finally:
@@ -201,7 +191,7 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
         failure = report.read()
     if failure:
         os.waitpid(pid, 0)
-        raise exec_failed(argv[0], int(failure))
+        raise exec_failed(name, int(failure))
     return pid
 
 

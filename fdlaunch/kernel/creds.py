@@ -6,7 +6,9 @@ result is then read back from /proc/self/status and compared, never assumed.
 
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import resource
 
 from fdlaunch.errors import Fatal, shown, unable
@@ -27,9 +29,6 @@ class Lookups:
     """The user and group databases, as credspec.resolve_account wants them."""
 
     def __init__(self):
-        import grp
-        import pwd
-
         self.getpwnam, self.getpwuid = pwd.getpwnam, pwd.getpwuid
         self.getgrnam = grp.getgrnam
         self.getgrouplist = os.getgrouplist

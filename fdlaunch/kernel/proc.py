@@ -465,9 +465,42 @@ def die_with(parent):
 def name_self(name):
     """The name ps(1) and top(1) show (PR_SET_NAME, 15 bytes at most); nothing if the kernel refuses."""
     try:
-        prctl(PR_SET_NAME, name.encode()[:15])
+        prctl(PR_SET_NAME, os.fsencode(name)[:15])
     except OSError:
         pass
+
+
+def set_arguments(words):
+    """What ps -o args and pgrep -f show for this process (/proc/self/cmdline): its first word, then words.
+
+    The first word stays the one the kernel gave it (the interpreter named
+    on a script's #! line). Written over the command line in place (as
+    setproctitle(3) does, but never past its end): cut to its length, the
+    rest filled with NULs, which ps(1) and pgrep(1) do not show. So the
+    environment after it (/proc/self/environ) is left as it was, and the
+    last byte stays NUL: the kernel reads the area as argument strings.
+    """
+    area = command_line_area()
+    if area is None:
+        return
+    import ctypes
+
+    start, end = area
+    first = ctypes.string_at(start, end - start).split(b"\0", 1)[0]
+    text = b"\0".join([first, *(os.fsencode(word) for word in words)])[: end - start - 1]
+    ctypes.memmove(start, text.ljust(end - start, b"\0"), end - start)
+
+
+@functools.cache
+def command_line_area():
+    """(start, end) addresses of this process's argument strings (proc(5), /proc/PID/stat fields 48 and 49), or None.
+
+    Read once: a forked child has a copy of the same memory at the same addresses.
+    """
+    fields = stat_fields(os.getpid())
+    if fields is None or len(fields) < 47 or not 0 < int(fields[45]) < int(fields[46]):
+        return None
+    return int(fields[45]), int(fields[46])
 
 
 def procfs_is_ours():

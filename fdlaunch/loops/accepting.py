@@ -180,7 +180,8 @@ class Server:
     """Serve the listening socket until SIGTERM or SIGINT; run() returns the exit status."""
 
     def __init__(self, listener, program, settings, say, guard_say):
-        """say(kind, text): kind start and end for each handler, info, warning; guard_say speaks for the guard."""
+        """program: a chain.Program; say(kind, text): kind start and end for each handler, info, warning; guard_say speaks
+        for the guard."""
         self.listener, self.program, self.settings, self.say, self.guard_say = listener, program, settings, say, guard_say
         self.unix = listener.family == socket.AF_UNIX
         self.local_path = spec.unix_name(listener.getsockname()) if self.unix else None
@@ -213,6 +214,8 @@ class Server:
             self.poller.register(self.resolver.wakeup, select.POLLIN)
         self.listener.setblocking(False)
         self.say("info", f"guard pid {self.guard.pid} leads the handlers' process group")
+        if self.program.run_here is not None:
+            self.say("info", f"handlers start by fork(2), not posix_spawn(3): {self.program.argv[0]} runs in the forked child itself")
 
     def run(self):
         try:
@@ -383,13 +386,21 @@ class Server:
         return ucspi.tcp_environment(client.local, client.peer, client.count, local_host, client.remote_host)
 
     def spawn(self, fd, environ, shown):
-        """The handler's pid; None, said in one line, if it could not be started."""
+        """The handler's pid; None, said in one line, if it could not be started.
+
+        A program the child runs itself (chain.Program.run_here) is started
+        by a fork set up as posix_spawn would have set it up; any other by
+        posix_spawn.
+        """
+        name = self.program.argv[0]
         try:
+            if self.program.run_here is not None:
+                return chain.spawn_like_posix_spawn(self.program, environ, fd, self.guard.pid, self.defaults)
             if self.path is None:
-                self.path = chain.find_program(self.program[0], self.environ)
+                self.path = chain.find_program(name, self.environ)
             return os.posix_spawn(
                 self.path,
-                self.program,
+                self.program.argv,
                 environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
                 setpgroup=self.guard.pid,
@@ -399,7 +410,7 @@ class Server:
             self.say("warning", f"{error} (client {shown} dropped)")
         except OSError as error:
             self.path = None
-            self.say("warning", f"{chain.exec_failed(self.program[0], error.errno)} (client {shown} dropped)")
+            self.say("warning", f"{chain.exec_failed(name, error.errno)} (client {shown} dropped)")
         return None
 
     def reap(self, handler):
