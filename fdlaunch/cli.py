@@ -61,8 +61,13 @@ FUSE_VARIABLE = "FDLAUNCH_FUSE"
 SCRIPT_BYTES_MAX = 65536  # a console script is a few hundred bytes; a larger file is not one of ours
 
 
-def tool(name):
-    """Make body(argv, environ) into the tool's main(argv=None) -> exit status, never a traceback."""
+def tool(name, parses=True, accounts=False):
+    """Make body(argv, environ) into the tool's main(argv=None) -> exit status, never a traceback.
+
+    What the body does on first use, for a server that runs it in its
+    children to do once (program()): parses, it reads its options with
+    parse (docopt; False: with read); accounts, it looks accounts up.
+    """
 
     def wrap(body):
         @functools.wraps(body)
@@ -78,6 +83,8 @@ def tool(name):
 
         main.body = body
         main.tool_name = name
+        main.parses = parses
+        main.accounts = accounts
         return main
 
     return wrap
@@ -147,6 +154,12 @@ def program(argv, environ):
         return chain.Program(argv)
     module = load(fusable_scripts(environ)[os.path.abspath(path)])
     load_renaming()
+    if module.main.parses:
+        read_ahead(module, argv[1:])
+    if module.main.accounts:
+        from fdlaunch.kernel import creds  # the tool's own import: loaded with it
+
+        creds.load_databases()
     return chain.Program(argv, functools.partial(run_in_child, module, chain.Exec(path, argv, None)))
 
 
@@ -205,7 +218,7 @@ def load_renaming():
     """What run_fused needs to rename the process, loaded now: proc, ctypes and the C library, and where the command line is."""
     from fdlaunch.kernel import proc
 
-    proc.libc()
+    proc.libc_prctl()
     proc.command_line_area()
 
 
@@ -287,17 +300,45 @@ def attempt(name, function, *args):
 
 def parse(doc, argv):
     """Parse argv against doc's usage, as docopt reads it; doc is what --help prints."""
+    given, _ = checked(doc, argv)
+    answer_help(doc, dict(given))  # --help among other options is still help, as read() answers it
+    from docopt import DocoptExit  # loaded by docopt_reading, which ran first or failed with it
+
+    try:
+        options = docopt_reading(doc, tuple(argv))
+    except DocoptExit:
+        raise BadCall(synopsis(doc)) from None
+    return {name: list(value) if isinstance(value, list) else value for name, value in options.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def docopt_reading(doc, argv):
+    """docopt's reading of argv by doc's usage forms (DocoptExit if none fits), memoized: parse copies it.
+
+    A pure function of its arguments, and docopt takes milliseconds over a
+    usage of many options: a server whose children run a link of ours
+    (program()) has it read once, and every child finds it read.
+    """
     # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it. Safe
     # for fusion: fdlaunch-setuidgid, the one link that drops privileges, has
     # imported it before, so no later link needs to read it as the new user.
-    from docopt import DocoptExit, docopt
+    from docopt import docopt
 
-    given, _ = checked(doc, argv)
-    answer_help(doc, dict(given))  # --help among other options is still help, as read() answers it
+    return docopt(doc, argv=list(argv), default_help=False, options_first=True)
+
+
+def read_ahead(module, argv):
+    """Read argv by module's usage now, when its main reads it with parse, so that children forked to run it find it read.
+
+    A refusal is left for each child to say, as the link would say it exec'd.
+    """
+    from docopt import DocoptExit
+
     try:
-        return docopt(doc, argv=argv, default_help=False, options_first=True)
-    except DocoptExit:
-        raise BadCall(synopsis(doc)) from None
+        checked(module.__doc__, argv)
+        docopt_reading(module.__doc__, tuple(argv))
+    except (UsageError, DocoptExit):
+        pass
 
 
 def read(doc, argv):

@@ -1,5 +1,7 @@
 """Reading argv: our Options reader, the docopt-ng behaviour the runtime relies on, one usage grammar."""
 
+import inspect
+
 import pytest
 from conftest import run
 from docopt import DocoptExit, docopt
@@ -118,6 +120,22 @@ def test_every_option_of_a_usage_is_in_its_options_section(tool):
     forms = doc.split("Usage:", 1)[1].split("\n\n", 1)[0]
     named = {word.strip("[]().|").partition("=")[0].partition("[")[0] for word in forms.split() if word.strip("[(").startswith("-")}
     assert named - {"--", ""} <= set(usage.options_of(doc))
+
+
+@pytest.mark.parametrize("tool", cli.TOOLS)
+def test_what_a_tool_says_it_does_first_is_what_it_does(tool):
+    """tool(parses=, accounts=) tell a server what to do once for children that run the tool (cli.program)."""
+    module = cli.load(cli.TOOLS[tool])
+    source = inspect.getsource(module)
+    assert module.main.parses == ("cli.parse(__doc__" in source)
+    assert module.main.accounts == ("creds.Lookups()" in inspect.getsource(module.main.body))
+
+
+def test_parse_reads_once_and_hands_out_copies():
+    first = cli.parse(DOC, ["--limit=nofile=1", "prog"])
+    first["--limit"].append("changed")
+    assert cli.parse(DOC, ["--limit=nofile=1", "prog"])["--limit"] == ["nofile=1"]
+    assert cli.docopt_reading.cache_info().hits >= 1
 
 
 # What cli.parse relies on in docopt-ng: if an upgrade changes it, this fails, not a user.

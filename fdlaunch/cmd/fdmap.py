@@ -42,7 +42,7 @@ DEFAULT_PREFIX = "FD_"
 MODES = ("--systemd", "--map", "--vars", "--subst", "--stdin")
 
 
-@tool(PROG)
+@tool(PROG, parses=False)
 def main(argv, environ):
     options = read_call(argv)
     pid = os.getpid()

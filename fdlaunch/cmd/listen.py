@@ -29,7 +29,7 @@ from fdlaunch.text import fdplan, listenenv, spec
 PROG = "fdlaunch-listen"
 
 
-@tool(PROG)
+@tool(PROG, parses=False)
 def main(argv, caller):
     option_words, spec_words, program = spec.split_words(argv)
     # docopt cannot read 'SPEC... [--] PROG' (see cli): the specs and the program are ours to check.

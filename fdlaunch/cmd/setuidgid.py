@@ -58,7 +58,7 @@ PROCESS_OPTIONS = (
 )
 
 
-@tool(PROG)
+@tool(PROG, accounts=True)
 def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]

@@ -8,6 +8,7 @@ in the child, or run by the child itself (the runtime's choice, made before
 the loop gets it; nothing here knows why).
 """
 
+import _signal  # signal's own functions make an enum of each signal number: tests/test_imports.py
 import contextlib
 import errno
 import fcntl
@@ -16,7 +17,7 @@ import signal
 import stat
 from collections import namedtuple
 
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, flush_output, shown, unable
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, SYSTEM, Fatal, flush_output, shown, unable
 from fdlaunch.kernel import fds
 
 # What execve(2) says when there is no such program: 127; every other errno is 126.
@@ -98,75 +99,20 @@ def spawn(program, environ, setup=None, moves=()):
     The one exec-failure path of a forked child: it reports errno over a
     close-on-exec pipe and the parent raises Fatal (127 not found, 126 not
     executable), so only the parent speaks. A program to exec is found in
-    environ's PATH first (Fatal 126 or 127 before any fork). In the child,
-    first: the report pipe goes above the fds of moves, moves (fd now, fd
-    wanted) are made, setup() runs, and a LISTEN_PID or WATCHDOG_PID that
-    named us names the child.
-    """
-    path = None if program.run_here is not None else find_program(program.argv[0], environ)
-    parent = os.getpid()
-
-    def prepare(report_write):
-        if moves:
-            floor = max(fd for move in moves for fd in move) + 1
-            report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
-            fds.place(moves)
-        if setup is not None:
-            setup()
-        child_environ = dict(environ)
-        if environ.get("LISTEN_PID") == str(parent):
-            child_environ["LISTEN_PID"] = str(os.getpid())
-            child_environ.pop("LISTEN_PIDFDID", None)
-        if environ.get("WATCHDOG_PID") == str(parent):
-            child_environ["WATCHDOG_PID"] = str(os.getpid())
-        return report_write, child_environ
-
-    return _fork(program, path, prepare)
-
-
-def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
-    """Start program in a child as posix_spawn(3) would have, with a fork; the child's pid.
-
-    For a program run in the child itself (program.run_here), which
-    posix_spawn cannot do: the child gets environ as it is, stdio (a
-    connection) on fds 0 and 1 (POSIX_SPAWN_DUP2), the process group group
-    (setpgroup), the signals of defaults at SIG_DFL (setsigdef) and every
-    other disposition and the signal mask as this process has them. Every
-    signal is blocked from before the fork until the child has reset its
-    handlers, as glibc's posix_spawn does: one that came meanwhile would run
-    a handler of ours in the child (and write to our wakeup pipe). Failures
-    before the program runs are raised here as posix_spawn's would be.
-    """
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-
-    def prepare(report_write):
-        signal.set_wakeup_fd(-1)
-        for number in defaults:
-            signal.signal(number, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for fd in (0, 1):
-            os.dup2(stdio, fd)
-        os.setpgid(0, group)
-        return report_write, environ
-
-    try:
-        return _fork(program, None, prepare)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def _fork(program, path, prepare):
-    """Fork; in the child, prepare(report_write) -> (report_write, environ), then the exec of path or program.run_here(environ).
-
-    A child that runs the program itself exits with the status run_here
-    returns; run_here closes the report pipe with every other close-on-exec
-    descriptor, as the exec would, so the parent waits only until then.
+    environ's PATH first (Fatal 126 or 127 before any fork); one run in the
+    child closes the pipe with every other close-on-exec descriptor, as the
+    exec would, and says for itself why it failed. In the child, first: the
+    report pipe goes above the fds of moves, moves (fd now, fd wanted) are
+    made, setup() runs, and a LISTEN_PID or WATCHDOG_PID that named us
+    names the child.
     """
     name = program.argv[0]
+    path = None if program.run_here is not None else find_program(name, environ)
     try:
         report_read, report_write = os.pipe2(os.O_CLOEXEC)
     except OSError as error:
         raise unable(f"start {shown(name)}", error) from None
+    parent = os.getpid()
     flush_output()  # else what is still buffered here would be written twice, once by the child
     try:
         pid = os.fork()
@@ -177,11 +123,22 @@ def _fork(program, path, prepare):
     if pid == 0:
         try:
             os.close(report_read)
-            report_write, environ = prepare(report_write)
+            if moves:
+                floor = max(fd for move in moves for fd in move) + 1
+                report_write = fcntl.fcntl(report_write, fcntl.F_DUPFD_CLOEXEC, floor)
+                fds.place(moves)
+            if setup is not None:
+                setup()
+            child_environ = dict(environ)
+            if environ.get("LISTEN_PID") == str(parent):
+                child_environ["LISTEN_PID"] = str(os.getpid())
+                child_environ.pop("LISTEN_PIDFDID", None)
+            if environ.get("WATCHDOG_PID") == str(parent):
+                child_environ["WATCHDOG_PID"] = str(os.getpid())
             if program.run_here is not None:
-                os._exit(program.run_here(environ))
+                os._exit(program.run_here(child_environ))
             restore_signals()
-            os.execve(path, program.argv, environ)
+            os.execve(path, program.argv, child_environ)
         except OSError as error:
             os.write(report_write, str(error.errno).encode())
         finally:
@@ -195,6 +152,51 @@ def _fork(program, path, prepare):
     return pid
 
 
+def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
+    """Start program in a child as posix_spawn(3) would have, with a fork; the child's pid at once.
+
+    For a program run in the child itself (program.run_here), which
+    posix_spawn cannot do: the child gets environ as it is, stdio (a
+    connection) on fds 0 and 1 (POSIX_SPAWN_DUP2), the process group group
+    (setpgroup), the signals of defaults at SIG_DFL (setsigdef) and every
+    other disposition and the signal mask as this process has them. Every
+    signal is blocked from before the fork until the child has reset its
+    handlers, as glibc's posix_spawn does: one that came meanwhile would run
+    a handler of ours in the child (and write to our wakeup pipe).
+
+    Unlike spawn, nothing waits for the child to get that far: a server
+    goes back to its clients at once. What fails in the child before the
+    program runs (setpgid, when the group's leader is gone) ends it with
+    status 111, which whoever reaps it reports; the program itself says
+    why it failed, under its own name.
+    """
+    mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _signal.valid_signals())
+    flush_output()  # else what is still buffered here would be written twice, once by the child
+    try:
+        pid = os.fork()
+    except OSError as error:
+        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise unable(f"start {shown(program.argv[0])}", error) from None
+    if pid != 0:
+        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            os.setpgid(pid, group)  # also done in the child, whichever runs first: a guard that kills the group finds it
+        except OSError:
+            pass  # it has done so and exec'd (EACCES), or is gone already
+        return pid
+    try:
+        signal.set_wakeup_fd(-1)
+        for number in defaults:
+            signal.signal(number, signal.SIG_DFL)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for fd in (0, 1):
+            os.dup2(stdio, fd)
+        os.setpgid(0, group)
+        os._exit(program.run_here(environ))
+    finally:
+        os._exit(SYSTEM)
+
+
 def restore_signals():
     for number in PYTHON_IGNORED:
         signal.signal(number, signal.SIG_DFL)
@@ -204,18 +206,19 @@ def signals_as_after_exec():
     """The handlers a fused link would have found had it been exec'd as a new interpreter.
 
     execve(2) resets caught signals to SIG_DFL and keeps ignored ones ignored;
-    the new interpreter then catches SIGINT if it was at SIG_DFL.
+    the new interpreter then ignores SIGPIPE and SIGXFSZ (a server's child
+    had them reset to SIG_DFL for its program) and catches SIGINT if it was
+    at SIG_DFL.
     """
     signal.set_wakeup_fd(-1)
-    for number in signal.valid_signals():
-        try:
-            handler = signal.getsignal(number)
-        except ValueError:
-            continue
+    for number in _signal.valid_signals():
+        handler = _signal.getsignal(number)
         if callable(handler) and handler is not signal.default_int_handler:
-            signal.signal(number, signal.SIG_DFL)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+            _signal.signal(number, _signal.SIG_DFL)
+    for number in PYTHON_IGNORED:
+        _signal.signal(number, _signal.SIG_IGN)
+    if _signal.getsignal(signal.SIGINT) == _signal.SIG_DFL:
+        _signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def exec_program(path, argv, environ):

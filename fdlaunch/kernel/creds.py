@@ -34,6 +34,19 @@ class Lookups:
         self.getgrouplist = os.getgrouplist
 
 
+def load_databases():
+    """Have the C library load what it looks accounts up with, as it does on the first lookup (nsswitch.conf, its modules).
+
+    A server whose children look accounts up does this once: each child
+    then finds the modules loaded (a dlopen(3) each, otherwise, per child).
+    """
+    try:
+        root = pwd.getpwuid(0)
+    except KeyError:
+        return
+    os.getgrouplist(root.pw_name, root.pw_gid)  # every source of the group database, as fdlaunch-setuidgid asks it
+
+
 def set_limits(limits):
     for name, soft, hard in limits:
         number = RLIMIT_LOCKS if name == "locks" else getattr(resource, f"RLIMIT_{name.upper()}")

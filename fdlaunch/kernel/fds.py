@@ -106,7 +106,16 @@ def hold_closed_standard_fds():
 
 def close_on_exec():
     """The open descriptors that an exec would close."""
-    return {fd for fd in open_fds() if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC}
+    listing = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    found = set()
+    for name in os.listdir(listing):
+        try:
+            flags = fcntl.fcntl(int(name), fcntl.F_GETFD)
+        except OSError:
+            continue  # the descriptor listdir itself had open
+        if flags & fcntl.FD_CLOEXEC:
+            found.add(int(name))
+    return found
 
 
 def inheritable():

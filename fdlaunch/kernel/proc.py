@@ -431,7 +431,7 @@ def prctl(option, *arguments):
     import ctypes
 
     padded = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_ulong(a) for a in (*arguments, 0, 0, 0, 0)[:4]]
-    if libc().prctl(ctypes.c_int(option), *padded) != 0:
+    if libc_prctl()(ctypes.c_int(option), *padded) != 0:
         number = ctypes.get_errno()
         raise OSError(number, os.strerror(number))
 
@@ -442,6 +442,12 @@ def libc():
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
+def libc_prctl():
+    """The C library's prctl, found once: a server's children find it found."""
+    return libc().prctl
 
 
 def become_subreaper():
