@@ -187,7 +187,7 @@ def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
     try:
         signal.set_wakeup_fd(-1)
         for number in defaults:
-            signal.signal(number, signal.SIG_DFL)
+            _signal.signal(number, _signal.SIG_DFL)
         _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for fd in (0, 1):
             os.dup2(stdio, fd)
