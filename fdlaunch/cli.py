@@ -319,9 +319,10 @@ def docopt_reading(doc, argv):
     usage of many options: a server whose children run a link of ours
     (program()) has it read once, and every child finds it read.
     """
-    # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it. Safe
-    # for fusion: fdlaunch-setuidgid, the one link that drops privileges, has
-    # imported it before, so no later link needs to read it as the new user.
+    # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it
+    # (tests/test_imports.py). Safe for fusion: fdlaunch-setuidgid, the one link
+    # that drops privileges, has imported it before, so no later link needs to
+    # read it as the new user.
     from docopt import docopt
 
     return docopt(doc, argv=list(argv), default_help=False, options_first=True)

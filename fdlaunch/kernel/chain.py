@@ -8,12 +8,10 @@ in the child, or run by the child itself (the runtime's choice, made before
 the loop gets it; nothing here knows why).
 """
 
-import _signal  # signal's own functions make an enum of each signal number: tests/test_imports.py
-import contextlib
+import _signal  # not signal, which makes enums of its numbers at import and in each call: tests/test_imports.py
 import errno
 import fcntl
 import os
-import signal
 import stat
 from collections import namedtuple
 
@@ -37,7 +35,7 @@ Program = namedtuple("Program", "argv run_here", defaults=(None,))
 
 # Python sets these to SIG_IGN at start-up, and an ignored signal stays
 # ignored across execve(2) (signal(7)), so a daemon would never die of EPIPE.
-PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+PYTHON_IGNORED = (_signal.SIGPIPE, _signal.SIGXFSZ)
 
 
 def received_environment():
@@ -170,25 +168,25 @@ def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
     status 111, which whoever reaps it reports; the program itself says
     why it failed, under its own name.
     """
-    mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _signal.valid_signals())
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     flush_output()  # else what is still buffered here would be written twice, once by the child
     try:
         pid = os.fork()
     except OSError as error:
-        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         raise unable(f"start {shown(program.argv[0])}", error) from None
     if pid != 0:
-        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         try:
             os.setpgid(pid, group)  # also done in the child, whichever runs first: a guard that kills the group finds it
         except OSError:
             pass  # it has done so and exec'd (EACCES), or is gone already
         return pid
     try:
-        signal.set_wakeup_fd(-1)
+        _signal.set_wakeup_fd(-1)
         for number in defaults:
             _signal.signal(number, _signal.SIG_DFL)
-        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         for fd in (0, 1):
             os.dup2(stdio, fd)
         os.setpgid(0, group)
@@ -199,7 +197,7 @@ def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
 
 def restore_signals():
     for number in PYTHON_IGNORED:
-        signal.signal(number, signal.SIG_DFL)
+        _signal.signal(number, _signal.SIG_DFL)
 
 
 def signals_as_after_exec():
@@ -210,15 +208,15 @@ def signals_as_after_exec():
     had them reset to SIG_DFL for its program) and catches SIGINT if it was
     at SIG_DFL.
     """
-    signal.set_wakeup_fd(-1)
+    _signal.set_wakeup_fd(-1)
     for number in _signal.valid_signals():
         handler = _signal.getsignal(number)
-        if callable(handler) and handler is not signal.default_int_handler:
+        if callable(handler) and handler is not _signal.default_int_handler:
             _signal.signal(number, _signal.SIG_DFL)
     for number in PYTHON_IGNORED:
         _signal.signal(number, _signal.SIG_IGN)
-    if _signal.getsignal(signal.SIGINT) == _signal.SIG_DFL:
-        _signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _signal.getsignal(_signal.SIGINT) == _signal.SIG_DFL:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 
 
 def exec_program(path, argv, environ):
@@ -237,35 +235,50 @@ def exec_failed(name, number):
     return Fatal(f"unable to exec {shown(name)}: {os.strerror(number)}", status)
 
 
-@contextlib.contextmanager
-def stopping_signals_raise(numbers=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
+class stopping_signals_raise:  # lower case, as contextlib.suppress: what it is called like
     """While waiting before an exec, turn a stop signal into Fatal so cleanup runs.
 
     The first stop ends the run: from then on these signals are ignored, so
     that a second one can neither cut the cleanup short nor kill the process
-    before it has said why it stopped.
+    before it has said why it stopped. A class, not contextlib's decorator:
+    tests/test_imports.py.
     """
-    stopped = []
 
-    def stop(number, frame):
-        for each in numbers:
-            signal.signal(each, signal.SIG_IGN)
-        stopped.append(number)
-        raise Fatal(f"stopped by {signal.Signals(number).name} before exec", 128 + number)
+    def __init__(self, numbers=(_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT)):
+        # A signal the caller ignores (nohup) stays ignored: it was never a stop request.
+        self.numbers = [n for n in numbers if _signal.getsignal(n) != _signal.SIG_IGN]
+        self.stopped = False
+        self.previous = {}
 
-    # A signal the caller ignores (nohup) stays ignored: it was never a stop request.
-    numbers = [n for n in numbers if signal.getsignal(n) is not signal.SIG_IGN]
-    previous = {number: signal.signal(number, stop) for number in numbers}
-    try:
-        yield
-    finally:
-        if not stopped:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+    def stop(self, number, frame):
+        for each in self.numbers:
+            _signal.signal(each, _signal.SIG_IGN)
+        self.stopped = True
+        raise Fatal(f"stopped by {signal_name(number)} before exec", 128 + number)
+
+    def __enter__(self):
+        self.previous = {number: _signal.signal(number, self.stop) for number in self.numbers}
+        return self
+
+    def __exit__(self, *raised):
+        if not self.stopped:
+            for number, handler in self.previous.items():
+                _signal.signal(number, handler)
+        return False
 
 
 def describe_exit(status):
     """A wait status in words: 'exited with status 3', 'was killed by SIGTERM'."""
     if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"was killed by {signal_name(os.WTERMSIG(status))}"
     return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def signal_name(number):
+    """'SIGTERM' for 15, 'signal 40' for one without a name: signal's enum, imported when a name is wanted, not at every start."""
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -243,7 +243,7 @@ def has_capabilities(status, numbers):
 
 
 class _Kernel:
-    """prctl(2) and capset(2) through libc; loaded only when needed (ctypes is slow to import)."""
+    """prctl(2) and capset(2) through libc; loaded only when needed (ctypes: tests/test_imports.py)."""
 
     def __init__(self):
         import ctypes  # the standard library: still readable after a drop, unlike our own installation may be

@@ -3,7 +3,6 @@
 import errno
 import fcntl
 import os
-import resource
 
 from fdlaunch.errors import Fatal, UsageError, unable
 from fdlaunch.text.numbers import is_decimal
@@ -24,8 +23,12 @@ def open_fds():
 
 
 def limit():
-    """One past the highest descriptor number this process may use."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    """One past the highest descriptor number this process may use: RLIMIT_NOFILE's soft limit.
+
+    Read by sysconf(3), which glibc answers with getrlimit(2): the resource
+    module is a shared library to load (tests/test_imports.py).
+    """
+    return os.sysconf("SC_OPEN_MAX")
 
 
 class OutOfDescriptors(Fatal):

@@ -9,8 +9,7 @@ import stat
 import time
 
 from fdlaunch.errors import unable
-from fdlaunch.text import notifyproto
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.numbers import PID_MAX_LIMIT, is_decimal
 
 
 def lineage(pid, pidfd):
@@ -216,7 +215,7 @@ def read_pidfile(path):
         os.close(fd)
     if not text:
         return None, None, "is empty"
-    if not is_decimal(text) or not 0 < int(text) <= notifyproto.PID_MAX_LIMIT:
+    if not is_decimal(text) or not 0 < int(text) <= PID_MAX_LIMIT:
         return None, None, "does not hold a pid (one decimal number)"
     return int(text), info.st_uid, None
 
@@ -438,7 +437,7 @@ def prctl(option, *arguments):
 
 @functools.cache
 def libc():
-    """The C library, loaded on first use: ctypes is slow to import, and most links never need it."""
+    """The C library, loaded on first use: most links never need ctypes (tests/test_imports.py)."""
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
