@@ -5,7 +5,9 @@ socket (registered only while below the -c limit, so that a client beyond
 it waits in the kernel's backlog), a signal (Python's wakeup fd), a
 handler's exit (its pidfd), and the guard's exit. Handlers are started
 with posix_spawn(3) (glibc's uses CLONE_VFORK: no copy of the interpreter)
-and, since glibc 2.24, that call itself fails with the exec's errno.
+and, since glibc 2.24, that call itself fails with the exec's errno; a
+program the child runs itself (chain.Program.run_here) by a fork set up as
+posix_spawn would set it up (chain.spawn_like_posix_spawn).
 """
 
 import collections
