@@ -160,7 +160,7 @@ def program(argv, environ):
         from fdlaunch.kernel import creds  # the tool's own import: loaded with it
 
         creds.load_databases()
-    return chain.Program(argv, functools.partial(run_in_child, module, chain.Exec(path, argv, None)))
+    return chain.Program(argv, functools.partial(run_in_child, module, path, argv))
 
 
 def our_script(name, environ):
@@ -175,8 +175,8 @@ def our_script(name, environ):
     return path if os.path.abspath(path) in scripts else None
 
 
-def run_in_child(module, step, environ):
-    """A forked child runs our tool module itself (chain.Program.run_here), on step with environ: its exit status.
+def run_in_child(module, path, argv, environ):
+    """A forked child runs our tool module itself (chain.Program.run_here), as an exec of path would: its exit status.
 
     First what the exec would have closed: every close-on-exec descriptor
     of the parent's, the fork's report pipe among them.
@@ -184,7 +184,7 @@ def run_in_child(module, step, environ):
     fds.close_all(fds.close_on_exec())
     fds.hold_closed_standard_fds()
     name = module.main.tool_name
-    outcome, _ = attempt(name, run_fused, module, step._replace(environ=environ))
+    outcome, _ = attempt(name, run_fused, module, chain.Exec(path, argv, environ))
     return run_chain(name, outcome) if isinstance(outcome, chain.Exec) else outcome
 
 

@@ -264,7 +264,9 @@ def running_chain(port, fuse):
         try:
             assert chain.wait(20) == 128 + signal.SIGTERM or chain.returncode == 0, chain.stderr.read()
         finally:
-            left = session_processes(chain.pid)
+            deadline = time.monotonic() + 5
+            while (left := session_processes(chain.pid)) and time.monotonic() < deadline:
+                time.sleep(0.05)  # what the stop ended may take a moment to be gone
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
             chain.wait()
