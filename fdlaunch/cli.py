@@ -75,7 +75,7 @@ def tool(name, parses=True, accounts=False):
             argv = sys.argv[1:] if argv is None else list(argv)
             fds.hold_closed_standard_fds()
             environ = chain.received_environment()
-            load_chain(argv, environ)
+            load_chain(name, argv, environ)
             outcome, failed = attempt(name, body, argv, environ)
             if isinstance(outcome, chain.Exec):
                 return run_chain(name, outcome)
@@ -198,28 +198,38 @@ def find_program(name, environ):
     return chain.find_program(name, environ, ours.keys())
 
 
-def load_chain(argv, environ):
+def load_chain(name, argv, environ):
     """Import the tools this chain names, and what renaming a fused link takes, while their files are still readable.
 
     A later link may run as a user who can no longer read the installation
-    (fdlaunch-setuidgid nobody, with the interpreter under /root).
+    (fdlaunch-setuidgid nobody, with the interpreter under /root). name is
+    the tool that runs now, argv its arguments.
     """
-    named = {os.path.basename(word) for word in argv} & TOOLS.keys()
-    if named:
-        scripts = fusable_scripts(environ)
-        modules = set(scripts.values()) & {TOOLS[n] for n in named}
-        for module in modules:
-            load(module)
-        if modules:
-            load_renaming()
+    words = [name, *(os.path.basename(word) for word in argv)]
+    named = {word for word in words[1:] if word in TOOLS}
+    modules = set(fusable_scripts(environ).values()) & {TOOLS[word] for word in named} if named else set()
+    for module in modules:
+        load(module)
+    if modules:
+        load_renaming(follows_a_change_of_user(words))
 
 
-def load_renaming():
-    """What run_fused needs to rename the process, loaded now: proc, ctypes and the C library, and where the command line is."""
+def follows_a_change_of_user(words):
+    """Whether a tool of ours comes after fdlaunch-setuidgid among a chain's words."""
+    if "fdlaunch-setuidgid" not in words:
+        return False
+    return any(word in TOOLS for word in words[words.index("fdlaunch-setuidgid") + 1 :])
+
+
+def load_renaming(after_a_change_of_user=True):
+    """What run_fused needs to rename the process, loaded now: proc, where the command line is, and, for a link
+    that will run after a change of user (it cannot write its own /proc files then: proc.name_self), ctypes and
+    the C library."""
     from fdlaunch.kernel import proc
 
-    proc.libc_prctl()
     proc.command_line_area()
+    if after_a_change_of_user:
+        proc.libc_prctl()
 
 
 def fusable_scripts(environ):

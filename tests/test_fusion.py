@@ -229,15 +229,15 @@ def pgrep(*words):
     return sorted(int(pid) for pid in run(["pgrep", *words]).stdout.split())
 
 
-def running_chain(port, fuse):
-    """listen, setuidgid, handoff; its instance accept, whose handler chain is fdmap, notify-wait --fork, sleep; a client connected.
+def running_chain(port, fuse, drop):
+    """listen, setuidgid (if drop), handoff; its instance accept, whose handler chain is fdmap, notify-wait --fork, sleep;
+    a client connected. ((comm, args) of the session's processes, with pgrep's answers for each fused tool's name).
 
-    ((comm, args) of the session's processes, with pgrep's answers for each fused tool's name).
+    A link after the drop renames itself by prctl(2), one before it through /proc/self (proc.name_self).
     """
-    require_python_for_nobody()
     handler = ["fdlaunch-fdmap", "--map", "--", "fdlaunch-notify-wait", "--fork", "--", "sh", "-c", "exec sleep 60"]
-    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", "fdlaunch-setuidgid", "nobody", "--", "fdlaunch-handoff", "--"]
-    argv += ["fdlaunch-accept", "-q", "--grace=1", "--", *handler]
+    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", *(["fdlaunch-setuidgid", "nobody", "--"] if drop else [])]
+    argv += ["fdlaunch-handoff", "--", "fdlaunch-accept", "-q", "--grace=1", "--", *handler]
     env = {"PATH": os.environ["PATH"], **({} if fuse else {"FDLAUNCH_FUSE": "0"})}
     chain = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
     try:
@@ -273,10 +273,13 @@ def running_chain(port, fuse):
             assert not left, f"left running: {left}"
 
 
-def test_ps_and_pgrep_see_each_fused_link_as_its_own_tool():
+@pytest.mark.parametrize("drop", [True, False], ids=["after setuidgid", "as root"])
+def test_ps_and_pgrep_see_each_fused_link_as_its_own_tool(drop):
     """comm (what pgrep -x matches, 15 bytes) and the command line (ps -o args, pgrep -f) are what an exec would give."""
-    fused, fused_found = running_chain(free_port(), fuse=True)
-    execd, execd_found = running_chain(free_port(), fuse=False)
+    if drop:
+        require_python_for_nobody()
+    fused, fused_found = running_chain(free_port(), fuse=True, drop=drop)
+    execd, execd_found = running_chain(free_port(), fuse=False, drop=drop)
     assert [(comm, re.sub(r"127\.0\.0\.1:\d+", "PORT", args)) for comm, args in fused] == [
         (comm, re.sub(r"127\.0\.0\.1:\d+", "PORT", args)) for comm, args in execd
     ]

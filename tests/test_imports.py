@@ -76,7 +76,7 @@ SOCKETS = {
 }
 NOTIFY = {"_socket", "_struct", "array", "struct", "fdlaunch.kernel.sdnotify", "fdlaunch.text.notifyproto"}
 WATCH = {"select", "signal", "fdlaunch.kernel.proc", "fdlaunch.loops", "fdlaunch.loops.readiness"}
-CTYPES = {"_ctypes", "ctypes", "ctypes._endian"}  # prctl(2) in a child: PR_SET_PDEATHSIG, PR_SET_NAME
+CTYPES = {"_ctypes", "ctypes", "ctypes._endian"}  # prctl(2) in a child: PR_SET_PDEATHSIG; seccomp(2)
 INSTANCES = {"fdlaunch.kernel.fdstore", "fdlaunch.kernel.guard", "fdlaunch.loops.overlap"}
 
 PINNED = {
@@ -119,7 +119,6 @@ PINNED = {
         | DOCOPT
         | NOTIFY
         | WATCH
-        | CTYPES
         | (SOCKETS - {"fdlaunch.kernel.sock", "fdlaunch.text.fdplan"})
         | {"grp", "pwd", "resource", "ipaddress", "math", "selectors", "shlex", "socket", "fdlaunch.kernel.creds"}
         | {"fdlaunch.cmd.accept", "fdlaunch.loops.accepting", "fdlaunch.text.rules", "fdlaunch.text.ucspi"},

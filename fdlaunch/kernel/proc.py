@@ -468,11 +468,18 @@ def die_with(parent):
 
 
 def name_self(name):
-    """The name ps(1) and top(1) show (PR_SET_NAME, 15 bytes at most); nothing if the kernel refuses."""
-    try:
-        prctl(PR_SET_NAME, os.fsencode(name)[:15])
-    except OSError:
-        pass
+    """The name ps(1) and top(1) show (comm, 15 bytes at most); nothing if the kernel refuses.
+
+    Written to /proc/self/comm, which takes no ctypes; by PR_SET_NAME where
+    that file is not ours to write: a process that changed its user is not
+    dumpable, and its /proc files are root's.
+    """
+    text = os.fsencode(name)[:15]
+    if not write_own("comm", text):
+        try:
+            prctl(PR_SET_NAME, text)
+        except (OSError, ImportError):
+            pass
 
 
 def set_arguments(words):
@@ -484,16 +491,49 @@ def set_arguments(words):
     rest filled with NULs, which ps(1) and pgrep(1) do not show. So the
     environment after it (/proc/self/environ) is left as it was, and the
     last byte stays NUL: the kernel reads the area as argument strings.
+    Written through /proc/self/mem, or, where that is not ours to write (as
+    for name_self), by ctypes; nothing if neither can.
     """
     area = command_line_area()
     if area is None:
         return
-    import ctypes
-
     start, end = area
-    first = ctypes.string_at(start, end - start).split(b"\0", 1)[0]
-    text = b"\0".join([first, *(os.fsencode(word) for word in words)])[: end - start - 1]
-    ctypes.memmove(start, text.ljust(end - start, b"\0"), end - start)
+    first = read_proc_bytes("/proc/self/cmdline", end - start).split(b"\0", 1)[0]
+    text = b"\0".join([first, *(os.fsencode(word) for word in words)])[: end - start - 1].ljust(end - start, b"\0")
+    if write_own("mem", text, start):
+        return
+    try:
+        import ctypes
+    except ImportError:
+        return
+    ctypes.memmove(start, text, len(text))
+
+
+def write_own(name, data, offset=None):
+    """Write data to this process's /proc/self/NAME (at offset, for mem); False if it is not ours to write (EACCES)."""
+    try:
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+    except (PermissionError, FileNotFoundError):
+        return False  # not dumpable (a change of user), or no /proc (a chroot)
+    try:
+        if offset is None:
+            os.write(fd, data)
+        else:
+            os.pwrite(fd, data, offset)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def read_proc_bytes(path, size):
+    """Up to size bytes of a /proc file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
 
 
 @functools.cache
