@@ -157,7 +157,8 @@ def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
     posix_spawn cannot do: the child gets environ as it is, stdio (a
     connection) on fds 0 and 1 (POSIX_SPAWN_DUP2), the process group group
     (setpgroup), the signals of defaults at SIG_DFL (setsigdef) and every
-    other disposition and the signal mask as this process has them. Every
+    other disposition and the signal mask as this process has them, and
+    not one of its close-on-exec descriptors, as after the exec. Every
     signal is blocked from before the fork until the child has reset its
     handlers, as glibc's posix_spawn does: one that came meanwhile would run
     a handler of ours in the child (and write to our wakeup pipe).
@@ -168,6 +169,8 @@ def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
     status 111, which whoever reaps it reports; the program itself says
     why it failed, under its own name.
     """
+    # Listed here, where /proc/self/fd's entries stay cached: a child's own are dropped when it is reaped, at a cost.
+    closing = fds.close_on_exec()
     mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     flush_output()  # else what is still buffered here would be written twice, once by the child
     try:
@@ -190,6 +193,7 @@ def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
         for fd in (0, 1):
             os.dup2(stdio, fd)
         os.setpgid(0, group)
+        fds.close_all(closing)  # what the exec would close: the program does not run before it
         os._exit(program.run_here(environ))
     finally:
         os._exit(SYSTEM)

@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import stat
+import sys
 import time
 
 from fdlaunch.errors import unable
@@ -470,12 +471,13 @@ def die_with(parent):
 def name_self(name):
     """The name ps(1) and top(1) show (comm, 15 bytes at most); nothing if the kernel refuses.
 
-    Written to /proc/self/comm, which takes no ctypes; by PR_SET_NAME where
-    that file is not ours to write: a process that changed its user is not
-    dumpable, and its /proc files are root's.
+    By PR_SET_NAME when ctypes is loaded already; else written to
+    /proc/self/comm, which takes no ctypes, or, where that file is not ours
+    to write (a process that changed its user is not dumpable, and its /proc
+    files are root's), by PR_SET_NAME all the same.
     """
     text = os.fsencode(name)[:15]
-    if not write_own("comm", text):
+    if "ctypes" in sys.modules or not write_own("comm", text):
         try:
             prctl(PR_SET_NAME, text)
         except (OSError, ImportError):
@@ -491,16 +493,15 @@ def set_arguments(words):
     rest filled with NULs, which ps(1) and pgrep(1) do not show. So the
     environment after it (/proc/self/environ) is left as it was, and the
     last byte stays NUL: the kernel reads the area as argument strings.
-    Written through /proc/self/mem, or, where that is not ours to write (as
-    for name_self), by ctypes; nothing if neither can.
+    By ctypes, or through /proc/self/mem, as name_self chooses; nothing if
+    neither can.
     """
     area = command_line_area()
     if area is None:
         return
-    start, end = area
-    first = read_proc_bytes("/proc/self/cmdline", end - start).split(b"\0", 1)[0]
+    start, end, first = area
     text = b"\0".join([first, *(os.fsencode(word) for word in words)])[: end - start - 1].ljust(end - start, b"\0")
-    if write_own("mem", text, start):
+    if "ctypes" not in sys.modules and write_own("mem", text, start):
         return
     try:
         import ctypes
@@ -510,7 +511,12 @@ def set_arguments(words):
 
 
 def write_own(name, data, offset=None):
-    """Write data to this process's /proc/self/NAME (at offset, for mem); False if it is not ours to write (EACCES)."""
+    """Write data to this process's /proc/self/NAME (at offset, for mem); False if it is not ours to write (EACCES).
+
+    Each /proc/self file a process opens is an entry the kernel drops when
+    the process is reaped: a server's children prefer ctypes, which it has
+    loaded for them (cli.program).
+    """
     try:
         fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
     except (PermissionError, FileNotFoundError):
@@ -527,25 +533,23 @@ def write_own(name, data, offset=None):
     return True
 
 
-def read_proc_bytes(path, size):
-    """Up to size bytes of a /proc file."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, size)
-    finally:
-        os.close(fd)
-
-
 @functools.cache
 def command_line_area():
-    """(start, end) addresses of this process's argument strings (proc(5), /proc/PID/stat fields 48 and 49), or None.
+    """(start, end, first word) of this process's argument strings (proc(5), /proc/PID/stat fields 48 and 49), or None.
 
-    Read once: a forked child has a copy of the same memory at the same addresses.
+    Read once: a forked child has a copy of the same memory at the same
+    addresses, and set_arguments keeps the first word as it is.
     """
     fields = stat_fields(os.getpid())
     if fields is None or len(fields) < 47 or not 0 < int(fields[45]) < int(fields[46]):
         return None
-    return int(fields[45]), int(fields[46])
+    start, end = int(fields[45]), int(fields[46])
+    fd = os.open("/proc/self/cmdline", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        first = os.read(fd, end - start).split(b"\0", 1)[0]
+    finally:
+        os.close(fd)
+    return start, end, first
 
 
 def procfs_is_ours():
