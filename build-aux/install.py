@@ -40,9 +40,10 @@ MANIFEST = "installed-files"
 
 WRAPPER = """\
 #!{python}
-# {name}: installed by fdlaunch's make install. The package and its
-# dependencies live in {layout.libdir}, put ahead of the system's; found
-# from this file's real path, so that a staged copy (DESTDIR) runs too.
+# Installed by fdlaunch's make install. The package and its dependencies
+# live in {layout.libdir}, put ahead of the system's; found from this
+# file's real path, so that a staged copy (DESTDIR) runs too. Every script
+# is this text with its own module: fusion (fdlaunch(7)) relies on it.
 import os
 import sys
 
@@ -163,7 +164,7 @@ class Installer:
             self.library(pip)
             for name, (module, function) in sorted(console_scripts(self.staged(layout.libdir)).items()):
                 relative = os.path.relpath(layout.libdir, layout.bindir)
-                text = WRAPPER.format(python=sys.executable, name=name, layout=layout, relative=relative, module=module, function=function)
+                text = WRAPPER.format(python=sys.executable, layout=layout, relative=relative, module=module, function=function)
                 self.file(f"{layout.bindir}/{name}", text=text, mode=0o755)
             for page in sorted((SOURCE / "man").glob("*.[17]")):
                 self.file(f"{layout.mandir}/man{page.suffix[1:]}/{page.name}", source=page)

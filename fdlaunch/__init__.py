@@ -10,10 +10,9 @@ Both are imported lazily: the tools import this package first and must
 start fast.
 """
 
-from __future__ import annotations
-
-# typing and socket cost every tool milliseconds at start-up; the annotations
-# need them only when a type checker reads this file.
+# typing and socket cost every tool milliseconds at start-up; the annotations,
+# strings, need them only when a type checker reads this file (and so does
+# __future__: tests/test_imports.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.socket]]:
+def listen_sockets(unset_environment: bool = True) -> "dict[str, list[socket.socket]]":
     """The sockets passed to this process, {label: [socket, ...]}.
 
     From LISTEN_FD_MAP, or LISTEN_FDS/LISTEN_FDNAMES when LISTEN_PID is this
@@ -36,7 +35,7 @@ def listen_sockets(unset_environment: bool = True) -> dict[str, list[socket.sock
     return receive(unset_environment)
 
 
-def listen_fds(unset_environment: bool = True) -> dict[str, list[int]]:
+def listen_fds(unset_environment: bool = True) -> "dict[str, list[int]]":
     """Every descriptor passed to this process, by label, as numbers: sockets and stored ones (FDSTORE=1).
 
     Read as listen_sockets() reads them; for a program handed descriptors
@@ -48,7 +47,7 @@ def listen_fds(unset_environment: bool = True) -> dict[str, list[int]]:
 
 
 def notify(
-    *lines: str, pid: int | None = None, environ: Mapping[str, str] | None = None, wait: bool = False, fds: Sequence[int] = ()
+    *lines: str, pid: "int | None" = None, environ: "Mapping[str, str] | None" = None, wait: bool = False, fds: "Sequence[int]" = ()
 ) -> bool:
     """Send lines such as 'READY=1', 'STATUS=loading' to $NOTIFY_SOCKET, as sd_notify(3).
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from fdlaunch.kernel.chain import TOOLS
+from fdlaunch.cli import TOOLS
 
 
 def main(argv=None):

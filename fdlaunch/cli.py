@@ -27,7 +27,11 @@ reader alone (read) and check the rest of their form themselves.
 A tool's body takes its argv and the environment it was handed, and returns
 an exit status or a chain.Exec. The runtime execs that program, unless it is
 a tool of this installation: then it runs that tool's body in this process
-(fusion, fdlaunch(7)), so a chain costs one interpreter start, not one per link.
+(fusion, fdlaunch(7)), so a chain costs one interpreter start, not one per
+link. This module is the one place that knows: it decides for the next step
+of a chain (run_chain), and for a program a loop is to start as its child
+(program(), a chain.Program that the child runs itself when it is one of
+ours); loops and the kernel only fork and exec, or run what they were given.
 """
 
 import errno
@@ -40,9 +44,30 @@ from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_
 from fdlaunch.kernel import chain, fds
 from fdlaunch.text import usage
 
+# The console scripts of this installation: name -> module under fdlaunch.cmd.
+TOOLS = {
+    "fdlaunch-listen": "listen",
+    "fdlaunch-setuidgid": "setuidgid",
+    "fdlaunch-notify-wait": "notify_wait",
+    "fdlaunch-notify": "notify",
+    "fdlaunch-fdmap": "fdmap",
+    "fdlaunch-handoff": "handoff",
+    "fdlaunch-foreground": "foreground",
+    "fdlaunch-accept": "accept",
+    "fdlaunch-init": "init",
+    "fdlaunch-adopt": "adopt",
+}
+FUSE_VARIABLE = "FDLAUNCH_FUSE"
+SCRIPT_BYTES_MAX = 65536  # a console script is a few hundred bytes; a larger file is not one of ours
 
-def tool(name):
-    """Make body(argv, environ) into the tool's main(argv=None) -> exit status, never a traceback."""
+
+def tool(name, parses=True, accounts=False):
+    """Make body(argv, environ) into the tool's main(argv=None) -> exit status, never a traceback.
+
+    What the body does on first use, for a server that runs it in its
+    children to do once (program()): parses, it reads its options with
+    parse (docopt; False: with read); accounts, it looks accounts up.
+    """
 
     def wrap(body):
         @functools.wraps(body)
@@ -50,27 +75,30 @@ def tool(name):
             argv = sys.argv[1:] if argv is None else list(argv)
             fds.hold_closed_standard_fds()
             environ = chain.received_environment()
-            load_chain(argv, environ)
+            load_chain(name, argv, environ)
             outcome, failed = attempt(name, body, argv, environ)
             if isinstance(outcome, chain.Exec):
-                return become(name, outcome)
+                return run_chain(name, outcome)
             return outcome
 
         main.body = body
         main.tool_name = name
+        main.parses = parses
+        main.accounts = accounts
         return main
 
     return wrap
 
 
-def become(name, step):
-    """Run step's program: fused if it is one of our tools, else by execve.
+def run_chain(name, step):
+    """Run step's program: fused if it is one of our tools, else by execve; and so on down the chain.
 
     Returns only if that failed, with the status to exit with; a link that
     failed has said why under its own name, and what earlier links left for
     the program is taken back.
     """
     undo = []
+    failed = False
     while isinstance(step, chain.Exec):
         if step.undo is not None:
             undo.append(step.undo)
@@ -78,41 +106,186 @@ def become(name, step):
         if module is None:
             outcome, failed = attempt(name, chain.exec_program, step.path, step.argv, step.environ)
         else:
-            name, body = module.main.tool_name, module.main.body
-            outcome, failed = attempt(name, body, step.argv[1:], step.environ)
+            name = module.main.tool_name
+            outcome, failed = attempt(name, run_fused, module, step)
         step = outcome
     if failed:
         for take_back in reversed(undo):
             take_back()
-    return outcome
+    return step
 
 
 def fused_module(step):
     """The tool module to run in this process instead of exec'ing step.path, or None."""
-    module = chain.fused_tool(step.path, step.environ)
-    if module is None:
+    if os.path.basename(step.path) not in TOOLS:
         return None
-    # What exec would have done: flush what this link wrote, reset its signal handlers.
+    module = fusable_scripts(step.environ).get(os.path.abspath(step.path))
+    return None if module is None else load(module)
+
+
+def run_fused(module, step):
+    """What exec'ing step would have done to this process, then module's body on step's argv and environment.
+
+    Our buffered output is flushed and the handlers the last link set are
+    reset, as execve(2) resets them; the process takes the name and command
+    line the exec would have given it (comm is the script's name cut to 15
+    bytes; the command line is the interpreter, the script and the
+    arguments), so that ps(1) and pgrep(1) see the link that runs now.
+    """
+    from fdlaunch.kernel import proc  # loaded by load_chain or program(), with what renaming needs
+
     flush_output()
     chain.signals_as_after_exec()
-    return load(module)
+    proc.name_self(os.path.basename(step.path))
+    proc.set_arguments([step.path, *step.argv[1:]])
+    return module.main.body(step.argv[1:], step.environ)
 
 
-def load_chain(argv, environ):
-    """Import the tools this chain names while their files are still readable.
+def program(argv, environ):
+    """argv as a loop is to start it as its child: a chain.Program, run by the child itself if it is one of our tools.
+
+    Decided here, once, by the environment this tool was given, as for the
+    next link of a chain. What that child runs is loaded now, before the
+    loop starts any thread: a child forked from a threaded process imports
+    nothing (fdlaunch(7), FUSION).
+    """
+    path = our_script(argv[0], environ)
+    if path is None:
+        return chain.Program(argv)
+    module = load(fusable_scripts(environ)[os.path.abspath(path)])
+    load_renaming()
+    if module.main.parses:
+        read_ahead(module, argv[1:])
+    if module.main.accounts:
+        from fdlaunch.kernel import creds  # the tool's own import: loaded with it
+
+        creds.load_databases()
+    return chain.Program(argv, functools.partial(run_in_child, module, path, argv))
+
+
+def our_script(name, environ):
+    """The path of the script of this installation that exec would run for name, or None."""
+    scripts = fusable_scripts(environ) if os.path.basename(name) in TOOLS else {}
+    if not scripts:
+        return None
+    try:
+        path = chain.find_program(name, environ, scripts.keys())
+    except Fatal:
+        return None
+    return path if os.path.abspath(path) in scripts else None
+
+
+def run_in_child(module, path, argv, environ):
+    """A forked child runs our tool module itself (chain.Program.run_here), as an exec of path would: its exit status.
+
+    First what the exec would have closed: every close-on-exec descriptor
+    of the parent's, the fork's report pipe among them.
+    """
+    fds.close_all(fds.close_on_exec())
+    fds.hold_closed_standard_fds()
+    name = module.main.tool_name
+    outcome, _ = attempt(name, run_fused, module, chain.Exec(path, argv, environ))
+    return run_chain(name, outcome) if isinstance(outcome, chain.Exec) else outcome
+
+
+def find_program(name, environ):
+    """chain.find_program, with the scripts of this installation found without a look at them.
+
+    A link that dropped privileges may no longer see the file of the next
+    one, which runs in this process all the same (fdlaunch(7), FUSION).
+    """
+    ours = fusable_scripts(environ) if os.path.basename(name) in TOOLS else {}
+    return chain.find_program(name, environ, ours.keys())
+
+
+def load_chain(name, argv, environ):
+    """Import the tools this chain names, and what renaming a fused link takes, while their files are still readable.
 
     A later link may run as a user who can no longer read the installation
-    (fdlaunch-setuidgid nobody, with the interpreter under /root).
+    (fdlaunch-setuidgid nobody, with the interpreter under /root). name is
+    the tool that runs now, argv its arguments.
     """
-    named = {os.path.basename(word) for word in argv} & chain.TOOLS.keys()
-    if named:
-        scripts = chain.fusable_scripts(environ)
-        for module in set(scripts.values()) & {chain.TOOLS[n] for n in named}:
-            load(module)
+    words = [name, *(os.path.basename(word) for word in argv)]
+    named = {word for word in words[1:] if word in TOOLS}
+    modules = set(fusable_scripts(environ).values()) & {TOOLS[word] for word in named} if named else set()
+    for module in modules:
+        load(module)
+    if modules:
+        load_renaming(follows_a_change_of_user(words))
+
+
+def follows_a_change_of_user(words):
+    """Whether a tool of ours comes after fdlaunch-setuidgid among a chain's words."""
+    if "fdlaunch-setuidgid" not in words:
+        return False
+    return any(word in TOOLS for word in words[words.index("fdlaunch-setuidgid") + 1 :])
+
+
+def load_renaming(after_a_change_of_user=True):
+    """What run_fused needs to rename the process, loaded now: proc, where the command line is, and, for a link
+    that will run after a change of user (it cannot write its own /proc files then: proc.name_self), ctypes and
+    the C library."""
+    from fdlaunch.kernel import proc
+
+    proc.command_line_area()
+    if after_a_change_of_user:
+        proc.libc_prctl()
+
+
+def fusable_scripts(environ):
+    """{path: module} of the tools a link may run in this process instead of exec'ing them."""
+    if environ.get(FUSE_VARIABLE) == "0":
+        return {}
+    root, scripts = installation()
+    if scripts and root_identity() != root:
+        return {}  # chrooted since: the same path now names another file
+    return scripts
+
+
+@functools.cache
+def installation():
+    """(identity of /, {path: module}) for the console scripts of this installation.
+
+    A script is ours if it sits beside the script this process started
+    from and is, byte for byte, that script with the tool's module named in
+    place of ours: exec'ing it would run this interpreter on code we have
+    loaded already. Any other file, an edited script among them, is
+    exec'd (fdlaunch(7), FUSION says why this reads the files). Found once,
+    at the start of the first link, while the files are still readable (a
+    later link may run as a user who cannot read them): memoized facts
+    about the installation, not state that changes.
+    """
+    started = os.path.abspath(sys.argv[0])
+    home, own = os.path.split(started)
+    text = read_script(started) if own in TOOLS else None
+    marker = f"fdlaunch.cmd.{TOOLS.get(own)} import".encode()
+    interpreter = b"#!" + os.fsencode(sys.executable)
+    scripts = {}
+    if text is not None and text.count(marker) == 1 and text.partition(b"\n")[0].split()[:1] == [interpreter]:
+        for name, module in TOOLS.items():
+            path = os.path.join(home, name)
+            if read_script(path) == text.replace(marker, f"fdlaunch.cmd.{module} import".encode()):
+                scripts[path] = module
+    return root_identity(), scripts
+
+
+def read_script(path):
+    """The text of the file at path, or None if it cannot be read or is too large to be a console script."""
+    try:
+        with open(path, "rb") as script:
+            text = script.read(SCRIPT_BYTES_MAX + 1)
+    except OSError:
+        return None
+    return text if len(text) <= SCRIPT_BYTES_MAX else None
+
+
+def root_identity():
+    info = os.stat("/")
+    return info.st_dev, info.st_ino
 
 
 def load(module):
-    """The tool module fdlaunch.cmd.<module> (plain __import__: importlib costs start-up time)."""
+    """The tool module fdlaunch.cmd.<module> (plain __import__: tests/test_imports.py says why)."""
     name = f"fdlaunch.cmd.{module}"
     __import__(name)
     return sys.modules[name]
@@ -137,17 +310,46 @@ def attempt(name, function, *args):
 
 def parse(doc, argv):
     """Parse argv against doc's usage, as docopt reads it; doc is what --help prints."""
-    # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it. Safe
-    # for fusion: fdlaunch-setuidgid, the one link that drops privileges, has
-    # imported it before, so no later link needs to read it as the new user.
-    from docopt import DocoptExit, docopt
-
     given, _ = checked(doc, argv)
     answer_help(doc, dict(given))  # --help among other options is still help, as read() answers it
+    from docopt import DocoptExit  # loaded by docopt_reading, which ran first or failed with it
+
     try:
-        return docopt(doc, argv=argv, default_help=False, options_first=True)
+        options = docopt_reading(doc, tuple(argv))
     except DocoptExit:
         raise BadCall(synopsis(doc)) from None
+    return {name: list(value) if isinstance(value, list) else value for name, value in options.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def docopt_reading(doc, argv):
+    """docopt's reading of argv by doc's usage forms (DocoptExit if none fits), memoized: parse copies it.
+
+    A pure function of its arguments, and docopt takes milliseconds over a
+    usage of many options: a server whose children run a link of ours
+    (program()) has it read once, and every child finds it read.
+    """
+    # Imported here: fdlaunch-listen and fdlaunch-fdmap start without it
+    # (tests/test_imports.py). Safe for fusion: fdlaunch-setuidgid, the one link
+    # that drops privileges, has imported it before, so no later link needs to
+    # read it as the new user.
+    from docopt import docopt
+
+    return docopt(doc, argv=list(argv), default_help=False, options_first=True)
+
+
+def read_ahead(module, argv):
+    """Read argv by module's usage now, when its main reads it with parse, so that children forked to run it find it read.
+
+    A refusal is left for each child to say, as the link would say it exec'd.
+    """
+    from docopt import DocoptExit
+
+    try:
+        checked(module.__doc__, argv)
+        docopt_reading(module.__doc__, tuple(argv))
+    except (UsageError, DocoptExit):
+        pass
 
 
 def read(doc, argv):

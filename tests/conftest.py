@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fdlaunch.kernel.chain import TOOLS
+from fdlaunch.cli import TOOLS
 
 HERE = Path(__file__).resolve().parent
 PROBE = str(HERE / "probe.py")

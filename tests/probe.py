@@ -2,7 +2,7 @@
 
 Usage: probe.py OUTFILE   (or '-' for stdout)
 
-Reports pid, argv, environment, credentials, capabilities, ignored and
+Reports pid, parent and process group, argv, environment, credentials, capabilities, ignored and
 blocked signals, umask, cwd, resource limits, and every open descriptor: its close-on-exec flag
 and, for a socket, family, type, bound address and whether it listens.
 Imports only the standard library and opens nothing before listing fds.
@@ -77,6 +77,7 @@ def main():
     report = {
         "pid": os.getpid(),
         "ppid": os.getppid(),
+        "pgid": os.getpgrp(),
         "argv": sys.argv,
         "env": received_environment(),
         "fds": fds,

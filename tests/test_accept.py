@@ -559,9 +559,10 @@ def test_sigterm_kills_handlers_still_running_after_grace(server):
     assert "was killed by SIGKILL" in one.stderr()
 
 
-def test_handlers_never_outlive_a_killed_server(server):
+@pytest.mark.parametrize("handler", [["sleep", "60"], ["fdlaunch-fdmap", "--map", "--", "sleep", "60"]], ids=["spawned", "fused"])
+def test_handlers_never_outlive_a_killed_server(server, handler):
     port = free_port()
-    one = server(f"-tcp:127.0.0.1:{port}", [], ["sleep", "60"])
+    one = server(f"-tcp:127.0.0.1:{port}", [], handler)
     client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     one.wait_for_line("start pid")
     one.process.kill()

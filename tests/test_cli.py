@@ -1,12 +1,13 @@
 """Reading argv: our Options reader, the docopt-ng behaviour the runtime relies on, one usage grammar."""
 
+import inspect
+
 import pytest
 from conftest import run
 from docopt import DocoptExit, docopt
 
 from fdlaunch import cli
 from fdlaunch.errors import BadCall, UsageError
-from fdlaunch.kernel import chain
 from fdlaunch.text import usage
 
 DOC = """fdlaunch-x: a tool to read.
@@ -112,13 +113,29 @@ def test_a_refusal_names_the_first_usage_form():
         cli.parse(DOC, ["--map"])
 
 
-@pytest.mark.parametrize("tool", chain.TOOLS)
+@pytest.mark.parametrize("tool", cli.TOOLS)
 def test_every_option_of_a_usage_is_in_its_options_section(tool):
     """The reader knows only the Options section: an option named only in the usage would be refused."""
-    doc = cli.load(chain.TOOLS[tool]).__doc__
+    doc = cli.load(cli.TOOLS[tool]).__doc__
     forms = doc.split("Usage:", 1)[1].split("\n\n", 1)[0]
     named = {word.strip("[]().|").partition("=")[0].partition("[")[0] for word in forms.split() if word.strip("[(").startswith("-")}
     assert named - {"--", ""} <= set(usage.options_of(doc))
+
+
+@pytest.mark.parametrize("tool", cli.TOOLS)
+def test_what_a_tool_says_it_does_first_is_what_it_does(tool):
+    """tool(parses=, accounts=) tell a server what to do once for children that run the tool (cli.program)."""
+    module = cli.load(cli.TOOLS[tool])
+    source = inspect.getsource(module)
+    assert module.main.parses == ("cli.parse(__doc__" in source)
+    assert module.main.accounts == ("creds.Lookups()" in inspect.getsource(module.main.body))
+
+
+def test_parse_reads_once_and_hands_out_copies():
+    first = cli.parse(DOC, ["--limit=nofile=1", "prog"])
+    first["--limit"].append("changed")
+    assert cli.parse(DOC, ["--limit=nofile=1", "prog"])["--limit"] == ["nofile=1"]
+    assert cli.docopt_reading.cache_info().hits >= 1
 
 
 # What cli.parse relies on in docopt-ng: if an upgrade changes it, this fails, not a user.
@@ -188,7 +205,7 @@ def first_form(tool):
     return run([tool, "--help"]).stdout.split("Usage:", 1)[1].strip().splitlines()[0].strip()
 
 
-WRONG_CALLS = [(tool, []) for tool in chain.TOOLS] + [
+WRONG_CALLS = [(tool, []) for tool in cli.TOOLS] + [
     ("fdlaunch-listen", ["-v"]),
     ("fdlaunch-listen", ["--map", "--lazy"]),
     ("fdlaunch-listen", ["-tcp:127.0.0.1:0"]),
@@ -213,7 +230,7 @@ def test_a_wrong_call_prints_the_first_usage_form(tool, argv):
     assert (done.returncode, done.stderr, done.stdout) == (100, f"{tool}: usage: {first_form(tool)}\n", "")
 
 
-@pytest.mark.parametrize("tool", chain.TOOLS)
+@pytest.mark.parametrize("tool", cli.TOOLS)
 def test_help_among_other_words_is_help_for_every_tool(tool):
     # Whether docopt reads the tool's usage or the tool reads its own (listen, fdmap): the same answer.
     wanted = run([tool, "--help"])
@@ -222,7 +239,7 @@ def test_help_among_other_words_is_help_for_every_tool(tool):
         assert (done.returncode, done.stdout, done.stderr) == (0, wanted.stdout, ""), argv
 
 
-@pytest.mark.parametrize("tool", chain.TOOLS)
+@pytest.mark.parametrize("tool", cli.TOOLS)
 def test_an_unknown_option_is_named_in_one_line(tool):
     done = run([tool, "--bogus", "-tcp:127.0.0.1:0", "true"])
     assert (done.returncode, done.stderr) == (100, f"{tool}: fatal: unknown option '--bogus' (usage: {first_form(tool)})\n")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import console_scripts, missing, run
 
-from fdlaunch.kernel import chain
+from fdlaunch import cli
 from fdlaunch.text import usage
 
 MAN = Path(__file__).resolve().parent.parent / "man"
-TOOLS = list(chain.TOOLS)
+TOOLS = list(cli.TOOLS)
 
 
 def words(text):
@@ -60,7 +60,7 @@ def test_every_option_of_the_help_has_its_entry_in_the_man_page(tool):
     """A fact the page must state, not its sentences: each option --help lists is an entry of OPTIONS."""
     if shutil.which("mandoc") is None:
         missing("mandoc")
-    module = __import__(f"fdlaunch.cmd.{chain.TOOLS[tool]}", fromlist=["__doc__"])
+    module = __import__(f"fdlaunch.cmd.{cli.TOOLS[tool]}", fromlist=["__doc__"])
     rendered = subprocess.run(["mandoc", "-Tascii", "-Owidth=300", str(MAN / f"{tool}.1")], capture_output=True, text=True, check=True)
     section = re.sub(".\b", "", rendered.stdout).split("\nOPTIONS\n", 1)[1].split("\nENVIRONMENT\n", 1)[0]
     entries = {line.strip() for line in section.splitlines() if line.startswith("       -")}  # an entry's tag, at the first indent
@@ -69,5 +69,5 @@ def test_every_option_of_the_help_has_its_entry_in_the_man_page(tool):
 
 
 def test_every_console_script_is_a_tool_the_runtime_knows():
-    """chain.TOOLS (what fusion, python -m fdlaunch and these tests go by) lists setup.cfg's console scripts."""
-    assert console_scripts() == chain.TOOLS
+    """cli.TOOLS (what fusion, python -m fdlaunch and these tests go by) lists setup.cfg's console scripts."""
+    assert console_scripts() == cli.TOOLS

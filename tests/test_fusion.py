@@ -222,3 +222,87 @@ def test_handoff_stops_an_instance_that_is_a_fused_long_running_tool(public):
     finally:
         handoff.kill()
         handoff.wait()
+
+
+def session_processes(sid):
+    """{pid: (comm, args)} of each live process of session sid, as ps -o comm,args shows them (ps drops trailing NULs too)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and os.getsid(int(name)) == sid:
+                comm = Path(f"/proc/{name}/comm").read_text().rstrip("\n")
+                args = Path(f"/proc/{name}/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode()
+                if Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found[int(name)] = (comm, args)
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def pgrep(*words):
+    return sorted(int(pid) for pid in run(["pgrep", *words]).stdout.split())
+
+
+def running_chain(port, fuse, drop):
+    """listen, setuidgid (if drop), handoff; its instance accept, whose handler chain is fdmap, notify-wait --fork, sleep;
+    a client connected. ((comm, args) of the session's processes, with pgrep's answers for each fused tool's name).
+
+    A link after the drop renames itself by prctl(2), one before it through /proc/self (proc.name_self).
+    """
+    handler = ["fdlaunch-fdmap", "--map", "--", "fdlaunch-notify-wait", "--fork", "--", "sh", "-c", "exec sleep 60"]
+    argv = ["fdlaunch-listen", f"-tcp:127.0.0.1:{port}", "--", *(["fdlaunch-setuidgid", "nobody", "--"] if drop else [])]
+    argv += ["fdlaunch-handoff", "--", "fdlaunch-accept", "-q", "--grace=1", "--", *handler]
+    env = {"PATH": os.environ["PATH"], **({} if fuse else {"FDLAUNCH_FUSE": "0"})}
+    chain = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        client = None
+        deadline = time.monotonic() + 20
+        while not any(comm == "sleep" for comm, _ in session_processes(chain.pid).values()):
+            ended = chain.poll() is not None
+            assert time.monotonic() < deadline and not ended, f"the handler never ran: {chain.stderr.read() if ended else ''}"
+            if client is None:
+                try:
+                    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+                except ConnectionRefusedError:
+                    time.sleep(0.05)
+                    continue
+            time.sleep(0.05)
+        session = str(chain.pid)
+        found = {name: pgrep("-s", session, "-x", name[:15]) for name in ("fdlaunch-handoff", "fdlaunch-accept", "fdlaunch-notify-wait")}
+        found.update({f"-f {name}": pgrep("-s", session, "-f", f"/{name} ") for name in ("fdlaunch-handoff", "fdlaunch-accept")})
+        return sorted(session_processes(chain.pid).values()), found
+    finally:
+        if client is not None:
+            client.close()
+        chain.terminate()
+        try:
+            assert chain.wait(20) == 128 + signal.SIGTERM or chain.returncode == 0, chain.stderr.read()
+        finally:
+            deadline = time.monotonic() + 5
+            while (left := session_processes(chain.pid)) and time.monotonic() < deadline:
+                time.sleep(0.05)  # what the stop ended may take a moment to be gone
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+            chain.wait()
+            assert not left, f"left running: {left}"
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["after setuidgid", "as root"])
+def test_ps_and_pgrep_see_each_fused_link_as_its_own_tool(drop):
+    """comm (what pgrep -x matches, 15 bytes) and the command line (ps -o args, pgrep -f) are what an exec would give."""
+    if drop:
+        require_python_for_nobody()
+    fused, fused_found = running_chain(free_port(), fuse=True, drop=drop)
+    execd, execd_found = running_chain(free_port(), fuse=False, drop=drop)
+    assert [(comm, re.sub(r"127\.0\.0\.1:\d+", "PORT", args)) for comm, args in fused] == [
+        (comm, re.sub(r"127\.0\.0\.1:\d+", "PORT", args)) for comm, args in execd
+    ]
+    names = [comm for comm, _ in fused]
+    assert sorted(names) == sorted(["fdlaunch-handof", "fdlaunch-handof", "fdlaunch-accept", "accept (guard)", "fdlaunch-notify", "sleep"])
+    handoff_args = next(args for comm, args in fused if comm == "fdlaunch-handof")
+    assert handoff_args.split()[1:4] == [shutil.which("fdlaunch-handoff"), "--", "fdlaunch-accept"]
+    assert len(fused_found["fdlaunch-handoff"]) == 2, "handoff and its guard"
+    assert len(fused_found["fdlaunch-accept"]) == 1 and len(fused_found["fdlaunch-notify-wait"]) == 1
+    assert fused_found["-f fdlaunch-handoff"] == fused_found["fdlaunch-handoff"]
+    assert len(fused_found["-f fdlaunch-accept"]) == 2, "accept and its guard"
+    assert {key: len(pids) for key, pids in fused_found.items()} == {key: len(pids) for key, pids in execd_found.items()}

@@ -196,6 +196,16 @@ def test_a_chain_from_the_staged_tree(stage, python):
     assert report["env"]["FD_WEB"] == "3"
 
 
+def test_a_staged_chain_starts_one_interpreter(stage):
+    """make install's scripts are one text, each with its own module: a chain of them is fused (fdlaunch(7), FUSION)."""
+    chain = ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-fdmap", "--vars", "--", "true"]
+    for fuse, interpreters in (("1", 1), ("0", 2)):
+        done = run(chain, env=staged_env(stage, PYTHONPROFILEIMPORTTIME="1", FDLAUNCH_FUSE=fuse))
+        assert done.returncode == 0, done.stderr
+        started = [line for line in done.stderr.splitlines() if line.startswith("import time:") and line.endswith("| site")]
+        assert len(started) == interpreters, done.stderr
+
+
 def test_a_staged_chain_runs_as_nobody(stage, python):
     """The tools run for any user who can read the tree and the interpreter: no venv."""
     require_python_for_nobody(python)

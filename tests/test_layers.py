@@ -19,7 +19,7 @@ ALLOWED = {
     "api": {"errors", "text", "kernel"},
     "cli": {"errors", "text", "kernel", "__init__"},
     "cmd": {"errors", "text", "kernel", "loops", "cli"},
-    "__main__": {"kernel"},
+    "__main__": {"cli"},
     "__init__": {"api"},
     "errors": set(),
 }

@@ -140,12 +140,19 @@ def test_the_inbox_hands_out_the_decoded_datagram():
         inbox.close()
 
 
-def test_prctl_names_a_process():
-    """proc.name_self, through the one prctl wrapper: what ps(1) shows, cut to the kernel's 15 bytes."""
+@pytest.mark.parametrize("changed_user", [False, True], ids=["its own /proc/self/comm", "prctl, after a change of user"])
+def test_name_self_names_a_process(changed_user):
+    """proc.name_self: what ps(1) shows, cut to the kernel's 15 bytes, whether the process may write its /proc files or not."""
+    if changed_user and os.geteuid() != 0:
+        pytest.skip("needs root to change user")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
+            if changed_user:  # not dumpable from here on: /proc/self/comm is root's
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
             proc.name_self("fdlaunch-test (guard)")
             with open("/proc/self/comm", "rb") as comm:
                 os.write(write_end, comm.read())

@@ -61,7 +61,7 @@ def main(argv, environ):
     listener, served = choose(passed, options["--label"])
     say("info", f"serving {served}; the handlers get no other descriptor of ours")
     hide_descriptors()
-    server = accepting.Server(listener, program, settings, say, say_as(f"{PROG} (guard)"))
+    server = accepting.Server(listener, cli.program(program, environ), settings, say, say_as(f"{PROG} (guard)"))
     return server.run()
 
 

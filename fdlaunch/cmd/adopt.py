@@ -37,7 +37,7 @@ def main(argv, environ):
     passed = listenenv.inherited(environ, os.getpid(), fds.limit())
     fds.check_inherited(passed, fds.open_fds())
     offers = [offer_of(p) for p in passed]
-    path = chain.find_program(program[0], environ)
+    path = cli.find_program(program[0], environ)
     supervisor = adopting.Supervisor(arch, offers, options["--strict"], say_as(f"{PROG} (supervisor)", options["--verbose"]))
     try:
         listener, no_new_privs = seccomp.install(arch)

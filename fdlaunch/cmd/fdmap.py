@@ -42,7 +42,7 @@ DEFAULT_PREFIX = "FD_"
 MODES = ("--systemd", "--map", "--vars", "--subst", "--stdin")
 
 
-@tool(PROG)
+@tool(PROG, parses=False)
 def main(argv, environ):
     options = read_call(argv)
     pid = os.getpid()
@@ -50,7 +50,7 @@ def main(argv, environ):
     passed = listenenv.inherited(environ, pid, fds.limit())
     open_now = fds.open_fds()
     fds.check_inherited(passed, open_now)
-    path = chain.find_program(program[0], environ)
+    path = cli.find_program(program[0], environ)
     if options["--systemd"]:
         environ, done = as_systemd(passed, options["--order"], open_now, environ, pid)
     elif options["--stdin"] is not None:

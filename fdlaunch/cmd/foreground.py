@@ -41,12 +41,12 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     settings, relays = read_settings(options, environ)
-    path = chain.find_program(program[0], environ)
+    cli.find_program(program[0], environ)  # 126 or 127 now, before anything is started
     if relays.upstream is not None:
         del environ["NOTIFY_SOCKET"]  # we speak for the daemon upstream
     keeper = forking.Keeper(settings, say_as(PROG), say_as(f"{PROG} (guard)"))
     try:
-        daemon = keeper.launch(path, program, environ)
+        daemon = keeper.launch(cli.program(program, environ), environ)
         tell_ready(relays, daemon, options["--verbose"])
         status = keeper.supervise()
         while isinstance(status, forking.Successor):

@@ -79,7 +79,7 @@ def main(argv, environ):
     inbox = sdnotify.Inbox()
     try:
         guard_say = say_as(f"{PROG} (guard)")
-        handoff = overlap.Handoff(program, settings, sockets, inbox, tell(upstream), say, guard_say, lambda step: cli.become(PROG, step))
+        handoff = overlap.Handoff(cli.program(program, environ), settings, sockets, inbox, tell(upstream), say, guard_say)
         status = handoff.run()
     finally:
         inbox.close()

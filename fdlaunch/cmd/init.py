@@ -24,7 +24,6 @@ Options:
 from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import say_as
-from fdlaunch.kernel import chain
 from fdlaunch.loops import forking, reaping
 
 PROG = "fdlaunch-init"
@@ -35,7 +34,7 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     settings = reaping.Settings(options["--group"], cli.seconds("--grace", options["--grace"], zero=True))
-    path = chain.find_program(program[0], environ)
+    cli.find_program(program[0], environ)  # 126 or 127 now, before anything is started
     init = reaping.Init(settings, say_as(PROG, options["--verbose"]), say_as(f"{PROG} (guard)"))
-    status = init.run(path, program, environ, become=lambda step: cli.become(PROG, step))
+    status = init.run(cli.program(program, environ), environ)
     return forking.exit_code(status)

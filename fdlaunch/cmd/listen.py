@@ -31,7 +31,7 @@ from fdlaunch.text import fdplan, listenenv, spec
 PROG = "fdlaunch-listen"
 
 
-@tool(PROG)
+@tool(PROG, parses=False)
 def main(argv, caller):
     option_words, spec_words, program = spec.split_words(argv)
     # docopt cannot read 'SPEC... [--] PROG' (see cli): the specs and the program are ours to check.
@@ -46,7 +46,7 @@ def main(argv, caller):
         refuse_what_would_fail(layout, program, environ)
         print_plan(layout, caller, environ, program)
         raise Finished(0)
-    path = chain.find_program(program[0], environ)
+    path = cli.find_program(program[0], environ)
     with chain.stopping_signals_raise(), sock.Opened() as opened:  # a stop from the first bind on removes what was bound
         layout = layout._replace(new=[s._replace(opened=opened.open(s.endpoint)) for s in layout.new])
         moves = layout.inherited_moves + [(s.opened, s.fd) for s in layout.new]

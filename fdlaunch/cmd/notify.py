@@ -21,8 +21,7 @@ from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import UsageError, shown, unable, warn
 from fdlaunch.kernel import sdnotify
-from fdlaunch.text import notifyproto
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.numbers import PID_MAX_LIMIT, is_decimal
 
 PROG = "fdlaunch-notify"
 NOT_LISTENING = 1  # NOTIFY_SOCKET unset: nobody to tell, as sd_notify(3) returns 0
@@ -56,6 +55,6 @@ def read_pid(text):
         return None
     if text == "parent":
         return os.getppid()
-    if not is_decimal(text) or len(text) > 10 or not 1 <= int(text) <= notifyproto.PID_MAX_LIMIT:
+    if not is_decimal(text) or len(text) > 10 or not 1 <= int(text) <= PID_MAX_LIMIT:
         raise UsageError(f"--pid={text!r} is not a process id or 'parent'")
     return int(text)

@@ -97,13 +97,13 @@ def main(argv, environ):
     # Without --fork the watching is done by a process forked for it, and it says so (s6-notifyoncheck's "(child)").
     say = say_as(PROG if options["--fork"] else f"{PROG} (watcher)", options["--verbose"])
     settings = read_settings(options, environ, say, program)
-    path = chain.find_program(program[0], environ)
+    path = cli.find_program(program[0], environ)
     inbox = sdnotify.Inbox()
     relays = readiness.Relays(settings.fd, settings.upstream, settings.command, options["--stop"], environ, settings.touch)
     # PROG's; --command keeps the caller's
     environ = {**environ, **watchdog_environment(settings.watchdog), **inputs_environment(settings), "NOTIFY_SOCKET": inbox.path}
     if options["--fork"]:
-        return fork_and_wait(inbox, relays, settings, path, program, environ)
+        return fork_and_wait(inbox, relays, settings, program, environ)
     start_watcher(inbox, relays, settings)
     warn_if_pid_1(program)
     return chain.Exec(path, program, environ)
@@ -433,8 +433,8 @@ def isolate(keep):
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def fork_and_wait(inbox, relays, settings, path, program, environ):
-    child, pidfd, signals, ready_read = spawn_catching_stops(path, program, environ, settings)
+def fork_and_wait(inbox, relays, settings, program, environ):
+    child, pidfd, signals, ready_read = spawn_catching_stops(program, environ, settings)
     inputs = [] if ready_read is None else [readiness.ReadyPipe(ready_read, settings.ready_fd)]
     inputs += [] if settings.upstart is None else [readiness.ChildStops(child, pidfd)]
     watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check, signals, inputs=inputs)
@@ -472,7 +472,7 @@ def fork_and_wait(inbox, relays, settings, path, program, environ):
     raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
 
 
-def spawn_catching_stops(path, program, environ, settings):
+def spawn_catching_stops(program, environ, settings):
     """Start PROG as a child; SIGINT and SIGTERM (and SIGCHLD for --upstart), from the moment it exists, go to a wakeup
     pipe. (pid, pidfd, that pipe, the read end of --ready-fd's pipe or None).
 
@@ -495,7 +495,7 @@ def spawn_catching_stops(path, program, environ, settings):
         if settings.ready_fd is not None:
             ready_pipe = os.pipe2(os.O_CLOEXEC)
         moves = [] if ready_pipe is None else [(ready_pipe[1], settings.ready_fd)]
-        child = chain.spawn(path, program, environ, setup=setup, moves=moves, become=lambda step: cli.become(PROG, step))
+        child = chain.spawn(cli.program(program, environ), environ, setup=setup, moves=moves)
         pidfd = os.pidfd_open(child)
         wakeup = proc.catch_signals(caught)
     except OSError as error:

@@ -58,7 +58,7 @@ PROCESS_OPTIONS = (
 )
 
 
-@tool(PROG)
+@tool(PROG, accounts=True)
 def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
@@ -80,7 +80,7 @@ def main(argv, environ):
         creds.no_new_privs()
     if options["--chdir"]:
         creds.change_directory(options["--chdir"])
-    path = chain.find_program(program[0], environ)
+    path = cli.find_program(program[0], environ)
     os.close(status)
     if options["--verbose"]:
         warn(PROG, "info", f"now {credspec.describe(wanted, setup.capabilities)}")
@@ -103,7 +103,7 @@ def export(options, wanted, environ, program):
     environ.update(exported)
     if options["--verbose"]:
         warn(PROG, "info", f"set {' '.join(f'{k}={v}' for k, v in exported.items())}; credentials unchanged")
-    return chain.Exec(chain.find_program(program[0], environ), program, environ)
+    return chain.Exec(cli.find_program(program[0], environ), program, environ)
 
 
 def account_environment(account):

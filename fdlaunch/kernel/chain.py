@@ -1,38 +1,23 @@
-"""The last step of every tool: exec the rest of the command line, cleanly.
+"""The last step of every tool: exec the rest of the command line, cleanly; and starting a program as a child.
 
 fdlaunch(7), CHAIN LOADING: the program gets the signal dispositions the
 caller would have given it, and none of our buffered output is lost. A tool
-ends by returning an Exec; the runtime (cli.tool) either runs that program
-in this process, when it is a tool of this installation (fusion), or execs it.
+ends by returning an Exec, which the runtime (cli) carries out. A loop that
+starts a program as its child is handed a Program, which says how: exec'd
+in the child, or run by the child itself (the runtime's choice, made before
+the loop gets it; nothing here knows why).
 """
 
-import contextlib
+import _signal  # not signal, which makes enums of its numbers at import and in each call: tests/test_imports.py
 import errno
 import fcntl
-import functools
 import os
-import signal
 import stat
-import sys
 from collections import namedtuple
 
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, Fatal, flush_output, shown, unable
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, SYSTEM, Fatal, flush_output, shown, unable
 from fdlaunch.kernel import fds
 
-# The console scripts of this installation: name -> module under fdlaunch.cmd.
-TOOLS = {
-    "fdlaunch-listen": "listen",
-    "fdlaunch-setuidgid": "setuidgid",
-    "fdlaunch-notify-wait": "notify_wait",
-    "fdlaunch-notify": "notify",
-    "fdlaunch-fdmap": "fdmap",
-    "fdlaunch-handoff": "handoff",
-    "fdlaunch-foreground": "foreground",
-    "fdlaunch-accept": "accept",
-    "fdlaunch-init": "init",
-    "fdlaunch-adopt": "adopt",
-}
-FUSE_VARIABLE = "FDLAUNCH_FUSE"
 # What execve(2) says when there is no such program: 127; every other errno is 126.
 NOT_THERE = (errno.ENOENT, errno.ENOTDIR)
 
@@ -42,9 +27,15 @@ NOT_THERE = (errno.ENOENT, errno.ENOTDIR)
 # fused into this process fail before its exec.
 Exec = namedtuple("Exec", "path argv environ undo", defaults=(None,))
 
+# A program a loop starts as its child: argv, exec'd from where PATH finds
+# argv[0]; or, when run_here is not None, run by the forked child itself:
+# run_here(environ) returns the status the child exits with, and ends in an
+# exec of its own unless it failed (then it has said why).
+Program = namedtuple("Program", "argv run_here", defaults=(None,))
+
 # Python sets these to SIG_IGN at start-up, and an ignored signal stays
 # ignored across execve(2) (signal(7)), so a daemon would never die of EPIPE.
-PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+PYTHON_IGNORED = (_signal.SIGPIPE, _signal.SIGXFSZ)
 
 
 def received_environment():
@@ -67,15 +58,15 @@ def received_environment():
     return environ
 
 
-def find_program(name, environ):
+def find_program(name, environ, known=frozenset()):
     """The path execve will run for name, searched in environ's PATH as execvp does.
 
     Found nowhere: 127. Found but not executable (no x bit, a directory), or
     out of reach (a directory on the way that may not be searched, EACCES):
     126, with what stood in the way, as execvp(3) reports the first EACCES
-    once no later directory has the program. A script of this installation
-    is found without a look at the file, which a user we became may no
-    longer be allowed to read (see installation()).
+    once no later directory has the program. A candidate whose absolute
+    path is in known is found without a look at the file: the caller knows
+    it is there (a user we became may no longer be allowed to see it).
     """
     if not name:
         candidates = []  # execvp(3) finds nothing for '' (os.path.join would make it each PATH directory)
@@ -83,10 +74,9 @@ def find_program(name, environ):
         candidates = [name]
     else:
         candidates = [os.path.join(d or ".", name) for d in environ.get("PATH", os.defpath).split(os.pathsep)]
-    ours = fusable_scripts(environ) if os.path.basename(name) in TOOLS else {}
     refusal = None
     for path in candidates:
-        if ours and os.path.abspath(path) in ours:
+        if known and os.path.abspath(path) in known:
             return path
         try:
             mode = os.stat(path).st_mode
@@ -101,75 +91,33 @@ def find_program(name, environ):
     raise refusal or exec_failed(name, errno.ENOENT)
 
 
-def fusable_scripts(environ):
-    """{path: module} of the tools a link may run in this process instead of exec'ing them."""
-    if environ.get(FUSE_VARIABLE) == "0":
-        return {}
-    root, scripts = installation()
-    if scripts and _root_identity() != root:
-        return {}  # chrooted since: the same path now names another file
-    return scripts
-
-
-def fused_tool(path, environ):
-    """The module (under fdlaunch.cmd) the runtime would run in this process instead of exec'ing path, or None."""
-    if os.path.basename(path) not in TOOLS:
-        return None
-    return fusable_scripts(environ).get(os.path.abspath(path))
-
-
-@functools.cache
-def installation():
-    """(identity of /, {path: module}) for the console scripts beside the one running.
-
-    A script is ours if it sits in the directory of the script this process
-    started from, runs this very interpreter, and imports its tool's module:
-    the PATH lookup exec would do then lands on code we have already loaded.
-    Computed once, at the start of the first link, while the files are still
-    readable (a later link may run as a user who cannot read them): memoized
-    facts about the installation, not state that changes.
-    """
-    home = os.path.dirname(os.path.abspath(sys.argv[0]))
-    scripts = {}
-    for name, module in TOOLS.items():
-        path = os.path.join(home, name)
-        try:
-            with open(path, "rb") as script:
-                head = script.read(1024)
-        except OSError:
-            continue
-        shebang, _, body = head.partition(b"\n")
-        interpreter = shebang[2:].split(None, 1)[0] if shebang.startswith(b"#!") and len(shebang) > 2 else b""
-        if interpreter == os.fsencode(sys.executable) and f"fdlaunch.cmd.{module} import".encode() in body:
-            scripts[path] = module
-    return _root_identity(), scripts
-
-
-def _root_identity():
-    info = os.stat("/")
-    return info.st_dev, info.st_ino
-
-
-def spawn(path, argv, environ, setup=None, moves=(), become=None):
-    """Fork, and run argv in the child: exec'd, or fused through become. Returns the child's pid.
+def spawn(program, environ, setup=None, moves=()):
+    """Fork, and start program in the child: exec'd, or run there (program.run_here). Returns the child's pid.
 
     The one exec-failure path of a forked child: it reports errno over a
     close-on-exec pipe and the parent raises Fatal (127 not found, 126 not
-    executable), so only the parent speaks. In the child, first: the report
-    pipe goes above the fds of moves, moves (fd now, fd wanted) are made,
-    setup() runs, and a LISTEN_PID or WATCHDOG_PID that named us names the child.
+    executable), so only the parent speaks. A program to exec is found in
+    environ's PATH first (Fatal 126 or 127 before any fork); one run in the
+    child closes the pipe with every other close-on-exec descriptor, as the
+    exec would, and says for itself why it failed. In the child, first: the
+    report pipe goes above the fds of moves, moves (fd now, fd wanted) are
+    made, setup() runs, and a LISTEN_PID or WATCHDOG_PID that named us
+    names the child.
     """
+    name = program.argv[0]
+    path = None if program.run_here is not None else find_program(name, environ)
     try:
         report_read, report_write = os.pipe2(os.O_CLOEXEC)
     except OSError as error:
-        raise unable(f"start {shown(argv[0])}", error) from None
+        raise unable(f"start {shown(name)}", error) from None
     parent = os.getpid()
+    flush_output()  # else what is still buffered here would be written twice, once by the child
     try:
         pid = os.fork()
     except OSError as error:
         os.close(report_read)
         os.close(report_write)
-        raise unable(f"start {shown(argv[0])}", error) from None
+        raise unable(f"start {shown(name)}", error) from None
     if pid == 0:
         try:
             os.close(report_read)
@@ -185,13 +133,10 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
                 child_environ.pop("LISTEN_PIDFDID", None)
             if environ.get("WATCHDOG_PID") == str(parent):
                 child_environ["WATCHDOG_PID"] = str(os.getpid())
-            if become is not None and fused_tool(path, child_environ) is not None:
-                # What the exec would close: our report pipe (the fused tool speaks
-                # for itself) and every other close-on-exec descriptor of the parent's.
-                fds.close_all(fds.close_on_exec())
-                os._exit(become(Exec(path, argv, child_environ)))
+            if program.run_here is not None:
+                os._exit(program.run_here(child_environ))
             restore_signals()
-            os.execve(path, argv, child_environ)
+            os.execve(path, program.argv, child_environ)
         except OSError as error:
             os.write(report_write, str(error.errno).encode())
         finally:
@@ -201,31 +146,81 @@ def spawn(path, argv, environ, setup=None, moves=(), become=None):
         failure = report.read()
     if failure:
         os.waitpid(pid, 0)
-        raise exec_failed(argv[0], int(failure))
+        raise exec_failed(name, int(failure))
     return pid
+
+
+def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
+    """Start program in a child as posix_spawn(3) would have, with a fork; the child's pid at once.
+
+    For a program run in the child itself (program.run_here), which
+    posix_spawn cannot do: the child gets environ as it is, stdio (a
+    connection) on fds 0 and 1 (POSIX_SPAWN_DUP2), the process group group
+    (setpgroup), the signals of defaults at SIG_DFL (setsigdef) and every
+    other disposition and the signal mask as this process has them, and
+    not one of its close-on-exec descriptors, as after the exec. Every
+    signal is blocked from before the fork until the child has reset its
+    handlers, as glibc's posix_spawn does: one that came meanwhile would run
+    a handler of ours in the child (and write to our wakeup pipe).
+
+    Unlike spawn, nothing waits for the child to get that far: a server
+    goes back to its clients at once. What fails in the child before the
+    program runs (setpgid, when the group's leader is gone) ends it with
+    status 111, which whoever reaps it reports; the program itself says
+    why it failed, under its own name.
+    """
+    # Listed here, where /proc/self/fd's entries stay cached: a child's own are dropped when it is reaped, at a cost.
+    closing = fds.close_on_exec()
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+    flush_output()  # else what is still buffered here would be written twice, once by the child
+    try:
+        pid = os.fork()
+    except OSError as error:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+        raise unable(f"start {shown(program.argv[0])}", error) from None
+    if pid != 0:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+        try:
+            os.setpgid(pid, group)  # also done in the child, whichever runs first: a guard that kills the group finds it
+        except OSError:
+            pass  # it has done so and exec'd (EACCES), or is gone already
+        return pid
+    try:
+        _signal.set_wakeup_fd(-1)
+        for number in defaults:
+            _signal.signal(number, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+        for fd in (0, 1):
+            os.dup2(stdio, fd)
+        os.setpgid(0, group)
+        fds.close_all(closing)  # what the exec would close: the program does not run before it
+        os._exit(program.run_here(environ))
+    finally:
+        os._exit(SYSTEM)
 
 
 def restore_signals():
     for number in PYTHON_IGNORED:
-        signal.signal(number, signal.SIG_DFL)
+        _signal.signal(number, _signal.SIG_DFL)
 
 
 def signals_as_after_exec():
     """The handlers a fused link would have found had it been exec'd as a new interpreter.
 
     execve(2) resets caught signals to SIG_DFL and keeps ignored ones ignored;
-    the new interpreter then catches SIGINT if it was at SIG_DFL.
+    the new interpreter then ignores SIGPIPE and SIGXFSZ (a server's child
+    had them reset to SIG_DFL for its program) and catches SIGINT if it was
+    at SIG_DFL.
     """
-    signal.set_wakeup_fd(-1)
-    for number in signal.valid_signals():
-        try:
-            handler = signal.getsignal(number)
-        except ValueError:
-            continue
-        if callable(handler) and handler is not signal.default_int_handler:
-            signal.signal(number, signal.SIG_DFL)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _signal.set_wakeup_fd(-1)
+    for number in _signal.valid_signals():
+        handler = _signal.getsignal(number)
+        if callable(handler) and handler is not _signal.default_int_handler:
+            _signal.signal(number, _signal.SIG_DFL)
+    for number in PYTHON_IGNORED:
+        _signal.signal(number, _signal.SIG_IGN)
+    if _signal.getsignal(_signal.SIGINT) == _signal.SIG_DFL:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 
 
 def exec_program(path, argv, environ):
@@ -244,35 +239,50 @@ def exec_failed(name, number):
     return Fatal(f"unable to exec {shown(name)}: {os.strerror(number)}", status)
 
 
-@contextlib.contextmanager
-def stopping_signals_raise(numbers=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
+class stopping_signals_raise:  # lower case, as contextlib.suppress: what it is called like
     """While waiting before an exec, turn a stop signal into Fatal so cleanup runs.
 
     The first stop ends the run: from then on these signals are ignored, so
     that a second one can neither cut the cleanup short nor kill the process
-    before it has said why it stopped.
+    before it has said why it stopped. A class, not contextlib's decorator:
+    tests/test_imports.py.
     """
-    stopped = []
 
-    def stop(number, frame):
-        for each in numbers:
-            signal.signal(each, signal.SIG_IGN)
-        stopped.append(number)
-        raise Fatal(f"stopped by {signal.Signals(number).name} before exec", 128 + number)
+    def __init__(self, numbers=(_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT)):
+        # A signal the caller ignores (nohup) stays ignored: it was never a stop request.
+        self.numbers = [n for n in numbers if _signal.getsignal(n) != _signal.SIG_IGN]
+        self.stopped = False
+        self.previous = {}
 
-    # A signal the caller ignores (nohup) stays ignored: it was never a stop request.
-    numbers = [n for n in numbers if signal.getsignal(n) is not signal.SIG_IGN]
-    previous = {number: signal.signal(number, stop) for number in numbers}
-    try:
-        yield
-    finally:
-        if not stopped:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+    def stop(self, number, frame):
+        for each in self.numbers:
+            _signal.signal(each, _signal.SIG_IGN)
+        self.stopped = True
+        raise Fatal(f"stopped by {signal_name(number)} before exec", 128 + number)
+
+    def __enter__(self):
+        self.previous = {number: _signal.signal(number, self.stop) for number in self.numbers}
+        return self
+
+    def __exit__(self, *raised):
+        if not self.stopped:
+            for number, handler in self.previous.items():
+                _signal.signal(number, handler)
+        return False
 
 
 def describe_exit(status):
     """A wait status in words: 'exited with status 3', 'was killed by SIGTERM'."""
     if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"was killed by {signal_name(os.WTERMSIG(status))}"
     return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def signal_name(number):
+    """'SIGTERM' for 15, 'signal 40' for one without a name: signal's enum, imported when a name is wanted, not at every start."""
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

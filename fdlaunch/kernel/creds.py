@@ -6,7 +6,9 @@ result is then read back from /proc/self/status and compared, never assumed.
 
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import resource
 
 from fdlaunch.errors import Fatal, shown, unable
@@ -27,12 +29,22 @@ class Lookups:
     """The user and group databases, as credspec.resolve_account wants them."""
 
     def __init__(self):
-        import grp
-        import pwd
-
         self.getpwnam, self.getpwuid = pwd.getpwnam, pwd.getpwuid
         self.getgrnam = grp.getgrnam
         self.getgrouplist = os.getgrouplist
+
+
+def load_databases():
+    """Have the C library load what it looks accounts up with, as it does on the first lookup (nsswitch.conf, its modules).
+
+    A server whose children look accounts up does this once: each child
+    then finds the modules loaded (a dlopen(3) each, otherwise, per child).
+    """
+    try:
+        root = pwd.getpwuid(0)
+    except KeyError:
+        return
+    os.getgrouplist(root.pw_name, root.pw_gid)  # every source of the group database, as fdlaunch-setuidgid asks it
 
 
 def set_limits(limits):
@@ -231,7 +243,7 @@ def has_capabilities(status, numbers):
 
 
 class _Kernel:
-    """prctl(2) and capset(2) through libc; loaded only when needed (ctypes is slow to import)."""
+    """prctl(2) and capset(2) through libc; loaded only when needed (ctypes: tests/test_imports.py)."""
 
     def __init__(self):
         import ctypes  # the standard library: still readable after a drop, unlike our own installation may be

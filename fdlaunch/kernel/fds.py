@@ -3,7 +3,6 @@
 import errno
 import fcntl
 import os
-import resource
 
 from fdlaunch.errors import Fatal, UsageError, unable
 from fdlaunch.text import listenenv
@@ -25,8 +24,12 @@ def open_fds():
 
 
 def limit():
-    """One past the highest descriptor number this process may use."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    """One past the highest descriptor number this process may use: RLIMIT_NOFILE's soft limit.
+
+    Read by sysconf(3), which glibc answers with getrlimit(2): the resource
+    module is a shared library to load (tests/test_imports.py).
+    """
+    return os.sysconf("SC_OPEN_MAX")
 
 
 class OutOfDescriptors(Fatal):
@@ -107,7 +110,16 @@ def hold_closed_standard_fds():
 
 def close_on_exec():
     """The open descriptors that an exec would close."""
-    return {fd for fd in open_fds() if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC}
+    listing = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    found = set()
+    for name in os.listdir(listing):
+        try:
+            flags = fcntl.fcntl(int(name), fcntl.F_GETFD)
+        except OSError:
+            continue  # the descriptor listdir itself had open
+        if flags & fcntl.FD_CLOEXEC:
+            found.add(int(name))
+    return found
 
 
 def inheritable():

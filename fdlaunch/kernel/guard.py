@@ -1,10 +1,10 @@
 """A guard: a process that outlives its parent only to stop what the parent started."""
 
+import _socket as socket  # not socket.py: tests/test_imports.py
 import array
 import os
 import select
 import signal
-import socket
 
 from fdlaunch.errors import counted, pids_listed
 from fdlaunch.kernel import fds, proc

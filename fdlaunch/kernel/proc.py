@@ -6,11 +6,11 @@ import os
 import select
 import signal
 import stat
+import sys
 import time
 
 from fdlaunch.errors import unable
-from fdlaunch.text import notifyproto
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.numbers import PID_MAX_LIMIT, is_decimal
 
 
 def lineage(pid, pidfd):
@@ -216,7 +216,7 @@ def read_pidfile(path):
         os.close(fd)
     if not text:
         return None, None, "is empty"
-    if not is_decimal(text) or not 0 < int(text) <= notifyproto.PID_MAX_LIMIT:
+    if not is_decimal(text) or not 0 < int(text) <= PID_MAX_LIMIT:
         return None, None, "does not hold a pid (one decimal number)"
     return int(text), info.st_uid, None
 
@@ -436,17 +436,23 @@ def prctl(option, *arguments):
     import ctypes
 
     padded = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_ulong(a) for a in (*arguments, 0, 0, 0, 0)[:4]]
-    if libc().prctl(ctypes.c_int(option), *padded) != 0:
+    if libc_prctl()(ctypes.c_int(option), *padded) != 0:
         number = ctypes.get_errno()
         raise OSError(number, os.strerror(number))
 
 
 @functools.cache
 def libc():
-    """The C library, loaded on first use: ctypes is slow to import, and most links never need it."""
+    """The C library, loaded on first use: most links never need ctypes (tests/test_imports.py)."""
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
+def libc_prctl():
+    """The C library's prctl, found once: a server's children find it found."""
+    return libc().prctl
 
 
 def become_subreaper():
@@ -468,11 +474,87 @@ def die_with(parent):
 
 
 def name_self(name):
-    """The name ps(1) and top(1) show (PR_SET_NAME, 15 bytes at most); nothing if the kernel refuses."""
+    """The name ps(1) and top(1) show (comm, 15 bytes at most); nothing if the kernel refuses.
+
+    By PR_SET_NAME when ctypes is loaded already; else written to
+    /proc/self/comm, which takes no ctypes, or, where that file is not ours
+    to write (a process that changed its user is not dumpable, and its /proc
+    files are root's), by PR_SET_NAME all the same.
+    """
+    text = os.fsencode(name)[:15]
+    if "ctypes" in sys.modules or not write_own("comm", text):
+        try:
+            prctl(PR_SET_NAME, text)
+        except (OSError, ImportError):
+            pass
+
+
+def set_arguments(words):
+    """What ps -o args and pgrep -f show for this process (/proc/self/cmdline): its first word, then words.
+
+    The first word stays the one the kernel gave it (the interpreter named
+    on a script's #! line). Written over the command line in place (as
+    setproctitle(3) does, but never past its end): cut to its length, the
+    rest filled with NULs, which ps(1) and pgrep(1) do not show. So the
+    environment after it (/proc/self/environ) is left as it was, and the
+    last byte stays NUL: the kernel reads the area as argument strings.
+    By ctypes, or through /proc/self/mem, as name_self chooses; nothing if
+    neither can.
+    """
+    area = command_line_area()
+    if area is None:
+        return
+    start, end, first = area
+    text = b"\0".join([first, *(os.fsencode(word) for word in words)])[: end - start - 1].ljust(end - start, b"\0")
+    if "ctypes" not in sys.modules and write_own("mem", text, start):
+        return
     try:
-        prctl(PR_SET_NAME, name.encode()[:15])
+        import ctypes
+    except ImportError:
+        return
+    ctypes.memmove(start, text, len(text))
+
+
+def write_own(name, data, offset=None):
+    """Write data to this process's /proc/self/NAME (at offset, for mem); False if it is not ours to write (EACCES).
+
+    Each /proc/self file a process opens is an entry the kernel drops when
+    the process is reaped: a server's children prefer ctypes, which it has
+    loaded for them (cli.program).
+    """
+    try:
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+    except (PermissionError, FileNotFoundError):
+        return False  # not dumpable (a change of user), or no /proc (a chroot)
+    try:
+        if offset is None:
+            os.write(fd, data)
+        else:
+            os.pwrite(fd, data, offset)
     except OSError:
-        pass
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+@functools.cache
+def command_line_area():
+    """(start, end, first word) of this process's argument strings (proc(5), /proc/PID/stat fields 48 and 49), or None.
+
+    Read once: a forked child has a copy of the same memory at the same
+    addresses, and set_arguments keeps the first word as it is.
+    """
+    fields = stat_fields(os.getpid())
+    if fields is None or len(fields) < 47 or not 0 < int(fields[45]) < int(fields[46]):
+        return None
+    start, end = int(fields[45]), int(fields[46])
+    fd = os.open("/proc/self/cmdline", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        first = os.read(fd, end - start).split(b"\0", 1)[0]
+    finally:
+        os.close(fd)
+    return start, end, first
 
 
 def procfs_is_ours():

@@ -5,11 +5,11 @@ is the receiving end that fdlaunch-notify-wait and fdlaunch-handoff create;
 tell_s6() is the other readiness protocol, s6's newline on a notification fd.
 """
 
+import _socket as socket  # not socket.py: tests/test_imports.py
 import array
 import errno
 import os
 import select
-import socket
 import struct
 import time
 from collections import namedtuple
@@ -58,7 +58,8 @@ def send(data, notify_socket, pid=None, fds=()):
     ancillary = []
     if fds:
         ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
         target = address(notify_socket)
         if pid is not None and pid != os.getpid():
             credentials = (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, UCRED.pack(pid, os.getuid(), os.getgid()))
@@ -68,6 +69,8 @@ def send(data, notify_socket, pid=None, fds=()):
             except (PermissionError, ProcessLookupError):
                 pass  # as sd_pid_notify(3): not allowed to speak for pid (or it is gone), so speak for ourselves
         sock.sendmsg([data], ancillary, 0, target)
+    finally:
+        sock.close()
 
 
 def notify(lines, notify_socket, pid=None, wait=0, fds=()):

@@ -5,8 +5,7 @@ Everything one run creates is recorded in an Opened, which undoes it all
 the run gets as far as exec.
 """
 
-# The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
-import _socket as socket
+import _socket as socket  # not socket.py: tests/test_imports.py
 import os
 import select
 import stat
@@ -68,7 +67,7 @@ def resolve(spec, ipv6):
         return Endpoint(spec, socket.AF_INET6, kind, ("::", port, 0, 0), v6only)
     wanted = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(family, socket.AF_UNSPEC)
     try:
-        # An ASCII name as bytes: a str would load the idna codec, another millisecond per link.
+        # An ASCII name as bytes, so that no codec is loaded for it: tests/test_imports.py.
         host = spec.host.encode() if spec.host.isascii() else spec.host
         found = socket.getaddrinfo(host, port, wanted, kind)
     except socket.gaierror as error:

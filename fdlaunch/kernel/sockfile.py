@@ -9,8 +9,7 @@ O_PATH descriptor of the file itself (/proc/self/fd/N names exactly that
 inode). fdlaunch-listen(1), Unix socket files, states the rules kept here.
 """
 
-# The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
-import _socket as socket
+import _socket as socket  # not socket.py: tests/test_imports.py
 import contextlib
 import errno
 import fcntl

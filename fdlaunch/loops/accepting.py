@@ -5,7 +5,9 @@ socket (registered only while below the -c limit, so that a client beyond
 it waits in the kernel's backlog), a signal (Python's wakeup fd), a
 handler's exit (its pidfd), and the guard's exit. Handlers are started
 with posix_spawn(3) (glibc's uses CLONE_VFORK: no copy of the interpreter)
-and, since glibc 2.24, that call itself fails with the exec's errno.
+and, since glibc 2.24, that call itself fails with the exec's errno; a
+program the child runs itself (chain.Program.run_here) by a fork set up as
+posix_spawn would set it up (chain.spawn_like_posix_spawn).
 """
 
 import collections
@@ -180,7 +182,8 @@ class Server:
     """Serve the listening socket until SIGTERM or SIGINT; run() returns the exit status."""
 
     def __init__(self, listener, program, settings, say, guard_say):
-        """say(kind, text): kind start and end for each handler, info, warning; guard_say speaks for the guard."""
+        """program: a chain.Program; say(kind, text): kind start and end for each handler, info, warning; guard_say speaks
+        for the guard."""
         self.listener, self.program, self.settings, self.say, self.guard_say = listener, program, settings, say, guard_say
         self.unix = listener.family == socket.AF_UNIX
         self.local_path = spec.unix_name(listener.getsockname()) if self.unix else None
@@ -213,6 +216,8 @@ class Server:
             self.poller.register(self.resolver.wakeup, select.POLLIN)
         self.listener.setblocking(False)
         self.say("info", f"guard pid {self.guard.pid} leads the handlers' process group")
+        if self.program.run_here is not None:
+            self.say("info", f"handlers start by fork(2), not posix_spawn(3): {self.program.argv[0]} runs in the forked child itself")
 
     def run(self):
         try:
@@ -379,13 +384,21 @@ class Server:
         return ucspi.tcp_environment(client.local, client.peer, client.count, local_host, client.remote_host)
 
     def spawn(self, fd, environ, shown):
-        """The handler's pid; None, said in one line, if it could not be started."""
+        """The handler's pid; None, said in one line, if it could not be started.
+
+        A program the child runs itself (chain.Program.run_here) is started
+        by a fork set up as posix_spawn would have set it up; any other by
+        posix_spawn.
+        """
+        name = self.program.argv[0]
         try:
+            if self.program.run_here is not None:
+                return chain.spawn_like_posix_spawn(self.program, environ, fd, self.guard.pid, self.defaults)
             if self.path is None:
-                self.path = chain.find_program(self.program[0], self.environ)
+                self.path = chain.find_program(name, self.environ)
             return os.posix_spawn(
                 self.path,
-                self.program,
+                self.program.argv,
                 environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
                 setpgroup=self.guard.pid,
@@ -395,7 +408,7 @@ class Server:
             self.say("warning", f"{error} (client {shown} dropped)")
         except OSError as error:
             self.path = None
-            self.say("warning", f"{chain.exec_failed(self.program[0], error.errno)} (client {shown} dropped)")
+            self.say("warning", f"{chain.exec_failed(name, error.errno)} (client {shown} dropped)")
         return None
 
     def reap(self, handler):

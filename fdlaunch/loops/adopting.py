@@ -17,8 +17,7 @@ itself (pidfd_getfd), and then the passed socket goes in at its fd
 (SECCOMP_IOCTL_NOTIF_ADDFD) and the bind returns 0.
 """
 
-# The C module itself: socket.py's enum classes cost a millisecond at start-up.
-import _socket as socket
+import _socket as socket  # not socket.py: tests/test_imports.py
 import array
 import errno
 import os

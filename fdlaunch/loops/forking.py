@@ -76,13 +76,14 @@ class Keeper:
         self.dispositions = overlap.received_dispositions(FORWARDED)
         self.wakeup_read = proc.catch_signals((*FORWARDED, signal.SIGCHLD))
 
-    def launch(self, path, argv, environ):
-        """Run PROG until its launching process exits and the daemon is known; its pid, or Fatal."""
+    def launch(self, program, environ):
+        """Run PROG (a chain.Program) until its launching process exits and the daemon is known; its pid, or Fatal."""
+        argv = program.argv
         deadline = time.monotonic() + self.settings.timeout
         self.start_up()
         self.guard = PidfdGuard(self.guard_say, self.settings.grace, "the daemon")
         try:
-            launcher = overlap.spawn(path, argv, environ, self.dispositions)
+            launcher = overlap.spawn(program, environ, self.dispositions)
         except Fatal:
             self.stop_guard()
             raise

@@ -114,12 +114,11 @@ def received_dispositions(numbers):
     return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
 
 
-def spawn(path, argv, environ, dispositions, moves=(), become=None, more_setup=None):
-    """Start one instance (chain.spawn): it dies with us, with the signal dispositions we received.
+def spawn(program, environ, dispositions, moves=(), more_setup=None):
+    """Start one instance of program (a chain.Program, by chain.spawn): it dies with us, with the signal dispositions we received.
 
-    Fatal (126/127) if the exec fails. become, if given, runs in the child a
-    program that is one of our own tools in that process (fusion);
-    more_setup, if given, runs in the child last before that or the exec.
+    Fatal (126/127) if the exec fails. more_setup, if given, runs in the
+    child last before the program does.
     """
     parent = os.getpid()
 
@@ -132,22 +131,23 @@ def spawn(path, argv, environ, dispositions, moves=(), become=None, more_setup=N
         if more_setup is not None:
             more_setup()
 
-    pid = chain.spawn(path, argv, environ, setup, moves, become)
+    pid = chain.spawn(program, environ, setup, moves)
     try:
         return Instance(pid)
     except OSError as error:  # no pidfd (out of descriptors): an instance we cannot watch is stopped
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise unable(f"watch {shown(argv[0])} (pid {pid})", error) from None
+        raise unable(f"watch {shown(program.argv[0])} (pid {pid})", error) from None
 
 
 class Handoff:
     """The loop that runs instances, hands over on the reload signal, and tells the supervisor."""
 
-    def __init__(self, program, settings, sockets, inbox, upward, say, guard_say, become=None):
-        """sockets: a listenfrom.Handed or FromFile; upward(message, pid) tells the supervisor; say(kind, text), guard_say for the guard."""
+    def __init__(self, program, settings, sockets, inbox, upward, say, guard_say):
+        """program: a chain.Program; sockets: a listenfrom.Handed or FromFile; upward(message, pid) tells the supervisor;
+        say(kind, text), guard_say for the guard."""
         self.program, self.settings, self.sockets, self.inbox, self.upward = program, settings, sockets, inbox, upward
-        self.say, self.guard_say, self.become = say, guard_say, become
+        self.say, self.guard_say = say, guard_say
         self.guard = None
         self.known_main = os.getpid()  # the main pid the supervisor knows, as told (or not yet: it started us)
         self.current = None
@@ -199,13 +199,12 @@ class Handoff:
         return settled and self.current.status is None and self.current.ready and not self.stopping
 
     def start(self, offer):
-        path = chain.find_program(self.program[0], offer.environ)
         environ, moves = self.store.handed(offer.environ, offer.moves, os.getpid())
         environ = {**environ, **self.watchdog_environment(), **self.inputs_environment(), "NOTIFY_SOCKET": self.inbox.path}
         ready_pipe = self.ready_pipe(environ, moves)
         moves = moves if ready_pipe is None else [*moves, (ready_pipe[1], self.settings.instance_fd)]
         try:
-            instance = spawn(path, self.program, environ, self.dispositions, moves, self.become)
+            instance = spawn(self.program, environ, self.dispositions, moves)
         except Fatal:
             fds.close_all(ready_pipe or ())
             raise

@@ -39,12 +39,8 @@ class Init:
         self.wakeup_read = None
         self.child = None  # an overlap.Instance: pid and pidfd
 
-    def run(self, path, argv, environ, become=None):
-        """Run argv until it exits, then stop what it left; its wait status.
-
-        become, if given, runs argv in the child when it is one of our own
-        tools (fusion): the runtime's business, handed down.
-        """
+    def run(self, program, environ):
+        """Run program (a chain.Program) until it exits, then stop what it left; its wait status."""
         dispositions = self.start_up()
         if os.getpid() != 1:
             # Killed, even by SIGKILL, we leave the child to a guard: as PID 1 our end ends the namespace
@@ -55,16 +51,17 @@ class Init:
         terminal = proc.terminal_we_lead()
         grouped = self.settings.group or terminal is not None
         setup = own_group(terminal) if grouped else None
-        self.child = overlap.spawn(path, argv, environ, dispositions, become=become, more_setup=setup)
+        self.child = overlap.spawn(program, environ, dispositions, more_setup=setup)
         if self.guard is not None:
             self.guard.hand({self.child.pid: os.getpid()})
         # What the child was handed is its own: a socket still open here would outlive it, answering nobody.
         fds.close_all(sorted(fd for fd in fds.inheritable() if fd > 2))
         group = "the leader of its own process group" if grouped else "in our process group"
-        self.say("info", f"started {argv[0]} as pid {self.child.pid}, {group}")
+        name = program.argv[0]
+        self.say("info", f"started {name} as pid {self.child.pid}, {group}")
         status = self.serve()
-        self.say("info", f"{argv[0]} (pid {self.child.pid}) {chain.describe_exit(status)}")
-        self.stop_left(argv[0])
+        self.say("info", f"{name} (pid {self.child.pid}) {chain.describe_exit(status)}")
+        self.stop_left(name)
         if self.guard is not None:
             self.guard.dismiss()
         return status

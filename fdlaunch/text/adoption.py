@@ -6,7 +6,7 @@ candidates() needs only the address the daemon asked for, and most binds
 needs what the daemon's own socket is, which takes system calls to learn.
 """
 
-import _socket as socket
+import _socket as socket  # not socket.py: tests/test_imports.py
 import errno
 from collections import namedtuple
 

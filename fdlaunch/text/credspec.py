@@ -17,7 +17,9 @@ Account = namedtuple("Account", "credentials passwd")
 # USER[:GROUP] looked up: gid is None for a bare uid without a passwd entry.
 User = namedtuple("User", "uid gid passwd")
 
-NAME = r"[A-Za-z0-9._][A-Za-z0-9._-]*\$?"  # useradd(8)'s rule, loosely
+# A user or group name, by useradd(8)'s rule, loosely: [A-Za-z0-9._][A-Za-z0-9._-]*\$?
+NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._")
+NAME_REST = NAME_FIRST | {"-"}
 
 # capabilities(7), numbered as in linux/capability.h
 CAPABILITIES = (
@@ -35,13 +37,23 @@ ID_MAX = 2**32 - 2  # (uid_t)-1 is not an id: setresuid(2) reads it as "leave un
 LIMIT_MAX = 2**63 - 1  # the largest rlim_t Python's resource module passes
 
 
+def is_name(text):
+    """Whether text is a user or group name by the rule of NAME_FIRST and NAME_REST, an ending '$' allowed (Samba's machine accounts).
+
+    Checked character by character: a regular expression would be compiled
+    in every process that checks one, each child of a server among them.
+    """
+    body = text[:-1] if text.endswith("$") else text
+    return bool(body) and body[0] in NAME_FIRST and all(c in NAME_REST for c in body[1:])
+
+
 def split_user(text):
     """'www:ssl' -> ('www', 'ssl'), '4242' -> ('4242', ''): the shape of USER[:GROUP], ids in range.
 
     Raises ValueError saying what is wrong; the caller names the option.
     """
     user, colon, group = text.partition(":")
-    if not user or (colon and not group) or not all(re.fullmatch(NAME, part) for part in (user, group) if part):
+    if not user or (colon and not group) or not all(is_name(part) for part in (user, group) if part):
         raise ValueError("not USER, USER:GROUP, UID or UID:GID")
     for kind, part in (("uid", user), ("gid", group)):
         if is_decimal(part) and not _is_id(part):
@@ -103,7 +115,7 @@ def _group_id(text, lookups):
         if not _is_id(text):
             raise UsageError(f"gid {text} is out of range; ids are 0 to {ID_MAX}")
         return int(text)
-    if not re.fullmatch(NAME, text):
+    if not is_name(text):
         raise UsageError(f"{text!r} is not a group name or number")
     entry = _lookup(lookups.getgrnam, text)
     if entry is None:

@@ -161,7 +161,7 @@ def variables(passed, prefix):
 
 
 # {{ and }} before {LABEL}: '{{x}' is a literal '{' then 'x}', as in str.format.
-BRACES = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+BRACES = r"\{\{|\}\}|\{([^{}]*)\}|[{}]"  # compiled on first use (re's cache): only --subst needs it
 
 
 def substitute(words, passed):
@@ -177,7 +177,7 @@ def substitute(words, passed):
 
 
 def _substitute_word(word, fds_of):
-    return BRACES.sub(lambda match: _fd_for(match, word, fds_of), word)
+    return re.sub(BRACES, lambda match: _fd_for(match, word, fds_of), word)
 
 
 def _fd_for(match, word, fds_of):

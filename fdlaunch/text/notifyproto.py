@@ -7,7 +7,7 @@ fields are ignored.
 
 from collections import namedtuple
 
-from fdlaunch.text.numbers import is_decimal
+from fdlaunch.text.numbers import PID_MAX_LIMIT, is_decimal
 
 # systemd reads at most this much of a notification (NOTIFY_BUFFER_MAX in
 # src/core/manager.c); a longer datagram is refused as truncated.
@@ -16,8 +16,6 @@ DATAGRAM_MAX = 4096
 FDS_MAX = 253
 # BARRIER is answered here by closing its fd; MAINPID the relay sets itself.
 NOT_RELAYED = ("BARRIER",)
-# the kernel's largest pid_max (include/linux/threads.h, 64-bit)
-PID_MAX_LIMIT = 4 * 1024 * 1024
 
 
 def parse(data):

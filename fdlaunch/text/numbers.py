@@ -5,6 +5,8 @@ check made of them alone lets '--fd=٥' name fd 5.
 """
 
 MODE_MAX = 0o777
+# the kernel's largest pid_max (include/linux/threads.h, 64-bit)
+PID_MAX_LIMIT = 4 * 1024 * 1024
 
 
 def is_decimal(text):

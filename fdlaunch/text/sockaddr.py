@@ -7,8 +7,7 @@ itself gives for the same bytes (net/socket.c, move_addr_to_kernel;
 af_inet.c, af_inet6.c and af_unix.c, the bind of each family).
 """
 
-# The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
-import _socket as socket
+import _socket as socket  # not socket.py: tests/test_imports.py
 import errno
 import sys
 from collections import namedtuple

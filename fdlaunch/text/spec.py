@@ -4,8 +4,7 @@ Pure: no system calls, no environment. Names (hosts, services, users) are
 checked for shape here and looked up by fdlaunch.kernel.sock.
 """
 
-# The C module itself: socket.py's enum classes cost every link a millisecond at start-up.
-import _socket as socket
+import _socket as socket  # not socket.py: tests/test_imports.py
 import os
 import re
 from collections import namedtuple
@@ -68,8 +67,7 @@ _SPEC_FIELDS = {
 }
 
 
-# A namedtuple, not a dataclass: dataclasses imports inspect, and every tool
-# pays its import time once per service start.
+# A namedtuple, not a dataclass: tests/test_imports.py.
 class Spec(namedtuple("Spec", _SPEC_FIELDS, defaults=list(_SPEC_FIELDS.values())[1:])):
     """One socket to open, as the user asked for it."""
 

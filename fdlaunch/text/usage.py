@@ -5,6 +5,7 @@ that docopt would only fail to match, and, for the two usages docopt cannot
 read, to read the options themselves (see cli).
 """
 
+import functools
 from collections import namedtuple
 
 from fdlaunch.errors import UsageError
@@ -15,8 +16,13 @@ Option.__doc__ = """One entry of an Options section: the key docopt would give i
 [default: X] or None; whether the usage repeats it ('[--limit=SPEC]...')."""
 
 
+@functools.lru_cache(maxsize=16)
 def options_of(doc):
     """Each spelling of each option in doc's Options section ('-v', '--verbose') -> its Option.
+
+    Memoized (a pure function of doc): a server whose children run a link
+    of ours reads that link's usage once (cli.read_ahead); callers never
+    change the table.
 
     An entry starts on an indented line beginning with '-': its spellings,
     comma-separated, then two spaces and the description, which may go on
