@@ -74,7 +74,7 @@ SOCKETS = {
     "fdlaunch.text.listenenv",
     "fdlaunch.text.spec",
 }
-NOTIFY = {"_socket", "_struct", "array", "struct", "fdlaunch.kernel.sdnotify", "fdlaunch.text.notifyproto"}
+NOTIFY = {"_socket", "_struct", "array", "collections.abc", "struct", "fdlaunch.kernel.sdnotify", "fdlaunch.text.notifyproto"}  # array registers with collections.abc
 WATCH = {"select", "signal", "fdlaunch.kernel.proc", "fdlaunch.loops", "fdlaunch.loops.readiness"}
 CTYPES = {"_ctypes", "ctypes", "ctypes._endian"}  # prctl(2) in a child: PR_SET_PDEATHSIG; seccomp(2)
 INSTANCES = {"fdlaunch.kernel.fdstore", "fdlaunch.kernel.guard", "fdlaunch.loops.overlap"}
@@ -88,13 +88,11 @@ PINNED = {
         | {"grp", "pwd", "resource", "select", "signal", "fdlaunch.cmd.setuidgid", "fdlaunch.kernel.creds", "fdlaunch.kernel.proc"}
         | {"fdlaunch.text.credspec"},
         "fdlaunch-notify-wait": COMMON
-        | DOCOPT
         | NOTIFY
         | WATCH
         | {"fdlaunch.cmd.notify_wait", "fdlaunch.kernel.readyfile", "fdlaunch.text.listenenv"},
         "fdlaunch-notify": COMMON | DOCOPT | NOTIFY | {"select", "fdlaunch.cmd.notify"},
         "fdlaunch-handoff": COMMON
-        | DOCOPT
         | NOTIFY
         | WATCH
         | CTYPES

@@ -61,7 +61,7 @@ FDSTORE_CEILING = 4096
 OURS = ("NOTIFY_SOCKET", "UPSTART_JOB", "WATCHDOG_USEC", "WATCHDOG_PID", *listenenv.VARIABLES)
 
 
-@tool(PROG)
+@tool(PROG, parses=False)
 def main(argv, environ):
     # Our own reader, not docopt's: docopt cannot read an option's optional value (--upstart[=NAME]); see cli.
     options = cli.read(__doc__, argv)

@@ -50,14 +50,13 @@ import os
 import re
 import select
 import signal
-import socket
 import time
 from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import BadCall, Fatal, UsageError, counted, say_as, shown, unable, warn
-from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify, trace
+from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
@@ -87,7 +86,7 @@ OURS = ("NOTIFY_SOCKET", "UPSTART_JOB", "WATCHDOG_USEC", "WATCHDOG_PID", *listen
 Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog touch upstart ready_fd ready_fd_var")
 
 
-@tool(PROG)
+@tool(PROG, parses=False)
 def main(argv, environ):
     # Our own reader, not docopt's: docopt cannot read an option's optional value (--upstart[=NAME]); see cli.
     options = cli.read(__doc__, argv)
@@ -226,7 +225,7 @@ def start_watcher(inbox, relays, settings):
     try:
         program = readiness.Program(os.getpid(), os.pidfd_open(os.getpid()))
         ready_pipe = None if settings.ready_fd is None else os.pipe2(os.O_CLOEXEC)
-        tracing = None if settings.upstart is None else socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        tracing = None if settings.upstart is None else tracing_channel()
     except OSError as error:
         raise fds.syscall_error(f"watch pid {os.getpid()}", error) from None
     ready_read = None if ready_pipe is None else ready_pipe[0]
@@ -259,8 +258,17 @@ def start_watcher(inbox, relays, settings):
         fds.place([(ready_pipe[1], settings.ready_fd)])
 
 
+def tracing_channel():
+    """The socket pair over which the watcher and the program agree on the tracing of --upstart."""
+    import socket  # only --upstart in chain mode traces (tests/test_imports.py)
+
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
 def let_watcher_trace(channel):
     """Our side of the watcher's PTRACE_SEIZE: Fatal (111) if it could not trace us, or did not say within TRACE_START_SECONDS."""
+    from fdlaunch.kernel import trace
+
     pid = answer_of(channel)
     trace.allow_tracer(int(pid))
     try:
@@ -288,6 +296,8 @@ def trace_program(channel, program, wakeup):
 
     A failure is the program's side to say: it does not exec the program then.
     """
+    from fdlaunch.kernel import trace
+
     with channel:
         channel.send(str(os.getpid()).encode())
         if not select.select([channel], [], [], TRACE_START_SECONDS)[0] or channel.recv(64) != b"go":

@@ -5,7 +5,6 @@ import fcntl
 import os
 
 from fdlaunch.errors import Fatal, UsageError, unable
-from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
 
 
@@ -170,6 +169,8 @@ def open_fd_option(option, text, environ):
         # The program keeps its stdin, stdout and stderr: a newline for the
         # supervisor there would be lost, or any line it prints would say 'ready'.
         raise UsageError(f"{option}={text!r}: fd {fd} is standard {STANDARD[fd]}, which the program keeps; a notification fd is 3 or more")
+    from fdlaunch.text import listenenv  # only the tools that take --fd (tests/test_imports.py)
+
     systemd = {p.fd for p in listenenv.parse_systemd(environ, os.getpid())}
     for p in listenenv.inherited(environ, os.getpid()):
         if p.fd != fd:

@@ -12,7 +12,7 @@ import time
 from collections import namedtuple
 
 from fdlaunch.errors import Fatal, counted, unable
-from fdlaunch.kernel import fds, proc, sdnotify, trace
+from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
 READY, EXITED, LATE, GAVE_UP, STOPPED, WATCHDOG = "ready", "exited", "late", "gave up", "stopped", "watchdog"
@@ -528,13 +528,16 @@ class TracedStops:
 
     def __init__(self, pid, pidfd, wakeup):
         """wakeup: the read end of the pipe SIGCHLD is written to, which tells us of its stops."""
+        from fdlaunch.kernel import trace  # only --upstart in chain mode traces (tests/test_imports.py)
+
+        self.trace = trace
         self.tracee, self.pidfd, self.wakeup = trace.Tracee(pid), pidfd, wakeup
 
     def fds(self):
         return []  # SIGCHLD wakes the watcher
 
     def take(self):
-        if self.tracee.gone or self.tracee.take() != trace.STOPPED_ITSELF:
+        if self.tracee.gone or self.tracee.take() != self.trace.STOPPED_ITSELF:
             return False
         self.close()
         proc.send_pidfd(self.pidfd, signal.SIGCONT)
