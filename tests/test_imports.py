@@ -74,7 +74,15 @@ SOCKETS = {
     "fdlaunch.text.listenenv",
     "fdlaunch.text.spec",
 }
-NOTIFY = {"_socket", "_struct", "array", "collections.abc", "struct", "fdlaunch.kernel.sdnotify", "fdlaunch.text.notifyproto"}  # array registers with collections.abc
+NOTIFY = {
+    "_socket",
+    "_struct",
+    "array",
+    "collections.abc",
+    "struct",
+    "fdlaunch.kernel.sdnotify",
+    "fdlaunch.text.notifyproto",
+}  # array registers with collections.abc
 WATCH = {"select", "signal", "fdlaunch.kernel.proc", "fdlaunch.loops", "fdlaunch.loops.readiness"}
 CTYPES = {"_ctypes", "ctypes", "ctypes._endian"}  # prctl(2) in a child: PR_SET_PDEATHSIG; seccomp(2)
 INSTANCES = {"fdlaunch.kernel.fdstore", "fdlaunch.kernel.guard", "fdlaunch.loops.overlap"}
@@ -101,17 +109,16 @@ PINNED = {
         | {"fdlaunch.cmd.handoff", "fdlaunch.loops.listenfrom", "fdlaunch.text.socketset"},
         "fdlaunch-init": COMMON
         | DOCOPT
-        | NOTIFY
-        | WATCH
         | CTYPES
-        | INSTANCES
-        | {"math", "fdlaunch.cmd.init", "fdlaunch.loops.forking", "fdlaunch.loops.reaping", "fdlaunch.text.listenenv"},
+        | (NOTIFY - {"fdlaunch.kernel.sdnotify", "fdlaunch.text.notifyproto"})
+        | (WATCH - {"fdlaunch.loops.readiness"})
+        | {"math", "fdlaunch.cmd.init", "fdlaunch.kernel.guard", "fdlaunch.loops.forking", "fdlaunch.loops.reaping"},
         "fdlaunch-foreground": COMMON
         | DOCOPT
         | NOTIFY
         | WATCH
         | CTYPES
-        | INSTANCES
+        | {"fdlaunch.kernel.guard"}
         | {"math", "fdlaunch.cmd.foreground", "fdlaunch.loops.forking", "fdlaunch.text.listenenv"},
         "fdlaunch-accept": COMMON
         | DOCOPT

@@ -9,7 +9,7 @@ import stat
 import sys
 import time
 
-from fdlaunch.errors import unable
+from fdlaunch.errors import NOT_EXECUTABLE, shown, unable
 from fdlaunch.text.numbers import PID_MAX_LIMIT, is_decimal
 
 
@@ -359,6 +359,61 @@ def pin_below(root, root_pidfd, found):
             os.close(pidfd)
     del pinned[root]
     return pinned
+
+
+def received_dispositions(numbers):
+    """Which of these signals this process was started with ignored: a child we start gets the same."""
+    return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
+
+
+class Child:
+    """A process we started and wait for: its pid, a pidfd it is signalled through, its wait status once reaped."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.status = None  # wait status, once reaped
+
+    def send(self, number):
+        send_pidfd(self.pidfd, number)
+
+    def reap(self, wait=False):
+        """Collect the exit status if it has exited (with wait, once it has); True once it has."""
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
+            if pid == self.pid:
+                self.status = status
+                os.close(self.pidfd)
+        return self.status is not None
+
+
+def start_child(program, environ, dispositions, moves=(), more_setup=None, kind=Child):
+    """Start program (a chain.Program, by chain.spawn) as a child that dies with us, with dispositions; a kind (Child).
+
+    Fatal (126/127) if the exec fails. more_setup, if given, runs in the
+    child last before the program does. A child we could not watch (no
+    pidfd: out of descriptors) is stopped, not left.
+    """
+    from fdlaunch.kernel import chain
+
+    parent = os.getpid()
+
+    def setup():
+        signal.set_wakeup_fd(-1)
+        for number, disposition in dispositions.items():
+            signal.signal(number, disposition)
+        if not die_with(parent):  # a child left behind would hold what we hold for it
+            os._exit(NOT_EXECUTABLE)
+        if more_setup is not None:
+            more_setup()
+
+    pid = chain.spawn(program, environ, setup, moves)
+    try:
+        return kind(pid)
+    except OSError as error:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise unable(f"watch {shown(program.argv[0])} (pid {pid})", error) from None
 
 
 def send_pidfd(pidfd, number):

@@ -19,7 +19,6 @@ from collections import namedtuple
 from fdlaunch.errors import Fatal, counted, pids_listed
 from fdlaunch.kernel import chain, proc
 from fdlaunch.kernel.guard import PidfdGuard
-from fdlaunch.loops import overlap
 
 GUARD_ROUND = 1.0  # seconds between looks for processes newly below us
 FORWARDED = (
@@ -73,7 +72,7 @@ class Keeper:
     def start_up(self):
         """Become the subreaper, and have every signal to pass on, SIGCHLD too, written to a wakeup pipe."""
         proc.become_subreaper()
-        self.dispositions = overlap.received_dispositions(FORWARDED)
+        self.dispositions = proc.received_dispositions(FORWARDED)
         self.wakeup_read = proc.catch_signals((*FORWARDED, signal.SIGCHLD))
 
     def launch(self, program, environ):
@@ -83,7 +82,7 @@ class Keeper:
         self.start_up()
         self.guard = PidfdGuard(self.guard_say, self.settings.grace, "the daemon")
         try:
-            launcher = overlap.spawn(program, environ, self.dispositions)
+            launcher = proc.start_child(program, environ, self.dispositions)
         except Fatal:
             self.stop_guard()
             raise

@@ -12,7 +12,7 @@ import select
 import signal
 import time
 
-from fdlaunch.errors import NOT_EXECUTABLE, Fatal, counted, shown, unable
+from fdlaunch.errors import Fatal, counted, shown
 from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.kernel.fdstore import FdStore
 from fdlaunch.kernel.guard import PidfdGuard
@@ -52,12 +52,12 @@ Settings = collections.namedtuple(
 )
 
 
-class Instance:
+class Instance(proc.Child):
+    """A child of ours running the program: what it said, what it was given, when it is due to be stopped."""
+
     def __init__(self, pid):
-        self.pid = pid
-        self.pidfd = os.pidfd_open(pid)
+        super().__init__(pid)
         self.ready = False
-        self.status = None  # wait status, once reaped
         self.kill_at = None  # when it gets SIGKILL, once asked to stop
         self.asked = None  # (signal, when) it was first asked to stop with
         self.offer = None  # the sockets it was started with (listenfrom.Offer)
@@ -65,9 +65,6 @@ class Instance:
         self.ping_due = None  # when its next WATCHDOG=1 is due
         self.replaced = None  # the pid of the serving instance it replaced, when it was respawned
         self.inputs = []  # how it says it is ready besides READY=1, until it has (readiness.ReadyPipe, ChildStops)
-
-    def send(self, number):
-        proc.send_pidfd(self.pidfd, number)
 
     def ask_to_stop(self, number, grace):
         """Send number; SIGKILL falls due grace seconds after the first request, and no later request moves it."""
@@ -86,13 +83,9 @@ class Instance:
 
     def reap(self, wait=False):
         """Collect the exit status if it has exited (with wait, once it has); True once it has."""
-        if self.status is None:
-            pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
-            if pid == self.pid:
-                self.status = status
-                self.kill_at = self.ping_due = None
-                self.close_inputs()
-                os.close(self.pidfd)
+        if self.status is None and super().reap(wait):
+            self.kill_at = self.ping_due = None
+            self.close_inputs()
         return self.status is not None
 
     def close_inputs(self):
@@ -107,37 +100,6 @@ class Instance:
     def said_ready(self):
         """True if it said it is ready one of its other ways since the last look (its newline, its SIGSTOP)."""
         return any(source.take() for source in self.inputs)
-
-
-def received_dispositions(numbers):
-    """Which of these signals this process was started with ignored: the instances get the same."""
-    return {number: signal.SIG_IGN if signal.getsignal(number) == signal.SIG_IGN else signal.SIG_DFL for number in numbers}
-
-
-def spawn(program, environ, dispositions, moves=(), more_setup=None):
-    """Start one instance of program (a chain.Program, by chain.spawn): it dies with us, with the signal dispositions we received.
-
-    Fatal (126/127) if the exec fails. more_setup, if given, runs in the
-    child last before the program does.
-    """
-    parent = os.getpid()
-
-    def setup():
-        signal.set_wakeup_fd(-1)
-        for number, disposition in dispositions.items():
-            signal.signal(number, disposition)
-        if not proc.die_with(parent):  # an instance left behind would hold the sockets
-            os._exit(NOT_EXECUTABLE)
-        if more_setup is not None:
-            more_setup()
-
-    pid = chain.spawn(program, environ, setup, moves)
-    try:
-        return Instance(pid)
-    except OSError as error:  # no pidfd (out of descriptors): an instance we cannot watch is stopped
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise unable(f"watch {shown(program.argv[0])} (pid {pid})", error) from None
 
 
 class Handoff:
@@ -162,7 +124,7 @@ class Handoff:
         self.crashes = collections.deque()  # when serving instances exited unasked, the last CRASH_WINDOW seconds
         self.ready_fd = settings.ready_fd  # None once told
         self.store = FdStore(settings.fdstore_max)
-        self.dispositions = received_dispositions((*STOPS, settings.reload))
+        self.dispositions = proc.received_dispositions((*STOPS, settings.reload))
         self.warned = set()  # warnings said once per run
         self.wakeup_read = None
         self.family = proc.Family(os.getpid())  # the instances are our children
@@ -204,7 +166,7 @@ class Handoff:
         ready_pipe = self.ready_pipe(environ, moves)
         moves = moves if ready_pipe is None else [*moves, (ready_pipe[1], self.settings.instance_fd)]
         try:
-            instance = spawn(self.program, environ, self.dispositions, moves)
+            instance = proc.start_child(self.program, environ, self.dispositions, moves, kind=Instance)
         except Fatal:
             fds.close_all(ready_pipe or ())
             raise

@@ -16,7 +16,6 @@ from collections import namedtuple
 from fdlaunch.errors import Fatal
 from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.kernel.guard import PidfdGuard
-from fdlaunch.loops import overlap
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 # A write to a terminal we no longer lead (the child took it) must not stop us.
@@ -37,7 +36,7 @@ class Init:
         self.settings, self.say, self.guard_say = settings, say, guard_say
         self.guard = None
         self.wakeup_read = None
-        self.child = None  # an overlap.Instance: pid and pidfd
+        self.child = None  # a proc.Child: pid and pidfd
 
     def run(self, program, environ):
         """Run program (a chain.Program) until it exits, then stop what it left; its wait status."""
@@ -51,7 +50,7 @@ class Init:
         terminal = proc.terminal_we_lead()
         grouped = self.settings.group or terminal is not None
         setup = own_group(terminal) if grouped else None
-        self.child = overlap.spawn(program, environ, dispositions, more_setup=setup)
+        self.child = proc.start_child(program, environ, dispositions, more_setup=setup)
         if self.guard is not None:
             self.guard.hand({self.child.pid: os.getpid()})
         # What the child was handed is its own: a socket still open here would outlive it, answering nobody.
@@ -75,7 +74,7 @@ class Init:
             )
         if os.getpid() != 1:
             proc.become_subreaper()
-        dispositions = overlap.received_dispositions((*FORWARDED, signal.SIGCHLD, *TERMINAL_STOPS))
+        dispositions = proc.received_dispositions((*FORWARDED, signal.SIGCHLD, *TERMINAL_STOPS))
         self.wakeup_read = proc.catch_signals((*FORWARDED, signal.SIGCHLD))
         for number in TERMINAL_STOPS:
             signal.signal(number, signal.SIG_IGN)
