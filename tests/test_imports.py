@@ -112,7 +112,7 @@ PINNED = {
         | CTYPES
         | (NOTIFY - {"fdlaunch.kernel.sdnotify", "fdlaunch.text.notifyproto"})
         | (WATCH - {"fdlaunch.loops.readiness"})
-        | {"math", "fdlaunch.cmd.init", "fdlaunch.kernel.guard", "fdlaunch.loops.forking", "fdlaunch.loops.reaping"},
+        | {"fdlaunch.cmd.init", "fdlaunch.kernel.guard", "fdlaunch.loops.reaping"},
         "fdlaunch-foreground": COMMON
         | DOCOPT
         | NOTIFY

@@ -62,7 +62,7 @@ def main(argv, environ):
         return forking.NO_DAEMON
     if options["--verbose"]:
         warn(PROG, "info", f"the daemon (pid {daemon}) {chain.describe_exit(status)}")
-    return forking.exit_code(status)
+    return chain.exit_status(status)
 
 
 def tell_ready(relays, daemon, verbose):

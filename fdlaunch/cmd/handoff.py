@@ -50,7 +50,7 @@ import signal
 from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import BadCall, UsageError, say_as, warn
-from fdlaunch.kernel import fds, sdnotify
+from fdlaunch.kernel import chain, fds, sdnotify
 from fdlaunch.loops import listenfrom, overlap
 from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
@@ -84,7 +84,7 @@ def main(argv, environ):
     finally:
         inbox.close()
         sockets.close()
-    return exit_like(status)
+    return chain.exit_as(status)
 
 
 def instance_sockets(options, settings, environ, passed):
@@ -170,15 +170,3 @@ def tell(upstream):
                 warn(PROG, "warning", f"unable to notify {upstream}: {error.strerror}")
 
     return send
-
-
-def exit_like(status):
-    """Exit as the instance did: with its status, or by its signal."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        signal.set_wakeup_fd(-1)
-        if number not in (signal.SIGKILL, signal.SIGSTOP):  # these two cannot be caught anyway
-            signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
-        return 128 + number  # a signal that does not kill by default
-    return os.WEXITSTATUS(status)

@@ -24,7 +24,8 @@ Options:
 from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import say_as
-from fdlaunch.loops import forking, reaping
+from fdlaunch.kernel import chain
+from fdlaunch.loops import reaping
 
 PROG = "fdlaunch-init"
 
@@ -37,4 +38,4 @@ def main(argv, environ):
     cli.find_program(program[0], environ)  # 126 or 127 now, before anything is started
     init = reaping.Init(settings, say_as(PROG, options["--verbose"]), say_as(f"{PROG} (guard)"))
     status = init.run(cli.program(program, environ), environ)
-    return forking.exit_code(status)
+    return chain.exit_status(status)

@@ -278,6 +278,25 @@ def describe_exit(status):
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
+def exit_status(status):
+    """A wait status as a shell reports it: the exit status, or 128 plus the signal that killed it."""
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def exit_as(status):
+    """End as the process whose wait status this is did: by its signal, or with its status.
+
+    Returns the status a shell would report, for a signal that does not kill by default.
+    """
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        _signal.set_wakeup_fd(-1)
+        if number not in (_signal.SIGKILL, _signal.SIGSTOP):  # these two cannot be caught anyway
+            _signal.signal(number, _signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+    return exit_status(status)
+
+
 def signal_name(number):
     """'SIGTERM' for 15, 'signal 40' for one without a name: signal's enum, imported when a name is wanted, not at every start."""
     import signal

@@ -51,11 +51,6 @@ Successor = namedtuple("Successor", "pid previous")
 Settings = namedtuple("Settings", "pidfile timeout grace")
 
 
-def exit_code(status):
-    """A wait status as a shell reports it: the exit status, or 128 + the signal."""
-    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 class Keeper:
     """Runs PROG, finds the daemon it leaves, keeps it: signals in, status out, nothing left behind."""
 
@@ -98,7 +93,7 @@ class Keeper:
         os.close(launcher.pidfd)
         status = self.statuses[launcher.pid]
         if status != 0:
-            self.fail(f"{argv[0]} (pid {launcher.pid}) {chain.describe_exit(status)}; no daemon started", exit_code(status))
+            self.fail(f"{argv[0]} (pid {launcher.pid}) {chain.describe_exit(status)}; no daemon started", chain.exit_status(status))
         self.main = self.find_daemon(argv[0], deadline)
         try:
             self.main_pidfd = os.pidfd_open(self.main)
