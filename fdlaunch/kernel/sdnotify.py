@@ -18,7 +18,7 @@ from fdlaunch.errors import Fatal, unable
 from fdlaunch.kernel import fds
 from fdlaunch.text import notifyproto
 
-UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+UCRED = struct.Struct("iII")  # struct ucred (unix(7)): a sender's (SCM_CREDENTIALS) or a peer's (SO_PEERCRED) pid, uid, gid
 PIDFD = struct.Struct("i")
 # <asm-generic/socket.h> (x86, arm, riscv, ...); Python 3.11 does not name them
 SO_PASSPIDFD, SCM_PIDFD = 76, 0x04

@@ -16,7 +16,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import time
 
 from fdlaunch.errors import Fatal, counted, pids_listed
@@ -28,7 +27,6 @@ STOPS = (signal.SIGTERM, signal.SIGINT)
 RELOAD = signal.SIGHUP
 ACCEPT_BATCH = 64  # accepts per turn, so signals and exits are heard under a flood
 PAUSE_SECONDS = 1  # after EMFILE and the like: the backlog holds clients meanwhile
-UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 LOOKUP_THREADS = 4
 DONE = b"d"  # the server tells its guard it leaves no handler behind
 
@@ -366,7 +364,7 @@ class Server:
 
     def peer_of(self, connection, address):
         if self.unix:
-            pid, uid, gid = UCRED.unpack(connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+            pid, uid, gid = sdnotify.UCRED.unpack(connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, sdnotify.UCRED.size))
             return ucspi.unix_peer(pid, uid, gid)
         return ucspi.inet_peer(address)
 
