@@ -9,6 +9,7 @@ import ctypes
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import time
 import pytest
 from conftest import TIMEOUT
 
+from fdlaunch import errors
 from fdlaunch.kernel import proc, sdnotify
 from fdlaunch.loops import accepting, forking, listenfrom, overlap, readiness
 from fdlaunch.text import notifyproto
@@ -53,7 +55,7 @@ def test_building_a_loop_changes_nothing_process_wide(tmp_path):
         readiness.Watcher(inbox, program, relays, False, say)
         readiness.Check("true", 1, 1, 0, {}, say)
         handoff = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, None, False, False, 0, None, None)
-        overlap.Handoff(["true"], handoff, listenfrom.Handed({}), inbox, lambda message, pid: None, say, say)
+        overlap.Handoff(["true"], handoff, listenfrom.Handed({}), inbox, None, say, say)
         listenfrom.FromFile(str(tmp_path / "sockets"), {}, [], set(), True)
         server = accepting.Settings({}, None, 1, None, False, None, True, 1, None, None, None, None)
         accepting.Server(listener, ["true"], server, say, say)
@@ -79,30 +81,33 @@ def test_the_process_wide_check_sees_a_change():
     assert process_wide() == before
 
 
-def test_handoff_settings_stay_as_built():
+def test_handoff_settings_stay_as_built(tmp_path):
     """Telling s6 once is the loop's state: the settings it was handed stay as the tool built them."""
     read_end, write_end = os.pipe()
     child = subprocess.Popen(["sleep", str(TIMEOUT)])
     instance = overlap.Instance(child.pid)
-    told = []
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    upstream.bind(str(tmp_path / "upstream"))
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     try:
         settings = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, write_end, False, False, 0, None, None)
         with pytest.raises(AttributeError):
             settings.ready_fd = None
-        handoff = overlap.Handoff(
-            ["sleep"], settings, listenfrom.Handed({}), None, lambda message, pid: told.append((message, pid)), None, None
-        )
+        say = errors.say_as("test")
+        handoff = overlap.Handoff(["sleep"], settings, listenfrom.Handed({}), None, str(tmp_path / "upstream"), say, say)
         handoff.current = instance
         instance.offer = listenfrom.Handed({}).offer()
         handoff.tell_ready(instance)
         handoff.tell_ready(instance)  # a second READY=1 writes nothing more to the closed fd
         assert os.read(read_end, 16) == b"\n"
         assert handoff.settings == settings and settings.ready_fd == write_end
+        told = [upstream.recvmsg(4096, socket.CMSG_SPACE(12)) for _ in range(2)]
         # the first READY=1 names the instance, but comes from the main pid the supervisor knows: ours;
-        # the next comes from the instance it named
-        assert [pid for _, pid in told] == [os.getpid(), child.pid]
-        assert all(f"MAINPID={child.pid}\n" in message for message, _ in told)
+        # the next comes from the instance it named (root may send as another process)
+        assert [struct.unpack("iII", ancillary[0][2])[0] for _, ancillary, _, _ in told] == [os.getpid(), child.pid]
+        assert all(f"MAINPID={child.pid}\n".encode() in data for data, _, _, _ in told)
     finally:
+        upstream.close()
         child.kill()
         child.wait()
         os.close(instance.pidfd)

@@ -916,7 +916,7 @@ def test_fork_mode_ready_by_check_with_the_upstream_gone_is_still_ready(env, tmp
     done = run_fork(["fdlaunch-notify-wait", "--fork", "--forward", "--check=true", "--", "sleep", "30"], env=env)
     try:
         assert done.returncode == 0, done.stderr
-        assert done.stderr == f"fdlaunch-notify-wait: warning: unable to notify {env['NOTIFY_SOCKET']!r}: No such file or directory\n"
+        assert done.stderr == f"fdlaunch-notify-wait: warning: unable to notify {env['NOTIFY_SOCKET']}: No such file or directory\n"
         assert Path(f"/proc/{int(done.stdout)}").exists()
     finally:
         if done.stdout.strip().isdigit():
@@ -937,7 +937,7 @@ def test_the_command_runs_though_the_upstream_is_gone(readiness, env, tmp_path):
     while not marker.exists():
         assert time.monotonic() < deadline, "--command never ran"
         time.sleep(0.02)
-    assert f"(watcher): warning: unable to notify {env['NOTIFY_SOCKET']!r}: No such file or directory" in done.stderr
+    assert f"(watcher): warning: unable to notify {env['NOTIFY_SOCKET']}: No such file or directory" in done.stderr
 
 
 def test_fork_mode_passes_a_sigterm_that_comes_while_the_program_is_being_started(tmp_path):

@@ -79,7 +79,7 @@ def main(argv, environ):
     inbox = sdnotify.Inbox()
     try:
         guard_say = say_as(f"{PROG} (guard)")
-        handoff = overlap.Handoff(cli.program(program, environ), settings, sockets, inbox, tell(upstream), say, guard_say)
+        handoff = overlap.Handoff(cli.program(program, environ), settings, sockets, inbox, upstream, say, guard_say)
         status = handoff.run()
     finally:
         inbox.close()
@@ -157,16 +157,3 @@ def signal_number(option, text):
         return signal.Signals(int(text)) if is_decimal(text) else signal.Signals[name]
     except (KeyError, ValueError):
         raise UsageError(f"{option}={text!r} is not a signal name or number, e.g. HUP") from None
-
-
-def tell(upstream):
-    """A sender of notifications to our own supervisor, or one that does nothing."""
-
-    def send(message, on_behalf_of):
-        if upstream:
-            try:
-                sdnotify.send(message.encode(), upstream, pid=on_behalf_of)
-            except OSError as error:
-                warn(PROG, "warning", f"unable to notify {upstream}: {error.strerror}")
-
-    return send

@@ -14,7 +14,7 @@ import struct
 import time
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, unable
+from fdlaunch.errors import Fatal, shown, unable
 from fdlaunch.kernel import fds
 from fdlaunch.text import notifyproto
 
@@ -71,6 +71,14 @@ def send(data, notify_socket, pid=None, fds=()):
         sock.sendmsg([data], ancillary, 0, target)
     finally:
         sock.close()
+
+
+def tell(message, notify_socket, pid=None, fds=()):
+    """One notification to a supervisor's NOTIFY_SOCKET (bytes), as pid where we may (send); Fatal naming the socket if it fails."""
+    try:
+        send(message, notify_socket, pid=pid, fds=fds)
+    except OSError as error:
+        raise unable(f"notify {shown(notify_socket)}", error) from None
 
 
 def notify(lines, notify_socket, pid=None, wait=0, fds=()):

@@ -462,9 +462,4 @@ class Server:
             readiness.tell_supervisor(fd, self.say)
 
     def notify(self, message):
-        target = self.settings.notify_socket
-        if target:
-            try:
-                sdnotify.send(message, target)
-            except OSError as error:
-                self.say("warning", f"unable to notify {target}: {error.strerror}")
+        readiness.tell_upstream(self.settings.notify_socket, message, self.say)

@@ -105,10 +105,10 @@ class Instance(proc.Child):
 class Handoff:
     """The loop that runs instances, hands over on the reload signal, and tells the supervisor."""
 
-    def __init__(self, program, settings, sockets, inbox, upward, say, guard_say):
-        """program: a chain.Program; sockets: a listenfrom.Handed or FromFile; upward(message, pid) tells the supervisor;
-        say(kind, text), guard_say for the guard."""
-        self.program, self.settings, self.sockets, self.inbox, self.upward = program, settings, sockets, inbox, upward
+    def __init__(self, program, settings, sockets, inbox, upstream, say, guard_say):
+        """program: a chain.Program; sockets: a listenfrom.Handed or FromFile; upstream: our own supervisor's
+        NOTIFY_SOCKET, or None; say(kind, text), guard_say for the guard."""
+        self.program, self.settings, self.sockets, self.inbox, self.upstream = program, settings, sockets, inbox, upstream
         self.say, self.guard_say = say, guard_say
         self.guard = None
         self.known_main = os.getpid()  # the main pid the supervisor knows, as told (or not yet: it started us)
@@ -505,6 +505,6 @@ class Handoff:
         main one until it reads it (at first us, who it started): its default
         NotifyAccess=main believes no other.
         """
-        self.upward(message, self.known_main)
+        readiness.tell_upstream(self.upstream, message.encode(errors="surrogateescape"), self.say, self.known_main)
         if main_pid is not None:
             self.known_main = main_pid

@@ -11,7 +11,7 @@ import signal
 import time
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, counted, unable
+from fdlaunch.errors import Fatal, counted
 from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
@@ -45,6 +45,15 @@ def tell_supervisor(fd, say):
         sdnotify.tell_s6(fd)
     except Fatal as error:
         say("warning", str(error))
+
+
+def tell_upstream(notify_socket, message, say, pid=None):
+    """A notification (bytes) to our own supervisor, if we have one (NOTIFY_SOCKET); one that fails is said, and stops nothing."""
+    if notify_socket:
+        try:
+            sdnotify.tell(message, notify_socket, pid)
+        except Fatal as error:
+            say("warning", str(error))
 
 
 class Relays:
@@ -111,10 +120,7 @@ class Relays:
             # systemd's NotifyAccess=main believes only the main pid it knows, the one before any
             # MAINPID= in this message: claiming it lets the message in. Without privilege the
             # sender is us and the unit needs NotifyAccess=all.
-            try:
-                sdnotify.send(message, self.upstream, pid=sender, fds=fds)
-            except OSError as error:
-                raise unable(f"notify {self.upstream!r}", error) from None
+            sdnotify.tell(message, self.upstream, sender, fds)
 
 
 class Program:
