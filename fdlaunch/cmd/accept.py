@@ -75,7 +75,7 @@ def read_settings(options, environ):
         raise UsageError(f"-c {most} needs {needed} descriptors, but RLIMIT_NOFILE is {fds.limit()}: raise it (--limit=nofile=N)")
     path = options["--rules"]
     found = None if path is None else read_rules(path)
-    ready_fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"], environ)
+    ready_fd = None if options["--fd"] is None else fds.notification_fd("--fd", options["--fd"], environ)
     return accepting.Settings(
         environ=environ,
         notify_socket=environ.get("NOTIFY_SOCKET"),

@@ -25,7 +25,6 @@ Options:
   --version          Print the version.
 """
 
-import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
@@ -99,7 +98,6 @@ def read_settings(options, environ):
         raise UsageError("--pidfile needs a path")
     fd = None
     if options["--fd"] is not None:
-        fd = fds.open_fd_option("--fd", options["--fd"], environ)
-        os.set_inheritable(fd, False)  # the daemon must not hold it
+        fd = fds.notification_fd("--fd", options["--fd"], environ)
     timeout, grace = cli.seconds("--timeout", options["--timeout"]), cli.seconds("--grace", options["--grace"])
     return forking.Settings(options["--pidfile"], timeout, grace), readiness.Relays(fd, upstream)

@@ -119,8 +119,7 @@ def read_settings(options, environ, program):
     ready_fd = None
     passed = listenenv.inherited(environ, os.getpid())
     if options["--fd"] is not None:
-        ready_fd = fds.open_fd_option("--fd", options["--fd"], environ)
-        os.set_inheritable(ready_fd, False)  # the instances must not hold it
+        ready_fd = fds.notification_fd("--fd", options["--fd"], environ)
     instance_fd, instance_fd_var = cli.ready_fd(options, passed, ready_fd, OURS)
     upstart = cli.upstart_job(options["--upstart"], program)
     main_pid_self = options["--main-pid"] == "self"

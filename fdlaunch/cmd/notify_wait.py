@@ -111,7 +111,7 @@ def main(argv, environ):
 def read_settings(options, environ, say, program):
     """Every option checked before anything is created; say(kind, text) speaks for the watcher."""
     passed = listenenv.inherited(environ, os.getpid())
-    fd = None if options["--fd"] is None else fds.open_fd_option("--fd", options["--fd"], environ)
+    fd = None if options["--fd"] is None else fds.notification_fd("--fd", options["--fd"], environ)
     upstream = environ.get("NOTIFY_SOCKET") if options["--forward"] else None
     if options["--forward"] and not upstream:
         raise UsageError("--forward needs a NOTIFY_SOCKET to relay to, and none is set")

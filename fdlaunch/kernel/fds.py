@@ -154,8 +154,11 @@ def make_inheritable(fds):
 STANDARD = {0: "input", 1: "output", 2: "error"}
 
 
-def open_fd_option(option, text, environ):
-    """--fd=N: N as a number, which must be an open descriptor (s6's notification fd), not 0, 1 or 2.
+def notification_fd(option, text, environ):
+    """--fd=N, s6's notification fd: N as a number, an open descriptor, not 0, 1 or 2, made close-on-exec.
+
+    Close-on-exec: it is the tool's to write, and no program it runs (the
+    program, an instance, a daemon, a handler) inherits it.
 
     Not one of the sockets passed to this process either (environ's
     LISTEN_FDS or LISTEN_FD_MAP): the program would lose it and the
@@ -189,6 +192,7 @@ def open_fd_option(option, text, environ):
         fcntl.fcntl(fd, fcntl.F_GETFD)
     except (OSError, ValueError, OverflowError):  # not a number at all, or beyond a C int
         raise UsageError(f"{option}={text!r}: not an open descriptor (s6 opens it when the service has a notification-fd file)") from None
+    os.set_inheritable(fd, False)
     return fd
 
 
