@@ -25,7 +25,6 @@ Options:
   --version          Print the version.
 """
 
-
 from fdlaunch import cli
 from fdlaunch.cli import tool
 from fdlaunch.errors import Fatal, UsageError, say_as, shown, warn

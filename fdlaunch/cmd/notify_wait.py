@@ -55,7 +55,7 @@ from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Fatal, UsageError, counted, say_as, shown, unable, warn
+from fdlaunch.errors import BadCall, Fatal, UsageError, say_as, shown, unable, warn
 from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
@@ -339,21 +339,14 @@ def watch(inbox, relays, settings, program, keep, ready_read, tracer_end):
         inputs.append(traced)
     watcher = readiness.Watcher(inbox, program, relays, relays.upstream is not None, say, settings.check, wakeup, settings.watchdog, inputs)
     try:
-        deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
-        outcome = watcher.run(deadline)
-        if outcome == readiness.GAVE_UP:
-            watcher.check = None  # a READY=1 from PROG still counts
+        outcome = watcher.run(settings.timeout)
+        while outcome == readiness.NOT_READY:
+            why = f"pid {program.pid} {watcher.why_not_ready}"
             if settings.kill:
-                stop_watched(watcher, f"pid {program.pid} is not ready", signal.SIGTERM)
+                stop_watched(watcher, why, signal.SIGTERM)
                 return 0
-            outcome = watcher.run(deadline)
-        if outcome == readiness.LATE:
-            late = f"pid {program.pid} was not ready after {waited(watcher, settings)}"
-            if settings.kill:
-                stop_watched(watcher, late, signal.SIGTERM)
-                return 0
-            say("warning", late)
-            outcome = watcher.run()
+            say("warning", why)
+            outcome = watcher.run()  # a READY=1 still counts
         if outcome == readiness.READY and not watcher.keep_relaying:
             watcher.linger()
         if outcome == readiness.WATCHDOG:
@@ -365,13 +358,6 @@ def watch(inbox, relays, settings, program, keep, ready_read, tracer_end):
         if relays.touch is not None:
             hold_until_exit(relays.touch, program.pidfd, say)
     return 0
-
-
-def waited(watcher, settings):
-    """How long PROG was given to be ready, in words."""
-    if watcher.extended:
-        return f"{time.monotonic() - watcher.started:.1f} seconds (its EXTEND_TIMEOUT_USEC included)"
-    return counted(settings.timeout, "second")
 
 
 def stop_watched(watcher, why, number):
@@ -449,9 +435,8 @@ def fork_and_wait(inbox, relays, settings, program, environ):
     inputs += [] if settings.upstart is None else [readiness.ChildStops(child, pidfd)]
     watcher = readiness.Watcher(inbox, readiness.Program(child, pidfd), relays, False, settings.say, settings.check, signals, inputs=inputs)
     try:
-        deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
         try:
-            outcome = watcher.run(deadline)
+            outcome = watcher.run(settings.timeout)
         except Fatal as error:
             # A program whose readiness nobody can learn is stopped, not left behind.
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
@@ -473,11 +458,10 @@ def fork_and_wait(inbox, relays, settings, program, environ):
         asked = pass_stops(watcher, pidfd)
         status, killed = reap(child, pidfd, asked)
         raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready{killed}", EXITED_BEFORE_READY)
-    if outcome in (readiness.GAVE_UP, readiness.LATE):
-        why = "not ready: its check gave up" if outcome == readiness.GAVE_UP else f"not ready after {waited(watcher, settings)}"
+    if outcome == readiness.NOT_READY:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         status, killed = reap(child, pidfd, signal.SIGTERM)
-        raise Fatal(f"{name} was {why}; stopped it: {chain.describe_exit(status)}{killed}", NOT_READY_IN_TIME)
+        raise Fatal(f"{name} {watcher.why_not_ready}; stopped it: {chain.describe_exit(status)}{killed}", NOT_READY_IN_TIME)
     status, _ = reap(child, pidfd, None)
     raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
 

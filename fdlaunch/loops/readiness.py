@@ -15,7 +15,11 @@ from fdlaunch.errors import Fatal, counted
 from fdlaunch.kernel import fds, proc, sdnotify
 from fdlaunch.text import listenenv, notifyproto
 
-READY, EXITED, LATE, GAVE_UP, STOPPED, WATCHDOG = "ready", "exited", "late", "gave up", "stopped", "watchdog"
+# What Watcher.run() comes to: the program ready, gone, not ready in time (its --timeout, or its
+# --check gave up: why_not_ready says which), we were stopped by a signal, or its watchdog bit.
+READY, EXITED, NOT_READY, STOPPED, WATCHDOG = "ready", "exited", "not ready", "stopped", "watchdog"
+# Where a Check ends: a run passed, it gave up, or it was stopped (the program ready by other means, or gone).
+PASSED, GAVE_UP = "passed", "gave up"
 LINGER_SECONDS = 0.1
 # What a process asked to stop (PROG at --kill, a --command run) gets before SIGKILL.
 GRACE_SECONDS = 5
@@ -163,7 +167,9 @@ class Watcher:
         self.inbox, self.program, self.relays, self.say, self.signals = inbox, program, relays, say, signals
         self.keep_relaying = keep_relaying
         self.watchdog, self.ping_due, self.barked = watchdog, None, None
-        self.deadline, self.extended = None, False  # run()'s deadline, and whether EXTEND_TIMEOUT_USEC moved it
+        self.timeout = self.deadline = None  # run()'s, in seconds and as a time.monotonic()
+        self.extended = False  # whether EXTEND_TIMEOUT_USEC moved the deadline
+        self.why_not_ready = None  # what NOT_READY means, in words: 'was not ready after 5 seconds'...
         self.ready = False
         self.main_pid = program.pid
         self.warn_once = once(say)
@@ -177,12 +183,16 @@ class Watcher:
         heard = f" (by READY=1{ways})" if ways else ""
         self.say("info", f"watching pid {program.pid}; once it is ready{heard}: {relays.describe()}")
 
-    def run(self, deadline=None):
-        """Until ready (and, with keep_relaying or a watchdog, until the program is gone), gone, stopped, or late.
+    def run(self, timeout=None):
+        """Until ready (and, with keep_relaying or a watchdog, until the program is gone), gone, stopped, or not ready.
 
-        deadline: when a program not yet ready is LATE, unless its EXTEND_TIMEOUT_USEC= moves it.
+        timeout: seconds from now after which a program not yet ready is
+        NOT_READY, unless its EXTEND_TIMEOUT_USEC= moves the deadline; without
+        it, a deadline set before still holds. Run again after NOT_READY, it
+        goes on waiting: a READY=1 still counts.
         """
-        self.deadline = deadline
+        if timeout is not None:
+            self.timeout, self.deadline = timeout, time.monotonic() + timeout
         try:
             while (outcome := self.turn()) is None:
                 pass
@@ -212,11 +222,21 @@ class Watcher:
             return READY
         if self.program.pidfd in events:
             return EXITED
-        if self.check is not None and self.check.gave_up and not self.ready:
-            return GAVE_UP
+        if self.check is not None and self.check.end_state == GAVE_UP and not self.ready:
+            self.check = None  # given up: a READY=1 from the program still counts
+            self.why_not_ready = "was not ready: its check gave up"
+            return NOT_READY
         if self.deadline is not None and time.monotonic() >= self.deadline and not self.ready:
-            return LATE
+            self.deadline = None  # late once: a READY=1 from the program still counts
+            self.why_not_ready = f"was not ready after {self.waited()}"
+            return NOT_READY
         return None
+
+    def waited(self):
+        """How long the program was given to be ready, in words."""
+        if self.extended:
+            return f"{time.monotonic() - self.started:.1f} seconds (its EXTEND_TIMEOUT_USEC included)"
+        return counted(self.timeout, "second")
 
     def take_signals(self):
         """Read the wakeup pipe: True if a stop signal (SIGINT, SIGTERM) came, kept in stop_signals."""
@@ -572,7 +592,7 @@ class Check:
         self.next_at = time.monotonic()
         self.pid = self.pidfd = self.kill_at = None
         self.failures = 0
-        self.passed = self.gave_up = self.stopped = False
+        self.end_state = None  # PASSED, GAVE_UP or STOPPED, once no run is to come
         self.warn_once = once(say)
 
     def fds(self):
@@ -624,7 +644,7 @@ class Check:
     def finished(self, status):
         code = os.waitstatus_to_exitcode(status)
         if code == 0:
-            self.passed = True
+            self.end_state = PASSED
             return True
         if code in CANNOT_RUN:
             self.give_up(f"the check {self.command!r} cannot run: /bin/sh says {CANNOT_RUN[code]} (status {code}){link_order_hint()}")
@@ -639,17 +659,17 @@ class Check:
             self.give_up(f"the check {self.command!r} failed {counted(self.failures, 'time')}; gave up")
 
     def give_up(self, text):
-        self.gave_up = True
+        self.end_state = GAVE_UP
         self.say("warning", text)
 
     def stop(self):
         """No more runs: the program is ready by other means, or gone."""
         if self.pid is not None:
             self.end()
-        self.stopped = True
+        self.end_state = self.end_state or STOPPED
 
     def over(self):
-        return self.passed or self.gave_up or self.stopped
+        return self.end_state is not None
 
 
 def shell(command, environ, main_pid, closed=(), setsid=False):
