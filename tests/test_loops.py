@@ -57,7 +57,7 @@ def test_building_a_loop_changes_nothing_process_wide(tmp_path):
         handoff = overlap.Settings(signal.SIGHUP, signal.SIGTERM, 1, 1, None, False, False, 0, None, None)
         overlap.Handoff(["true"], handoff, listenfrom.Handed({}), inbox, None, say, say)
         listenfrom.FromFile(str(tmp_path / "sockets"), {}, [], set(), True)
-        server = accepting.Settings({}, None, 1, None, False, None, True, 1, None, None, None, None)
+        server = accepting.Settings({}, None, 1, None, False, None, True, 1, None, None, None)
         accepting.Server(listener, ["true"], server, say, say)
         forking.Keeper(forking.Settings(None, 1, 1), say, say)
         assert process_wide() == before

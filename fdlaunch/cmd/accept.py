@@ -34,14 +34,13 @@ Options:
 
 import os
 import socket
-import stat
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, say_as, shown, unable, warn
-from fdlaunch.kernel import creds, fds
+from fdlaunch.errors import UsageError, say_as, warn
+from fdlaunch.kernel import fds
 from fdlaunch.loops import accepting
-from fdlaunch.text import listenenv, rules
+from fdlaunch.text import listenenv
 from fdlaunch.text.numbers import is_decimal
 from fdlaunch.text.spec import format_address
 
@@ -74,7 +73,7 @@ def read_settings(options, environ):
     if needed > fds.limit():
         raise UsageError(f"-c {most} needs {needed} descriptors, but RLIMIT_NOFILE is {fds.limit()}: raise it (--limit=nofile=N)")
     path = options["--rules"]
-    found = None if path is None else read_rules(path)
+    found = None if path is None else accepting.read_rules(path)
     ready_fd = None if options["--fd"] is None else fds.notification_fd("--fd", options["--fd"], environ)
     return accepting.Settings(
         environ=environ,
@@ -87,7 +86,6 @@ def read_settings(options, environ):
         grace=grace,
         rules_path=path,
         rules=found,
-        read_rules=read_rules,
         ready_fd=ready_fd,
     )
 
@@ -109,21 +107,6 @@ def count(option, text):
     if not (is_decimal(text) and 0 < int(text) <= MAX_HANDLERS):
         raise UsageError(f"{option} {text!r}: not a number of handlers from 1 to {MAX_HANDLERS}")
     return int(text)
-
-
-def read_rules(path):
-    try:
-        # O_NONBLOCK: a FIFO in its place must not stop the server at SIGHUP
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-        with open(fd, encoding="utf-8") as file:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(f"rules file {shown(path)}: not a regular file")
-            text = file.read()
-    except UnicodeDecodeError:
-        raise UsageError(f"rules file {path}: not UTF-8 text") from None
-    except OSError as error:
-        raise unable(f"read the rules file {path}", error) from None
-    return rules.parse(text, f"rules file {path}", creds.Lookups())
 
 
 def choose(passed, label):

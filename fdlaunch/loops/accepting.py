@@ -16,10 +16,11 @@ import os
 import select
 import signal
 import socket
+import stat
 import time
 
-from fdlaunch.errors import Fatal, counted, pids_listed
-from fdlaunch.kernel import chain, fds, proc, sdnotify
+from fdlaunch.errors import Fatal, UsageError, counted, pids_listed, shown, unable
+from fdlaunch.kernel import chain, creds, fds, proc, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import rules, spec, ucspi
 
@@ -33,11 +34,27 @@ DONE = b"d"  # the server tells its guard it leaves no handler behind
 # environ: the server's own; notify_socket: where READY=1 and STOPPING=1 go,
 # or None; max, max_per (or None): -c and -C; inetd, local_host, lookup:
 # --inetd, -l, --lookup; grace: seconds before SIGKILL at the stop;
-# rules_path and rules: --rules and what it read (or None), read_rules(path)
-# to read it again on SIGHUP; ready_fd: the s6 notification fd, or None.
+# rules_path and rules: --rules and what it read (or None), read again on
+# SIGHUP; ready_fd: the s6 notification fd, or None.
 Settings = collections.namedtuple(
-    "Settings", "environ notify_socket max max_per inetd local_host lookup grace rules_path rules read_rules ready_fd"
+    "Settings", "environ notify_socket max max_per inetd local_host lookup grace rules_path rules ready_fd"
 )
+
+
+def read_rules(path):
+    """The --rules file at path, read and parsed; UsageError for what it says, Fatal if it cannot be read."""
+    try:
+        # O_NONBLOCK: a FIFO in its place must not stop the server at SIGHUP
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        with open(fd, encoding="utf-8") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"rules file {shown(path)}: not a regular file")
+            text = file.read()
+    except UnicodeDecodeError:
+        raise UsageError(f"rules file {path}: not UTF-8 text") from None
+    except OSError as error:
+        raise unable(f"read the rules file {path}", error) from None
+    return rules.parse(text, f"rules file {path}", creds.Lookups())
 
 
 class GroupGuard:
@@ -444,7 +461,7 @@ class Server:
             self.say("info", "SIGHUP: no --rules file to read again")
             return
         try:
-            self.rules = self.settings.read_rules(path)
+            self.rules = read_rules(path)
         except Fatal as error:
             self.say("warning", f"kept the old rules: {error}")
             return
