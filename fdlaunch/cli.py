@@ -358,8 +358,10 @@ def read(doc, argv):
     Returns the shape docopt returns: every option under its long name (else
     its short one), False or True for a flag, None, the value or its default
     for an option that takes one (a list if the usage repeats it); 'PROG' the
-    first word after the options or None, 'ARGS' the words after that. An
-    option with an optional value ('--vars[=PREFIX]') given bare is True.
+    first word after the options or None, 'ARGS' the words after that;
+    'GIVEN' the names of the options argv gave, where a default filled in
+    would hide it. An option with an optional value ('--vars[=PREFIX]') given
+    bare is True.
     """
     table = usage.options_of(doc)
     given, rest = checked(doc, argv, table)
@@ -375,6 +377,7 @@ def read(doc, argv):
     if rest[:1] == ["--"]:
         rest = rest[1:]
     options["PROG"], options["ARGS"] = (rest[0], rest[1:]) if rest else (None, [])
+    options["GIVEN"] = frozenset(name for name, _ in given)
     return answer_help(doc, options)
 
 

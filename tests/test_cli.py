@@ -101,6 +101,7 @@ def test_read_gives_docopts_shape():
         "--version": False,
         "PROG": "prog",
         "ARGS": ["-x"],
+        "GIVEN": {"--verbose", "--limit", "--vars"},  # --fd has its default: not given
     }
 
 

@@ -17,7 +17,7 @@ Options:
                      exits (for an orchestrator's probe: test -e FILE).
   --command=CMD      Once ready, run CMD with /bin/sh, its output to stderr.
   --command-timeout=SECS  With --command, stop a run that takes longer
-                     (default 60).
+                     [default: 60].
   --stop             Once ready, stop PROG with SIGSTOP, for an upstart
                      job's 'expect stop' above this.
   --timeout=SECONDS  Say so if PROG is not ready in time.
@@ -28,11 +28,11 @@ Options:
                      its pid, exit.
   --check=CMD        PROG is also ready once CMD, run with /bin/sh, exits 0;
                      it is run until then (s6-notifyoncheck).
-  --interval=SECS    With --check, the pause after a failed run (default 1).
+  --interval=SECS    With --check, the pause after a failed run [default: 1].
   --check-timeout=SECS  With --check, kill a run that takes longer
-                     (default 10).
-  --tries=N          With --check, give up after N failed runs (default 0:
-                     no limit).
+                     [default: 10].
+  --tries=N          With --check, give up after N failed runs, 0 for no
+                     limit [default: 0].
   --upstart[=NAME]   PROG is also ready once it stops itself with SIGSTOP
                      (upstart's 'expect stop'); it then gets SIGCONT. PROG
                      gets UPSTART_JOB=NAME (default: its basename).
@@ -161,10 +161,10 @@ def watchdog_environment(seconds):
 def read_command(options):
     """--command, and how long a run of it may take."""
     if options["--command"] is None:
-        if options["--command-timeout"] is not None:
+        if "--command-timeout" in options["GIVEN"]:
             raise UsageError("--command-timeout goes with --command")
         return None
-    seconds = cli.seconds("--command-timeout", options["--command-timeout"] or str(readiness.COMMAND_SECONDS))
+    seconds = cli.seconds("--command-timeout", options["--command-timeout"])
     return readiness.Command(options["--command"], seconds)
 
 
@@ -172,14 +172,14 @@ def read_check(options, environ, say):
     """--check and its settings; --interval, --check-timeout and --tries only with it."""
     if options["--check"] is None:
         for option in ("--interval", "--check-timeout", "--tries"):
-            if options[option] is not None:
+            if option in options["GIVEN"]:
                 raise UsageError(f"{option} goes with --check")
         return None
     if not options["--check"].strip():
         raise UsageError("--check needs a command, for instance --check='nc -z 127.0.0.1 80'")
-    interval = cli.seconds("--interval", options["--interval"] or "1")
-    timeout = cli.seconds("--check-timeout", options["--check-timeout"] or "10")
-    text = options["--tries"] or "0"
+    interval = cli.seconds("--interval", options["--interval"])
+    timeout = cli.seconds("--check-timeout", options["--check-timeout"])
+    text = options["--tries"]
     if not (is_decimal(text) and len(text) <= 9):
         raise UsageError(f"--tries={text!r} is not a number of runs (0 for no limit)")
     if options["--verbose"]:

@@ -23,8 +23,6 @@ PASSED, GAVE_UP = "passed", "gave up"
 LINGER_SECONDS = 0.1
 # What a process asked to stop (PROG at --kill, a --command run) gets before SIGKILL.
 GRACE_SECONDS = 5
-# How long --command may run by default: as systemd bounds ExecStartPost= by its start timeout, it is bounded.
-COMMAND_SECONDS = 60
 
 # --command: what to run once ready, and how long a run may take before it is stopped.
 Command = namedtuple("Command", "text seconds")
