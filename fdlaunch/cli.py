@@ -40,7 +40,7 @@ import os
 import sys
 
 from fdlaunch import __version__
-from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report, unable
+from fdlaunch.errors import SYSTEM, BadCall, Fatal, Finished, UsageError, flush_output, report, syscall_error
 from fdlaunch.kernel import chain, fds
 from fdlaunch.text import usage
 
@@ -76,7 +76,7 @@ def tool(name, parses=True, accounts=False):
             fds.hold_closed_standard_fds()
             environ = chain.received_environment()
             load_chain(name, argv, environ)
-            outcome, failed = attempt(name, body, argv, environ)
+            outcome, failed = run_reporting(name, body, argv, environ)
             if isinstance(outcome, chain.Exec):
                 return run_chain(name, outcome)
             return outcome
@@ -104,10 +104,10 @@ def run_chain(name, step):
             undo.append(step.undo)
         module = fused_module(step)
         if module is None:
-            outcome, failed = attempt(name, chain.exec_program, step.path, step.argv, step.environ)
+            outcome, failed = run_reporting(name, chain.exec_program, step.path, step.argv, step.environ)
         else:
             name = module.main.tool_name
-            outcome, failed = attempt(name, run_fused, module, step)
+            outcome, failed = run_reporting(name, run_fused, module, step)
         step = outcome
     if failed:
         for take_back in reversed(undo):
@@ -184,7 +184,7 @@ def run_in_child(module, path, argv, environ):
     fds.close_all(fds.close_on_exec())
     fds.hold_closed_standard_fds()
     name = module.main.tool_name
-    outcome, _ = attempt(name, run_fused, module, chain.Exec(path, argv, environ))
+    outcome, _ = run_reporting(name, run_fused, module, chain.Exec(path, argv, environ))
     return run_chain(name, outcome) if isinstance(outcome, chain.Exec) else outcome
 
 
@@ -291,7 +291,7 @@ def load(module):
     return sys.modules[name]
 
 
-def attempt(name, function, *args):
+def run_reporting(name, function, *args):
     """(what function returned or the exit status it failed with, whether it failed), its error said in one line."""
     try:
         outcome = function(*args)
@@ -310,7 +310,7 @@ def attempt(name, function, *args):
 
 def parse(doc, argv):
     """Parse argv against doc's usage, as docopt reads it; doc is what --help prints."""
-    given, _ = checked(doc, argv)
+    given, _ = read_leading_options(doc, argv)
     answer_help(doc, dict(given))  # --help among other options is still help, as read() answers it
     from docopt import DocoptExit  # loaded by docopt_reading, which ran first or failed with it
 
@@ -346,7 +346,7 @@ def read_ahead(module, argv):
     from docopt import DocoptExit
 
     try:
-        checked(module.__doc__, argv)
+        read_leading_options(module.__doc__, argv)
         docopt_reading(module.__doc__, tuple(argv))
     except (UsageError, DocoptExit):
         pass
@@ -364,7 +364,7 @@ def read(doc, argv):
     bare is True.
     """
     table = usage.options_of(doc)
-    given, rest = checked(doc, argv, table)
+    given, rest = read_leading_options(doc, argv, table)
     options = {}
     for option in table.values():
         empty = [] if option.repeatable else None if option.value else False
@@ -381,7 +381,7 @@ def read(doc, argv):
     return answer_help(doc, options)
 
 
-def checked(doc, argv, table=None):
+def read_leading_options(doc, argv, table=None):
     """usage.read_options by doc's Options section, a refusal said with doc's first usage form."""
     try:
         return usage.read_options(table or usage.options_of(doc), argv)
@@ -408,7 +408,7 @@ def output(lines):
         sys.stdout.write("".join(line + "\n" for line in lines))
         sys.stdout.flush()
     except OSError as error:
-        raise unable("write to standard output", error) from None
+        raise syscall_error("write to standard output", error) from None
 
 
 def seconds(option, text, zero=False):

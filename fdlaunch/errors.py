@@ -49,7 +49,7 @@ class BadCall(UsageError):
     kind = "usage"
 
 
-def shown(text):
+def quoted(text):
     """A name or path as given when it prints on one line, else quoted with %r (so is '', which would print as nothing)."""
     return text if text and text.isprintable() else repr(text)
 
@@ -63,8 +63,8 @@ def counted(number, noun, plural=None, or_more=False):
     """'1 handler', '3 handlers', '0.5 seconds', '2 processes', '1000 or more senders': a count and its noun,
     in the plural (noun + 's', unless plural is given) when it is not one."""
     text = f"{number:g}" if isinstance(number, float) else str(number)
-    said = noun if number == 1 and not or_more else plural or f"{noun}s"
-    return f"{text}{' or more' if or_more else ''} {said}"
+    word = noun if number == 1 and not or_more else plural or f"{noun}s"
+    return f"{text}{' or more' if or_more else ''} {word}"
 
 
 def pids_listed(pids):
@@ -73,7 +73,7 @@ def pids_listed(pids):
     return f"pid{'' if len(pids) == 1 else 's'} {', '.join(map(str, pids))}"
 
 
-def unable(verb_object, error):
+def syscall_error(verb_object, error):
     """The s6 grammar for a failed system call: 'unable to bind X: strerror'."""
     reason = error.strerror or str(error)
     return Fatal(f"unable to {verb_object}: {reason}")

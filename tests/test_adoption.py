@@ -93,7 +93,7 @@ def test_parse_reads_what_python_writes_and_getsockname_returns(address, port):
 
 
 @pytest.mark.parametrize(
-    "address, transport, shown",
+    "address, transport, printed",
     [
         (LOOPBACK, "tcp", "127.0.0.1:80/tcp"),
         (ANY6, "udp", "[::]:80/udp"),
@@ -104,8 +104,8 @@ def test_parse_reads_what_python_writes_and_getsockname_returns(address, port):
         (Local(b""), None, "an unnamed unix address"),
     ],
 )
-def test_shown(address, transport, shown):
-    assert sockaddr.shown(address, transport) == shown
+def test_printed(address, transport, printed):
+    assert sockaddr.printed(address, transport) == printed
 
 
 def offer(label, fd, address, kind=STREAM, protocol=TCP, v6only=False, file=None):

@@ -92,11 +92,11 @@ def read_settings(options, environ):
 
 def speaker(quiet, verbose):
     """The server's say(kind, text): start and end lines unless -q; info only with -v; warnings always."""
-    said = say_as(PROG, verbose)
+    say_line = say_as(PROG, verbose)
 
     def say(kind, text):
         if kind not in ("start", "end"):
-            said(kind, text)
+            say_line(kind, text)
         elif not quiet:
             warn(PROG, "info", f"{kind} {text}")
 

@@ -68,7 +68,7 @@ def tell(offers, supervisor, no_new_privs, strict):
     """-v: what a bind may get, and what the program runs under."""
     for offer in offers:
         transport = adopting.TRANSPORTS.get(offer.type)
-        warn(PROG, "info", f"a bind to {sockaddr.shown(offer.address, transport)} gets fd {offer.fd} ({offer.label})")
+        warn(PROG, "info", f"a bind to {sockaddr.printed(offer.address, transport)} gets fd {offer.fd} ({offer.label})")
     others = "fails with EACCES (--strict)" if strict else "goes on as usual"
     privileges = "; no_new_privs set" if no_new_privs else ""
     warn(PROG, "info", f"any other bind {others}; binds answered by pid {supervisor}{privileges}")

@@ -52,14 +52,14 @@ def main(argv, environ):
     fds.check_inherited(passed, open_now)
     path = cli.find_program(program[0], environ)
     if options["--systemd"]:
-        environ, done = as_systemd(passed, options["--order"], open_now, environ, pid)
+        environ, moved = as_systemd(passed, options["--order"], open_now, environ, pid)
     elif options["--stdin"] is not None:
-        environ, done = as_stdin(passed, options["--stdin"], environ)
+        environ, moved = as_stdin(passed, options["--stdin"], environ)
     else:
         fds.make_inheritable(p.fd for p in passed)
-        program, done = in_place(options, passed, program, environ)
+        program, moved = in_place(options, passed, program, environ)
     if options["--verbose"]:
-        for line in done:
+        for line in moved:
             warn(PROG, "info", line)
     return chain.Exec(path, program, environ)
 

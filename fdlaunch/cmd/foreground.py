@@ -27,7 +27,7 @@ Options:
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import Fatal, UsageError, say_as, shown, warn
+from fdlaunch.errors import Fatal, UsageError, quoted, say_as, warn
 from fdlaunch.kernel import chain, fds
 from fdlaunch.loops import forking, readiness
 
@@ -65,8 +65,8 @@ def main(argv, environ):
 
 def tell_ready(relays, daemon, verbose):
     if verbose:
-        told = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
-        warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {told}")
+        where = relays.describe() if relays.fd is not None or relays.upstream else "nobody to tell (no --fd or --forward)"
+        warn(PROG, "info", f"the daemon is pid {daemon}; it is ready: {where}")
     # Sent as ourselves: until it reads MAINPID=daemon, the supervisor knows our pid as the main one,
     # and systemd's NotifyAccess=main believes no other. Fatal if a relay fails: main's except stops the daemon.
     relays.ready(None, daemon, [("READY", "1")], None)
@@ -80,7 +80,9 @@ def tell_successor(relays, successor, pidfile, verbose):
     """
     if verbose:
         warn(
-            PROG, "info", f"the daemon (pid {successor.previous}) exited; pid {successor.pid}, named by {shown(pidfile)}, is the daemon now"
+            PROG,
+            "info",
+            f"the daemon (pid {successor.previous}) exited; pid {successor.pid}, named by {quoted(pidfile)}, is the daemon now",
         )
     try:
         relays.relay([("MAINPID", str(successor.pid))], successor.pid, successor.previous)

@@ -24,7 +24,7 @@ import stat
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Fatal, Finished, UsageError, shown, warn
+from fdlaunch.errors import BadCall, Fatal, Finished, UsageError, quoted, warn
 from fdlaunch.kernel import chain, fds, sock
 from fdlaunch.text import fdplan, listenenv, spec
 
@@ -96,12 +96,12 @@ def refuse_what_would_fail(layout, program, environ):
                 is_directory = stat.S_ISDIR(os.stat(directory).st_mode)
             except FileNotFoundError:
                 raise Fatal(
-                    f"unable to bind {spec.address()}: directory {shown(directory)} does not exist (the mkdir option makes it)"
+                    f"unable to bind {spec.address()}: directory {quoted(directory)} does not exist (the mkdir option makes it)"
                 ) from None
             except OSError:
                 continue  # out of our reach, say: what the real run meets there, it says
             if not is_directory:
-                raise Fatal(f"unable to open directory {shown(directory)}: {os.strerror(errno.ENOTDIR)}")
+                raise Fatal(f"unable to open directory {quoted(directory)}: {os.strerror(errno.ENOTDIR)}")
         if not spec.is_unix and not sock.may_bind_privileged_ports():
             hint = sock.privileged_port_hint(s.endpoint)
             if hint:

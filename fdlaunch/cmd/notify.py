@@ -19,7 +19,7 @@ import os
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import UsageError, shown, unable, warn
+from fdlaunch.errors import UsageError, quoted, syscall_error, warn
 from fdlaunch.kernel import sdnotify
 from fdlaunch.text.numbers import PID_MAX_LIMIT, is_decimal
 
@@ -39,12 +39,12 @@ def main(argv, environ):
     except ValueError as error:
         raise UsageError(str(error)) from None
     except OSError as error:
-        raise unable(f"send to {shown(target)}", error) from None
+        raise syscall_error(f"send to {quoted(target)}", error) from None
     if confirmed is None:
         warn(PROG, "warning", "NOTIFY_SOCKET is not set; nobody to tell")
         return NOT_LISTENING
     if not confirmed:
-        warn(PROG, "warning", f"{shown(target)} did not confirm the message within {BARRIER_SECONDS} seconds")
+        warn(PROG, "warning", f"{quoted(target)} did not confirm the message within {BARRIER_SECONDS} seconds")
     if options["--verbose"]:
         warn(PROG, "info", f"sent {data.decode(errors='surrogateescape')!r} to {target!r}" + (f" for pid {pid}" if pid is not None else ""))
     return 0

@@ -55,7 +55,7 @@ from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Fatal, UsageError, say_as, shown, unable, warn
+from fdlaunch.errors import BadCall, Fatal, UsageError, quoted, say_as, syscall_error, warn
 from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
@@ -209,7 +209,7 @@ def warn_if_check_connects(command, passed, say):
         apart = r"[0-9A-Za-z.]" if isinstance(name, tuple) else r"[0-9A-Za-z/._-]"
         if named and re.search(rf"(?<!{apart}){re.escape(named)}(?!{apart})", command):
             advice = "a connect succeeds there before the program serves; ask the program itself, with a request it must answer"
-            what = shown(named)
+            what = quoted(named)
             if isinstance(name, tuple):
                 what, advice = f"port {named}", f"{advice} (--check='curl -fsS -o /dev/null http://127.0.0.1:{named}/', say)"
             say("warning", f"the check {command!r} names {what} of the socket labelled {p.label!r}, bound and listening already: {advice}")
@@ -238,7 +238,7 @@ def start_watcher(inbox, relays, settings):
         try:
             if os.fork() == 0:
                 # Nobody reads its status: what ends it is said on stderr, under its own name.
-                status, _ = cli.attempt(f"{PROG} (watcher)", watch, inbox, relays, settings, program, keep, ready_read, tracer_end)
+                status, _ = cli.run_reporting(f"{PROG} (watcher)", watch, inbox, relays, settings, program, keep, ready_read, tracer_end)
                 os._exit(status)
         finally:
             os._exit(0)
@@ -404,7 +404,7 @@ def start_holder(touch, child, pidfd):
         touch.remove()
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         reap(child, pidfd, signal.SIGTERM)
-        raise unable(f"start a process to remove {shown(touch.path)} when pid {child} exits (so stopped it)", error) from None
+        raise syscall_error(f"start a process to remove {quoted(touch.path)} when pid {child} exits (so stopped it)", error) from None
     if holder == 0:
         try:
             # It outlives us: it names itself as the chain-mode watcher does.
@@ -516,7 +516,7 @@ def tell_pid(pid, child, pidfd):
     except OSError as error:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         reap(child, pidfd, signal.SIGTERM)
-        raise unable(f"write pid {pid} on stdout (so stopped it)", error) from None
+        raise syscall_error(f"write pid {pid} on stdout (so stopped it)", error) from None
 
 
 def reap(child, pidfd, asked):

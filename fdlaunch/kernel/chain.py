@@ -15,7 +15,7 @@ import os
 import stat
 from collections import namedtuple
 
-from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, SYSTEM, Fatal, flush_output, shown, unable
+from fdlaunch.errors import NOT_EXECUTABLE, NOT_FOUND, SYSTEM, Fatal, flush_output, quoted, syscall_error
 from fdlaunch.kernel import fds
 
 # What execve(2) says when there is no such program: 127; every other errno is 126.
@@ -109,7 +109,7 @@ def spawn(program, environ, setup=None, moves=()):
     try:
         report_read, report_write = os.pipe2(os.O_CLOEXEC)
     except OSError as error:
-        raise unable(f"start {shown(name)}", error) from None
+        raise syscall_error(f"start {quoted(name)}", error) from None
     parent = os.getpid()
     flush_output()  # else what is still buffered here would be written twice, once by the child
     try:
@@ -117,7 +117,7 @@ def spawn(program, environ, setup=None, moves=()):
     except OSError as error:
         os.close(report_read)
         os.close(report_write)
-        raise unable(f"start {shown(name)}", error) from None
+        raise syscall_error(f"start {quoted(name)}", error) from None
     if pid == 0:
         try:
             os.close(report_read)
@@ -177,7 +177,7 @@ def spawn_like_posix_spawn(program, environ, stdio, group, defaults):
         pid = os.fork()
     except OSError as error:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
-        raise unable(f"start {shown(program.argv[0])}", error) from None
+        raise syscall_error(f"start {quoted(program.argv[0])}", error) from None
     if pid != 0:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         try:
@@ -236,7 +236,7 @@ def exec_program(path, argv, environ):
 def exec_failed(name, number):
     """The one message and status for an exec that failed with errno number: 127 not found, else 126."""
     status = NOT_FOUND if number in NOT_THERE else NOT_EXECUTABLE
-    return Fatal(f"unable to exec {shown(name)}: {os.strerror(number)}", status)
+    return Fatal(f"unable to exec {quoted(name)}: {os.strerror(number)}", status)
 
 
 class stopping_signals_raise:  # lower case, as contextlib.suppress: what it is called like

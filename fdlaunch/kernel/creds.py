@@ -11,7 +11,7 @@ import os
 import pwd
 import resource
 
-from fdlaunch.errors import Fatal, shown, unable
+from fdlaunch.errors import Fatal, quoted, syscall_error
 from fdlaunch.kernel import proc
 
 # prctl(2) options (linux/prctl.h)
@@ -73,14 +73,14 @@ def change_root(directory):
         os.chroot(directory)
         os.chdir("/")
     except OSError as error:
-        raise unable(f"chroot to {shown(directory)}", error) from None
+        raise syscall_error(f"chroot to {quoted(directory)}", error) from None
 
 
 def change_directory(directory):
     try:
         os.chdir(directory)
     except OSError as error:
-        raise unable(f"chdir to {shown(directory)}", error) from None
+        raise syscall_error(f"chdir to {quoted(directory)}", error) from None
 
 
 def new_session():
@@ -124,7 +124,7 @@ def leave_terminal():
         try:
             fcntl.ioctl(terminal, termios.TIOCNOTTY)
         except OSError as error:
-            raise unable("give up the controlling terminal", error) from None
+            raise syscall_error("give up the controlling terminal", error) from None
     finally:
         os.close(terminal)
     still = _controlling_terminal()
@@ -143,14 +143,14 @@ def _controlling_terminal():
         fields = proc.stat_fields("self")
         if fields is not None and fields[4] == "0":
             return None  # no /dev/tty to open (a bare container), and tty_nr (proc(5)) says there is no terminal
-        raise unable("open /dev/tty to give up the controlling terminal", error) from None
+        raise syscall_error("open /dev/tty to give up the controlling terminal", error) from None
 
 
 def change_nice(increment):
     try:
         os.nice(increment)
     except OSError as error:
-        raise unable(f"change the nice value by {increment}", error) from None
+        raise syscall_error(f"change the nice value by {increment}", error) from None
 
 
 def drop(credentials, capabilities, status):
@@ -174,7 +174,7 @@ def drop(credentials, capabilities, status):
         try:
             call(*value) if isinstance(value, tuple) else call(value)
         except OSError as error:
-            raise unable(what, error) from None
+            raise syscall_error(what, error) from None
     if capabilities:
         kernel.keep_only(capabilities)
         kernel.prctl(PR_SET_KEEPCAPS, 0)
@@ -187,7 +187,7 @@ def open_status():
     try:
         return os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
-        raise unable("open /proc/self/status to verify credentials", error) from None
+        raise syscall_error("open /proc/self/status to verify credentials", error) from None
 
 
 def observe(status):

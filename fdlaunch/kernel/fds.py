@@ -4,7 +4,8 @@ import errno
 import fcntl
 import os
 
-from fdlaunch.errors import Fatal, UsageError, unable
+from fdlaunch import errors
+from fdlaunch.errors import Fatal, UsageError
 from fdlaunch.text.numbers import is_decimal
 
 
@@ -36,7 +37,7 @@ class OutOfDescriptors(Fatal):
 
 
 def syscall_error(verb_object, error):
-    """errors.unable's Fatal for a failed call; for EMFILE or ENFILE an OutOfDescriptors, naming our limit.
+    """errors.syscall_error's Fatal for a failed call; for EMFILE or ENFILE an OutOfDescriptors, naming our limit.
 
     Running out of descriptors is ours to say as such: never the fault of
     what we were handling when it happened.
@@ -45,7 +46,7 @@ def syscall_error(verb_object, error):
         return OutOfDescriptors(f"unable to {verb_object}: {os.strerror(error.errno)} (ulimit -n is {limit()})")
     if error.errno == errno.ENFILE:
         return OutOfDescriptors(f"unable to {verb_object}: {os.strerror(error.errno)}")
-    return unable(verb_object, error)
+    return errors.syscall_error(verb_object, error)
 
 
 def check_inherited(passed, open_now, variable="LISTEN_FDS/LISTEN_FD_MAP"):
@@ -88,7 +89,7 @@ def _dup2(now, wanted):
     try:
         os.dup2(now, wanted, inheritable=True)
     except OSError as error:
-        raise unable(f"move fd {now} to fd {wanted}", error) from None
+        raise syscall_error(f"move fd {now} to fd {wanted}", error) from None
 
 
 def hold_closed_standard_fds():

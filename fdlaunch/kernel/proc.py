@@ -9,7 +9,7 @@ import stat
 import sys
 import time
 
-from fdlaunch.errors import NOT_EXECUTABLE, shown, unable
+from fdlaunch.errors import NOT_EXECUTABLE, quoted, syscall_error
 from fdlaunch.text.numbers import PID_MAX_LIMIT, is_decimal
 
 
@@ -413,7 +413,7 @@ def start_child(program, environ, dispositions, moves=(), more_setup=None, kind=
     except OSError as error:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise unable(f"watch {shown(program.argv[0])} (pid {pid})", error) from None
+        raise syscall_error(f"watch {quoted(program.argv[0])} (pid {pid})", error) from None
 
 
 def send_pidfd(pidfd, number):
@@ -515,7 +515,7 @@ def become_subreaper():
     try:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
     except OSError as error:
-        raise unable("become a child subreaper", error) from None
+        raise syscall_error("become a child subreaper", error) from None
 
 
 def die_with(parent):

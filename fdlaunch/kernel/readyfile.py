@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 
-from fdlaunch.errors import Fatal, UsageError, shown, unable
+from fdlaunch.errors import Fatal, UsageError, quoted, syscall_error
 
 LINKS_MAX = 40  # as path_resolution(7): more symbolic links than this on one path is a loop
 DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
@@ -41,14 +41,14 @@ class ReadyFile:
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.directory)
         except OSError as error:
-            raise unable(f"create {shown(self.path)}", error) from None
+            raise syscall_error(f"create {quoted(self.path)}", error) from None
         try:
             os.fchmod(fd, 0o644)
             info = os.fstat(fd)
             os.rename(temporary, self.name, src_dir_fd=self.directory, dst_dir_fd=self.directory)
         except OSError as error:
             os.unlink(temporary, dir_fd=self.directory)
-            raise unable(f"create {shown(self.path)}", error) from None
+            raise syscall_error(f"create {quoted(self.path)}", error) from None
         finally:
             os.close(fd)
         self.made = (info.st_dev, info.st_ino)
@@ -65,7 +65,7 @@ class ReadyFile:
         except FileNotFoundError:
             return  # removed by someone else: what we would have done
         except OSError as error:
-            raise unable(f"remove {shown(self.path)}", error) from None
+            raise syscall_error(f"remove {quoted(self.path)}", error) from None
 
     def close(self):
         os.close(self.directory)
@@ -111,7 +111,7 @@ def open_directory(path, wanted):
         return here
     except OSError as error:
         os.close(here)
-        raise unable(f"open the directory of --touch={shown(wanted)}", error) from None
+        raise syscall_error(f"open the directory of --touch={quoted(wanted)}", error) from None
     except Fatal:
         os.close(here)
         raise

@@ -14,7 +14,7 @@ import struct
 import time
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, shown, unable
+from fdlaunch.errors import Fatal, quoted, syscall_error
 from fdlaunch.kernel import fds
 from fdlaunch.text import notifyproto
 
@@ -48,7 +48,7 @@ def tell_s6(fd):
     try:
         os.write(fd, b"\n")
     except OSError as error:
-        raise unable(f"write the readiness newline on fd {fd}", error) from None
+        raise syscall_error(f"write the readiness newline on fd {fd}", error) from None
     finally:
         os.close(fd)
 
@@ -78,7 +78,7 @@ def tell(message, notify_socket, pid=None, fds=()):
     try:
         send(message, notify_socket, pid=pid, fds=fds)
     except OSError as error:
-        raise unable(f"notify {shown(notify_socket)}", error) from None
+        raise syscall_error(f"notify {quoted(notify_socket)}", error) from None
 
 
 def notify(lines, notify_socket, pid=None, wait=0, fds=()):
@@ -132,7 +132,7 @@ class Inbox:
             self.sock.bind(address(self.path))
         except OSError as error:
             self.close()
-            raise unable(f"create the notify socket {self.path}", error) from None
+            raise syscall_error(f"create the notify socket {self.path}", error) from None
 
     def fileno(self):
         return self.sock.fileno()

@@ -14,7 +14,7 @@ import functools
 import os
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, unable
+from fdlaunch.errors import Fatal, syscall_error
 from fdlaunch.kernel import proc
 
 # audit: AUDIT_ARCH_* (linux/audit.h), what seccomp_data.arch holds for a
@@ -195,7 +195,7 @@ def _install_failed(error):
             "unable to install the bind filter: a seccomp filter of this process already has a listener "
             "(an fdlaunch-adopt earlier in the chain, or a container manager's)"
         )
-    return unable("install the bind filter", error)
+    return syscall_error("install the bind filter", error)
 
 
 def check_addfd(arch, listener):
@@ -222,7 +222,7 @@ def allow_tracer(pid):
         proc.prctl(PR_SET_PTRACER, pid)
     except OSError as error:
         if error.errno != errno.EINVAL:
-            raise unable(f"let the supervisor (pid {pid}) read the program's memory", error) from None
+            raise syscall_error(f"let the supervisor (pid {pid}) read the program's memory", error) from None
 
 
 class Listener:

@@ -11,7 +11,7 @@ import select
 import stat
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, UsageError, shown, unable
+from fdlaunch.errors import Fatal, UsageError, quoted, syscall_error
 from fdlaunch.kernel import fds
 from fdlaunch.text import credspec
 from fdlaunch.text import spec as specs
@@ -134,7 +134,7 @@ class Opened:
         try:
             sock = socket.socket(endpoint.family, endpoint.type)
         except OSError as error:
-            raise unable(f"create a socket for {endpoint_address(endpoint)}", error) from None
+            raise syscall_error(f"create a socket for {endpoint_address(endpoint)}", error) from None
         self.fds.append(sock.fileno())
         try:
             _set_options(sock, endpoint)
@@ -145,7 +145,7 @@ class Opened:
             if endpoint.type != socket.SOCK_DGRAM:
                 sock.listen(spec.backlog if spec.backlog is not None else socket.SOMAXCONN)
         except OSError as error:
-            raise unable(f"listen on {endpoint_address(endpoint)}", error) from None
+            raise syscall_error(f"listen on {endpoint_address(endpoint)}", error) from None
         finally:
             fd = sock.detach()  # closed by discard(), or passed to the program
         return fd
@@ -171,9 +171,9 @@ class Opened:
             self.files.append((spec.path, inode))
         try:
             if endpoint.owner:
-                _call(os.chown, f"change the owner of {shown(spec.path)}", sockfile.through(bound), *endpoint.owner)
+                _call(os.chown, f"change the owner of {quoted(spec.path)}", sockfile.through(bound), *endpoint.owner)
             mode = spec.mode if spec.mode is not None else DEFAULT_SOCKET_MODE & ~previous
-            _call(os.chmod, f"change the mode of {shown(spec.path)}", sockfile.through(bound), mode)
+            _call(os.chmod, f"change the mode of {quoted(spec.path)}", sockfile.through(bound), mode)
         finally:
             os.close(bound)
 
@@ -182,7 +182,7 @@ def _call(function, what, *args):
     try:
         function(*args)
     except OSError as error:
-        raise unable(what, error) from None
+        raise syscall_error(what, error) from None
 
 
 def _bind(sock, endpoint):
@@ -191,12 +191,12 @@ def _bind(sock, endpoint):
     except FileNotFoundError:
         directory = os.path.dirname(endpoint.spec.path)
         raise Fatal(
-            f"unable to bind {endpoint.spec.address()}: directory {shown(directory)} does not exist (the mkdir option makes it)"
+            f"unable to bind {endpoint.spec.address()}: directory {quoted(directory)} does not exist (the mkdir option makes it)"
         ) from None
     except PermissionError as error:
         raise Fatal(f"unable to bind {endpoint_address(endpoint)}: {error.strerror}{privileged_port_hint(endpoint)}") from None
     except OSError as error:
-        raise unable(f"bind {endpoint_address(endpoint)}", error) from None
+        raise syscall_error(f"bind {endpoint_address(endpoint)}", error) from None
 
 
 def privileged_port_hint(endpoint):

@@ -17,7 +17,7 @@ import os
 import signal
 import stat
 
-from fdlaunch.errors import Fatal, UsageError, shown, unable
+from fdlaunch.errors import Fatal, UsageError, quoted, syscall_error
 
 # linux/un.h: SIOCPROTOPRIVATE + 0, an O_PATH descriptor of the very file a
 # unix socket is bound to (Linux 4.11, needs CAP_NET_ADMIN).
@@ -90,7 +90,7 @@ def directory_of(path, shared, made=None):
         info = os.fstat(fd)
         if root and not shared and _writable_by_others(info):
             raise UsageError(
-                f"unable to bind {shown(path)}: directory {shown(walked)} is writable by others ({_ownership(info)}); "
+                f"unable to bind {quoted(path)}: directory {quoted(walked)} is writable by others ({_ownership(info)}); "
                 "as root a socket goes in a directory only root can write, unless the spec says shareddir"
             )
     except BaseException:
@@ -116,10 +116,10 @@ def _walk(path, directory, root, made):
                 if stat.S_ISLNK(entry.st_mode):
                     target = _link_target(child, info, entry, below, path)
                 elif not stat.S_ISDIR(entry.st_mode):
-                    raise unable(f"open directory {shown(below)}", OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+                    raise syscall_error(f"open directory {quoted(below)}", OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
                 elif root and not _held(info, entry.st_uid):
                     raise UsageError(
-                        f"unable to bind {shown(path)}: {shown(below)} can be replaced by others, its directory being "
+                        f"unable to bind {quoted(path)}: {quoted(below)} can be replaced by others, its directory being "
                         f"writable by them ({_ownership(info)}); as root a socket's path goes through directories only root can change"
                     )
             except BaseException:
@@ -132,7 +132,7 @@ def _walk(path, directory, root, made):
             os.close(child)
             links += 1
             if links > SYMLINKS_MAX:
-                raise unable(f"bind {shown(path)}", OSError(errno.ELOOP, os.strerror(errno.ELOOP)))
+                raise syscall_error(f"bind {quoted(path)}", OSError(errno.ELOOP, os.strerror(errno.ELOOP)))
             todo.extend(target.split("/")[::-1])
             if target.startswith("/"):
                 os.close(here)
@@ -156,10 +156,12 @@ def _open_entry(here, info, component, below, root, path, directory, made):
         return os.open(component, ENTRY, dir_fd=here)
     except FileNotFoundError:
         if made is None:
-            raise Fatal(f"unable to bind {shown(path)}: directory {shown(directory)} does not exist (the mkdir option makes it)") from None
+            raise Fatal(
+                f"unable to bind {quoted(path)}: directory {quoted(directory)} does not exist (the mkdir option makes it)"
+            ) from None
         return _make(here, info, component, below, root, made)
     except OSError as error:
-        raise unable(f"open directory {shown(below)}", error) from None
+        raise syscall_error(f"open directory {quoted(below)}", error) from None
 
 
 def _link_target(link, info, entry, below, path):
@@ -169,7 +171,7 @@ def _link_target(link, info, entry, below, path):
     """
     if not _held(info, entry.st_uid):
         raise UsageError(
-            f"unable to bind {shown(path)}: not following symlink {shown(below)}, in a directory others can write ({_ownership(info)})"
+            f"unable to bind {quoted(path)}: not following symlink {quoted(below)}, in a directory others can write ({_ownership(info)})"
         )
     return os.readlink("", dir_fd=link)
 
@@ -178,7 +180,7 @@ def _make(here, info, component, below, root, made):
     """Directory component, created in here with mode 0755 through descriptors; an O_PATH descriptor of it."""
     if root and not _held(info, os.geteuid()):
         raise UsageError(
-            f"unable to create directory {shown(below)}: its directory is writable by others ({_ownership(info)}), "
+            f"unable to create directory {quoted(below)}: its directory is writable by others ({_ownership(info)}), "
             "who could replace it; as root a socket's path goes through directories only root can change"
         )
     try:
@@ -188,11 +190,11 @@ def _make(here, info, component, below, root, made):
     except FileExistsError:
         created = False  # made meanwhile by someone else: examined as any directory found
     except OSError as error:
-        raise unable(f"create directory {shown(below)}", error) from None
+        raise syscall_error(f"create directory {quoted(below)}", error) from None
     try:
         child = os.open(component, ENTRY, dir_fd=here)
     except OSError as error:
-        raise unable(f"open directory {shown(below)}", error) from None
+        raise syscall_error(f"open directory {quoted(below)}", error) from None
     entry = os.fstat(child)
     if created and stat.S_ISDIR(entry.st_mode) and entry.st_uid == os.geteuid():
         made.append((below, (entry.st_dev, entry.st_ino)))
@@ -200,7 +202,7 @@ def _make(here, info, component, below, root, made):
             os.chmod(through(child), 0o755)
         except OSError as error:
             os.close(child)
-            raise unable(f"change the mode of {shown(below)}", error) from None
+            raise syscall_error(f"change the mode of {quoted(below)}", error) from None
     return child
 
 
@@ -213,7 +215,7 @@ def remove_stale(directory, kind):
     try:
         info = os.fstat(entry)
         if not stat.S_ISSOCK(info.st_mode):
-            raise Fatal(f"unable to bind {shown(path)}: it exists and is not a socket; not removing it")
+            raise Fatal(f"unable to bind {quoted(path)}: it exists and is not a socket; not removing it")
         # Non-blocking: a live listener whose backlog is full answers EAGAIN
         # (unix(7)) where a blocking connect would wait for it forever.
         probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK)
@@ -226,11 +228,11 @@ def remove_stale(directory, kind):
             pass  # live, with its backlog full
         except OSError as error:
             if error.errno == errno.EPROTOTYPE:
-                raise Fatal(f"unable to bind {shown(path)}: a socket of another type is listening there") from None
-            raise unable(f"bind {shown(path)}", error) from None
+                raise Fatal(f"unable to bind {quoted(path)}: a socket of another type is listening there") from None
+            raise syscall_error(f"bind {quoted(path)}", error) from None
         finally:
             probe.close()
-        raise Fatal(f"unable to bind {shown(path)}: a socket is already listening there")
+        raise Fatal(f"unable to bind {quoted(path)}: a socket is already listening there")
     finally:
         os.close(entry)
 
@@ -255,7 +257,7 @@ def bound_file(sock, directory):
             ours = ours and info.st_nlink == 1 and stat.S_IMODE(info.st_mode) == 0
         if not ours:
             raise Fatal(
-                f"unable to bind {shown(directory.path)}: the file there is not the socket just bound: "
+                f"unable to bind {quoted(directory.path)}: the file there is not the socket just bound: "
                 "someone who can write its directory replaced it"
             )
     except BaseException:

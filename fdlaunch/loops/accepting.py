@@ -19,7 +19,7 @@ import socket
 import stat
 import time
 
-from fdlaunch.errors import Fatal, UsageError, counted, pids_listed, shown, unable
+from fdlaunch.errors import Fatal, UsageError, counted, pids_listed, quoted, syscall_error
 from fdlaunch.kernel import chain, creds, fds, proc, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import rules, spec, ucspi
@@ -36,9 +36,7 @@ DONE = b"d"  # the server tells its guard it leaves no handler behind
 # --inetd, -l, --lookup; grace: seconds before SIGKILL at the stop;
 # rules_path and rules: --rules and what it read (or None), read again on
 # SIGHUP; ready_fd: the s6 notification fd, or None.
-Settings = collections.namedtuple(
-    "Settings", "environ notify_socket max max_per inetd local_host lookup grace rules_path rules ready_fd"
-)
+Settings = collections.namedtuple("Settings", "environ notify_socket max max_per inetd local_host lookup grace rules_path rules ready_fd")
 
 
 def read_rules(path):
@@ -48,12 +46,12 @@ def read_rules(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         with open(fd, encoding="utf-8") as file:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(f"rules file {shown(path)}: not a regular file")
+                raise UsageError(f"rules file {quoted(path)}: not a regular file")
             text = file.read()
     except UnicodeDecodeError:
         raise UsageError(f"rules file {path}: not UTF-8 text") from None
     except OSError as error:
-        raise unable(f"read the rules file {path}", error) from None
+        raise syscall_error(f"read the rules file {path}", error) from None
     return rules.parse(text, f"rules file {path}", creds.Lookups())
 
 
@@ -141,7 +139,7 @@ class Resolver:
 
         self.pool = ThreadPoolExecutor(max_workers=LOOKUP_THREADS)
         self.wakeup, self.write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.done = collections.deque()  # appends and pops are thread-safe
+        self.answered = collections.deque()  # clients whose lookup is over; appends and pops are thread-safe
 
     def submit(self, client):
         def look_up():
@@ -149,7 +147,7 @@ class Resolver:
                 client.remote_host = host_name(client.peer.ip)
                 client.local_host = host_name(ucspi.plain_ip(client.local[0]))  # ::ffff:a.b.c.d has no name
             finally:
-                self.done.append(client)
+                self.answered.append(client)
                 try:
                     os.write(self.write_end, b".")
                 except BlockingIOError:
@@ -162,8 +160,8 @@ class Resolver:
             os.read(self.wakeup, 65536)
         except BlockingIOError:
             pass
-        while self.done:
-            yield self.done.popleft()
+        while self.answered:
+            yield self.answered.popleft()
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -340,17 +338,17 @@ class Server:
             local = None if self.unix else connection.getsockname()
         except OSError:
             return None  # gone before we could look at it
-        shown = ucspi.describe(peer)
+        client = ucspi.describe(peer)
         key = ucspi.key(peer)
         decision = self.decide(peer, link_of(address))
         if not decision.allowed:
             line = f"rules line {decision.line}" if decision.line else "no rule matched"
-            self.say("warning", f"deny {shown} ({line})")
+            self.say("warning", f"deny {client} ({line})")
             return None
         count = self.per_key.get(key, 0) + 1
         if self.settings.max_per is not None and count > self.settings.max_per:
             whose = f"uid {key}" if self.unix else key
-            self.say("warning", f"refused {shown}: {counted(count - 1, 'connection')} from {whose} already (-C {self.settings.max_per})")
+            self.say("warning", f"refused {client}: {counted(count - 1, 'connection')} from {whose} already (-C {self.settings.max_per})")
             return None
         self.per_key[key] = count
         return Client(connection, peer, key, count, local, decision.variables)
@@ -398,7 +396,7 @@ class Server:
         local_host = self.settings.local_host or client.local_host
         return ucspi.tcp_environment(client.local, client.peer, client.count, local_host, client.remote_host)
 
-    def spawn(self, fd, environ, shown):
+    def spawn(self, fd, environ, client):
         """The handler's pid; None, said in one line, if it could not be started.
 
         A program the child runs itself (chain.Program.run_here) is started
@@ -420,10 +418,10 @@ class Server:
                 setsigdef=self.defaults,
             )
         except Fatal as error:
-            self.say("warning", f"{error} (client {shown} dropped)")
+            self.say("warning", f"{error} (client {client} dropped)")
         except OSError as error:
             self.path = None
-            self.say("warning", f"{chain.exec_failed(name, error.errno)} (client {shown} dropped)")
+            self.say("warning", f"{chain.exec_failed(name, error.errno)} (client {client} dropped)")
         return None
 
     def reap(self, handler):

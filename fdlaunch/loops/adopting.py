@@ -24,7 +24,7 @@ import os
 import select
 import signal
 
-from fdlaunch.errors import Fatal, unable
+from fdlaunch.errors import Fatal, syscall_error
 from fdlaunch.kernel import fds, proc, seccomp, sock
 from fdlaunch.text import adoption, sockaddr
 
@@ -47,7 +47,7 @@ class Supervisor:
             self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             program = os.pidfd_open(os.getpid())
         except OSError as error:
-            raise unable("start the supervisor", error) from None
+            raise syscall_error("start the supervisor", error) from None
         try:
             middle = os.fork()  # twice: see the module's comment
             if middle == 0:
@@ -59,7 +59,7 @@ class Supervisor:
             os.waitpid(middle, 0)
         except OSError as error:
             self.channel.close()
-            raise unable("start the supervisor", error) from None
+            raise syscall_error("start the supervisor", error) from None
         finally:
             theirs.close()
             os.close(program)
@@ -74,7 +74,7 @@ class Supervisor:
         try:
             self.pidfd = os.pidfd_open(self.pid)
         except OSError as error:
-            raise unable(f"watch the supervisor (pid {self.pid})", error) from None
+            raise syscall_error(f"watch the supervisor (pid {self.pid})", error) from None
         # It holds the other end until it has the listener: if that end is not hung up now, the pidfd is on it.
         if _hung_up(self.channel):
             raise Fatal(f"unable to start the supervisor: it (pid {self.pid}) exited")
@@ -87,7 +87,7 @@ class Supervisor:
             try:
                 self.channel.sendmsg([b"listener"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [listener]))])
             except OSError as error:
-                raise unable(f"hand the listener to the supervisor (pid {self.pid})", error) from None
+                raise syscall_error(f"hand the listener to the supervisor (pid {self.pid})", error) from None
             answer = _receive(self.channel, START_SECONDS)
         finally:
             os.close(listener)  # the supervisor's alone from now on, or nobody's
@@ -298,11 +298,11 @@ class Server:
             return
         os.set_blocking(offer.fd, not flags & os.O_NONBLOCK)
         if self.listener.answer(bind.id):
-            where = sockaddr.shown(address, TRANSPORTS.get(offer.type))
+            where = sockaddr.printed(address, TRANSPORTS.get(offer.type))
             self.say("info", f"pid {pid} ({proc.name_of(pid)}) bound fd {bind.fd} to {where}: gave it the socket passed as {offer.label!r}")
 
     def refuse(self, bind, pid, address, error):
         if self.listener.answer(bind.id, error):
-            where = sockaddr.shown(address, None) if not isinstance(address, int) else "a bad address"
+            where = sockaddr.printed(address, None) if not isinstance(address, int) else "a bad address"
             why = "it holds the socket passed for that address already" if error == errno.EADDRINUSE else "--strict"
             self.say("info", f"pid {pid} ({proc.name_of(pid)}): bind of fd {bind.fd} to {where} refused ({os.strerror(error)}): {why}")

@@ -10,7 +10,7 @@ import os
 import stat
 from collections import namedtuple
 
-from fdlaunch.errors import Fatal, unable
+from fdlaunch.errors import Fatal, syscall_error
 from fdlaunch.kernel import fds, sock
 from fdlaunch.text import listenenv, socketset
 
@@ -97,7 +97,7 @@ class FromFile:
                     raise Fatal(f"unable to read {self.path!r}: not a regular file")
                 return file.read()
         except OSError as error:
-            raise unable(f"read {self.path!r}", error) from None
+            raise syscall_error(f"read {self.path!r}", error) from None
 
     def bind(self, endpoint, slot):
         opened = sock.Opened()

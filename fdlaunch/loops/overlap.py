@@ -12,7 +12,7 @@ import select
 import signal
 import time
 
-from fdlaunch.errors import Fatal, counted, shown
+from fdlaunch.errors import Fatal, counted, quoted
 from fdlaunch.kernel import chain, fds, proc
 from fdlaunch.kernel.fdstore import FdStore
 from fdlaunch.kernel.guard import PidfdGuard
@@ -203,7 +203,7 @@ class Handoff:
         try:
             return os.pipe2(os.O_CLOEXEC)
         except OSError as error:
-            raise fds.syscall_error(f"make the readiness pipe of {shown(self.program[0])}", error) from None
+            raise fds.syscall_error(f"make the readiness pipe of {quoted(self.program[0])}", error) from None
 
     def watchdog_environment(self):
         """WATCHDOG_USEC and WATCHDOG_PID for an instance (spawn makes the pid its own) when a watchdog watches it."""

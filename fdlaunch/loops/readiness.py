@@ -84,12 +84,12 @@ class Relays:
         failed = []
         if self.fd is not None:
             fd, self.fd = self.fd, None
-            failed += tried(sdnotify.tell_s6, fd)
-        failed += tried(self.relay, fields, main_pid, sender)
+            failed += failure_of(sdnotify.tell_s6, fd)
+        failed += failure_of(self.relay, fields, main_pid, sender)
         if self.touch is not None:
-            failed += tried(self.touch.create)
+            failed += failure_of(self.touch.create)
         if self.command:
-            failed += tried(self.run_command, main_pid)
+            failed += failure_of(self.run_command, main_pid)
         if failed:
             raise failed[0]
 
@@ -170,7 +170,7 @@ class Watcher:
         self.why_not_ready = None  # what NOT_READY means, in words: 'was not ready after 5 seconds'...
         self.ready = False
         self.main_pid = program.pid
-        self.warn_once = once(say)
+        self.warn_once = say_once(say)
         self.ignored = Ignored(say)
         self.check = check  # a Check, polled alongside the inbox (--check); None once given up
         self.inputs = list(inputs)
@@ -304,9 +304,9 @@ class Watcher:
         self.close_inputs()
         if self.watchdog is not None:
             self.pinged([("READY", "1")])
-        told = self.relays.describe()
+        relays = self.relays.describe()
         self.tell_ready([("READY", "1")], self.speaker())
-        self.say("info", f"pid {self.main_pid} ready by {how} after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+        self.say("info", f"pid {self.main_pid} ready by {how} after {time.monotonic() - self.started:.3f} seconds; did: {relays}")
 
     def close_inputs(self):
         """No more readiness to wait for (ready, or the watcher leaves): every input let go, a traced program released."""
@@ -393,9 +393,9 @@ class Watcher:
             self.close_inputs()
             self.ready_sender = message.pid
             self.main_pid = main_pid or self.main_pid  # a MAINPID= sent before READY=1 still holds
-            told = self.relays.describe()
+            relays = self.relays.describe()
             self.tell_ready(fields, sender)
-            self.say("info", f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {told}")
+            self.say("info", f"pid {self.main_pid} ready after {time.monotonic() - self.started:.3f} seconds; did: {relays}")
         else:
             self.main_pid = main_pid or self.main_pid
             self.relays.relay(fields, self.speaker(), sender, fds=message.fds if notice.fdstore else ())
@@ -591,7 +591,7 @@ class Check:
         self.pid = self.pidfd = self.kill_at = None
         self.failures = 0
         self.end_state = None  # PASSED, GAVE_UP or STOPPED, once no run is to come
-        self.warn_once = once(say)
+        self.warn_once = say_once(say)
 
     def fds(self):
         return [] if self.pidfd is None else [self.pidfd]
@@ -678,7 +678,7 @@ def shell(command, environ, main_pid, closed=(), setsid=False):
     return os.posix_spawn("/bin/sh", ["sh", "-c", command], environ, file_actions=actions, setsid=setsid)
 
 
-def tried(function, *arguments):
+def failure_of(function, *arguments):
     """[] if function(*arguments) did its work, else [the Fatal it raised]."""
     try:
         function(*arguments)
@@ -687,13 +687,13 @@ def tried(function, *arguments):
     return []
 
 
-def once(say):
+def say_once(say):
     """warn_once(key, text): text as a warning the first time key is given, then never again for that key."""
-    said = set()
+    keys_said = set()
 
     def warn_once(key, text):
-        if key not in said:
-            said.add(key)
+        if key not in keys_said:
+            keys_said.add(key)
             say("warning", text)
 
     return warn_once

@@ -96,7 +96,7 @@ def is_path(address):
     return isinstance(address, Local) and address.name[:1] not in (b"", b"\0")
 
 
-def shown(address, transport):
+def printed(address, transport):
     """The address as fdlaunch(7) prints addresses: '127.0.0.1:80/tcp', '[::1]:53/udp', '/run/x', '@name'."""
     if isinstance(address, Local):
         return format_address(address.name, None) if address.name else "an unnamed unix address"

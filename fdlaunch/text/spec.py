@@ -9,7 +9,7 @@ import os
 import re
 from collections import namedtuple
 
-from fdlaunch.errors import UsageError, shown
+from fdlaunch.errors import UsageError, quoted
 from fdlaunch.text import credspec, usage
 from fdlaunch.text.listenenv import LABEL, VARIABLES
 from fdlaunch.text.numbers import is_decimal, octal_mode
@@ -103,7 +103,7 @@ def format_address(where, transport=None):
     transport, an inet address is printed bare, as a peer: '[::1]:4711'.
     """
     if isinstance(where, (str, bytes)):
-        return shown(unix_name(where))
+        return quoted(unix_name(where))
     host, port = str(where[0]), where[1]
     bracketed = f"[{host}]" if ":" in host else host
     return f"{bracketed}:{port}" + (f"/{transport}" if transport else "")
