@@ -17,7 +17,7 @@ from test_notify import abstract_sockets, send, send_and_exit_at_once
 HERE = Path(__file__).resolve().parent
 HELLO = str(HERE.parent / "examples" / "hello_httpd.py")
 UDP_ECHO = str(HERE / "udp_echo.py")
-WARMUP = "1"  # the daemon takes a second to become ready
+WARMUP = "0.3"  # the daemon takes a while to become ready
 
 
 class Upstream:

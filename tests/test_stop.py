@@ -246,18 +246,19 @@ def test_foreground_kills_a_daemon_that_will_not_stop_after_grace(tmp_path):
 
 def test_notify_wait_fork_kills_a_program_that_will_not_stop_after_sigterm(tmp_path):
     waiter = started(
-        ["fdlaunch-notify-wait", "--fork", "--", "sh", "-c", f'trap "" TERM; echo $$ up > {tmp_path}/log; exec sleep 60'], tmp_path
+        ["fdlaunch-notify-wait", "--fork", "--grace=1", "--", "sh", "-c", f'trap "" TERM; echo $$ up > {tmp_path}/log; exec sleep 60'],
+        tmp_path,
     )
     log = tmp_path / "log"
     try:
         (pid,) = wait_up(log)
         waiter.send_signal(signal.SIGTERM)
-        assert stopped_within(waiter, 5 + 1) == 1
+        assert stopped_within(waiter, 1 + 1) == 1
         assert gone(pid)
         line = (tmp_path / "stderr").read_text().splitlines()[-1]
         assert line == (
             f"fdlaunch-notify-wait: fatal: sh (pid {pid}) was killed by SIGKILL before it was ready"
-            " (still running 5 seconds after SIGTERM, so sent it SIGKILL)"
+            " (still running 1 second after SIGTERM, so sent it SIGKILL)"
         )
     finally:
         kill_all(waiter, log)
@@ -265,29 +266,38 @@ def test_notify_wait_fork_kills_a_program_that_will_not_stop_after_sigterm(tmp_p
 
 def test_notify_wait_fork_timeout_kills_a_program_that_ignores_sigterm(tmp_path):
     log = tmp_path / "log"
-    argv = ["fdlaunch-notify-wait", "--fork", "--timeout=0.3", "--", "sh", "-c", f'trap "" TERM; echo $$ up > {log}; exec sleep 60']
+    argv = [
+        "fdlaunch-notify-wait",
+        "--fork",
+        "--timeout=0.3",
+        "--grace=1",
+        "--",
+        "sh",
+        "-c",
+        f'trap "" TERM; echo $$ up > {log}; exec sleep 60',
+    ]
     waiter = started(argv, tmp_path)
     try:
-        assert stopped_within(waiter, 0.3 + 5 + 1) == 2
+        assert stopped_within(waiter, 0.3 + 1 + 1) == 2
         (pid,) = up_pids(log)
         assert gone(pid)
         line = (tmp_path / "stderr").read_text().splitlines()[-1]
         assert line == (
             f"fdlaunch-notify-wait: fatal: sh (pid {pid}) was not ready after 0.3 seconds; stopped it: was killed by SIGKILL"
-            " (still running 5 seconds after SIGTERM, so sent it SIGKILL)"
+            " (still running 1 second after SIGTERM, so sent it SIGKILL)"
         )
     finally:
         kill_all(waiter, log)
 
 
 def test_notify_wait_chain_kill_escalates_to_sigkill(tmp_path):
-    argv = ["fdlaunch-notify-wait", "--timeout=0.3", "--kill", "--", "sh", "-c", 'trap "" TERM; exec sleep 60']
+    argv = ["fdlaunch-notify-wait", "--timeout=0.3", "--kill", "--grace=1", "--", "sh", "-c", 'trap "" TERM; exec sleep 60']
     program = started(argv, tmp_path)
     try:
-        assert stopped_within(program, 0.3 + 5 + 1) == -signal.SIGKILL
+        assert stopped_within(program, 0.3 + 1 + 1) == -signal.SIGKILL
         stderr = tmp_path / "stderr"
         wait_for_line(
-            stderr, f"fdlaunch-notify-wait (watcher): warning: pid {program.pid} was still running 5 seconds after SIGTERM; sent it SIGKILL"
+            stderr, f"fdlaunch-notify-wait (watcher): warning: pid {program.pid} was still running 1 second after SIGTERM; sent it SIGKILL"
         )
         assert f"pid {program.pid} was not ready after 0.3 seconds; sending it SIGTERM" in stderr.read_text()
     finally:
@@ -298,10 +308,10 @@ def test_notify_wait_chain_kill_escalates_to_sigkill(tmp_path):
 def test_notify_wait_command_that_hangs_is_stopped_and_said(tmp_path):
     log = tmp_path / "log"
     hang = f'trap "" TERM; echo $$ up > {log}; while :; do sleep 1; done'
-    argv = ["fdlaunch-notify-wait", "--fork", f"--command={hang}", "--command-timeout=0.5", "--", "fdlaunch-notify", "READY=1"]
+    argv = ["fdlaunch-notify-wait", "--fork", f"--command={hang}", "--command-timeout=0.5", "--grace=1", "--", "fdlaunch-notify", "READY=1"]
     waiter = started(argv, tmp_path)
     try:
-        assert stopped_within(waiter, 0.5 + 5 + 2) == 0, "readiness was told; the command's end is a warning"
+        assert stopped_within(waiter, 0.5 + 1 + 2) == 0, "readiness was told; the command's end is a warning"
         (pid,) = up_pids(log)
         assert gone(pid)
         stderr = (tmp_path / "stderr").read_text()

@@ -33,6 +33,8 @@ Options:
                      [default: 10].
   --tries=N          With --check, give up after N failed runs, 0 for no
                      limit [default: 0].
+  --grace=SECS       How long PROG, or a --command run, may take to exit
+                     once asked to stop, before SIGKILL [default: 5].
   --upstart[=NAME]   PROG is also ready once it stops itself with SIGSTOP
                      (upstart's 'expect stop'); it then gets SIGCONT. PROG
                      gets UPSTART_JOB=NAME (default: its basename).
@@ -55,7 +57,7 @@ from collections import namedtuple
 
 from fdlaunch import cli
 from fdlaunch.cli import tool
-from fdlaunch.errors import BadCall, Fatal, UsageError, quoted, say_as, syscall_error, warn
+from fdlaunch.errors import BadCall, Fatal, UsageError, counted, quoted, say_as, syscall_error, warn
 from fdlaunch.kernel import chain, fds, proc, readyfile, sdnotify
 from fdlaunch.loops import readiness
 from fdlaunch.text import listenenv
@@ -82,8 +84,9 @@ OURS = ("NOTIFY_SOCKET", "UPSTART_JOB", "WATCHDOG_USEC", "WATCHDOG_PID", *listen
 # that we enforce, or None; touch: a readyfile.ReadyFile, or None;
 # upstart: UPSTART_JOB's value (--upstart), or None; ready_fd: the fd
 # PROG writes its readiness newline to (--ready-fd), or None; ready_fd_var:
-# the variable that tells PROG that number, or None.
-Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog touch upstart ready_fd ready_fd_var")
+# the variable that tells PROG that number, or None; grace: seconds PROG or a
+# --command run may take to exit once asked to stop, before SIGKILL.
+Settings = namedtuple("Settings", "fd upstream timeout kill say check command watchdog touch upstart ready_fd ready_fd_var grace")
 
 
 @tool(PROG, parses=False)
@@ -123,8 +126,9 @@ def read_settings(options, environ, say, program):
     ready_fd, ready_fd_var = cli.ready_fd(options, passed, fd, OURS)
     upstart = cli.upstart_job(options["--upstart"], program)
     touch = None if options["--touch"] is None else readyfile.ReadyFile(options["--touch"])
-    command = read_command(options)
-    return Settings(fd, upstream, timeout, options["--kill"], say, check, command, watchdog, touch, upstart, ready_fd, ready_fd_var)
+    grace = cli.seconds("--grace", options["--grace"], zero=True)
+    command = read_command(options, grace)
+    return Settings(fd, upstream, timeout, options["--kill"], say, check, command, watchdog, touch, upstart, ready_fd, ready_fd_var, grace)
 
 
 def inputs_environment(settings):
@@ -158,14 +162,14 @@ def watchdog_environment(seconds):
     return {"WATCHDOG_USEC": str(int(seconds * 1e6)), "WATCHDOG_PID": str(os.getpid())}
 
 
-def read_command(options):
+def read_command(options, grace):
     """--command, and how long a run of it may take."""
     if options["--command"] is None:
         if "--command-timeout" in options["GIVEN"]:
             raise UsageError("--command-timeout goes with --command")
         return None
     seconds = cli.seconds("--command-timeout", options["--command-timeout"])
-    return readiness.Command(options["--command"], seconds)
+    return readiness.Command(options["--command"], seconds, grace)
 
 
 def read_check(options, environ, say):
@@ -343,14 +347,14 @@ def watch(inbox, relays, settings, program, keep, ready_read, tracer_end):
         while outcome == readiness.NOT_READY:
             why = f"pid {program.pid} {watcher.why_not_ready}"
             if settings.kill:
-                stop_watched(watcher, why, signal.SIGTERM)
+                stop_watched(watcher, why, signal.SIGTERM, settings.grace)
                 return 0
             say("warning", why)
             outcome = watcher.run()  # a READY=1 still counts
         if outcome == readiness.READY and not watcher.keep_relaying:
             watcher.linger()
         if outcome == readiness.WATCHDOG:
-            stop_watched(watcher, f"pid {program.pid} {watcher.barked}", signal.SIGABRT)
+            stop_watched(watcher, f"pid {program.pid} {watcher.barked}", signal.SIGABRT, settings.grace)
     finally:
         watcher.close_inputs()
         stop_check(settings)
@@ -360,8 +364,8 @@ def watch(inbox, relays, settings, program, keep, ready_read, tracer_end):
     return 0
 
 
-def stop_watched(watcher, why, number):
-    """Chain mode: PROG gets number, then SIGKILL after GRACE_SECONDS (relaying meanwhile); each step said.
+def stop_watched(watcher, why, number, grace):
+    """Chain mode: PROG gets number, then SIGKILL after grace seconds (relaying meanwhile); each step said.
 
     SIGTERM for --kill; SIGABRT for the watchdog, for a core the admin can read.
     Its supervisor, PROG's parent, restarts it.
@@ -371,10 +375,10 @@ def stop_watched(watcher, why, number):
     say("warning", f"{why}; sending it {name}")
     watcher.close_inputs()  # a traced program is released first, to take the signal
     proc.send_pidfd(program.pidfd, number)
-    if not watcher.until_exit(time.monotonic() + readiness.GRACE_SECONDS):
-        say("warning", f"pid {program.pid} was still running {readiness.GRACE_SECONDS} seconds after {name}; sent it SIGKILL")
+    if not watcher.until_exit(time.monotonic() + grace):
+        say("warning", f"pid {program.pid} was still running {counted(grace, 'second')} after {name}; sent it SIGKILL")
         proc.send_pidfd(program.pidfd, signal.SIGKILL)
-        watcher.until_exit(time.monotonic() + readiness.GRACE_SECONDS)
+        watcher.until_exit(time.monotonic() + grace)  # SIGKILL is not ignored: the kernel's time to end it
 
 
 def ignore_stops():
@@ -392,7 +396,7 @@ def hold_until_exit(touch, pidfd, say):
         say("warning", str(error))
 
 
-def start_holder(touch, child, pidfd):
+def start_holder(touch, child, pidfd, grace):
     """Fork mode: leave a process that removes FILE when PROG exits (orphaned as we exit: init or a subreaper reaps it).
 
     If it cannot be started, FILE is removed and PROG stopped: a FILE that
@@ -403,7 +407,7 @@ def start_holder(touch, child, pidfd):
     except OSError as error:
         touch.remove()
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        reap(child, pidfd, signal.SIGTERM)
+        reap(child, pidfd, signal.SIGTERM, grace)
         raise syscall_error(f"start a process to remove {quoted(touch.path)} when pid {child} exits (so stopped it)", error) from None
     if holder == 0:
         try:
@@ -440,12 +444,12 @@ def fork_and_wait(inbox, relays, settings, program, environ):
         except Fatal as error:
             # A program whose readiness nobody can learn is stopped, not left behind.
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            status, killed = reap(child, pidfd, signal.SIGTERM)
+            status, killed = reap(child, pidfd, signal.SIGTERM, settings.grace)
             raise Fatal(f"{error}; stopped {program[0]} (pid {child}): {chain.describe_exit(status)}{killed}", error.status) from None
         if outcome == readiness.READY:
             if relays.touch is not None and relays.touch.made is not None:
-                start_holder(relays.touch, child, pidfd)
-            tell_pid(watcher.main_pid, child, pidfd)
+                start_holder(relays.touch, child, pidfd, settings.grace)
+            tell_pid(watcher.main_pid, child, pidfd, settings.grace)
             watcher.linger()
             pass_stops(watcher, pidfd)  # a stop that came after READY=1 is still PROG's
             return 0
@@ -456,13 +460,13 @@ def fork_and_wait(inbox, relays, settings, program, environ):
     name = f"{program[0]} (pid {child})"
     if outcome == readiness.STOPPED:
         asked = pass_stops(watcher, pidfd)
-        status, killed = reap(child, pidfd, asked)
+        status, killed = reap(child, pidfd, asked, settings.grace)
         raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready{killed}", EXITED_BEFORE_READY)
     if outcome == readiness.NOT_READY:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        status, killed = reap(child, pidfd, signal.SIGTERM)
+        status, killed = reap(child, pidfd, signal.SIGTERM, settings.grace)
         raise Fatal(f"{name} {watcher.why_not_ready}; stopped it: {chain.describe_exit(status)}{killed}", NOT_READY_IN_TIME)
-    status, _ = reap(child, pidfd, None)
+    status, _ = reap(child, pidfd, None, settings.grace)
     raise Fatal(f"{name} {chain.describe_exit(status)} before it was ready", EXITED_BEFORE_READY)
 
 
@@ -509,24 +513,24 @@ def pass_stops(watcher, pidfd):
     return caught[0] if caught else None
 
 
-def tell_pid(pid, child, pidfd):
+def tell_pid(pid, child, pidfd, grace):
     """The one line a script reads; a daemon whose pid nobody could learn is stopped, not left behind."""
     try:
         os.write(1, f"{pid}\n".encode())
     except OSError as error:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        reap(child, pidfd, signal.SIGTERM)
+        reap(child, pidfd, signal.SIGTERM, grace)
         raise syscall_error(f"write pid {pid} on stdout (so stopped it)", error) from None
 
 
-def reap(child, pidfd, asked):
-    """Wait for the child, GRACE_SECONDS once it was asked to stop with signal asked (else as long as it runs), then SIGKILL.
+def reap(child, pidfd, asked, grace):
+    """Wait for the child, grace seconds once it was asked to stop with signal asked (else as long as it runs), then SIGKILL.
 
     (its wait status, '' or the words that say it had to be SIGKILLed).
     """
     killed = ""
-    if asked is not None and proc.end_within([pidfd], readiness.GRACE_SECONDS):
-        killed = f" (still running {readiness.GRACE_SECONDS} seconds after {signal.Signals(asked).name}, so sent it SIGKILL)"
+    if asked is not None and proc.end_within([pidfd], grace):
+        killed = f" (still running {counted(grace, 'second')} after {signal.Signals(asked).name}, so sent it SIGKILL)"
     while True:
         try:
             return os.waitpid(child, 0)[1], killed

@@ -21,11 +21,9 @@ READY, EXITED, NOT_READY, STOPPED, WATCHDOG = "ready", "exited", "not ready", "s
 # Where a Check ends: a run passed, it gave up, or it was stopped (the program ready by other means, or gone).
 PASSED, GAVE_UP = "passed", "gave up"
 LINGER_SECONDS = 0.1
-# What a process asked to stop (PROG at --kill, a --command run) gets before SIGKILL.
-GRACE_SECONDS = 5
 
 # --command: what to run once ready, and how long a run may take before it is stopped.
-Command = namedtuple("Command", "text seconds")
+Command = namedtuple("Command", "text seconds grace")
 # Notifications ignored: in each period the first of each kind is said in
 # full, the others counted and said in one line when it ends; the senders
 # counted are kept up to a number, so a flood costs neither lines nor memory.
@@ -101,7 +99,7 @@ class Relays:
         try:
             if proc.running([pidfd], time.monotonic() + command.seconds):
                 os.killpg(pid, signal.SIGTERM)  # the shell, still unreaped, pins its group id
-                killed = ", then SIGKILL" if proc.end_within([pidfd], GRACE_SECONDS) else ""
+                killed = ", then SIGKILL" if proc.end_within([pidfd], command.grace) else ""
                 os.killpg(pid, signal.SIGKILL)  # and whatever it left in its session
                 raise Fatal(
                     f"the command {command.text!r} was still running after {counted(command.seconds, 'second')}; sent it SIGTERM{killed}"
