@@ -66,6 +66,24 @@ def parse_probe(text):
 
 
 @pytest.fixture
+def public():
+    """A directory under /tmp that any user may read and write, for a chain that drops to nobody (tmp_path is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="fdlaunch-public."))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def reachable():
+    """A root-owned 0755 directory under /tmp: every user can enter it, only root writes in it."""
+    path = Path(tempfile.mkdtemp(prefix="fdlaunch-reachable."))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
 def probe():
     """Run argv + the probe, which reports on stdout (readable whatever user it runs as).
 

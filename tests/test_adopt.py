@@ -9,7 +9,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,15 +38,6 @@ def free_privileged_port():
                 continue
             return port
     pytest.skip("no free port below 1024")
-
-
-@pytest.fixture
-def public():
-    """A directory under /tmp that nobody may read and write (pytest's tmp_path is root's, 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="fdl-adopt."))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
 def supervisor_of(stderr):

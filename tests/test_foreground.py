@@ -4,13 +4,11 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -281,15 +279,6 @@ http {{
     server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello from pid $pid\\n"; }} }}
 }}
 """
-
-
-@pytest.fixture
-def public():
-    """A directory nobody (nginx's user here) may write in: pytest's tmp_path is root's, 0700."""
-    path = Path(tempfile.mkdtemp(prefix="fdl-foreground."))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
 def parent_of(pid):

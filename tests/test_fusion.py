@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,15 +47,6 @@ CHAINS = {
     "listen, setuidgid, adopt": ["fdlaunch-listen", "-tcp:127.0.0.1:0", "--", "fdlaunch-setuidgid", "nobody", "--", "fdlaunch-adopt", "--"],
     "handoff, adopt": ["fdlaunch-handoff", "--", "fdlaunch-adopt", "--"],
 }
-
-
-@pytest.fixture
-def public():
-    """A directory under /tmp that the links may write to after dropping to nobody."""
-    path = Path(tempfile.mkdtemp(prefix="fdl-fusion."))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
 def normalized(report):

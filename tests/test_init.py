@@ -9,12 +9,10 @@ import json
 import os
 import pty
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -93,15 +91,6 @@ def namespace(argv, **popen):
         started.stop()
 
 
-@pytest.fixture
-def public():
-    """A directory every user can enter, for what the daemon's account (nobody) must reach."""
-    top = Path(tempfile.mkdtemp(prefix="fdl-init-", dir="/tmp"))
-    top.chmod(0o755)
-    yield top
-    shutil.rmtree(top, ignore_errors=True)
-
-
 @pytest.mark.parametrize("init", [True, False], ids=["under fdlaunch-init", "without (the fixture leaves zombies)"])
 def test_orphans_of_a_daemon_are_reaped(init):
     """50 helpers orphaned by the daemon: under fdlaunch-init none stays a zombie; as PID 1 itself the daemon leaves all 50."""
@@ -114,9 +103,9 @@ def test_orphans_of_a_daemon_are_reaped(init):
             assert len(ns.zombies()) == 50
 
 
-def test_sigterm_to_pid_1_stops_a_daemon_without_handlers(public):
+def test_sigterm_to_pid_1_stops_a_daemon_without_handlers(reachable):
     """docker stop: SIGTERM to PID 1 reaches the daemon (143), and what it left gets SIGTERM, not the kernel's SIGKILL."""
-    lingerer = public / "lingerer"
+    lingerer = reachable / "lingerer"
     with namespace(["fdlaunch-init", "--grace=60", "--", *ORPHANS, "3", str(lingerer)], stdout=subprocess.PIPE, text=True) as ns:
         assert ns.unshare.stdout.readline() == "helpers done\n"
         wait_for_line(lingerer, "lingering as pid")
@@ -132,10 +121,10 @@ def test_sigterm_to_pid_1_stops_a_daemon_without_handlers(public):
     assert lingerer.read_text().splitlines()[-1] == "stopped by SIGTERM"
 
 
-def test_the_container_chain_serves_and_its_ready_file_lasts_as_long_as_the_daemon(public):
+def test_the_container_chain_serves_and_its_ready_file_lasts_as_long_as_the_daemon(reachable):
     """init, listen, setuidgid nobody, notify-wait --touch: ready file, no zombie, SIGTERM to PID 1 stops it all."""
     port = free_port()
-    directory = public / "run"
+    directory = reachable / "run"
     directory.mkdir()
     os.chown(directory, 65534, 65534)
     ready = directory / "ready"

@@ -1,12 +1,10 @@
 """fdlaunch-notify-wait --touch=FILE: readiness for an orchestrator's probe, a file that exists while the program is ready."""
 
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,19 +41,10 @@ def ignored(pid):
     return {number for number in signal.Signals if mask & (1 << (number - 1))}
 
 
-@pytest.fixture
-def public():
-    """A root-owned 0755 directory under /tmp: what --touch accepts (/tmp itself is refused)."""
-    top = Path(tempfile.mkdtemp(prefix="fdl-touch-", dir="/tmp"))
-    top.chmod(0o755)
-    yield top
-    shutil.rmtree(top, ignore_errors=True)
-
-
-def test_chain_mode_the_file_exists_from_readiness_to_the_programs_exit(public):
+def test_chain_mode_the_file_exists_from_readiness_to_the_programs_exit(reachable):
     """Under fdlaunch-init (a subreaper, so the watcher is its child and can be found): the watcher keeps the
     file while the program runs, even when sent SIGTERM, and removes it when the program exits."""
-    ready = public / "ready"
+    ready = reachable / "ready"
     argv = ["fdlaunch-init", "--", "fdlaunch-notify-wait", f"--touch={ready}", "--", *PROGRAM]
     init = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -67,7 +56,7 @@ def test_chain_mode_the_file_exists_from_readiness_to_the_programs_exit(public):
         init.stdin.flush()
         info = wait_until(lambda: ready.exists() and ready.stat(), "the file")
         assert (stat.S_IMODE(info.st_mode), info.st_size, stat.S_ISREG(info.st_mode)) == (0o644, 0, True)
-        assert not [name for name in os.listdir(public) if name != "ready"], "a temporary file was left"
+        assert not [name for name in os.listdir(reachable) if name != "ready"], "a temporary file was left"
         os.kill(watcher, signal.SIGTERM)  # meant for the program's group: the file stays
         assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT} <= ignored(watcher) and ready.exists()
         init.stdin.write("exit 7\n")
@@ -80,8 +69,8 @@ def test_chain_mode_the_file_exists_from_readiness_to_the_programs_exit(public):
         init.wait()
 
 
-def test_fork_mode_leaves_a_process_that_removes_the_file_at_the_programs_exit(public):
-    ready = public / "ready"
+def test_fork_mode_leaves_a_process_that_removes_the_file_at_the_programs_exit(reachable):
+    ready = reachable / "ready"
     script = f"import fdlaunch, time; fdlaunch.notify('READY=1'); time.sleep({TIMEOUT})"
     # The program's stdout is our stderr, held as long as it runs: only stdout is read here, as $(...) reads it.
     done = run(["fdlaunch-notify-wait", "--fork", f"--touch={ready}", "--", sys.executable, "-c", script], stderr=subprocess.DEVNULL)
@@ -94,9 +83,9 @@ def test_fork_mode_leaves_a_process_that_removes_the_file_at_the_programs_exit(p
     wait_until(lambda: not ready.exists(), "the file to be removed once the program is gone")
 
 
-def test_a_file_that_is_not_ours_any_more_is_left_alone(public):
+def test_a_file_that_is_not_ours_any_more_is_left_alone(reachable):
     """Replaced while the program ran: at its exit the name holds someone else's file, which is not removed."""
-    ready, theirs = public / "ready", public / "theirs"
+    ready, theirs = reachable / "ready", reachable / "theirs"
     argv = ["fdlaunch-init", "--", "fdlaunch-notify-wait", f"--touch={ready}", "--", *PROGRAM]
     init = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -114,8 +103,8 @@ def test_a_file_that_is_not_ours_any_more_is_left_alone(public):
         init.wait()
 
 
-def test_a_file_that_cannot_be_made_is_a_warning_and_the_other_relays_run(public):
-    directory = public / "gone"
+def test_a_file_that_cannot_be_made_is_a_warning_and_the_other_relays_run(reachable):
+    directory = reachable / "gone"
     directory.mkdir()
     read_end, write_end = os.pipe()
     argv = ["fdlaunch-notify-wait", f"--fd={write_end}", f"--touch={directory}/ready", "--", *PROGRAM]
@@ -138,17 +127,17 @@ def test_a_file_that_cannot_be_made_is_a_warning_and_the_other_relays_run(public
         waiter.wait()
 
 
-def test_a_symbolic_link_out_of_a_directory_only_root_can_write_is_followed(public):
-    (public / "real").mkdir()
-    (public / "current").symlink_to("real")
+def test_a_symbolic_link_out_of_a_directory_only_root_can_write_is_followed(reachable):
+    (reachable / "real").mkdir()
+    (reachable / "current").symlink_to("real")
     done = run(
         [
             "fdlaunch-notify-wait",
-            f"--touch={public}/current/ready",
+            f"--touch={reachable}/current/ready",
             "--",
             "sh",
             "-c",
-            f"fdlaunch-notify READY=1; until test -e {public}/real/ready; do :; done",
+            f"fdlaunch-notify READY=1; until test -e {reachable}/real/ready; do :; done",
         ]
     )
     assert (done.returncode, done.stderr) == (0, "")
@@ -169,33 +158,33 @@ def test_a_symbolic_link_out_of_a_directory_only_root_can_write_is_followed(publ
             "--touch='{sticky}/link/ready' refused: the symbolic link 'link' is in a directory other users can write,"
             " who could point it anywhere",
         ),
-        ("{public}/missing/ready", 111, "unable to open the directory of --touch={public}/missing/ready: No such file or directory"),
-        ("{public}/", 100, "--touch='{public}/' names a directory; it needs a file name, for instance /run/app/ready"),
+        ("{reachable}/missing/ready", 111, "unable to open the directory of --touch={reachable}/missing/ready: No such file or directory"),
+        ("{reachable}/", 100, "--touch='{reachable}/' names a directory; it needs a file name, for instance /run/app/ready"),
     ],
 )
-def test_a_directory_others_could_change_is_refused_before_anything_runs(where, status, why, public, attacker):
+def test_a_directory_others_could_change_is_refused_before_anything_runs(where, status, why, reachable, attacker):
     """As root, with a local user who owns a directory on the way or planted a link: one line, and the program never runs."""
     own = attacker.directory(f"own-{os.urandom(4).hex()}")
-    sticky = public / "sticky"
+    sticky = reachable / "sticky"
     sticky.mkdir()
     sticky.chmod(0o1777)
-    target = public / "root-only"
+    target = reachable / "root-only"
     target.mkdir()
     assert attacker.run(["ln", "-s", str(target), str(sticky / "link")]).returncode == 0
-    places = {"own": own, "sticky": sticky, "public": public}
-    marker = public / "ran"
+    places = {"own": own, "sticky": sticky, "reachable": reachable}
+    marker = reachable / "ran"
     done = run(["fdlaunch-notify-wait", f"--touch={where.format(**places)}", "--", "touch", str(marker)])
     advice = "; use a directory that only root or this user can write, such as /run/NAME" if "refused" in why else ""
     assert (done.returncode, done.stderr) == (status, f"fdlaunch-notify-wait: fatal: {why.format(**places)}{advice}\n")
     assert not marker.exists() and not (target / "ready").exists()
 
 
-def test_a_directory_this_user_cannot_write_is_refused_before_anything_runs(public):
+def test_a_directory_this_user_cannot_write_is_refused_before_anything_runs(reachable):
     require_root()
-    marker = public / "ran"
-    done = run(["fdlaunch-setuidgid", "nobody", "--", "fdlaunch-notify-wait", f"--touch={public}/ready", "--", "touch", str(marker)])
+    marker = reachable / "ran"
+    done = run(["fdlaunch-setuidgid", "nobody", "--", "fdlaunch-notify-wait", f"--touch={reachable}/ready", "--", "touch", str(marker)])
     assert (done.returncode, done.stderr) == (
         111,
-        f"fdlaunch-notify-wait: fatal: unable to open the directory of --touch={public}/ready: Permission denied\n",
+        f"fdlaunch-notify-wait: fatal: unable to open the directory of --touch={reachable}/ready: Permission denied\n",
     )
     assert not marker.exists()
