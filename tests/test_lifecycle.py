@@ -65,15 +65,19 @@ def handoff(tmp_path, port, options, program, label="http"):
 
 def test_respawn_replaces_killed_instances_and_refuses_no_connection(tmp_path):
     port = free_port()
-    warmup = "2.6"  # five kills then take more than the crash window: a loop this is not
+    warmup = "0.5"  # a slow start: clients wait in the backlog meanwhile
+    spacing = 2.6  # five kills then take more than the crash window (5 exits in 10 s): a loop this is not
     with handoff(tmp_path, port, ["--respawn"], [sys.executable, HELLO, warmup]) as running:
         pid = running.ready_pid()
         load = HttpLoad(port, timeout=TIMEOUT)  # a client waits in the backlog while no instance runs: slow, not refused
         try:
             killed = []
+            last_kill = time.monotonic() - spacing
             for _ in range(5):
                 wait_served_by(load, pid)  # each replacement serves before it is killed in turn
+                time.sleep(max(0.0, last_kill + spacing - time.monotonic()))
                 os.kill(pid, signal.SIGKILL)
+                last_kill = time.monotonic()
                 killed.append(pid)
                 pid = running.ready_pid()
                 assert pid not in killed
