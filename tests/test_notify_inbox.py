@@ -178,13 +178,14 @@ def test_handoff_hears_sigterm_through_a_deep_flood(flood, tmp_path):
     ready_read, ready_write = os.pipe()
     with (tmp_path / "stderr").open("w") as stderr:
         handoff = subprocess.Popen(
-            ["fdlaunch-handoff", f"--fd={ready_write}", "--", "sh", "-c", "fdlaunch-notify --no-block READY=1; exec sleep 60"],
+            ["fdlaunch-handoff", f"--fd={ready_write}", "--", "sh", "-c", "fdlaunch-notify READY=1; exec sleep 60"],
             pass_fds=(ready_write,),
             stderr=stderr,
         )
     os.close(ready_write)
     try:
-        assert readable(ready_read, TIMEOUT) and os.read(ready_read, 1) == b"\n", "the instance was never ready"
+        ready = readable(ready_read, TIMEOUT) and os.read(ready_read, 1) == b"\n"
+        assert ready, "the instance was never ready: " + (tmp_path / "stderr").read_text()
         flood = flood()
         flood.chained()
         flood.aim(notify_socket_of(handoff.pid))
