@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 import fdlaunch
 import fdlaunch.errors
 from fdlaunch import cli
-from fdlaunch.cmd import notify_wait
 from fdlaunch.errors import BadCall, Finished, UsageError
+from fdlaunch.loops import watching
 from fdlaunch.text import usage
 
 STATUSES = {0, 100, 111, 126, 127}
@@ -377,7 +377,7 @@ def test_notify_wait(sources, options, environ, layout, program):
     # --fork's own statuses (fdlaunch-notify-wait(1)): the program exited before it was ready, or
     # was not ready in time. Its program writes to our stderr, so it is one that prints nothing.
     forked = "--fork" in options
-    statuses = STATUSES | ({notify_wait.EXITED_BEFORE_READY, notify_wait.NOT_READY_IN_TIME} if forked else set())
+    statuses = STATUSES | ({watching.EXITED_BEFORE_READY, watching.NOT_READY_IN_TIME} if forked else set())
     if forked and program == PROBE_ARGV:
         program = ["true"]
     # --fd=1 makes stdout the notification fd, which the program does not inherit: no report to read.

@@ -98,7 +98,7 @@ PINNED = {
         "fdlaunch-notify-wait": COMMON
         | NOTIFY
         | WATCH
-        | {"fdlaunch.cmd.notify_wait", "fdlaunch.kernel.readyfile", "fdlaunch.text.listenenv"},
+        | {"fdlaunch.cmd.notify_wait", "fdlaunch.loops.watching", "fdlaunch.kernel.readyfile", "fdlaunch.text.listenenv"},
         "fdlaunch-notify": COMMON | DOCOPT | NOTIFY | {"select", "fdlaunch.cmd.notify"},
         "fdlaunch-handoff": COMMON
         | NOTIFY
