@@ -244,7 +244,7 @@ def fusable_scripts(environ):
 
 @functools.cache
 def installation():
-    """(identity of /, {path: module}) for the console scripts of this installation.
+    """Return the identity of / and {path: module} for the console scripts of this installation.
 
     A script is ours if it sits beside the script this process started
     from and is, byte for byte, that script with the tool's module named in
@@ -292,7 +292,7 @@ def load(module):
 
 
 def run_reporting(name, function, *args):
-    """(what function returned or the exit status it failed with, whether it failed), its error said in one line."""
+    """Run function; return what it returned (or the exit status it failed with) and whether it failed, its error said in one line."""
     try:
         outcome = function(*args)
         return (0 if outcome is None else outcome), False
@@ -443,7 +443,7 @@ def upstart_job(value, program):
 
 
 def ready_fd(options, passed, taken_from_program, reserved):
-    """(--ready-fd's number, --ready-fd-var's name), each or None.
+    """Return --ready-fd's number and --ready-fd-var's name, each or None.
 
     N must be free in the program: not one of its descriptors (a passed
     socket, one its caller gave), which it would lose. taken_from_program

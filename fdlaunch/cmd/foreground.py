@@ -39,7 +39,7 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     settings, relays = read_settings(options, environ)
-    cli.find_program(program[0], environ)  # 126 or 127 now, before anything is started
+    cli.find_program(program[0], environ)  # exit 126 or 127 now, before anything is started
     if relays.upstream is not None:
         del environ["NOTIFY_SOCKET"]  # we speak for the daemon upstream
     keeper = forking.Keeper(settings, say_as(PROG), say_as(f"{PROG} (guard)"))

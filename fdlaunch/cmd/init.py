@@ -35,7 +35,7 @@ def main(argv, environ):
     options = cli.parse(__doc__, argv)
     program = [options["PROG"], *options["ARGS"]]
     settings = reaping.Settings(options["--group"], cli.seconds("--grace", options["--grace"], zero=True))
-    cli.find_program(program[0], environ)  # 126 or 127 now, before anything is started
+    cli.find_program(program[0], environ)  # exit 126 or 127 now, before anything is started
     init = reaping.Init(settings, say_as(PROG, options["--verbose"]), say_as(f"{PROG} (guard)"))
     status = init.run(cli.program(program, environ), environ)
     return chain.exit_status(status)

@@ -271,7 +271,7 @@ class _Kernel:
         self.capset(effective, permitted, 0)
 
     def capget(self):
-        """(effective, permitted, inheritable) of this process, as bit masks."""
+        """Return this process's effective, permitted and inheritable capabilities, as bit masks."""
         header, data = self._capability_structures()
         if self.libc.capget(self.ctypes.byref(header), data) != 0:
             raise Fatal(f"unable to read capabilities: {os.strerror(self.ctypes.get_errno())}")

@@ -67,7 +67,7 @@ class FdStore:
         self.drop(list(self.entries))
 
     def handed(self, environ, moves, pid):
-        """(environ, moves) for an instance that also gets every stored descriptor, behind its sockets.
+        """Return environ and moves for an instance that also gets every stored descriptor, behind its sockets.
 
         With the systemd convention (LISTEN_PID is pid) they follow the
         sockets at 3 + LISTEN_FDS, ...; otherwise they go above every fd the

@@ -175,7 +175,7 @@ def sockets_held(pid, inodes):
 
 
 def file_seen_by(tid, path):
-    """(st_dev, st_ino) of the socket file path names for tid (inside its root, from its cwd); None if there is none."""
+    """Return (st_dev, st_ino) of the socket file path names for tid (inside its root, from its cwd); None if there is none."""
     where = b"/proc/%d/%s/" % (tid, b"root" if path.startswith(b"/") else b"cwd")
     try:
         info = os.stat(where + path.lstrip(b"/"))
@@ -185,7 +185,7 @@ def file_seen_by(tid, path):
 
 
 def read_pidfile(path):
-    """(pid, uid of the file's owner, None), or (None, None, why not): a PID file is one decimal number, a newline allowed.
+    """Return the pid, the uid of the file's owner and None, or None, None and why not: a PID file is one decimal number, a newline allowed.
 
     Opened O_PATH|O_NOFOLLOW first and looked at through that descriptor, so
     nothing but a regular file is ever opened to be read: not what a
@@ -316,7 +316,7 @@ def others_in_group(group):
 
 
 def all_stats():
-    """(pid, stat_fields(pid)) for every process on the system that is still there."""
+    """Yield (pid, stat_fields(pid)) for every process on the system that is still there."""
     for name in os.listdir("/proc"):
         if is_decimal(name):
             fields = stat_fields(name)
@@ -595,7 +595,7 @@ def write_own(name, data, offset=None):
 
 @functools.cache
 def command_line_area():
-    """(start, end, first word) of this process's argument strings (proc(5), /proc/PID/stat fields 48 and 49), or None.
+    """Return (start, end, first word) of this process's argument strings (proc(5), /proc/PID/stat fields 48 and 49), or None.
 
     Read once: a forked child has a copy of the same memory at the same
     addresses, and set_arguments keeps the first word as it is.

@@ -171,7 +171,7 @@ class Inbox:
         return Message(pid, uid, gid, lineage, unchecked, notifyproto.decode(data), fds_received, truncated)
 
     def place(self, family, pid, pidfd, came_with_fds):
-        """(lineage, None), or ((), why it could not be known)."""
+        """Return the sender's lineage and None, or () and why it could not be known."""
         if not self.pidfds:
             pidfd = None  # the kernel has none to give (before Linux 6.5)
         elif pidfd is None:

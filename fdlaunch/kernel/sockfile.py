@@ -100,7 +100,7 @@ def directory_of(path, shared, made=None):
 
 
 def _walk(path, directory, root, made):
-    """(O_PATH descriptor of directory, the directory as walked), reached one component at a time."""
+    """Return an O_PATH descriptor of directory and the directory as walked, reached one component at a time."""
     here, where, info = _start(directory)
     todo = directory.split("/")[::-1]  # a stack: the next component last
     links = 0

@@ -131,7 +131,7 @@ class Keeper:
                 self.pending.append(number)
 
     def only_one_left(self, below):
-        """(pid, None, None) if one process is left directly below us and has run SETTLE_SECONDS, else (None, why not,
+        """Return (pid, None, None) if one process is left directly below us and has run SETTLE_SECONDS, else (None, why not,
         when to look again: None for at the next signal).
 
         A process leaves that set only by exiting, which SIGCHLD tells us; so
@@ -151,7 +151,7 @@ class Keeper:
         return None, f"left pid {direct[0]}, which might be the middle of a double fork", time.monotonic() + SETTLE_SECONDS - age
 
     def from_pidfile(self, below):
-        """(pid, None) if the PID file names a live process below us, else (None, why not). Never signals it.
+        """Return (pid, None) if the PID file names a live process below us, else (None, why not). Never signals it.
 
         The file must be root's or the user's of the process it names: one
         that neither wrote is not this daemon's PID file.

@@ -401,7 +401,8 @@ class Watcher:
             self.pinged(pings)
 
     def checked_main_pid(self, notice):
-        """(fields with one MAINPID, that pid) if it names the program or a live process below it; else none."""
+        """Return the fields with one MAINPID and that pid, if it names the program or a live process below it; else the
+        fields without it and None."""
         text = notice.main_pid_text
         if text is None:
             return notice.fields, None

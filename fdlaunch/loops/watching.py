@@ -289,7 +289,7 @@ def fork_and_wait(inbox, relays, settings, program, environ, holder_say):
 
 def spawn_catching_stops(program, environ, settings):
     """Start PROG as a child; SIGINT and SIGTERM (and SIGCHLD for --upstart), from the moment it exists, go to a wakeup
-    pipe. (pid, pidfd, that pipe, the read end of --ready-fd's pipe or None).
+    pipe. Returns its pid, its pidfd, that pipe, and the read end of --ready-fd's pipe or None.
 
     They stay blocked until the pipe is in place: one that came while PROG
     was being exec'd would have killed us and left it.
@@ -343,7 +343,7 @@ def tell_pid(pid, child, pidfd, grace):
 def reap(child, pidfd, asked, grace):
     """Wait for the child, grace seconds once it was asked to stop with signal asked (else as long as it runs), then SIGKILL.
 
-    (its wait status, '' or the words that say it had to be SIGKILLed).
+    Returns its wait status, and '' or the words that say it had to be SIGKILLed.
     """
     killed = ""
     if asked is not None and proc.end_within([pidfd], grace):

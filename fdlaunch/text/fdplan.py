@@ -133,7 +133,7 @@ def choose(passed, order):
 
 
 def systemd_moves(chosen, open_fds, handed):
-    """(fd now, fd wanted) to put chosen at 3, 4, ...; refuse a slot held by anything not handed over."""
+    """Return the moves (fd now, fd wanted) that put chosen at 3, 4, ...; refuse a slot held by anything not handed over."""
     moves = [(p.fd, SYSTEMD_FIRST_FD + index) for index, p in enumerate(chosen)]
     for _, slot in moves:
         if slot in open_fds and slot not in handed:
