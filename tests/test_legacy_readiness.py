@@ -129,6 +129,8 @@ def test_chain_mode_an_upstart_daemon_is_ready_once_it_stops_itself_and_is_let_g
     assert program.log.read_text().splitlines() == ["started", "job web", "stopping", "continued"]
     wait_until(lambda: not traced(program.pid), "the watcher still traces the program once it is ready")
     assert not stopped(program.pid)
+    # The watcher says how it was ready once it has done what readiness asks for, a moment after the test sees it.
+    wait_until(lambda: len(program.stderr.read_text().splitlines()) >= 2, "the watcher never said the program was ready")
     said = program.stderr.read_text().splitlines()
     assert said[0].startswith(
         f"fdlaunch-notify-wait (watcher): info: watching pid {program.pid}; once it is ready (by READY=1, its SIGSTOP):"
