@@ -116,6 +116,8 @@ def test_reload_adds_and_removes_sockets_without_failing_a_request_on_the_kept_o
         while not refused(remove) and time.monotonic() < deadline:  # closed right after the old instance is reaped
             time.sleep(0.02)
         assert refused(remove)
+        while control.exists() and time.monotonic() < deadline:  # removed after the sockets are closed
+            time.sleep(0.02)
         assert not control.exists(), "the removed unix socket's file is gone"
         for load in loads:
             load.wait_answered_by(new)

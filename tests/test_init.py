@@ -110,6 +110,8 @@ def test_sigterm_to_pid_1_stops_a_daemon_without_handlers(reachable):
     with namespace(["fdlaunch-init", "--grace=60", "--", *ORPHANS, "3", str(lingerer)], stdout=subprocess.PIPE, text=True) as ns:
         assert ns.unshare.stdout.readline() == "helpers done\n"
         wait_for_line(lingerer, "lingering as pid")
+        # The last helper closes the daemon's pipe as it exits, a moment before it is reaped.
+        wait_until(lambda: len(ns.processes()) == 3 and not ns.zombies(), "fdlaunch-init, the daemon and the lingerer alone")
         held = [os.pidfd_open(pid) for pid in ns.processes()]
         try:
             os.kill(ns.init, signal.SIGTERM)

@@ -319,6 +319,8 @@ def test_the_strangers_a_family_keeps_are_bounded(chain, monkeypatch):
 # /proc file at a time). Fork mode holds two more, the wakeup pipe its stop signals go to.
 ONE_SHORT = 6
 FORK_ONE_SHORT = ONE_SHORT + 2
+# The program itself says READY=1 and lives on: a sender gone before it is read could not be checked at all.
+SAYS_READY_AND_STAYS = [sys.executable, "-c", "import fdlaunch, time; fdlaunch.notify('READY=1'); time.sleep(30)"]
 
 
 def test_out_of_descriptors_is_said_as_such_in_fork_mode(tmp_path):
@@ -342,7 +344,7 @@ def test_out_of_descriptors_is_said_by_the_watcher_in_chain_mode(tmp_path):
     errors = tmp_path / "stderr"
     with errors.open("w") as stderr:
         program = subprocess.Popen(
-            ["fdlaunch-notify-wait", "--", "sh", "-c", "fdlaunch-notify --no-block READY=1; exec sleep 30"],
+            ["fdlaunch-notify-wait", "--", *SAYS_READY_AND_STAYS],
             stderr=stderr,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (ONE_SHORT, ONE_SHORT)),
         )
@@ -388,7 +390,7 @@ def test_out_of_descriptors_is_said_by_handoff_which_goes_on_serving(tmp_path):
     errors = tmp_path / "stderr"
     with errors.open("w") as stderr:
         handoff = subprocess.Popen(
-            ["fdlaunch-handoff", "--", "sh", "-c", "fdlaunch-notify --no-block READY=1; exec sleep 30"],
+            ["fdlaunch-handoff", "--", *SAYS_READY_AND_STAYS],
             stderr=stderr,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
         )
