@@ -367,7 +367,7 @@ def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
 def test_what_the_launching_process_is_handed(env, tmp_path):
     """fdlaunch(7), CHAIN LOADING: the caller's environment and descriptors, signal state kept, SIGPIPE at its default."""
     caller = {**env, "TMPDIR": str(tmp_path), "ODD": "a=b c"}
-    report = 'find /proc/$$/fd -mindepth 1 -maxdepth 1 -fprintf "$TMPDIR/fds" "%f\\n"; cp /proc/$$/environ "$TMPDIR/environ"; sleep 30 &'
+    report = 'find /proc/$$/fd -mindepth 1 -maxdepth 1 -fprintf "$TMPDIR/fds" "%f\\n"; cp /proc/$$/environ "$TMPDIR/e"; mv "$TMPDIR/e" "$TMPDIR/environ"; sleep 30 &'
     with keeper_running(["fdlaunch-foreground", "--timeout=20", "--", "/bin/sh", "-c", report], caller) as keeper:
         wait_for(
             lambda: (
