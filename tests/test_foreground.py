@@ -301,9 +301,11 @@ def test_nginx_binary_upgrade_under_s6_keeps_the_service_up(env, tmp_path, publi
         keeper = run(["s6-svstat", "-o", "pid", str(service)], env=env).stdout.strip()
         assert parent_of(int(http_get(port).split()[-1])) == old
         assert run(["s6-svc", "-2", str(service)], env=env).returncode == 0
-        wait_for(
-            lambda: (public / "nginx.pid.oldbin").exists() and pidfile.exists() and pidfile.read_text().strip() != str(old), "a new master"
-        )
+
+        def new_master_written():  # empty: the new master made the file and has not written it yet
+            return pidfile.exists() and pidfile.read_text().strip() not in ("", str(old))
+
+        wait_for(lambda: (public / "nginx.pid.oldbin").exists() and new_master_written(), "a new master")
         new = int(pidfile.read_text())
         assert run(["s6-svc", "-q", str(service)], env=env).returncode == 0
         assert upstream.receive() == f"MAINPID={new}", "the new master told upward"
@@ -367,7 +369,10 @@ def test_sigkill_to_the_keeper_while_it_looks_for_the_daemon(env, tmp_path):
 def test_what_the_launching_process_is_handed(env, tmp_path):
     """fdlaunch(7), CHAIN LOADING: the caller's environment and descriptors, signal state kept, SIGPIPE at its default."""
     caller = {**env, "TMPDIR": str(tmp_path), "ODD": "a=b c"}
-    report = 'find /proc/$$/fd -mindepth 1 -maxdepth 1 -fprintf "$TMPDIR/fds" "%f\\n"; cp /proc/$$/environ "$TMPDIR/e"; mv "$TMPDIR/e" "$TMPDIR/environ"; sleep 30 &'
+    report = (
+        'find /proc/$$/fd -mindepth 1 -maxdepth 1 -fprintf "$TMPDIR/fds" "%f\\n";'
+        ' cp /proc/$$/environ "$TMPDIR/e"; mv "$TMPDIR/e" "$TMPDIR/environ"; sleep 30 &'  # whole once it has its name
+    )
     with keeper_running(["fdlaunch-foreground", "--timeout=20", "--", "/bin/sh", "-c", report], caller) as keeper:
         wait_for(
             lambda: (

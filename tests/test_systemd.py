@@ -267,7 +267,7 @@ def test_foreground_follows_nginx_through_its_binary_upgrade(systemd):
     old = systemd.main_pid(unit)
     assert old == int(pidfile.read_text()), "systemd's main pid is the master"
     systemd.systemctl("kill", "--kill-whom=main", "--signal=SIGUSR2", unit)
-    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != str(old), "no new master", log=systemd.log)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() not in ("", str(old)), "no new master", log=systemd.log)
     new = int(pidfile.read_text())
     systemd.systemctl("kill", "--kill-whom=main", "--signal=SIGQUIT", unit)
     wait_until(lambda: systemd.main_pid(unit) == new, "systemd's main pid is not the new master", log=systemd.log)
