@@ -65,22 +65,29 @@ def parse_probe(text):
     return report
 
 
+@contextlib.contextmanager
+def directory_in_tmp(name, mode):
+    """A new directory under /tmp with mode, removed afterwards (tmp_path is root's, 0700, which nobody cannot enter)."""
+    path = Path(tempfile.mkdtemp(prefix=f"fdlaunch-{name}."))
+    path.chmod(mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
 @pytest.fixture
 def public():
-    """A directory under /tmp that any user may read and write, for a chain that drops to nobody (tmp_path is root's, 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="fdlaunch-public."))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
+    """A directory under /tmp that any user may read and write, for a chain that drops to nobody."""
+    with directory_in_tmp("public", 0o777) as path:
+        yield path
 
 
 @pytest.fixture
 def reachable():
     """A root-owned 0755 directory under /tmp: every user can enter it, only root writes in it."""
-    path = Path(tempfile.mkdtemp(prefix="fdlaunch-reachable."))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
+    with directory_in_tmp("reachable", 0o755) as path:
+        yield path
 
 
 @pytest.fixture
