@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -63,6 +64,18 @@ def parse_probe(text):
     report = json.loads(text)
     report["fds"] = {int(fd): entry for fd, entry in report["fds"].items()}
     return report
+
+
+def terminated(process):
+    """process's exit status once SIGTERM (sent unless it has exited) has ended it; SIGKILL if it is still there at TIMEOUT."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager

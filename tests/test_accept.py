@@ -24,6 +24,7 @@ from conftest import (
     require_root,
     run,
     s6_supervised,
+    terminated,
     unread_fd3_started,
     wait_for_line,
 )
@@ -79,15 +80,11 @@ class Server:
         self.process.send_signal(number)
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(TIMEOUT)
+            return terminated(self.process)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
             self.upstream.close()
+            assert not wait_gone(self.marker), f"left behind: {processes_with(self.marker)}"
             assert not wait_gone(self.marker), f"left behind: {processes_with(self.marker)}"
 
 

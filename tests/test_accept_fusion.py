@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, TIMEOUT, free_port, parse_probe, require_python_for_nobody
+from conftest import PROBE, TIMEOUT, free_port, parse_probe, require_python_for_nobody, terminated
 
 # The handler chain: two links of ours, the second after the drop to nobody, then the probe.
 GLIBC_INTERNAL = (1 << 31) | (1 << 32)  # signals 32 and 33, below SIGRTMIN
@@ -53,13 +53,7 @@ class Server:
         return found
 
     def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(TIMEOUT)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
+        return terminated(self.process)
 
 
 def talk(family, address, timeout=TIMEOUT):
